@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.10+) and installs homegen with its test extra from this repository's files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
