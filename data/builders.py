@@ -25,20 +25,29 @@ from data.world import WorldConfig
 
 _TEXTS = tfds.features.Sequence(tfds.features.Text())
 PAGE_FEATURES = {
-    "request_id": tfds.features.Text(), "user_id": tfds.features.Text(), "timestamp": np.float64,
+    "request_id": tfds.features.Text(), "user_id": tfds.features.Text(), "timestamp_us": np.int64,
     "context_keys": _TEXTS, "context_values": _TEXTS, "intent": tfds.features.Text(), "history": _TEXTS,
     "shelves": _TEXTS, "shelf_sizes": tfds.features.Sequence(np.int32), "items": _TEXTS,
     "streams": tfds.features.Sequence(np.float32),
 }
 SEQUENCE_FEATURES = {"user_id": tfds.features.Text(), "items": _TEXTS,
-                     "timestamps": tfds.features.Sequence(np.float64)}
+                     "timestamps_us": tfds.features.Sequence(np.int64)}
+NO_TIME = np.iinfo(np.int64).min  # Example protos hold float32 or int64: times are stored as int64 µs
+
+
+def _to_us(stamp: float | None) -> int:
+    return NO_TIME if stamp is None else int(round(stamp * 1e6))
+
+
+def _from_us(value) -> float | None:
+    return None if int(value) == NO_TIME else int(value) / 1e6
 
 
 def page_log_to_example(log: PageLog) -> dict:
     keys = sorted(log.context)
     return {
         "request_id": log.request_id or "", "user_id": log.user_id,
-        "timestamp": np.nan if log.timestamp is None else log.timestamp,
+        "timestamp_us": _to_us(log.timestamp),
         "context_keys": keys, "context_values": [log.context[k] for k in keys], "intent": log.intent or "",
         "history": log.history, "shelves": [s.shelf for s in log.page],
         "shelf_sizes": np.array([len(s.items) for s in log.page], np.int32),
@@ -61,16 +70,15 @@ def example_to_page_log(example: dict) -> PageLog:
         end = start + int(size)
         page.append(Shelf(_text(shelf), items[start:end], streams[start:end]))
         start = end
-    stamp = float(example["timestamp"])
     return PageLog(
         user_id=_text(example["user_id"]), page=page, request_id=_text(example["request_id"]) or None,
-        timestamp=None if np.isnan(stamp) else stamp,
+        timestamp=_from_us(example["timestamp_us"]),
         context={_text(k): _text(v) for k, v in zip(example["context_keys"], example["context_values"])},
         intent=_text(example["intent"]) or None, history=[_text(i) for i in example["history"]])
 
 
 def example_to_sequence(example: dict) -> UserSequence:
-    stamps = [float(t) for t in example["timestamps"]]
+    stamps = [_from_us(t) for t in example["timestamps_us"]]
     return UserSequence(_text(example["user_id"]), [_text(i) for i in example["items"]], stamps or None)
 
 
@@ -212,4 +220,4 @@ class InteractionDataset(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, users: list[UserSequence]) -> Iterator[tuple[int, dict]]:
         for k, user in enumerate(users):
             yield k, {"user_id": user.user_id, "items": user.items,
-                      "timestamps": np.array(user.timestamps or [], np.float64)}
+                      "timestamps_us": np.array([_to_us(t) for t in user.timestamps or []], np.int64)}

@@ -88,6 +88,7 @@ def parse_timestamp(text: str) -> float:
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
+    number = 0
     with open(path, encoding="utf-8") as f:
         try:
             for number, line in enumerate(f, start=1):

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny simulated world on disk and the path of ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+def shared_file(*parts: str) -> str:
+    """Path of a file under ../shared/data, or skip the test with a message where it is absent."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent (../shared/data is only on developer and CI machines)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_world_dir(tmp_path_factory) -> str:
+    from data.simulate import write_world
+    from data.world import WorldConfig
+
+    out = str(tmp_path_factory.mktemp("world"))
+    write_world(WorldConfig(num_items=600, num_users=120, seed=3), out, num_pages=3000, num_requests=50)
+    return out

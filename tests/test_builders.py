@@ -1,0 +1,55 @@
+import os
+
+import pytest
+
+from conftest import shared_file
+from data.builders import (InteractionDataset, PageLogDataset, SyntheticWorldDataset, example_to_page_log,
+                           example_to_sequence)
+from data.formats import iter_page_logs
+
+
+def test_page_log_builder_round_trips(tiny_world_dir, tmp_path):
+    path = os.path.join(tiny_world_dir, "pages.jsonl")
+    builder = PageLogDataset.for_files([path], str(tmp_path), validation_fraction=0.1, test_fraction=0.1)
+    builder.download_and_prepare()
+    source = builder.as_data_source()
+    logs = {log.request_id: log for log in iter_page_logs(path)}
+    assert sum(len(source[s]) for s in ("train", "validation", "test")) == len(logs)
+    assert 200 < len(source["test"]) < 400
+    latest_train = max(example_to_page_log(source["train"][k]).timestamp for k in range(len(source["train"])))
+    earliest_test = min(example_to_page_log(source["test"][k]).timestamp for k in range(len(source["test"])))
+    assert latest_train <= earliest_test
+    for k in range(0, len(source["train"]), 97):
+        got = example_to_page_log(source["train"][k])
+        assert got == logs[got.request_id]
+
+
+def test_missing_page_log_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        PageLogDataset.for_files([str(tmp_path / "nope.jsonl")], str(tmp_path))
+
+
+def test_synthetic_world_builder(tmp_path):
+    builder = SyntheticWorldDataset(config="tiny", data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    source = builder.as_data_source()
+    assert len(source["train"]) + len(source["validation"]) == 5_000 and len(source["test"]) == 200
+    assert os.path.exists(os.path.join(builder.world_dir(), "catalog.jsonl"))
+    log = example_to_page_log(source["test"][0])
+    assert log.user_id.startswith("u") and log.page and log.page[0].streams is not None
+
+
+def test_interactions_builder_on_toys(tmp_path):
+    path = shared_file("amazon", "Toys_and_Games.txt")
+    builder = InteractionDataset.for_file(path, str(tmp_path))
+    builder.download_and_prepare()
+    source = builder.as_data_source()
+    test = [example_to_sequence(source["test"][k]) for k in range(len(source["test"]))]
+    assert len(test) == 19_412
+    assert sum(len(u.items) for u in test) == 167_597
+    assert len({i for u in test for i in u.items}) == 11_924
+    assert len(source["train"]) == len(source["validation"]) == 19_412
+    by_user = {u.user_id: u.items for u in test}
+    for k in range(0, 19_412, 1000):
+        val = example_to_sequence(source["validation"][k])
+        assert val.items == by_user[val.user_id][:-1]
