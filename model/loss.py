@@ -1,0 +1,55 @@
+"""Next-token losses over the item-token interface: full softmax, or sampled softmax for large atomic
+item vocabularies (every non-item token plus shared sampled item negatives, with logQ correction)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.transformer import Transformer
+
+SAMPLERS = ("uniform", "popularity")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledSoftmax:
+    """Negatives are drawn from items [item_offset, vocab_size) with probabilities `item_probs`."""
+
+    item_offset: int
+    item_log_probs: np.ndarray  # (num_items,) log sampling probability of each item
+    num_negatives: int
+
+    @classmethod
+    def create(cls, item_offset: int, item_counts: np.ndarray, num_negatives: int, sampler: str) -> SampledSoftmax:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"loss.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        weights = np.ones(len(item_counts)) if sampler == "uniform" else np.asarray(item_counts, np.float64) ** 0.75 + 1.0
+        return cls(item_offset, np.log(weights / weights.sum()).astype(np.float32), num_negatives)
+
+
+def full_softmax_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array):
+    """(sum of weight x cross-entropy, sum of weights) over all positions."""
+    logits = model.logits(hidden)
+    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def sampled_softmax_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+                         sampler: SampledSoftmax, key: jax.Array):
+    """Sampled-softmax estimate of the same loss: candidates are all non-item tokens, `num_negatives`
+    items drawn with replacement (shared by the batch) minus the target, and the target itself."""
+    offset = sampler.item_offset
+    log_q = jnp.asarray(sampler.item_log_probs)
+    negatives = jax.random.categorical(key, log_q, shape=(sampler.num_negatives,))
+    fixed = model.logits(hidden, jnp.arange(offset))  # (B, T, offset)
+    sampled = model.logits(hidden, negatives + offset) - (log_q[negatives] + jnp.log(sampler.num_negatives))
+    is_item = targets >= offset
+    sampled = jnp.where((negatives + offset)[None, None, :] == targets[..., None], -jnp.inf, sampled)
+    target_logit = model.pointwise_logits(hidden, targets)
+    item_target = jnp.where(is_item, target_logit, -jnp.inf)
+    all_logits = jnp.concatenate([fixed, sampled, item_target[..., None]], axis=-1)
+    ce = jax.nn.logsumexp(all_logits, axis=-1) - target_logit
+    return jnp.sum(ce * weights), jnp.sum(weights)

@@ -1,0 +1,107 @@
+"""orbax checkpoints of a run: parameters, optimizer state, the grain iterator state, and metadata
+(config, model config, vocabulary and sentencepiece model) so that a checkpoint is self-contained.
+
+Keeps the last N and the best N by validation loss; saves asynchronously.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+from data.vocab import Vocabulary, item_tokenizer_from_json
+
+BEST_METRIC = "validation_loss"
+
+
+class CheckpointError(RuntimeError):
+    """A missing or unreadable checkpoint, with the steps that are usable."""
+
+
+def vocabulary_to_json(vocab: Vocabulary) -> dict:
+    return {"context_tokens": vocab.context_tokens, "shelves": vocab.shelves, "items": vocab.items.to_json(),
+            "max_history": vocab.max_history,
+            "sentencepiece_model": base64.b64encode(vocab.sentencepiece_model).decode("ascii")}
+
+
+def vocabulary_from_json(data: dict) -> Vocabulary:
+    return Vocabulary(data["context_tokens"], data["shelves"], item_tokenizer_from_json(data["items"]),
+                      base64.b64decode(data["sentencepiece_model"]), data["max_history"])
+
+
+class Checkpoints:
+    """A CheckpointManager over `directory` with items params / opt_state / data / meta."""
+
+    def __init__(self, directory: str, keep_last: int = 3, keep_best: int = 1, async_save: bool = True,
+                 read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=keep_last),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=keep_best,
+                                          keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                               create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, data_iterator, meta: dict, metrics: dict | None = None) -> None:
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
+            data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def _check_step(self, step: int | None) -> int:
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; usable steps: {steps}")
+        return step
+
+    def _restore(self, step: int, **items):
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax raises many kinds of errors for damaged files
+            others = [s for s in self.steps() if s != step]
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read "
+                                  f"({type(e).__name__}: {str(e)[:300]}); other steps: {others or 'none'}") from e
+
+    def read_meta(self, step: int | None = None) -> tuple[int, dict]:
+        step = self._check_step(step)
+        return step, self._restore(step, meta=ocp.args.JsonRestore())["meta"]
+
+    def restore_params(self, step: int | None, abstract_params) -> tuple[int, dict]:
+        step = self._check_step(step)
+        return step, self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+
+    def restore(self, step: int | None, abstract_state: dict, data_iterator) -> tuple[int, dict]:
+        """The full state at `step` (latest when None) onto the shardings of `abstract_state`; the data
+        iterator is restored in place."""
+        step = self._check_step(step)
+        restored = self._restore(
+            step, params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore({"opt_state": abstract_state["opt_state"],
+                                                "step": abstract_state["step"]}),
+            data=grain.checkpoint.CheckpointRestore(data_iterator))
+        return step, {"params": restored["params"], "opt_state": restored["opt_state"]["opt_state"],
+                      "step": restored["opt_state"]["step"]}
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

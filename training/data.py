@@ -1,0 +1,82 @@
+"""Dataset preparation for a run: the TFDS dataset of the configured source and the run's vocabulary.
+
+The leading process builds (array_record files, vocabulary); the others wait at a barrier and read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+
+from data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
+from data.formats import iter_page_logs, read_catalog, read_interactions
+from data.vocab import Vocabulary, VocabularyBuilder
+
+SOURCES = ("synthetic", "page_logs", "interactions")
+
+
+@dataclasses.dataclass
+class PreparedData:
+    sources: dict  # split name -> random-access data source
+    kind: str  # "pages" or "sequences"
+    catalog_path: str | None
+    world_dir: str | None  # the synthetic world's files, when the source is synthetic
+
+
+def _builder(data_cfg, data_dir: str):
+    source = data_cfg.source
+    if source == "synthetic":
+        return SyntheticWorldDataset(config=data_cfg.preset, data_dir=data_dir, file_format="array_record")
+    if source == "page_logs":
+        if not data_cfg.page_logs:
+            raise ValueError("data.source='page_logs' needs --config.data.page_logs=FILE.jsonl")
+        paths = [p for p in data_cfg.page_logs.split(",") if p]
+        return PageLogDataset.for_files(paths, data_dir, data_cfg.validation_fraction)
+    if source == "interactions":
+        if not data_cfg.interactions:
+            raise ValueError("data.source='interactions' needs --config.data.interactions=FILE")
+        return InteractionDataset.for_file(data_cfg.interactions, data_dir, data_cfg.interactions_format)
+    raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+
+
+def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> tuple[PreparedData, object]:
+    """Builds (leader) or opens the dataset; returns it with its builder."""
+    if data_cfg.catalog and not os.path.isfile(data_cfg.catalog):
+        raise FileNotFoundError(f"catalog file {data_cfg.catalog} does not exist")
+    builder = _builder(data_cfg, data_cfg.data_dir or default_data_dir)
+    if is_leader:
+        builder.download_and_prepare()
+    barrier("dataset_prepared")
+    if not is_leader:
+        builder.download_and_prepare()  # finds the files the leader wrote
+    kind = "sequences" if data_cfg.source == "interactions" else "pages"
+    world_dir = builder.world_dir() if data_cfg.source == "synthetic" else None
+    catalog = data_cfg.catalog or (os.path.join(world_dir, "catalog.jsonl") if world_dir else None)
+    return PreparedData(builder.as_data_source(), kind, catalog, world_dir), builder
+
+
+def raw_files(data_cfg, prepared: PreparedData) -> list[str]:
+    if data_cfg.source == "synthetic":
+        return [os.path.join(prepared.world_dir, "pages.jsonl")]
+    if data_cfg.source == "page_logs":
+        return [p for p in data_cfg.page_logs.split(",") if p]
+    return [data_cfg.interactions]
+
+
+def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Counter]:
+    """Vocabulary (and item counts for samplers) from the run's raw files, in one streaming pass."""
+    builder = VocabularyBuilder(min_context_count=data_cfg.min_context_count)
+    counts: Counter = Counter()
+    if prepared.catalog_path:
+        builder.add_catalog(read_catalog(prepared.catalog_path).values())
+    for path in raw_files(data_cfg, prepared):
+        if prepared.kind == "sequences":
+            for user in read_interactions(path, data_cfg.interactions_format):
+                builder.add_sequence(user)
+                counts.update(user.items[:-2])
+        else:
+            for log in iter_page_logs(path):
+                builder.add_page(log)
+                counts.update(i for shelf in log.page for i in shelf.items)
+    return builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab), counts

@@ -1,0 +1,186 @@
+"""The training loop behind train.py (importable, so tests run it in-process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections import Counter
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from data.formats import DataFormatError, read_catalog
+from data.pipeline import PipelineConfig, make_dataset
+from data.vocab import Vocabulary
+from model.loss import SampledSoftmax
+from model.sharding import make_mesh
+from model.transformer import TransformerConfig
+from training.checkpoints import (BEST_METRIC, CheckpointError, Checkpoints, vocabulary_from_json,
+                                  vocabulary_to_json)
+from training.data import prepare_data, build_vocabulary
+from training.evaluation import NextItemRanker, ranking_metrics, validation_loss, validation_users
+from training.reporting import Reporter
+from training.state import Trainer, count_params
+
+MAX_CATALOG_IN_CHECKPOINT = 200_000
+
+
+class TrainingError(RuntimeError):
+    """A clear, one-line reason the job cannot go on."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
+    t = cfg.train
+    if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
+        raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+    if t.batch_size % num_processes:
+        raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {num_processes} processes")
+    if t.batch_size % (batch_axis * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's batch axes "
+                         f"({batch_axis}) x train.grad_accum ({t.grad_accum})")
+    if cfg.loss.kind not in ("full", "sampled"):
+        raise ValueError(f"loss.kind must be 'full' or 'sampled', got {cfg.loss.kind!r}")
+    if cfg.data.seq_len < 16:
+        raise ValueError("data.seq_len must be >= 16")
+    if cfg.model.num_heads % cfg.mesh.tensor and cfg.mesh.tensor > 0:
+        raise ValueError(f"model.num_heads={cfg.model.num_heads} must divide over mesh.tensor={cfg.mesh.tensor}")
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _catalog_for_checkpoint(path: str | None) -> dict | None:
+    if not path:
+        return None
+    catalog = read_catalog(path)
+    if len(catalog) > MAX_CATALOG_IN_CHECKPOINT:
+        return {"path": os.path.abspath(path)}
+    return {"items": {k: {"title": v.title, "artist": v.artist, "genres": v.genres} for k, v in catalog.items()}}
+
+
+def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from) -> tuple[Vocabulary, np.ndarray]:
+    vocab_dir = os.path.join(workdir, "vocab")
+    counts_path = os.path.join(vocab_dir, "item_counts.npy")
+    if checkpoints.latest_step() is not None:
+        vocab = vocabulary_from_json(checkpoints.read_meta()[1]["vocab"])
+    elif init_from:
+        vocab = vocabulary_from_json(Checkpoints(init_from, read_only=True).read_meta()[1]["vocab"])
+    else:
+        vocab = None
+    if jax.process_index() == 0 and not os.path.exists(counts_path):
+        built, counts = build_vocabulary(cfg.data, prepared)
+        vocab = vocab or built
+        vocab.save(vocab_dir)
+        np.save(counts_path, np.array([counts.get(i, 0) for i in vocab.items.item_ids], np.int64))
+    _barrier("vocabulary")
+    vocab = vocab or Vocabulary.load(vocab_dir)
+    return vocab, np.load(counts_path)
+
+
+def run(cfg, workdir: str, init_from: str | None = None, stop_after: int | None = None) -> dict:
+    """Trains until cfg.train.steps (or `stop_after` steps in this call); returns the last metrics."""
+    try:
+        return _run(cfg, workdir, init_from, stop_after)
+    except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
+        raise TrainingError(str(e)) from e
+
+
+def _run(cfg, workdir, init_from, stop_after) -> dict:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    leader, nproc = jax.process_index() == 0, jax.process_count()
+    mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    validate_config(cfg, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
+    reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, 0, enabled=leader)
+
+    prepared, _ = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,
+                              cfg.train.async_checkpoints)
+    vocab, item_counts = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from)
+    model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict())
+    sampled = None
+    if cfg.loss.kind == "sampled":
+        sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
+    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed)
+
+    pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
+                                  pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight)
+    train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
+                                   jax.process_index(), nproc))
+    start = checkpoints.latest_step()
+    if start is not None:
+        start, state = checkpoints.restore(start, trainer.abstract_state(), train_iter)
+        reporter.message(f"resumed from step {start} in {checkpoints.directory}")
+    elif init_from:
+        source = Checkpoints(init_from, read_only=True)
+        step, params = source.restore_params(None, trainer.abstract_state()["params"])
+        state = trainer.init_state(params)
+        start = 0
+        reporter.message(f"initialised from {init_from} step {step}; frozen: {cfg.train.freeze or 'nothing'}")
+    else:
+        state, start = trainer.init_state(), 0
+    reporter.message(f"model: {count_params(state['params']):,} parameters; vocabulary {vocab.size:,} tokens; "
+                     f"mesh {dict(mesh.shape)}; {nproc} process(es)")
+
+    meta = {"config": json.loads(cfg.to_json()), "model": dataclasses.asdict(model_cfg),
+            "vocab": vocabulary_to_json(vocab), "kind": prepared.kind,
+            "catalog": _catalog_for_checkpoint(prepared.catalog_path),
+            "world_dir": prepared.world_dir}
+    ranker = (NextItemRanker(trainer, vocab, cfg.data.seq_len, cfg.eval.batch_size)
+              if cfg.eval.next_item and prepared.kind == "sequences" else None)
+    eval_users = validation_users(prepared.sources["validation"], cfg.eval.max_users) if ranker else None
+
+    def evaluate(step: int) -> dict[str, float]:
+        out = {}
+        if "validation" in prepared.sources and len(prepared.sources["validation"]):
+            out[BEST_METRIC] = validation_loss(trainer, state["params"], prepared.sources["validation"], vocab,
+                                               prepared.kind, pipeline_cfg, cfg.train.eval_batches,
+                                               jax.process_index(), nproc)
+        if ranker:
+            metrics = ranking_metrics(ranker.rank(state["params"], eval_users), ks=(10,))
+            out.update({f"validation_{k}": v for k, v in metrics.items() if k != "mrr"})
+        reporter.scalars(step, out)
+        reporter.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        return out
+
+    last_good = checkpoints.latest_step()
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    history: list[float] = []
+    metrics: dict = {}
+    tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
+    for step in range(start + 1, end + 1):
+        batch = trainer.global_batch(next(train_iter))
+        state, metrics = trainer.train_step(state, batch)
+        reporter.add_tokens(tokens_per_batch)
+        at_log = step % cfg.train.log_every == 0 or step == end
+        at_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        at_save = step % cfg.train.checkpoint_every == 0 or step == end
+        if at_log or at_eval or at_save:
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+                checkpoints.wait()
+                where = (f"the last good checkpoint is step {last_good} in {checkpoints.directory}"
+                         if last_good is not None else "no checkpoint was written")
+                raise TrainingError(f"loss became {host['loss']} (gradient norm {host['grad_norm']}) at step "
+                                    f"{step}; stopping; {where}", exit_code=3)
+            history.append(host["loss"])
+            if at_log:
+                reporter.log(step, host)
+            eval_metrics = evaluate(step) if at_eval else {}
+            metrics = {**host, **eval_metrics}
+            if at_save:
+                checkpoints.save(step, state, train_iter, meta, eval_metrics or None)
+                last_good = step
+    checkpoints.wait()
+    checkpoints.close()
+    reporter.close()
+    return {**metrics, "step": end, "losses": history, "state": state, "trainer": trainer, "vocab": vocab}

@@ -1,0 +1,153 @@
+"""The sharded training state and the jitted train / eval steps.
+
+State is a plain pytree {"params", "opt_state", "step"}; parameters are nested dicts (nnx pure dicts)
+whose shardings come from each parameter's `logical_axes` metadata and the config's rules. The state is
+created inside `jit` with `out_shardings`, so it is never whole on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss
+from model.sharding import logical_to_spec, use_mesh
+from model.transformer import Transformer, TransformerConfig
+from training.optimizer import learning_rate_schedule, make_optimizer
+
+BATCH_KEYS = ("tokens", "weights", "segment_ids", "positions")
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, abstract params (ShapeDtypeStruct pure dict), logical axes pure dict)."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def axes_of(var: nnx.Variable):
+        axes = tuple(var.get_metadata()["logical_axes"])
+        return ("layers",) * (var.value.ndim - len(axes)) + axes
+
+    axes: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = axes_of(var)
+    return graphdef, nnx.to_pure_dict(state), axes
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs to create, step and evaluate its state on a mesh."""
+
+    model_cfg: TransformerConfig
+    train_cfg: object
+    mesh: Mesh
+    rules: list
+    sampled: SampledSoftmax | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
+        self.param_shardings = jax.tree.map(
+            lambda axes: NamedSharding(self.mesh, logical_to_spec(axes, self.rules)), self.param_axes,
+            is_leaf=lambda x: isinstance(x, tuple))
+        self.tx = make_optimizer(self.train_cfg, abstract_params)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+                                              transform_non_params=lambda _: self.replicated)
+        self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
+                                "step": self.replicated}
+        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules))
+        self.schedule = learning_rate_schedule(self.train_cfg)
+        self._train_step = jax.jit(self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
+                                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+        self._eval_step = jax.jit(self._eval_step_impl, in_shardings=(self.param_shardings, self.batch_sharding),
+                                  out_shardings=self.replicated)
+
+    # --- state ---------------------------------------------------------------------------------------
+    def _state_from(self, params) -> dict:
+        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_state(self, params=None) -> dict:
+        """A fresh sharded state: new parameters from the seed, or the given ones (fine-tuning)."""
+        with use_mesh(self.mesh, self.rules):
+            if params is not None:
+                return jax.jit(self._state_from, in_shardings=(self.param_shardings,),
+                               out_shardings=self.state_shardings)(params)
+            create = lambda key: self._state_from(  # noqa: E731
+                nnx.to_pure_dict(nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key)))))
+            return jax.jit(create, out_shardings=self.state_shardings)(jax.random.key(self.seed))
+
+    def abstract_state(self) -> dict:
+        """ShapeDtypeStructs with this mesh's shardings (the target of a restore)."""
+        shapes = jax.eval_shape(lambda: self._state_from(abstract_model(self.model_cfg)[1]))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    # --- steps ---------------------------------------------------------------------------------------
+    def _loss(self, params, batch, key, train: bool):
+        model = nnx.merge(self.graphdef, params)
+        inputs = batch["tokens"][:, :-1]
+        targets, weights = batch["tokens"][:, 1:], batch["weights"][:, 1:]
+        dropout_key, sample_key = (None, None) if key is None else tuple(jax.random.split(key))
+        hidden, _ = model.hidden(inputs, batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
+                                 dropout_key=dropout_key if train else None)
+        if not train:
+            return full_softmax_loss(model, hidden, targets, (weights > 0).astype(jnp.float32))
+        if self.sampled is not None:
+            return sampled_softmax_loss(model, hidden, targets, weights, self.sampled, sample_key)
+        return full_softmax_loss(model, hidden, targets, weights)
+
+    def _train_step_impl(self, state, batch):
+        accum = self.train_cfg.grad_accum
+        key = jax.random.fold_in(jax.random.key(self.seed + 1), state["step"])
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(lambda p, b, k: self._loss(p, b, k, True), has_aux=True)
+
+        def accumulate(carry, inputs):
+            grads, loss_sum, weight_sum = carry
+            b, k = inputs
+            (loss, weight), g = grad_fn(state["params"], b, k)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, weight_sum + weight), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        keys = jax.random.split(key, accum)
+        (grads, loss_sum, weight_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, keys))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9), grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.global_norm(grads),
+                   "learning_rate": self.schedule(state["step"]), "target_weight": weight_sum}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def _eval_step_impl(self, params, batch):
+        loss_sum, count = self._loss(params, batch, None, False)
+        return {"loss_sum": loss_sum, "count": count}
+
+    def train_step(self, state, batch):
+        with use_mesh(self.mesh, self.rules):
+            return self._train_step(state, batch)
+
+    def eval_step(self, params, batch):
+        with use_mesh(self.mesh, self.rules):
+            return self._eval_step(params, batch)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global batch from this process's rows."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k]))
+                for k in BATCH_KEYS}
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
