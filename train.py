@@ -39,8 +39,7 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
         return
     num = num_processes if num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1"))
     pid = process_id if process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by the CPU backend
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 

@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all devices left over
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.devices = 0  # use the first N devices of every process (0: all)
     c.rules = [
         ("batch", ("data", "fsdp")),
         ("length", None),

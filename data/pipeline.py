@@ -60,13 +60,36 @@ def _from_packed(batch: dict) -> dict[str, np.ndarray]:
             "positions": batch["tokens_positions"].astype(np.int32)}
 
 
+class _ProcessRows(grain.MapDataset):
+    """This process's rows of each global batch: global batch b holds elements [b*B*n, (b+1)*B*n) of the
+    parent, and process i reads rows [i*B, (i+1)*B) of it. The global batch is thus the same for any
+    number of processes, and each process reads only its own rows."""
+
+    def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
+        super().__init__(parent)
+        self._rows, self._index, self._count = rows, index, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // (self._rows * self._count) * self._rows
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        block, row = divmod(j, self._rows)
+        return self._parent[(block * self._count + self._index) * self._rows + row]
+
+
 def make_dataset(source, vocab: Vocabulary, kind: str, config: PipelineConfig, shard_index: int = 0,
                  shard_count: int = 1) -> grain.IterDataset:
-    """A batched IterDataset over this process's shard of `source` (a TFDS data source or any sequence)."""
+    """A batched IterDataset over this process's rows of `source` (a TFDS data source or any sequence).
+    Without packing, the global batch does not depend on the number of processes; with packing, each
+    process packs its own rows."""
     length = config.seq_len + 1
     encode = encoder(vocab, kind, config)
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    ds = ds.shuffle(seed=config.shuffle_seed).repeat(config.num_epochs).map(encode)
+    ds = grain.MapDataset.source(source).shuffle(seed=config.shuffle_seed).repeat(config.num_epochs)
+    if shard_count > 1:
+        ds = _ProcessRows(ds, config.batch_size, shard_index, shard_count)
+    ds = ds.map(encode)
     if config.pack:
         ds = ds.map(lambda e: {"tokens": e.tokens[:length], "weights": e.weights[:length]})
         packed = grain.experimental.FirstFitPackIterDataset(

@@ -96,7 +96,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-        return (x * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype) * self.scale.value.astype(x.dtype)
+        return (x * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -120,9 +120,9 @@ class Attention(nnx.Module):
         """x (B, T, D). With a cache (k, v of this layer, (B, S, K, H)), the T new keys are written at
         slots [cache_index, cache_index + T) and attention reads every slot."""
         dt = x.dtype
-        q = rope(jnp.einsum("btd,dnh->btnh", x, self.q.value.astype(dt)), positions, self.cfg.rope_base)
-        k = rope(jnp.einsum("btd,dkh->btkh", x, self.k.value.astype(dt)), positions, self.cfg.rope_base)
-        v = jnp.einsum("btd,dkh->btkh", x, self.v.value.astype(dt))
+        q = rope(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt)), positions, self.cfg.rope_base)
+        k = rope(jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt)), positions, self.cfg.rope_base)
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         t = x.shape[1]
         if cache_kv is None:
@@ -137,7 +137,7 @@ class Attention(nnx.Module):
                 & (segment_ids[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0))
         mask = mask | (key_slot[None, None, :] == query_slot[None, :, None])  # padding attends to itself
         out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask[:, None])
-        out = jnp.einsum("btnh,nhd->btd", out, self.o.value.astype(dt))
+        out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
         return out, (None if cache_kv is None else (keys, values))
 
 
@@ -150,9 +150,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        h = jax.nn.silu(x @ self.gate.value.astype(dt)) * (x @ self.up.value.astype(dt))
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
         h = constrain(h, ("batch", "length", "mlp"))
-        return h @ self.down.value.astype(dt)
+        return h @ self.down[...].astype(dt)
 
 
 class Block(nnx.Module):
@@ -196,7 +196,7 @@ class Transformer(nnx.Module):
                ) -> tuple[jax.Array, KVCache | None]:
         """Final (normed) hidden states (B, T, D) and the updated cache (None without one)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        x = self.embed.value[tokens].astype(dt) * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        x = self.embed[...][tokens].astype(dt) * jnp.asarray(math.sqrt(cfg.d_model), dt)
         x = constrain(x, ("batch", "length", "embed"))
         graphdef, layers = nnx.split(self.blocks)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
@@ -223,7 +223,7 @@ class Transformer(nnx.Module):
 
     def _output_rows(self) -> jax.Array:
         """(V, D): the output embedding of every token."""
-        return self.embed.value if self.cfg.tie_embeddings else self.head.value.T
+        return self.embed[...] if self.cfg.tie_embeddings else self.head[...].T
 
     def logits(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """float32 logits of hidden (..., D) for every token, or for `token_ids` (C,) only."""

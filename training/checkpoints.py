@@ -10,6 +10,7 @@ import base64
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from data.vocab import Vocabulary, item_tokenizer_from_json
@@ -30,6 +31,12 @@ def vocabulary_to_json(vocab: Vocabulary) -> dict:
 def vocabulary_from_json(data: dict) -> Vocabulary:
     return Vocabulary(data["context_tokens"], data["shelves"], item_tokenizer_from_json(data["items"]),
                       base64.b64decode(data["sentencepiece_model"]), data["max_history"])
+
+
+def checkpoint_dir(path: str) -> str:
+    """A run folder's checkpoints/ subfolder, or `path` itself when it holds the checkpoints."""
+    inner = os.path.join(path, "checkpoints")
+    return inner if os.path.isdir(inner) else path
 
 
 class Checkpoints:
@@ -84,8 +91,13 @@ class Checkpoints:
         step = self._check_step(step)
         return step, self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
-    def restore_params(self, step: int | None, abstract_params) -> tuple[int, dict]:
+    def restore_params(self, step: int | None, abstract_params=None) -> tuple[int, dict]:
+        """Parameters at `step` (latest when None), onto the shardings of `abstract_params` if given."""
         step = self._check_step(step)
+        if abstract_params is None:  # whole arrays on this process's first device
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                           self.manager.item_metadata(step)["params"])
         return step, self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
 
     def restore(self, step: int | None, abstract_state: dict, data_iterator) -> tuple[int, dict]:

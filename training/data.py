@@ -44,12 +44,11 @@ def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> t
     """Builds (leader) or opens the dataset; returns it with its builder."""
     if data_cfg.catalog and not os.path.isfile(data_cfg.catalog):
         raise FileNotFoundError(f"catalog file {data_cfg.catalog} does not exist")
-    builder = _builder(data_cfg, data_cfg.data_dir or default_data_dir)
+    data_dir = data_cfg.data_dir or default_data_dir
     if is_leader:
-        builder.download_and_prepare()
+        _builder(data_cfg, data_dir).download_and_prepare()
     barrier("dataset_prepared")
-    if not is_leader:
-        builder.download_and_prepare()  # finds the files the leader wrote
+    builder = _builder(data_cfg, data_dir)  # opened after the leader wrote it, so it sees every split
     kind = "sequences" if data_cfg.source == "interactions" else "pages"
     world_dir = builder.world_dir() if data_cfg.source == "synthetic" else None
     catalog = data_cfg.catalog or (os.path.join(world_dir, "catalog.jsonl") if world_dir else None)

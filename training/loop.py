@@ -18,8 +18,8 @@ from data.vocab import Vocabulary
 from model.loss import SampledSoftmax
 from model.sharding import make_mesh
 from model.transformer import TransformerConfig
-from training.checkpoints import (BEST_METRIC, CheckpointError, Checkpoints, vocabulary_from_json,
-                                  vocabulary_to_json)
+from training.checkpoints import (BEST_METRIC, CheckpointError, Checkpoints, checkpoint_dir,
+                                  vocabulary_from_json, vocabulary_to_json)
 from training.data import prepare_data, build_vocabulary
 from training.evaluation import NextItemRanker, ranking_metrics, validation_loss, validation_users
 from training.reporting import Reporter
@@ -73,7 +73,7 @@ def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from) ->
     if checkpoints.latest_step() is not None:
         vocab = vocabulary_from_json(checkpoints.read_meta()[1]["vocab"])
     elif init_from:
-        vocab = vocabulary_from_json(Checkpoints(init_from, read_only=True).read_meta()[1]["vocab"])
+        vocab = vocabulary_from_json(Checkpoints(checkpoint_dir(init_from), read_only=True).read_meta()[1]["vocab"])
     else:
         vocab = None
     if jax.process_index() == 0 and not os.path.exists(counts_path):
@@ -98,7 +98,11 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     leader, nproc = jax.process_index() == 0, jax.process_count()
-    mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    devices = jax.devices()
+    if cfg.mesh.devices:
+        devices = [d for p in range(nproc) for d in
+                   [d for d in jax.devices() if d.process_index == p][:cfg.mesh.devices]]
+    mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
     validate_config(cfg, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
     reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, 0, enabled=leader)
 
@@ -121,7 +125,7 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
         start, state = checkpoints.restore(start, trainer.abstract_state(), train_iter)
         reporter.message(f"resumed from step {start} in {checkpoints.directory}")
     elif init_from:
-        source = Checkpoints(init_from, read_only=True)
+        source = Checkpoints(checkpoint_dir(init_from), read_only=True)
         step, params = source.restore_params(None, trainer.abstract_state()["params"])
         state = trainer.init_state(params)
         start = 0

@@ -34,7 +34,7 @@ def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, di
 
     def axes_of(var: nnx.Variable):
         axes = tuple(var.get_metadata()["logical_axes"])
-        return ("layers",) * (var.value.ndim - len(axes)) + axes
+        return ("layers",) * (len(var.shape) - len(axes)) + axes
 
     axes: dict = {}
     for path, var in nnx.to_flat_state(state):
@@ -63,9 +63,12 @@ class Trainer:
             is_leaf=lambda x: isinstance(x, tuple))
         self.tx = make_optimizer(self.train_cfg, abstract_params)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-                                              transform_non_params=lambda _: self.replicated)
+        # Optimizer moments follow their parameters: let XLA propagate the shardings through `init`.
+        sharded_params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                                      abstract_params, self.param_shardings)
+        propagated = jax.jit(self.tx.init).lower(sharded_params).compile().output_shardings
+        opt_shardings = jax.tree.map(  # scalars (step counts) come back on one device: replicate them
+            lambda s: s if isinstance(s, NamedSharding) and s.mesh == self.mesh else self.replicated, propagated)
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
                                 "step": self.replicated}
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules))
@@ -127,7 +130,7 @@ class Trainer:
         grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9), grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state["step"]), "target_weight": weight_sum}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 

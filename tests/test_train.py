@@ -1,0 +1,191 @@
+"""End-to-end checks of train.py: loss falls, sharding, multi-process, resume after SIGKILL, mesh change,
+fine-tuning, bad input and NaN handling."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from conftest import ROOT
+from configs.demo import get_config
+from training.checkpoints import Checkpoints
+from training.loop import TrainingError, run
+
+TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **train):
+    cfg = get_config()
+    cfg.data.data_dir = data_dir
+    cfg.data.seq_len = 64
+    for key, value in TINY_MODEL.items():
+        cfg.model[key] = value
+    cfg.train.update(dict(steps=12, batch_size=16, log_every=4, eval_every=6, checkpoint_every=4, eval_batches=2,
+                          warmup_steps=2, learning_rate=3e-3))
+    cfg.train.update(train)
+    return cfg
+
+
+def overrides(cfg) -> list[str]:
+    """The command-line flags that turn configs/demo.py into `cfg`."""
+    base, out = get_config(), []
+    for section in ("data", "model", "train", "mesh"):
+        for key, value in cfg[section].items():
+            if base[section][key] != value:
+                out.append(f"--config.{section}.{key}={value}")
+    return out
+
+
+def params_of(workdir):
+    _, params = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(None)
+    return jax.tree.map(np.asarray, params)
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_demo_trains_and_loss_falls(data_dir, tmp_path):
+    result = run(tiny_config(data_dir, steps=40, log_every=5, eval_every=20), str(tmp_path))
+    losses = result["losses"]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert np.isfinite(result["validation_loss"]) and result["validation_loss"] < losses[0]
+    assert os.listdir(tmp_path / "tensorboard")
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), read_only=True)
+    step, meta = ckpt.read_meta()
+    assert step == 40 and meta["vocab"]["sentencepiece_model"] and meta["model"]["d_model"] == 32
+
+
+def test_one_device_and_eight_devices_agree(data_dir, tmp_path):
+    assert jax.device_count() == 8
+    single = run(tiny_config(data_dir, steps=8, log_every=1), str(tmp_path / "one"),)
+    cfg = tiny_config(data_dir, steps=8, log_every=1)
+    cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    sharded = run(cfg, str(tmp_path / "eight"))
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-5)
+    gate = sharded["state"]["params"]["blocks"]["mlp"]["gate"]
+    assert gate.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert gate.addressable_shards[0].data.shape == (2, 16, 32)
+    embed = sharded["state"]["params"]["embed"]
+    assert embed.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert len(sharded["state"]["params"]["blocks"]["attn"]["q"].sharding.device_set) == 8
+
+    # The 8-device checkpoint restores onto a 1-device mesh with identical values.
+    cfg_one = tiny_config(data_dir, steps=8)
+    cfg_one.mesh.devices = 1
+    restored = run(cfg_one, str(tmp_path / "eight"))
+    assert restored["state"]["params"]["embed"].sharding.mesh.size == 1
+    assert_trees_equal(jax.tree.map(np.asarray, restored["state"]["params"]),
+                       jax.tree.map(np.asarray, sharded["state"]["params"]))
+
+
+def train_cli(workdir, cfg, extra=(), env=None, **kwargs):
+    cmd = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir), *overrides(cfg), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sigkill_and_resume_is_bitwise_identical(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, steps=24, checkpoint_every=4, eval_every=100)
+    cfg.mesh.devices = 2
+    straight = train_cli(tmp_path / "straight", cfg)
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+    victim = train_cli(tmp_path / "killed", cfg)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "8"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    steps = Checkpoints(str(tmp_path / "killed" / "checkpoints"), read_only=True).steps()
+    assert 8 <= max(steps) < 24, steps  # it really died mid-run
+    resumed = train_cli(tmp_path / "killed", cfg)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and f"resumed from step {max(steps)}" in out, out
+    assert_trees_equal(params_of(tmp_path / "killed"), params_of(tmp_path / "straight"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, steps=6, log_every=1, eval_every=100, checkpoint_every=6)
+    cfg.data.pack = False
+    cfg.mesh.devices = 1
+    port = free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [train_cli(tmp_path / "multi", cfg, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                                 f"--process_id={i}"], env=env) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert "2 process(es)" in outputs[0] and "'data': 2" in outputs[0]
+    cfg.mesh.devices = 2
+    single = run(cfg, str(tmp_path / "single"))
+    multi_losses = [float(line.split("loss ")[1].split(" ")[0]) for line in outputs[0].splitlines() if "] step" in line]
+    np.testing.assert_allclose(multi_losses, single["losses"], rtol=1e-4)
+    multi, one = params_of(tmp_path / "multi"), params_of(tmp_path / "single")
+    for x, y in zip(jax.tree.leaves(multi), jax.tree.leaves(one)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_fine_tuning_with_frozen_groups(data_dir, tmp_path):
+    base = run(tiny_config(data_dir, steps=4), str(tmp_path / "base"))
+    tuned = run(tiny_config(data_dir, steps=4, freeze="embed,blocks/attn"), str(tmp_path / "tuned"),
+                init_from=str(tmp_path / "base"))
+    before, after = base["state"]["params"], tuned["state"]["params"]
+    np.testing.assert_array_equal(np.asarray(after["embed"]), np.asarray(before["embed"]))
+    np.testing.assert_array_equal(np.asarray(after["blocks"]["attn"]["q"]), np.asarray(before["blocks"]["attn"]["q"]))
+    assert not np.array_equal(np.asarray(after["blocks"]["mlp"]["up"]), np.asarray(before["blocks"]["mlp"]["up"]))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.train.update(dict(batch_size=12)), "multiple of the mesh's batch axes"),
+    (lambda c: c.data.update(dict(source="interactions", interactions="/nonexistent/file.txt")), "/nonexistent/file.txt does not exist"),
+    (lambda c: c.data.update(dict(source="page_logs")), "needs --config.data.page_logs"),
+    (lambda c: c.data.update(dict(source="parquet")), "data.source must be one of"),
+    (lambda c: c.loss.update(dict(kind="hierarchical")), "loss.kind"),
+    (lambda c: c.mesh.update(dict(data=3, fsdp=-1)), "cannot fill mesh"),
+    (lambda c: c.mesh.update(dict(data=3)), "needs 3 devices, have 8"),
+])
+def test_bad_configs_give_clear_errors(data_dir, tmp_path, change, message):
+    cfg = tiny_config(data_dir)
+    change(cfg)
+    with pytest.raises(TrainingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(cfg, str(tmp_path))
+
+
+def test_cli_reports_missing_dataset_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/amazon_toys.py", "--workdir",
+                             str(tmp_path), "--config.data.interactions=/nonexistent/toys.txt"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "train.py: error: interaction file /nonexistent/toys.txt does not exist"
+
+
+def test_nan_stops_with_last_good_checkpoint(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, steps=40, learning_rate=1e12, warmup_steps=1, log_every=1, checkpoint_every=2,
+                      clip_norm=1e30, eval_every=1000)
+    with pytest.raises(TrainingError, match="last good checkpoint is step") as err:
+        run(cfg, str(tmp_path))
+    assert err.value.exit_code == 3
+    good = int(str(err.value).split("last good checkpoint is step ")[1].split(" ")[0])
+    _, params = Checkpoints(str(tmp_path / "checkpoints"), read_only=True).restore_params(good)
+    assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(params))
