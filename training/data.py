@@ -63,10 +63,12 @@ def raw_files(data_cfg, prepared: PreparedData) -> list[str]:
     return [data_cfg.interactions]
 
 
-def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Counter]:
-    """Vocabulary (and item counts for samplers) from the run's raw files, in one streaming pass."""
+def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Counter, dict[str, list[str]]]:
+    """Vocabulary, item counts (for samplers) and the items seen on each shelf type (the shelf
+    eligibility the logs show), from the run's raw files in one streaming pass."""
     builder = VocabularyBuilder(min_context_count=data_cfg.min_context_count)
     counts: Counter = Counter()
+    shelf_items: dict[str, dict[str, None]] = {}
     if prepared.catalog_path:
         builder.add_catalog(read_catalog(prepared.catalog_path).values())
     for path in raw_files(data_cfg, prepared):
@@ -77,5 +79,8 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
         else:
             for log in iter_page_logs(path):
                 builder.add_page(log)
-                counts.update(i for shelf in log.page for i in shelf.items)
-    return builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab), counts
+                for shelf in log.page:
+                    counts.update(shelf.items)
+                    shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
+    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab)
+    return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}

@@ -67,9 +67,12 @@ def _catalog_for_checkpoint(path: str | None) -> dict | None:
     return {"items": {k: {"title": v.title, "artist": v.artist, "genres": v.genres} for k, v in catalog.items()}}
 
 
-def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from) -> tuple[Vocabulary, np.ndarray]:
+def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from) -> tuple[Vocabulary, np.ndarray, dict]:
+    """The run's vocabulary (from its checkpoint, the --init_from run, or built), item counts and the
+    shelf -> items seen in the logs."""
     vocab_dir = os.path.join(workdir, "vocab")
     counts_path = os.path.join(vocab_dir, "item_counts.npy")
+    shelves_path = os.path.join(vocab_dir, "shelf_items.json")
     if checkpoints.latest_step() is not None:
         vocab = vocabulary_from_json(checkpoints.read_meta()[1]["vocab"])
     elif init_from:
@@ -77,13 +80,28 @@ def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from) ->
     else:
         vocab = None
     if jax.process_index() == 0 and not os.path.exists(counts_path):
-        built, counts = build_vocabulary(cfg.data, prepared)
+        built, counts, shelf_items = build_vocabulary(cfg.data, prepared)
         vocab = vocab or built
         vocab.save(vocab_dir)
+        with open(shelves_path, "w") as f:
+            json.dump(shelf_items, f)
         np.save(counts_path, np.array([counts.get(i, 0) for i in vocab.items.item_ids], np.int64))
     _barrier("vocabulary")
     vocab = vocab or Vocabulary.load(vocab_dir)
-    return vocab, np.load(counts_path)
+    with open(shelves_path) as f:
+        shelf_items = json.load(f)
+    return vocab, np.load(counts_path), shelf_items
+
+
+def _eligibility(prepared, shelf_items: dict) -> dict:
+    """How serving decides which items may stand on which shelf: the synthetic world's rules, the
+    shelf/item pairs seen in the logs, or anything (plain next-item data)."""
+    if prepared.world_dir:
+        with open(os.path.join(prepared.world_dir, "world.json")) as f:
+            return {"kind": "world", "world": json.load(f)}
+    if prepared.kind == "pages":
+        return {"kind": "observed", "shelf_items": shelf_items}
+    return {"kind": "all"}
 
 
 def run(cfg, workdir: str, init_from: str | None = None, stop_after: int | None = None) -> dict:
@@ -109,7 +127,7 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
     prepared, _ = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,
                               cfg.train.async_checkpoints)
-    vocab, item_counts = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from)
+    vocab, item_counts, shelf_items = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from)
     model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict())
     sampled = None
     if cfg.loss.kind == "sampled":
@@ -138,7 +156,7 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
     meta = {"config": json.loads(cfg.to_json()), "model": dataclasses.asdict(model_cfg),
             "vocab": vocabulary_to_json(vocab), "kind": prepared.kind,
             "catalog": _catalog_for_checkpoint(prepared.catalog_path),
-            "world_dir": prepared.world_dir}
+            "eligibility": _eligibility(prepared, shelf_items)}
     ranker = (NextItemRanker(trainer, vocab, cfg.data.seq_len, cfg.eval.batch_size)
               if cfg.eval.next_item and prepared.kind == "sequences" else None)
     eval_users = validation_users(prepared.sources["validation"], cfg.eval.max_users) if ranker else None

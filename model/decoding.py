@@ -1,0 +1,172 @@
+"""Constrained page decoding inside jit: one prefill pass over the prompts, then a KV-cache loop on
+`lax.while_loop`, either beam search (beams folded into the batch) or sampling.
+
+Prompts are right-padded to a common length P; padded slots have segment id 0 and are never attended
+to. Generated token t of row r sits at cache slot P + t and RoPE position length[r] + t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from data.vocab import EOS, PAD
+from model.grammar import PageGrammar, PageRules
+from model.transformer import KVCache, Transformer
+
+NEG_INF = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Decoded:
+    """Per request, `n` pages best first: generated tokens (PAD after EOS), each token's log-probability
+    under the constrained model, the page's score and whether the slot holds a finished page."""
+
+    tokens: jax.Array  # (B, n, T)
+    token_logps: jax.Array  # (B, n, T)
+    scores: jax.Array  # (B, n)
+    valid: jax.Array  # (B, n)
+
+
+def prefill(model: Transformer, prompts: jax.Array, lengths: jax.Array, slots: int) -> tuple[jax.Array, KVCache]:
+    """Runs the prompts (B, P) through the model into a fresh cache of `slots` slots; returns the logits
+    at each prompt's last real token (B, V) and the cache."""
+    b, p = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+    segments = (positions < lengths[:, None]).astype(jnp.int32)
+    hidden, cache = model.hidden(prompts, positions, segments, KVCache.zeros(model.cfg, b, slots))
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache
+
+
+def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+    """One token per row (R,) at RoPE positions (R,) -> logits (R, V) and the updated cache."""
+    hidden, cache = model.hidden(tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None], cache)
+    return model.logits(hidden[:, 0]), cache
+
+
+def constrained_logp(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Log-probabilities renormalised over the allowed tokens."""
+    return jax.nn.log_softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """GNMT length normalisation: pages of different lengths compete on log_prob / penalty."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha"))
+def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, *, grammar: PageGrammar,
+                beam_size: int, max_new: int, alpha: float = 0.6) -> Decoded:
+    """Top `beam_size` pages per request by length-normalised constrained log-probability."""
+    model = nnx.merge(graphdef, params)
+    b, k = prompts.shape[0], beam_size
+    logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + max_new)
+    rows_rules = rules.take(jnp.repeat(jnp.arange(b), k))
+    cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
+                    jnp.repeat(cache.segment_ids, k, axis=0), cache.index)
+    state = dict(
+        step=jnp.zeros((), jnp.int32), logits=jnp.repeat(logits, k, axis=0), cache=cache,
+        fsm=grammar.init(b * k),
+        alive_tokens=jnp.full((b, k, max_new), PAD, jnp.int32), alive_logps=jnp.zeros((b, k, max_new)),
+        alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
+        done_tokens=jnp.full((b, k, max_new), PAD, jnp.int32), done_logps=jnp.zeros((b, k, max_new)),
+        done_score=jnp.full((b, k), NEG_INF))
+    positions0 = jnp.repeat(lengths, k)
+
+    def running(s):
+        # Stop when no alive beam can still beat the worst finished page (log-probs only fall).
+        best_alive = s["alive_score"][:, 0] / length_penalty(jnp.float32(max_new), alpha)
+        worst_done = s["done_score"][:, -1]
+        return (s["step"] < max_new) & jnp.any((best_alive > worst_done) & (s["alive_score"][:, 0] > NEG_INF / 2))
+
+    def body(s):
+        step = s["step"]
+        mask = grammar.allowed(s["fsm"], rows_rules)
+        logp = jnp.where(mask, constrained_logp(s["logits"], mask), NEG_INF)
+        vocab = logp.shape[-1]
+        candidates = (s["alive_score"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
+        top_score, top_index = jax.lax.top_k(candidates, 2 * k)
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        beam_rows = jnp.arange(b)[:, None] * k + top_beam
+        token_logp = logp[beam_rows, top_token]
+        tokens = jnp.take_along_axis(s["alive_tokens"], top_beam[:, :, None], 1).at[:, :, step].set(top_token)
+        logps = jnp.take_along_axis(s["alive_logps"], top_beam[:, :, None], 1).at[:, :, step].set(token_logp)
+        live = top_score > NEG_INF / 2
+        is_eos = (top_token == EOS) & live
+
+        # Finished pages join the pool, ranked by normalised score.
+        new_done = jnp.where(is_eos, top_score / length_penalty(step + 1.0, alpha), NEG_INF)
+        pool_score = jnp.concatenate([s["done_score"], new_done], 1)
+        keep_score, keep = jax.lax.top_k(pool_score, k)
+        done_tokens = jnp.take_along_axis(jnp.concatenate([s["done_tokens"], tokens], 1), keep[:, :, None], 1)
+        done_logps = jnp.take_along_axis(jnp.concatenate([s["done_logps"], logps], 1), keep[:, :, None], 1)
+
+        # The best K unfinished candidates go on.
+        alive_candidates = jnp.where(is_eos | ~live, NEG_INF, top_score)
+        alive_score, pick = jax.lax.top_k(alive_candidates, k)
+        chosen_beam = jnp.take_along_axis(top_beam, pick, 1)
+        chosen_token = jnp.take_along_axis(top_token, pick, 1).reshape(-1)
+        rows = (jnp.arange(b)[:, None] * k + chosen_beam).reshape(-1)
+        fsm = grammar.advance(s["fsm"].take(rows), chosen_token)
+        cache = s["cache"]
+        cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.segment_ids[rows], cache.index)
+        logits, cache = decode_step(model, chosen_token, positions0 + step, cache)
+        return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm,
+                    alive_tokens=jnp.take_along_axis(tokens, pick[:, :, None], 1),
+                    alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1), alive_score=alive_score,
+                    done_tokens=done_tokens, done_logps=done_logps, done_score=keep_score)
+
+    s = jax.lax.while_loop(running, body, state)
+    valid = s["done_score"] > NEG_INF / 2
+    return Decoded(s["done_tokens"], jnp.where(valid[:, :, None], s["done_logps"], 0.0), s["done_score"], valid)
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Temperature, then top-k (0 = off) and nucleus top-p (1 = off) filtering, per row."""
+    logits = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    cumulative = jnp.cumsum(probs, axis=-1) - probs  # mass before each token
+    cutoff = jnp.min(jnp.where(cumulative < top_p[:, None], ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((logits >= kth) & (logits >= cutoff), logits, NEG_INF)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "max_new"))
+def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, seeds, temperature, top_k, top_p,
+           *, grammar: PageGrammar, max_new: int) -> Decoded:
+    """One sampled page per row, reproducible by each row's seed."""
+    model = nnx.merge(graphdef, params)
+    b = prompts.shape[0]
+    logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + max_new)
+    keys = jax.vmap(jax.random.key)(seeds)
+
+    def running(s):
+        return (s["step"] < max_new) & ~jnp.all(s["fsm"].done)
+
+    def body(s):
+        step = s["step"]
+        mask = grammar.allowed(s["fsm"], rules)
+        filtered = filter_logits(jnp.where(mask, s["logits"], NEG_INF), temperature, top_k, top_p)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        token = jax.vmap(jax.random.categorical)(step_keys, jnp.where(mask, filtered, NEG_INF))
+        token = jnp.where(s["fsm"].done, PAD, token)
+        logp = jnp.take_along_axis(constrained_logp(s["logits"], mask), token[:, None], 1)[:, 0]
+        logp = jnp.where(s["fsm"].done, 0.0, logp)
+        fsm = grammar.advance(s["fsm"], token)
+        logits, cache = decode_step(model, token, lengths + step, s["cache"])
+        return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm,
+                    tokens=s["tokens"].at[:, step].set(token), logps=s["logps"].at[:, step].set(logp))
+
+    s = jax.lax.while_loop(running, body, dict(
+        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(b),
+        tokens=jnp.full((b, max_new), PAD, jnp.int32), logps=jnp.zeros((b, max_new))))
+    valid = s["fsm"].done
+    return Decoded(s["tokens"][:, None], s["logps"][:, None], s["logps"].sum(-1)[:, None], valid[:, None])

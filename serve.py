@@ -1,0 +1,141 @@
+"""Samples Home pages from a checkpoint: one page in the terminal, a batch file, or an HTTP server.
+
+    python serve.py --checkpoint RUN --user u42 [--history t1,t2] [--context hour=8,device=mobile]
+    python serve.py --checkpoint RUN --requests IN.jsonl --output OUT.jsonl
+    python serve.py --checkpoint RUN --port 8080        # POST /v1/pages, GET /healthz, GET / (HTML)
+
+--step picks a checkpoint step (default: the latest). Requests follow FORMATS.md §4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+
+def _read_requests(path: str):
+    """(line number, parsed request or error text) for every non-empty line."""
+    from serving.requests import RequestError, parse_request
+
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, parse_request(json.loads(line))
+            except json.JSONDecodeError as e:
+                yield number, f"invalid JSON ({e.msg} at column {e.colno})"
+            except RequestError as e:
+                yield number, str(e)
+
+
+def run_batch(engine, path: str, output: str, batch_size: int) -> int:
+    """Writes one response per request line, in order; bad lines get {"error", "line"}. Returns #errors."""
+    errors = 0
+    with open(output, "w", encoding="utf-8") as out:
+        pending: list[tuple[int, object]] = []
+
+        def flush():
+            nonlocal errors
+            good = [(n, r) for n, r in pending if not isinstance(r, str)]
+            responses = iter(engine.generate([r for _, r in good]) if good else [])
+            for number, request in pending:
+                response = {"error": request} if isinstance(request, str) else next(responses)
+                response.pop("_stats", None)
+                if "error" in response:
+                    response["line"] = number
+                    errors += 1
+                out.write(json.dumps(response) + "\n")
+            pending.clear()
+
+        for number, request in _read_requests(path):
+            pending.append((number, request))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    return errors
+
+
+def print_page(engine, response: dict) -> None:
+    from data.shelves import SHELF_TITLES
+
+    if "error" in response:
+        print(f"error: {response['error']}")
+        return
+    print(f"Home page for {response['user_id']} (checkpoint step {response['checkpoint_step']}, "
+          f"log p = {response['log_prob']:.2f})")
+    for shelf in response["page"]:
+        print(f"\n  {SHELF_TITLES.get(shelf['shelf'], shelf['shelf'])}")
+        for item in shelf["items"]:
+            info = engine.describe(item)
+            text = f"{info.get('title') or item}" + (f" — {info['artist']}" if info.get("artist") else "")
+            print(f"    {item:>8}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder or its checkpoints/ folder")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--user", default=None)
+    parser.add_argument("--history", default="", help="comma-separated item ids, oldest first")
+    parser.add_argument("--context", default="", help="key=value pairs, comma-separated")
+    parser.add_argument("--intent", default=None)
+    parser.add_argument("--beam_size", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--requests", default=None, help="JSON Lines of requests (batch mode)")
+    parser.add_argument("--output", default=None, help="where batch mode writes responses")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--port", type=int, default=None, help="serve HTTP on this port")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    if args.requests and not args.output:
+        parser.error("--requests needs --output")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    from serving.engine import PageEngine
+    from serving.requests import RequestError, parse_request
+    from training.checkpoints import CheckpointError
+
+    try:
+        engine = PageEngine(args.checkpoint, args.step)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.requests:
+        if not os.path.isfile(args.requests):
+            print(f"serve.py: error: {args.requests} does not exist", file=sys.stderr)
+            return 2
+        errors = run_batch(engine, args.requests, args.output, args.batch_size)
+        print(f"wrote {args.output} ({errors} request(s) with errors)")
+        return 0
+    if args.port is not None:
+        from serving.http_server import make_server
+
+        server = make_server(engine, args.host, args.port)
+        print(f"serving checkpoint step {engine.step} on http://{args.host}:{server.server_port}", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    context = dict(pair.split("=", 1) for pair in args.context.split(",") if "=" in pair)
+    if args.intent:
+        context["intent"] = args.intent
+    obj = {"user_id": args.user or "anonymous", "history": [h for h in args.history.split(",") if h],
+           "context": context, "beam_size": args.beam_size, "temperature": args.temperature}
+    try:
+        response = engine.generate([parse_request(obj)])[0]
+    except RequestError as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
+    print_page(engine, response)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Restores a checkpoint and turns page requests into pages with constrained decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data.shelves import ShelfRules
+from data.vocab import EOS, PAD, Vocabulary
+from data.world import World, WorldConfig
+from model.decoding import beam_search, sample
+from model.grammar import PageGrammar, PageRules
+from model.transformer import TransformerConfig
+from serving.requests import PageRequest, RequestError
+from training.checkpoints import Checkpoints, checkpoint_dir, vocabulary_from_json
+from training.state import abstract_model
+
+
+class Eligibility:
+    """Which items may stand on which shelf, per request (S, N) over the vocabulary's shelves and items."""
+
+    def __init__(self, spec: dict, vocab: Vocabulary):
+        self.vocab, self.kind = vocab, spec.get("kind", "all")
+        s, n = len(vocab.shelves), vocab.items.num_tokens
+        self.static = np.ones((s, n), bool)
+        self._dynamic: list[tuple[int, int]] = []  # (vocab shelf, world shelf) whose rule reads the history
+        if self.kind == "observed":
+            self.static[:] = False
+            for shelf, items in spec["shelf_items"].items():
+                row = vocab.shelves.index(shelf) if shelf in vocab.shelves else None
+                codes = [vocab.items.encode(i) for i in items]
+                if row is not None:
+                    self.static[row, [c[0] for c in codes if c is not None]] = True
+        elif self.kind == "world":
+            self.world = World(WorldConfig(**spec["world"]))
+            self.rules = ShelfRules(self.world)
+            self._item_index = np.array([self._world_item(i) for i in vocab.items.item_ids])
+            known = self._item_index >= 0
+            for row, name in enumerate(vocab.shelves):
+                self.static[row] = False
+                if name not in self.rules.index:
+                    continue
+                t = self.rules.index[name]
+                if self.rules.is_static(t):
+                    mask = np.zeros(self.world.catalog.num_items, bool)
+                    mask[self.rules.static_pool(t)] = True
+                    self.static[row, known] = mask[self._item_index[known]]
+                else:
+                    self._dynamic.append((row, t))
+
+    def _world_item(self, item_id: str) -> int:
+        try:
+            return self.world.item_index(item_id)
+        except ValueError:
+            return -1
+
+    def matrix(self, history: list[str]) -> np.ndarray:
+        if not self._dynamic:
+            return self.static
+        out = self.static.copy()
+        hist = np.array([self._world_item(i) for i in history], np.int64)
+        hist = hist[hist >= 0]
+        known = self._item_index >= 0
+        for row, t in self._dynamic:
+            mask = np.zeros(self.world.catalog.num_items, bool)
+            mask[self.rules.pool(t, hist)] = True
+            out[row, known] = mask[self._item_index[known]]
+        return out
+
+
+def _bucket(n: int, minimum: int) -> int:
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+class PageEngine:
+    """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog."""
+
+    def __init__(self, path: str, step: int | None = None):
+        checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
+        self.step, meta = checkpoints.read_meta(step)
+        self.vocab = vocabulary_from_json(meta["vocab"])
+        self.model_cfg = TransformerConfig(**meta["model"])
+        self.graphdef, abstract, _ = abstract_model(self.model_cfg)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        _, self.params = checkpoints.restore_params(self.step, target)
+        self.grammar = PageGrammar.for_vocabulary(self.vocab)
+        self.eligibility = Eligibility(meta.get("eligibility") or {"kind": "all"}, self.vocab)
+        self.catalog = (meta.get("catalog") or {}).get("items", {})
+
+    # --- request -> arrays ----------------------------------------------------------------------------
+    def _rules(self, request: PageRequest) -> dict[str, np.ndarray]:
+        vocab = self.vocab
+        shelves = np.ones(len(vocab.shelves), bool)
+        if request.allowed_shelves is not None:
+            unknown = [s for s in request.allowed_shelves if s not in vocab.shelves]
+            if unknown:
+                raise RequestError(f"unknown shelves {unknown}; known: {vocab.shelves}")
+            shelves[:] = False
+            shelves[[vocab.shelves.index(s) for s in request.allowed_shelves]] = True
+        excluded = np.zeros(vocab.items.num_tokens, bool)
+        for item in request.exclude_items:
+            code = vocab.items.encode(item)
+            if code is not None:
+                excluded[code[0]] = True
+        eligible = self.eligibility.matrix(request.history)
+        enough = (eligible & ~excluded).sum(axis=1) >= request.min_items_per_shelf
+        if not (enough & shelves).any():
+            raise RequestError(f"no allowed shelf has {request.min_items_per_shelf} eligible items left "
+                               "after exclusions")
+        return {"eligible": eligible, "allowed_shelves": shelves, "excluded": excluded,
+                "min_items": np.int32(request.min_items_per_shelf), "max_items": np.int32(request.max_items_per_shelf),
+                "max_shelves": np.int32(request.num_shelves)}
+
+    def _prompt(self, request: PageRequest) -> list[int]:
+        return self.vocab.encode_prompt(request.context, request.intent, request.history)
+
+    def _batch(self, requests: list[PageRequest]):
+        rules = [self._rules(r) for r in requests]
+        prompts = [self._prompt(r) for r in requests]
+        rows = _bucket(len(requests), 1)
+        length = _bucket(max(len(p) for p in prompts), 16)
+        tokens = np.zeros((rows, length), np.int32)
+        lengths = np.ones(rows, np.int32)
+        for k, p in enumerate(prompts):
+            tokens[k, :len(p)], lengths[k] = p, len(p)
+        stacked = {key: np.stack([r[key] for r in rules] + [rules[0][key]] * (rows - len(rules)))
+                   for key in rules[0]}
+        return jnp.asarray(tokens), jnp.asarray(lengths), PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})
+
+    # --- decoding -------------------------------------------------------------------------------------
+    def generate(self, requests: list[PageRequest]) -> list[dict]:
+        """One response (FORMATS.md §4) per request, in order; a request that cannot be served gets
+        {"error": reason}. Requests are grouped by decoding mode and page shape, so each group decodes as
+        one batch."""
+        responses: list[dict | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for k, r in enumerate(requests):
+            try:
+                self._rules(r)
+            except RequestError as e:
+                responses[k] = {"error": str(e)}
+                continue
+            shape = (r.num_shelves, r.max_items_per_shelf)
+            key = ("beam", r.beam_size, *shape) if r.temperature == 0 else ("sample", r.num_pages, *shape)
+            groups.setdefault(key, []).append(k)
+        for key, members in groups.items():
+            for k, response in zip(members, self._generate_group(key, [requests[k] for k in members])):
+                responses[k] = response
+        return responses
+
+    def _generate_group(self, key: tuple, requests: list[PageRequest]) -> list[dict]:
+        start = time.perf_counter()
+        mode, width, num_shelves, max_items = key
+        max_new = self.grammar.max_length(num_shelves, max_items)
+        tokens, lengths, rules = self._batch(requests)
+        if mode == "beam":
+            out = beam_search(self.graphdef, self.params, tokens, lengths, rules, grammar=self.grammar,
+                              beam_size=width, max_new=max_new)
+        else:
+            repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
+            rows = tokens.shape[0]
+            pad = rows - len(requests)
+            seeds = [r.seed * 1000 + j for r in requests for j in range(width)] + [0] * (pad * width)
+            params = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(1.0, 0, 1.0)] * pad
+            temperature, top_k, top_p = (jnp.asarray(np.repeat([p[i] for p in params], width)) for i in range(3))
+            out = sample(self.graphdef, self.params, repeat(tokens), repeat(lengths), jax.tree.map(repeat, rules),
+                         jnp.asarray(seeds, jnp.int32), temperature.astype(jnp.float32), top_k.astype(jnp.int32),
+                         top_p.astype(jnp.float32), grammar=self.grammar, max_new=max_new)
+            out = jax.tree.map(lambda x: x.reshape(rows, width, *x.shape[2:]), out)
+            order = jnp.argsort(-out.scores, axis=1)
+            out = jax.tree.map(lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1), out)
+        out = jax.device_get(out)
+        elapsed = time.perf_counter() - start
+        results = []
+        for row, request in enumerate(requests):
+            pages = [self._page(out.tokens[row, j], out.token_logps[row, j]) for j in range(out.tokens.shape[1])
+                     if out.valid[row, j]][:request.num_pages]
+            if not pages:
+                results.append({"error": "no valid page could be decoded for this request"})
+                continue
+            best = pages[0]
+            response = {"user_id": request.user_id, "page": best["page"], "log_prob": best["log_prob"],
+                        "checkpoint_step": self.step}
+            if request.num_pages > 1:
+                response["pages"] = pages
+            response["_stats"] = {"latency_s": elapsed, "tokens": int(sum((out.tokens[row, 0] != PAD))),
+                                  "batch_size": len(requests)}
+            results.append(response)
+        return results
+
+    def _page(self, tokens: np.ndarray, logps: np.ndarray) -> dict:
+        page, total = [], 0.0
+        for token, logp in zip(tokens.tolist(), logps.tolist()):
+            if token in (PAD, EOS):
+                total += logp if token == EOS else 0.0
+                if token == EOS:
+                    break
+                continue
+            total += logp
+            if self.vocab.is_shelf(token):
+                page.append({"shelf": self.vocab.shelves[token - self.vocab.shelf_offset], "items": [], "item_scores": []})
+            else:
+                page[-1]["items"].append(self.vocab.items.decode([token - self.vocab.item_offset]))
+                page[-1]["item_scores"].append(round(float(logp), 4))
+        return {"page": page, "log_prob": round(total, 4)}
+
+    def describe(self, item_id: str) -> dict:
+        """Display fields of an item from the catalog saved in the checkpoint."""
+        return self.catalog.get(item_id, {})
