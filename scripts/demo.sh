@@ -6,6 +6,4 @@ bash scripts/setup.sh
 RUN="${RUN:-runs/demo}"
 .venv/bin/python scripts/simulate.py --out "$RUN/world" --items 2000 --pages 20000 --requests 100 --eval-requests 50
 .venv/bin/python train.py --config configs/demo.py --workdir "$RUN" --config.train.steps="${STEPS:-600}"
-if [ -f serve.py ]; then
-  .venv/bin/python serve.py --checkpoint "$RUN" --user u7
-fi
+.venv/bin/python serve.py --checkpoint "$RUN" --user u7 --history t1,t5,t9 --context hour=8,device=mobile

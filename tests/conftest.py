@@ -32,3 +32,26 @@ def tiny_world_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("world"))
     write_world(WorldConfig(num_items=600, num_users=120, seed=3), out, num_pages=3000, num_requests=50)
     return out
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> str:
+    """One TFDS folder for the whole session, so the tiny world is simulated and written once."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
+    """A run folder with a small model trained briefly on the tiny synthetic world."""
+    from configs.demo import get_config
+    from training.loop import run
+
+    cfg = get_config()
+    cfg.data.data_dir = tfds_dir
+    cfg.data.seq_len = 96
+    cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64))
+    cfg.train.update(dict(steps=30, log_every=10, eval_every=30, checkpoint_every=30, eval_batches=1,
+                          warmup_steps=5, learning_rate=3e-3))
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    run(cfg, workdir)
+    return workdir

@@ -21,9 +21,9 @@ from training.loop import TrainingError, run
 TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+@pytest.fixture
+def data_dir(tfds_dir):
+    return tfds_dir
 
 
 def tiny_config(data_dir, **train):

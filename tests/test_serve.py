@@ -1,0 +1,195 @@
+"""serve.py on a tiny trained checkpoint: every page valid under random constraints, batch files, the
+HTTP API under concurrency, and the HTML view in headless Chromium."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT
+from serving.engine import PageEngine
+from serving.http_server import make_server
+from serving.requests import parse_request
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    return PageEngine(tiny_checkpoint)
+
+
+def assert_valid(engine, request, response):
+    """Every rule of the page grammar and of the request."""
+    vocab = engine.vocab
+    eligible = engine.eligibility.matrix(request.history)
+    shelves = [s["shelf"] for s in response["page"]]
+    assert 1 <= len(shelves) <= request.num_shelves and len(set(shelves)) == len(shelves)
+    if request.allowed_shelves is not None:
+        assert set(shelves) <= set(request.allowed_shelves)
+    seen = []
+    for shelf in response["page"]:
+        items = shelf["items"]
+        assert request.min_items_per_shelf <= len(items) <= request.max_items_per_shelf
+        assert len(shelf["item_scores"]) == len(items) and all(s <= 0 for s in shelf["item_scores"])
+        row = vocab.shelves.index(shelf["shelf"])
+        for item in items:
+            assert eligible[row, vocab.items.encode(item)[0]], (shelf["shelf"], item)
+            assert item not in request.exclude_items
+        seen += items
+    assert len(seen) == len(set(seen))
+
+
+def request_strategy(engine):
+    items = engine.vocab.items.item_ids
+    shelves = engine.vocab.shelves
+
+    @st.composite
+    def build(draw):
+        min_items = draw(st.integers(1, 3))
+        obj = {"user_id": f"u{draw(st.integers(0, 199))}",
+               "history": draw(st.lists(st.sampled_from(items), max_size=12)),
+               "context": {"hour": draw(st.integers(0, 23)), "device": draw(st.sampled_from(["mobile", "tv", "car"]))},
+               "num_shelves": draw(st.sampled_from([2, 4])), "min_items_per_shelf": min_items,
+               "max_items_per_shelf": draw(st.sampled_from([3, 5])),
+               "exclude_items": draw(st.lists(st.sampled_from(items), max_size=30)),
+               "beam_size": draw(st.sampled_from([1, 3])), "seed": draw(st.integers(0, 1000))}
+        if draw(st.booleans()):
+            obj["allowed_shelves"] = draw(st.lists(st.sampled_from(shelves), min_size=1, max_size=8, unique=True))
+        if draw(st.booleans()):
+            obj["temperature"] = draw(st.sampled_from([0.7, 1.0, 2.0]))
+            obj["top_p"] = draw(st.sampled_from([0.5, 0.9, 1.0]))
+            obj["top_k"] = draw(st.sampled_from([0, 5]))
+        return parse_request(obj)
+
+    return st.lists(build(), min_size=1, max_size=5)
+
+
+def test_every_page_satisfies_every_constraint(engine):
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(request_strategy(engine))
+    def check(requests):
+        for request, response in zip(requests, engine.generate(requests), strict=True):
+            if "error" in response:  # only when no allowed shelf can be filled
+                assert "eligible items" in response["error"]
+                continue
+            assert_valid(engine, request, response)
+
+    check()
+
+
+def test_beam_pages_are_distinct_and_ranked(engine):
+    request = parse_request({"user_id": "u3", "beam_size": 4, "num_pages": 4, "num_shelves": 2,
+                             "max_items_per_shelf": 5})
+    response = engine.generate([request])[0]
+    pages = [json.dumps(p["page"]) for p in response["pages"]]
+    assert len(pages) == 4 and len(set(pages)) == 4
+    probs = [p["log_prob"] for p in response["pages"]]
+    assert response["log_prob"] == probs[0]
+
+
+def test_batch_file_keeps_order_and_reports_bad_lines(tiny_checkpoint, tmp_path):
+    lines = [json.dumps({"user_id": "u1", "num_shelves": 2}), "{not json",
+             json.dumps({"user_id": "u2", "num_shelves": "many"}), "",
+             json.dumps({"history": ["t1", "t2"], "num_shelves": 3, "temperature": 0.8, "seed": 4}),
+             json.dumps({"user_id": "u3", "allowed_shelves": ["no_such_shelf"]}),
+             json.dumps({"context": {}}), json.dumps({"user_id": "u4", "num_shelves": 2})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint, "--requests",
+                             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--batch_size", "3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(out) == 7
+    assert [o.get("user_id") for o in out if "error" not in o] == ["u1", None, "u4"]
+    errors = {o["line"]: o["error"] for o in out if "error" in o}
+    assert set(errors) == {2, 3, 6, 7}
+    assert "invalid JSON" in errors[2] and "num_shelves" in errors[3]
+    assert "no_such_shelf" in errors[6] and "user_id" in errors[7]
+    assert "4 request(s) with errors" in result.stdout
+    assert [o["checkpoint_step"] for o in out if "error" not in o] == [30, 30, 30]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "serve.py", "--checkpoint", str(tmp_path), "--user", "u1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and f"no checkpoint in {tmp_path}" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    calls = []
+    original = engine.generate
+
+    def counting(requests):
+        calls.append(len(requests))
+        return original(requests)
+
+    engine.generate = counting
+    httpd = make_server(engine, "127.0.0.1", 0, max_batch=8, max_wait_s=0.05)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}", calls
+    httpd.shutdown()
+    engine.generate = original
+
+
+def post(url, body, raw=False):
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/pages", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_api_under_concurrency(engine, server):
+    url, calls = server
+    with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ok", "checkpoint_step": 30}
+    post(url, {"user_id": "warm", "num_shelves": 2, "max_items_per_shelf": 5})  # compile once
+    calls.clear()
+    good = [{"user_id": f"u{k}", "num_shelves": 2, "max_items_per_shelf": 5, "exclude_items": [f"t{k}"]}
+            for k in range(12)]
+    bad = [(b"{broken", "not valid JSON"), ({"num_shelves": 2}, "needs 'user_id' or 'history'"),
+           ({"user_id": "x", "beam_size": 99}, "beam_size"), ({"user_id": "x", "exclude_items": "t1"}, "exclude_items"),
+           ({"user_id": "x", "min_items_per_shelf": 9, "max_items_per_shelf": 3}, "min_items_per_shelf"),
+           ({"user_id": "x", "allowed_shelves": ["nope"]}, "unknown shelves"), ([1, 2], "JSON object")]
+    with ThreadPoolExecutor(16) as pool:
+        good_results = list(pool.map(lambda b: post(url, b), good))
+        bad_results = list(pool.map(lambda b: post(url, b[0], raw=isinstance(b[0], bytes)), bad))
+    for body, (status, response) in zip(good, good_results):
+        assert status == 200 and response["user_id"] == body["user_id"]
+        assert_valid(engine, parse_request(body), response)
+    for (_, reason), (status, response) in zip(bad, bad_results):
+        assert status == 400 and reason in response["error"], response
+    assert max(calls) > 1  # concurrent requests were batched together
+    req = urllib.request.Request(url + "/v2/nothing", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 404
+
+
+def test_html_view_renders_in_headless_chromium(server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    url, _ = server
+    page_url = url + "/?user_id=u5&history=t1,t2&hour=20&device=tv&num_shelves=3"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page_url], capture_output=True, text=True, timeout=180).stdout
+    assert dom.count("class=\"shelf\"") == 3, dom[:2000]
+    assert dom.count("class=\"card\"") >= 3 * 4
+    shot = tmp_path / "page.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", page_url],
+                   capture_output=True, timeout=180)
+    assert shot.exists() and shot.stat().st_size > 5000
