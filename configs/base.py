@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_last = 3
     c.train.keep_best = 1
+    c.train.best_metric = "validation_loss"  # checkpoints kept as best, and the one evaluate.py picks
+    c.train.best_mode = "min"
     c.train.async_checkpoints = True
 
     c.eval = ml_collections.ConfigDict()

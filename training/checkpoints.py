@@ -1,7 +1,7 @@
 """orbax checkpoints of a run: parameters, optimizer state, the grain iterator state, and metadata
 (config, model config, vocabulary and sentencepiece model) so that a checkpoint is self-contained.
 
-Keeps the last N and the best N by validation loss; saves asynchronously.
+Keeps the last N and the best N by a validation metric; saves asynchronously.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import orbax.checkpoint as ocp
 
 from data.vocab import Vocabulary, item_tokenizer_from_json
 
-BEST_METRIC = "validation_loss"
 
 
 class CheckpointError(RuntimeError):
@@ -43,12 +42,16 @@ class Checkpoints:
     """A CheckpointManager over `directory` with items params / opt_state / data / meta."""
 
     def __init__(self, directory: str, keep_last: int = 3, keep_best: int = 1, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, best_metric: str = "validation_loss", best_mode: str = "min"):
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"train.best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = os.path.abspath(directory)
+        self.best_metric, self.best_mode = best_metric, best_mode
+        worst = float("inf") if best_mode == "min" else -float("inf")
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep_last),
-            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=keep_best,
-                                          keep_checkpoints_without_metrics=False),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m.get(best_metric, worst), n=keep_best,
+                                          reverse=best_mode == "min", keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
                                                create=not read_only, read_only=read_only)
@@ -61,6 +64,13 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def best_step(self, metric: str, mode: str) -> int | None:
+        """The kept step with the best value of `metric` ('min' or 'max'), None if no step has it."""
+        scored = [(m[metric], s) for s in self.steps() if (m := self.manager.metrics(s)) and metric in m]
+        if not scored:
+            return None
+        return (min(scored) if mode == "min" else max(scored))[1]
 
     def save(self, step: int, state: dict, data_iterator, meta: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(

@@ -18,7 +18,7 @@ from data.vocab import Vocabulary
 from model.loss import SampledSoftmax
 from model.sharding import make_mesh
 from model.transformer import TransformerConfig
-from training.checkpoints import (BEST_METRIC, CheckpointError, Checkpoints, checkpoint_dir,
+from training.checkpoints import (CheckpointError, Checkpoints, checkpoint_dir,
                                   vocabulary_from_json, vocabulary_to_json)
 from training.data import prepare_data, build_vocabulary
 from training.evaluation import NextItemRanker, ranking_metrics, validation_loss, validation_users
@@ -126,7 +126,8 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
 
     prepared, _ = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,
-                              cfg.train.async_checkpoints)
+                              cfg.train.async_checkpoints, best_metric=cfg.train.best_metric,
+                              best_mode=cfg.train.best_mode)
     vocab, item_counts, shelf_items = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from)
     model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict())
     sampled = None
@@ -164,7 +165,7 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
     def evaluate(step: int) -> dict[str, float]:
         out = {}
         if "validation" in prepared.sources and len(prepared.sources["validation"]):
-            out[BEST_METRIC] = validation_loss(trainer, state["params"], prepared.sources["validation"], vocab,
+            out["validation_loss"] = validation_loss(trainer, state["params"], prepared.sources["validation"], vocab,
                                                prepared.kind, pipeline_cfg, cfg.train.eval_batches,
                                                jax.process_index(), nproc)
         if ranker:

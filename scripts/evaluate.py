@@ -1,0 +1,111 @@
+"""Evaluates a checkpoint.
+
+    python scripts/evaluate.py --checkpoint RUN [--split test] [--step N] [--out DIR]
+
+Interaction data (next-item): leave-one-out, ranking over all items at the last position, HR@K (= Recall@K),
+NDCG@K for K in 5/10/20/50 and MRR, with already-seen items kept in the ranking and filtered out. The step
+is the best kept checkpoint by the run's validation metric (model selection on validation only).
+Synthetic pages: see --help of the page options; results print as tables and are written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TIGER = {  # ANCHORS.md, TIGER (NeurIPS 2023) Table 1: R@5, N@5, R@10, N@10
+    "Sports_and_Outdoors": {"hr@5": .0264, "ndcg@5": .0181, "hr@10": .0400, "ndcg@10": .0225},
+    "Toys_and_Games": {"hr@5": .0521, "ndcg@5": .0371, "hr@10": .0712, "ndcg@10": .0432},
+}
+
+
+def evaluate_next_item(meta: dict, workdir: str, step: int, split: str, params, max_users: int) -> dict:
+    import jax
+
+    from data.builders import InteractionDataset
+    from model.sharding import make_mesh
+    from model.transformer import TransformerConfig
+    from training.checkpoints import vocabulary_from_json
+    from training.evaluation import NextItemRanker, ranking_metrics, validation_users
+    from training.state import Trainer
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(meta["config"])
+    data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
+    builder = InteractionDataset.for_file(cfg.data.interactions, data_dir, cfg.data.interactions_format)
+    builder.download_and_prepare()
+    users = validation_users(builder.as_data_source()[split], max_users)
+    vocab = vocabulary_from_json(meta["vocab"])
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    trainer = Trainer(TransformerConfig(**meta["model"]), cfg.train, mesh, [tuple(r) for r in cfg.rules])
+    params = jax.device_put(params, trainer.param_shardings)
+    ranker = NextItemRanker(trainer, vocab, cfg.data.seq_len, cfg.eval.batch_size)
+    start = time.time()
+    result = {"users": len(users), "seconds": 0.0}
+    for convention, filter_seen in (("seen kept", False), ("seen filtered", True)):
+        result[convention] = ranking_metrics(ranker.rank(params, users, filter_seen=filter_seen))
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--split", default="test", choices=["validation", "test"])
+    parser.add_argument("--step", type=int, default=None, help="default: best by the run's validation metric")
+    parser.add_argument("--max_users", type=int, default=0, help="0: every user of the split")
+    parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
+    args = parser.parse_args(argv)
+
+    from training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
+    from training.state import count_params
+
+    ckpt_dir = checkpoint_dir(args.checkpoint)
+    workdir = os.path.dirname(ckpt_dir) if ckpt_dir != args.checkpoint else args.checkpoint
+    try:
+        checkpoints = Checkpoints(ckpt_dir, read_only=True)
+        _, meta = checkpoints.read_meta(args.step)
+        train_cfg = meta["config"]["train"]
+        step = args.step or checkpoints.best_step(train_cfg["best_metric"], train_cfg["best_mode"]) \
+            or checkpoints.latest_step()
+        step, meta = checkpoints.read_meta(step)
+        _, params = checkpoints.restore_params(step)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    out_dir = args.out or os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    summary = {"checkpoint": os.path.abspath(ckpt_dir), "step": step, "split": args.split,
+               "parameters": count_params(params), "selected_by": train_cfg["best_metric"]}
+    if meta["kind"] == "sequences":
+        result = evaluate_next_item(meta, workdir, step, args.split, params, args.max_users)
+        summary.update(result)
+        name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
+        print(f"{name}: step {step} (best {train_cfg['best_metric']}), {summary['parameters']:,} parameters, "
+              f"{result['users']:,} users, split {args.split}")
+        print(f"{'':<22}" + "".join(f"{k:>9}" for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
+                                                       "hr@50", "ndcg@50", "mrr")))
+        rows = [(f"homegen ({c})", result[c]) for c in ("seen kept", "seen filtered")]
+        if name in TIGER:
+            rows.append(("TIGER (paper)", TIGER[name]))
+        for label, metrics in rows:
+            print(f"{label:<22}" + "".join(f"{metrics[k]:>9.4f}" if k in metrics else f"{'':>9}"
+                                           for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
+                                                     "hr@50", "ndcg@50", "mrr")))
+    else:
+        from training.page_quality import evaluate_pages
+
+        summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200))
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"wrote {os.path.join(out_dir, 'results.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
