@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         checkpoints = Checkpoints(ckpt_dir, read_only=True)
         _, meta = checkpoints.read_meta(args.step)
         train_cfg = meta["config"]["train"]
-        step = args.step or checkpoints.best_step(train_cfg["best_metric"], train_cfg["best_mode"]) \
+        best_metric = train_cfg.get("best_metric", "validation_loss")
+        step = args.step or checkpoints.best_step(best_metric, train_cfg.get("best_mode", "min")) \
             or checkpoints.latest_step()
         step, meta = checkpoints.read_meta(step)
         _, params = checkpoints.restore_params(step)
@@ -81,12 +82,12 @@ def main(argv=None) -> int:
     out_dir = args.out or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     summary = {"checkpoint": os.path.abspath(ckpt_dir), "step": step, "split": args.split,
-               "parameters": count_params(params), "selected_by": train_cfg["best_metric"]}
+               "parameters": count_params(params), "selected_by": best_metric}
     if meta["kind"] == "sequences":
         result = evaluate_next_item(meta, workdir, step, args.split, params, args.max_users)
         summary.update(result)
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
-        print(f"{name}: step {step} (best {train_cfg['best_metric']}), {summary['parameters']:,} parameters, "
+        print(f"{name}: step {step} (best {best_metric}), {summary['parameters']:,} parameters, "
               f"{result['users']:,} users, split {args.split}")
         print(f"{'':<22}" + "".join(f"{k:>9}" for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
                                                        "hr@50", "ndcg@50", "mrr")))

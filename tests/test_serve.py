@@ -18,6 +18,7 @@ from conftest import ROOT
 from serving.engine import PageEngine
 from serving.http_server import make_server
 from serving.requests import parse_request
+from serving.validity import page_violations
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +27,21 @@ def engine(tiny_checkpoint):
 
 
 def assert_valid(engine, request, response):
-    """Every rule of the page grammar and of the request."""
-    vocab = engine.vocab
-    eligible = engine.eligibility.matrix(request.history)
-    shelves = [s["shelf"] for s in response["page"]]
-    assert 1 <= len(shelves) <= request.num_shelves and len(set(shelves)) == len(shelves)
-    if request.allowed_shelves is not None:
-        assert set(shelves) <= set(request.allowed_shelves)
-    seen = []
+    """Every rule of the page grammar and of the request, and well-formed scores."""
+    assert page_violations(engine, request, response["page"]) == []
     for shelf in response["page"]:
-        items = shelf["items"]
-        assert request.min_items_per_shelf <= len(items) <= request.max_items_per_shelf
-        assert len(shelf["item_scores"]) == len(items) and all(s <= 0 for s in shelf["item_scores"])
-        row = vocab.shelves.index(shelf["shelf"])
-        for item in items:
-            assert eligible[row, vocab.items.encode(item)[0]], (shelf["shelf"], item)
-            assert item not in request.exclude_items
-        seen += items
-    assert len(seen) == len(set(seen))
+        assert len(shelf["item_scores"]) == len(shelf["items"]) and all(s <= 0 for s in shelf["item_scores"])
+
+
+def test_violations_are_detected(engine):
+    request = parse_request({"user_id": "u1", "num_shelves": 2, "min_items_per_shelf": 2, "max_items_per_shelf": 3,
+                             "exclude_items": ["t1"], "allowed_shelves": ["made_for_you", "popular_now"]})
+    page = [{"shelf": "made_for_you", "items": ["t1", "t2"]}, {"shelf": "made_for_you", "items": ["t2"]},
+            {"shelf": "new_releases", "items": ["t3", "t4", "t5", "t6"]}]
+    problems = " | ".join(page_violations(engine, request, page))
+    for expected in ("3 shelves", "repeats", "excluded item t1", "item t2 twice", "has 1 items",
+                     "new_releases not allowed", "has 4 items"):
+        assert expected in problems, problems
 
 
 def request_strategy(engine):

@@ -1,0 +1,156 @@
+"""Page quality on the synthetic world: exact expected engagement under the true response model for
+homegen's pages and the baselines, validity, diversity, coverage and offline log metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from data.builders import SyntheticWorldDataset
+from data.policies import OraclePolicy, popularity_pages
+from data.response import PageBatch, ResponseModel
+from data.world import parse_context
+from serving.engine import PageEngine
+from serving.requests import parse_request
+from serving.validity import page_violations
+
+
+def _world_dir(meta: dict, workdir: str) -> str:
+    data = meta["config"]["data"]
+    builder = SyntheticWorldDataset(config=data["preset"], data_dir=data["data_dir"] or os.path.join(workdir, "tfds"))
+    return builder.world_dir()
+
+
+def _read_jsonl(path: str, limit: int) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for _, line in zip(range(limit), f)]
+
+
+class PageArrays:
+    """Pages as world indices, padded to (num_shelves, max_items)."""
+
+    def __init__(self, engine: PageEngine, num_shelves: int, max_items: int):
+        self.world, self.rules = engine.eligibility.world, engine.eligibility.rules
+        self.num_shelves, self.max_items = num_shelves, max_items
+
+    def convert(self, page: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        shelves = np.full(self.num_shelves, -1, np.int32)
+        items = np.full((self.num_shelves, self.max_items), -1, np.int32)
+        for s, shelf in enumerate(page[:self.num_shelves]):
+            shelves[s] = self.rules.index.get(shelf["shelf"], -1)
+            ids = [self.world.item_index(i) for i in shelf["items"][:self.max_items]]
+            items[s, :len(ids)] = ids
+        return shelves, items
+
+
+def pointwise_page(engine: PageEngine, request, shelves: list[str]) -> list[dict]:
+    """The same model's next-item scores at the first item slot, slotted greedily (best unused eligible
+    item first) into the given shelves."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    vocab = engine.vocab
+    prompt = engine.vocab.encode_prompt(request.context, request.intent, request.history)
+    model = nnx.merge(engine.graphdef, engine.params)
+    eligible = engine.eligibility.matrix(request.history)
+    page, used = [], set()
+    for name in shelves:
+        tokens = jnp.asarray([prompt + [vocab.shelf_token(name)]])
+        hidden, _ = model.hidden(tokens, jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
+        scores = np.asarray(model.logits(hidden[0, -1], jnp.arange(vocab.item_offset, vocab.size)))
+        row = vocab.shelves.index(name)
+        order = [int(k) for k in np.argsort(-scores) if eligible[row, k]]
+        chosen = [vocab.items.item_ids[k] for k in order if vocab.items.item_ids[k] not in used]
+        chosen = [i for i in chosen if i not in request.exclude_items][:request.max_items_per_shelf]
+        used.update(chosen)
+        page.append({"shelf": name, "items": chosen})
+    return page
+
+
+def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
+    """Recall and NDCG of the logged streamed items within the page (items ranked in page order)."""
+    if not streamed:
+        return np.nan, np.nan
+    order = [i for shelf in page for i in shelf["items"]]
+    position = {item: k for k, item in enumerate(order)}
+    hits = [position[i] for i in streamed if i in position]
+    ideal = sum(1.0 / np.log2(k + 2) for k in range(len(streamed)))
+    return len(hits) / len(streamed), sum(1.0 / np.log2(k + 2) for k in hits) / ideal
+
+
+def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int) -> dict:
+    engine = PageEngine(checkpoint, step)
+    if engine.eligibility.kind != "world":
+        raise ValueError("page evaluation needs a checkpoint trained on the synthetic world")
+    world, rules = engine.eligibility.world, engine.eligibility.rules
+    response_model = ResponseModel(world, rules)
+    folder = _world_dir(meta, workdir)
+    requests = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)
+    logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests)
+    cfg = world.config
+    arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
+    parsed = [parse_request(r) for r in requests]
+    beam = engine.generate([parse_request({**r, "beam_size": 4}) for r in requests])
+    sampled = engine.generate([parse_request({**r, "temperature": 1.0, "seed": k}) for k, r in enumerate(requests)])
+    pages = {
+        "homegen beam search": [b["page"] for b in beam],
+        "homegen sampling": [s["page"] for s in sampled],
+        "pointwise (same model)": [pointwise_page(engine, p, [s["shelf"] for s in b["page"]])
+                                   for p, b in zip(parsed, beam)],
+        "logging policy": [log["page"] for log in logged],
+    }
+    users = np.array([world.user_index(r["user_id"]) for r in requests])
+    contexts = [parse_context(world.users, u, r.get("context", {})) for u, r in zip(users, requests)]
+    ctx = contexts[0].__class__(**{f: np.concatenate([getattr(c, f) for c in contexts])
+                                   for f in contexts[0].__dataclass_fields__})
+    history = np.full((len(requests), cfg.history_len), -1, np.int32)
+    for row, r in enumerate(requests):
+        ids = [world.item_index(i) for i in r["history"]][-cfg.history_len:]
+        if ids:
+            history[row, -len(ids):] = ids
+
+    def engagement(page_list) -> np.ndarray:
+        converted = [arrays.convert(p) for p in page_list]
+        batch = PageBatch(users, ctx, history, np.stack([c[0] for c in converted]), np.stack([c[1] for c in converted]))
+        return response_model.expected_engagement(batch)
+
+    values = {name: engagement(p) for name, p in pages.items()}
+    pop_shelves, pop_items = popularity_pages(world, rules, len(requests), cfg.num_shelves, cfg.max_items)
+    values["popularity"] = response_model.expected_engagement(PageBatch(users, ctx, history, pop_shelves, pop_items))
+    oracle = OraclePolicy(response_model)
+    built = [oracle.build_one(int(users[k]), ctx.take(np.array([k])), history[k], cfg.num_shelves, cfg.max_items)
+             for k in range(len(requests))]
+    values["oracle"] = response_model.expected_engagement(
+        PageBatch(users, ctx, history, np.stack([b[0] for b in built]), np.stack([b[1] for b in built])))
+
+    streamed = [[i for shelf in log["page"] for i, s in zip(shelf["items"], shelf.get("streams") or []) if s > 0]
+                for log in logged]
+    oracle_mean = float(values["oracle"].mean())
+    table = {}
+    for name, v in values.items():
+        row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean}
+        if name in pages:
+            plist = pages[name]
+            valid = [not page_violations(engine, p, page) for p, page in zip(parsed, plist)]
+            flat = [[i for s in page for i in s["items"]] for page in plist]
+            c = world.catalog
+            row.update(
+                valid_rate=float(np.mean(valid)),
+                artists_per_page=float(np.mean([len({int(c.artist[world.item_index(i)]) for i in f}) for f in flat])),
+                genres_per_page=float(np.mean([len({int(c.genre[world.item_index(i)]) for i in f}) for f in flat])),
+                catalog_coverage=len({i for f in flat for i in f}) / c.num_items,
+                history_share=float(np.mean([np.mean([i in set(r["history"]) for i in f]) if f else 0
+                                             for f, r in zip(flat, requests)])))
+            if name != "logging policy":
+                logm = np.array([_log_metrics(page, s) for page, s in zip(plist, streamed)], dtype=float)
+                row.update(log_recall=float(np.nanmean(logm[:, 0])), log_ndcg=float(np.nanmean(logm[:, 1])))
+        table[name] = row
+    print(f"page quality on {len(requests)} held-out requests (exact expected streams under the true model)")
+    columns = ["expected_streams", "of_oracle", "valid_rate", "artists_per_page", "genres_per_page",
+               "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
+    print(f"{'':<24}" + "".join(f"{c[:12]:>13}" for c in columns))
+    for name, row in table.items():
+        print(f"{name:<24}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
+    return {"requests": len(requests), "pages": table}
