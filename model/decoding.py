@@ -60,16 +60,29 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha"))
+def _full_forward_logits(model: Transformer, prompts, lengths, generated, step) -> jax.Array:
+    """Logits after generated token `step` by running the whole sequence again (no KV cache)."""
+    rows, p = prompts.shape
+    t = generated.shape[1]
+    tokens = jnp.concatenate([prompts, generated], axis=1)
+    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (rows, p)), lengths[:, None] + jnp.arange(t)], 1)
+    segments = jnp.concatenate([jnp.arange(p)[None] < lengths[:, None], jnp.broadcast_to(jnp.arange(t) <= step, (rows, t))], 1)
+    hidden, _ = model.hidden(tokens, positions, segments.astype(jnp.int32))
+    return model.logits(hidden[:, p + step])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache"))
 def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, *, grammar: PageGrammar,
-                beam_size: int, max_new: int, alpha: float = 0.6) -> Decoded:
-    """Top `beam_size` pages per request by length-normalised constrained log-probability."""
+                beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True) -> Decoded:
+    """Top `beam_size` pages per request by length-normalised constrained log-probability.
+    `use_cache=False` recomputes the whole sequence at every step (the baseline the cache is measured by)."""
     model = nnx.merge(graphdef, params)
     b, k = prompts.shape[0], beam_size
     logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + max_new)
     rows_rules = rules.take(jnp.repeat(jnp.arange(b), k))
+    row_prompts, row_lengths = jnp.repeat(prompts, k, axis=0), jnp.repeat(lengths, k)
     cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
-                    jnp.repeat(cache.segment_ids, k, axis=0), cache.index)
+                    jnp.repeat(cache.segment_ids, k, axis=0), cache.index) if use_cache else None
     state = dict(
         step=jnp.zeros((), jnp.int32), logits=jnp.repeat(logits, k, axis=0), cache=cache,
         fsm=grammar.init(b * k),
@@ -77,7 +90,7 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
         done_tokens=jnp.full((b, k, max_new), PAD, jnp.int32), done_logps=jnp.zeros((b, k, max_new)),
         done_score=jnp.full((b, k), NEG_INF))
-    positions0 = jnp.repeat(lengths, k)
+
 
     def running(s):
         # Stop when no alive beam can still beat the worst finished page (log-probs only fall).
@@ -114,11 +127,14 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         chosen_token = jnp.take_along_axis(top_token, pick, 1).reshape(-1)
         rows = (jnp.arange(b)[:, None] * k + chosen_beam).reshape(-1)
         fsm = grammar.advance(s["fsm"].take(rows), chosen_token)
+        alive_tokens = jnp.take_along_axis(tokens, pick[:, :, None], 1)
         cache = s["cache"]
-        cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.segment_ids[rows], cache.index)
-        logits, cache = decode_step(model, chosen_token, positions0 + step, cache)
-        return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm,
-                    alive_tokens=jnp.take_along_axis(tokens, pick[:, :, None], 1),
+        if use_cache:
+            cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.segment_ids[rows], cache.index)
+            logits, cache = decode_step(model, chosen_token, row_lengths + step, cache)
+        else:
+            logits = _full_forward_logits(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), step)
+        return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm, alive_tokens=alive_tokens,
                     alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1), alive_score=alive_score,
                     done_tokens=done_tokens, done_logps=done_logps, done_score=keep_score)
 

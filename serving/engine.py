@@ -82,7 +82,8 @@ def _bucket(n: int, minimum: int) -> int:
 class PageEngine:
     """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog."""
 
-    def __init__(self, path: str, step: int | None = None):
+    def __init__(self, path: str, step: int | None = None, use_cache: bool = True):
+        self.use_cache = use_cache  # False: recompute every step (only to measure what the cache buys)
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
         self.step, meta = checkpoints.read_meta(step)
         self.vocab = vocabulary_from_json(meta["vocab"])
@@ -163,7 +164,7 @@ class PageEngine:
         tokens, lengths, rules = self._batch(requests)
         if mode == "beam":
             out = beam_search(self.graphdef, self.params, tokens, lengths, rules, grammar=self.grammar,
-                              beam_size=width, max_new=max_new)
+                              beam_size=width, max_new=max_new, use_cache=self.use_cache)
         else:
             repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
             rows = tokens.shape[0]

@@ -128,3 +128,13 @@ def test_top_k_one_is_greedy():
                       jnp.ones((1,), jnp.int32), jnp.ones((1,)), **args) for s in range(3)]
     for out in sampled:
         np.testing.assert_array_equal(out.tokens[0, 0], greedy.tokens[0, 0])
+
+
+def test_beam_search_without_cache_gives_the_same_pages():
+    _, graphdef, params = model_and_params(3)
+    prompts, lengths = jnp.asarray([[1, 4, 3, 0], [1, 3, 4, 2]]), jnp.asarray([3, 4])
+    args = dict(grammar=GRAMMAR, beam_size=3, max_new=GRAMMAR.max_length(2, 2))
+    cached = beam_search(graphdef, params, prompts, lengths, rules(2), **args)
+    uncached = beam_search(graphdef, params, prompts, lengths, rules(2), use_cache=False, **args)
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    np.testing.assert_allclose(cached.scores, uncached.scores, rtol=1e-4)
