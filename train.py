@@ -12,7 +12,6 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID); each process reads its own shard of the data
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

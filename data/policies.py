@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from data.response import ITEM_DECAY, REPEAT_ARTIST, SHELF_DECAY, PageBatch, ResponseModel
-from data.shelves import BASE_SHELVES, SEED_HISTORY, ShelfRules
+from data.shelves import SEED_HISTORY, ShelfRules
 from data.world import GENRES, INTENTS, MOODS, Contexts, World
 
 _POPULARITY_ORDER = ("popular_now", "made_for_you", "new_releases", "discover", "throwback", "workout",

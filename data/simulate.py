@@ -7,6 +7,7 @@ buffers and one chunk, and every line is streamed to disk.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from data.world import EPOCH, Contexts, World, WorldConfig, sample_contexts
 
 LOG_DAYS = 90
 SECONDS_PER_DAY = 86_400
-_EPOCH_SECONDS = int((EPOCH - EPOCH.__class__(1970, 1, 1)).days) * SECONDS_PER_DAY
+_EPOCH_SECONDS = (EPOCH - datetime.date(1970, 1, 1)).days * SECONDS_PER_DAY
 
 
 class HistoryBuffer:

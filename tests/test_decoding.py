@@ -1,9 +1,7 @@
 """Decoding: cached prefill/decode equals a full forward pass; beam search finds the brute-force best
 page on a tiny vocabulary; sampling is reproducible by seed."""
 
-import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import ROOT
 from data.formats import iter_page_logs
-from data.policies import OraclePolicy, SamplingPolicy, policy_engagement
-from data.response import PageBatch, ResponseModel
+from data.policies import OraclePolicy, policy_engagement
+from data.response import PageBatch
 from data.shelves import SHELF_NAMES, ShelfRules
 from data.simulate import Simulator, write_world
 from data.world import World, WorldConfig

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-from collections import Counter
 
 import jax
 import numpy as np

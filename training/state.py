@@ -23,10 +23,6 @@ from training.optimizer import learning_rate_schedule, make_optimizer
 BATCH_KEYS = ("tokens", "weights", "segment_ids", "positions")
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, abstract params (ShapeDtypeStruct pure dict), logical axes pure dict)."""
     model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
