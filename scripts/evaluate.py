@@ -5,7 +5,10 @@
 Interaction data (next-item): leave-one-out, ranking over all items at the last position, HR@K (= Recall@K),
 NDCG@K for K in 5/10/20/50 and MRR, with already-seen items kept in the ranking and filtered out. The step
 is the best kept checkpoint by the run's validation metric (model selection on validation only).
-Synthetic pages: see --help of the page options; results print as tables and are written as JSON.
+Synthetic-world pages: exact expected engagement (as a fraction of the oracle's), validity, diversity,
+coverage and offline log metrics for homegen beam search and sampling, a pointwise baseline, the logging
+policy and a popularity page. Tables print; results.json, metrics.png (bars against the anchors) and
+training.png (curves from the run's TensorBoard files) go to --out.
 """
 
 from __future__ import annotations
@@ -104,8 +107,27 @@ def main(argv=None) -> int:
         summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {os.path.join(out_dir, 'results.json')}")
+    write_plots(summary, meta, workdir, out_dir)
+    print(f"wrote results.json, metrics.png and training.png to {out_dir}")
     return 0
+
+
+def write_plots(summary: dict, meta: dict, workdir: str, out_dir: str) -> None:
+    from training.plots import plot_bars, plot_training_curves
+
+    if meta["kind"] == "sequences":
+        name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
+        groups = {f"homegen ({c})": summary[c] for c in ("seen kept", "seen filtered")}
+        if name in TIGER:
+            groups["TIGER (paper)"] = TIGER[name]
+        plot_bars(groups, ["hr@5", "ndcg@5", "hr@10", "ndcg@10"], f"{name}, {summary['split']} split",
+                  os.path.join(out_dir, "metrics.png"))
+        tags = ("loss", "validation_loss", "validation_hr_10", "validation_ndcg_10")
+    else:
+        plot_bars({"expected streams / oracle": {k: v["of_oracle"] for k, v in summary["pages"].items()}},
+                  list(summary["pages"]), "page quality (fraction of the oracle)", os.path.join(out_dir, "metrics.png"))
+        tags = ("loss", "validation_loss")
+    plot_training_curves(os.path.join(workdir, "tensorboard"), os.path.join(out_dir, "training.png"), tags)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Evaluation: ranking metrics on hand-computed cases, the ranker's conventions, and the page evaluator."""
 
+import json
 import math
+import os
 import subprocess
 import sys
 
@@ -62,9 +64,6 @@ def test_page_evaluator_end_to_end(tiny_checkpoint):
     result = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", tiny_checkpoint,
                              "--max_users", "8"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
-    import os
-
     with open(os.path.join(tiny_checkpoint, "eval", "results.json")) as f:
         out = json.load(f)
     pages = out["pages"]
@@ -73,6 +72,8 @@ def test_page_evaluator_end_to_end(tiny_checkpoint):
         assert pages[name]["valid_rate"] == 1.0
         assert 0 < pages[name]["of_oracle"] < 1.0
     assert "homegen beam search" in result.stdout
+    for png in ("metrics.png", "training.png"):
+        assert os.path.getsize(os.path.join(tiny_checkpoint, "eval", png)) > 5000
 
 
 def test_page_engagement_equals_the_worlds_own(tiny_checkpoint):
