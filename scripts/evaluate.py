@@ -75,8 +75,10 @@ def main(argv=None) -> int:
         _, meta = checkpoints.read_meta(args.step)
         train_cfg = meta["config"]["train"]
         best_metric = train_cfg.get("best_metric", "validation_loss")
-        step = args.step or checkpoints.best_step(best_metric, train_cfg.get("best_mode", "min")) \
-            or checkpoints.latest_step()
+        best = checkpoints.best_step(best_metric, train_cfg.get("best_mode", "min"))
+        step = args.step or best or checkpoints.latest_step()
+        selected = ("--step" if args.step else f"best {best_metric} on validation" if best
+                    else "latest (no validation metric stored)")
         step, meta = checkpoints.read_meta(step)
         _, params = checkpoints.restore_params(step)
     except (CheckpointError, FileNotFoundError) as e:
@@ -85,12 +87,12 @@ def main(argv=None) -> int:
     out_dir = args.out or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     summary = {"checkpoint": os.path.abspath(ckpt_dir), "step": step, "split": args.split,
-               "parameters": count_params(params), "selected_by": best_metric}
+               "parameters": count_params(params), "selected_by": selected}
     if meta["kind"] == "sequences":
         result = evaluate_next_item(meta, workdir, step, args.split, params, args.max_users)
         summary.update(result)
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
-        print(f"{name}: step {step} (best {best_metric}), {summary['parameters']:,} parameters, "
+        print(f"{name}: step {step} ({selected}), {summary['parameters']:,} parameters, "
               f"{result['users']:,} users, split {args.split}")
         print(f"{'':<22}" + "".join(f"{k:>9}" for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
                                                        "hr@50", "ndcg@50", "mrr")))

@@ -189,3 +189,18 @@ def test_nan_stops_with_last_good_checkpoint(data_dir, tmp_path):
     good = int(str(err.value).split("last good checkpoint is step ")[1].split(" ")[0])
     _, params = Checkpoints(str(tmp_path / "checkpoints"), read_only=True).restore_params(good)
     assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(params))
+
+
+def test_keeps_last_and_best_checkpoints(data_dir, tmp_path):
+    """keep_last=1, keep_best=1 by validation loss: the best evaluated step survives beside the latest."""
+    from training.plots import read_scalars
+
+    cfg = tiny_config(data_dir, steps=12, eval_every=2, checkpoint_every=2, keep_last=1, keep_best=1,
+                      learning_rate=0.3, warmup_steps=1)  # a learning rate this high makes later steps worse
+    run(cfg, str(tmp_path))
+    curve = dict(read_scalars(str(tmp_path / "tensorboard"))["validation_loss"])
+    best = min(curve, key=curve.get)
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"), read_only=True)
+    assert set(ckpt.steps()) == {best, 12}
+    assert ckpt.best_step("validation_loss", "min") == best
+    assert ckpt.manager.metrics(best)["validation_loss"] == pytest.approx(curve[best], rel=1e-5)

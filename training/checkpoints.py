@@ -48,13 +48,16 @@ class Checkpoints:
         self.directory = os.path.abspath(directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         worst = float("inf") if best_mode == "min" else -float("inf")
+        metric_of = lambda m: m.get(best_metric, worst)  # noqa: E731
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep_last),
-            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m.get(best_metric, worst), n=keep_best,
-                                          reverse=best_mode == "min", keep_checkpoints_without_metrics=False),
+            ocp.checkpoint_managers.BestN(get_metric_fn=metric_of, n=keep_best, reverse=best_mode == "min",
+                                          keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
-                                               create=not read_only, read_only=read_only)
+        # best_fn is what makes orbax write each step's metrics (which BestN and best_step read).
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=metric_of, best_mode=best_mode,
+                                               enable_async_checkpointing=async_save, create=not read_only,
+                                               read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
