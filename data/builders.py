@@ -92,6 +92,14 @@ def _fingerprint(*paths: str | None) -> str:
     return digest.hexdigest()[:12]
 
 
+def _page_examples(paths: Sequence[str], cuts, split: str) -> Iterator[tuple[str, dict]]:
+    """The page logs of `paths` that fall in `split` (all of them when `cuts` is None), keyed by file:line."""
+    for path in paths:
+        for k, log in enumerate(iter_page_logs(path)):
+            if cuts is None or page_split(log, *cuts) == split:
+                yield f"{os.path.basename(path)}:{k}", page_log_to_example(log)
+
+
 def _time_cuts(paths: Sequence[str], validation_fraction: float, test_fraction: float):
     stamps = np.array([log.timestamp for path in paths for log in iter_page_logs(path)
                        if log.timestamp is not None])
@@ -133,10 +141,7 @@ class PageLogDataset(tfds.core.GeneratorBasedBuilder):
         return {s: self._generate_examples(cfg.page_logs, cuts, s) for s in splits}
 
     def _generate_examples(self, paths, cuts, split) -> Iterator[tuple[str, dict]]:
-        for path in paths:
-            for k, log in enumerate(iter_page_logs(path)):
-                if cuts is None or page_split(log, *cuts) == split:
-                    yield f"{os.path.basename(path)}:{k}", page_log_to_example(log)
+        return _page_examples(paths, cuts, split)
 
 
 WORLD_PRESETS = {
@@ -181,14 +186,12 @@ class SyntheticWorldDataset(tfds.core.GeneratorBasedBuilder):
             write_world(self.world_config(), out, cfg.pages, cfg.requests)
         pages = os.path.join(out, "pages.jsonl")
         cuts = _time_cuts([pages], 0.05, 0.0)
-        return {"train": self._generate_examples(pages, cuts, "train"),
-                "validation": self._generate_examples(pages, cuts, "validation"),
-                "test": self._generate_examples(os.path.join(out, "heldout_pages.jsonl"), None, "test")}
+        return {"train": self._generate_examples([pages], cuts, "train"),
+                "validation": self._generate_examples([pages], cuts, "validation"),
+                "test": self._generate_examples([os.path.join(out, "heldout_pages.jsonl")], None, "test")}
 
-    def _generate_examples(self, path, cuts, split) -> Iterator[tuple[str, dict]]:
-        for k, log in enumerate(iter_page_logs(path)):
-            if cuts is None or page_split(log, *cuts) == split:
-                yield k, page_log_to_example(log)
+    def _generate_examples(self, paths, cuts, split) -> Iterator[tuple[str, dict]]:
+        return _page_examples(paths, cuts, split)
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+RANKING_COLUMNS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "hr@50", "ndcg@50", "mrr")
 TIGER = {  # ANCHORS.md, TIGER (NeurIPS 2023) Table 1: R@5, N@5, R@10, N@10
     "Sports_and_Outdoors": {"hr@5": .0264, "ndcg@5": .0181, "hr@10": .0400, "ndcg@10": .0225},
     "Toys_and_Games": {"hr@5": .0521, "ndcg@5": .0371, "hr@10": .0712, "ndcg@10": .0432},
@@ -94,15 +95,13 @@ def main(argv=None) -> int:
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
         print(f"{name}: step {step} ({selected}), {summary['parameters']:,} parameters, "
               f"{result['users']:,} users, split {args.split}")
-        print(f"{'':<22}" + "".join(f"{k:>9}" for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
-                                                       "hr@50", "ndcg@50", "mrr")))
+        print(f"{'':<22}" + "".join(f"{k:>9}" for k in RANKING_COLUMNS))
         rows = [(f"homegen ({c})", result[c]) for c in ("seen kept", "seen filtered")]
         if name in TIGER:
             rows.append(("TIGER (paper)", TIGER[name]))
         for label, metrics in rows:
             print(f"{label:<22}" + "".join(f"{metrics[k]:>9.4f}" if k in metrics else f"{'':>9}"
-                                           for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
-                                                     "hr@50", "ndcg@50", "mrr")))
+                                           for k in RANKING_COLUMNS))
     else:
         from training.page_quality import evaluate_pages
 

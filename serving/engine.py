@@ -122,8 +122,7 @@ class PageEngine:
     def _prompt(self, request: PageRequest) -> list[int]:
         return self.vocab.encode_prompt(request.context, request.intent, request.history)
 
-    def _batch(self, requests: list[PageRequest]):
-        rules = [self._rules(r) for r in requests]
+    def _batch(self, requests: list[PageRequest], rules: list[dict[str, np.ndarray]]):
         prompts = [self._prompt(r) for r in requests]
         rows = _bucket(len(requests), 1)
         length = _bucket(max(len(p) for p in prompts), 16)
@@ -141,10 +140,11 @@ class PageEngine:
         {"error": reason}. Requests are grouped by decoding mode and page shape, so each group decodes as
         one batch."""
         responses: list[dict | None] = [None] * len(requests)
+        rules: dict[int, dict[str, np.ndarray]] = {}
         groups: dict[tuple, list[int]] = {}
         for k, r in enumerate(requests):
             try:
-                self._rules(r)
+                rules[k] = self._rules(r)
             except RequestError as e:
                 responses[k] = {"error": str(e)}
                 continue
@@ -152,15 +152,16 @@ class PageEngine:
             key = ("beam", r.beam_size, *shape) if r.temperature == 0 else ("sample", r.num_pages, *shape)
             groups.setdefault(key, []).append(k)
         for key, members in groups.items():
-            for k, response in zip(members, self._generate_group(key, [requests[k] for k in members])):
+            group = self._generate_group(key, [requests[k] for k in members], [rules[k] for k in members])
+            for k, response in zip(members, group):
                 responses[k] = response
         return responses
 
-    def _generate_group(self, key: tuple, requests: list[PageRequest]) -> list[dict]:
+    def _generate_group(self, key: tuple, requests: list[PageRequest], request_rules: list[dict]) -> list[dict]:
         start = time.perf_counter()
         mode, width, num_shelves, max_items = key
         max_new = self.grammar.max_length(num_shelves, max_items)
-        tokens, lengths, rules = self._batch(requests)
+        tokens, lengths, rules = self._batch(requests, request_rules)
         if mode == "beam":
             out = beam_search(self.graphdef, self.params, tokens, lengths, rules, grammar=self.grammar,
                               beam_size=width, max_new=max_new, use_cache=self.use_cache)

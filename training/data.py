@@ -40,8 +40,8 @@ def _builder(data_cfg, data_dir: str):
     raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
 
 
-def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> tuple[PreparedData, object]:
-    """Builds (leader) or opens the dataset; returns it with its builder."""
+def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> PreparedData:
+    """Builds (leader) or opens the dataset."""
     if data_cfg.catalog and not os.path.isfile(data_cfg.catalog):
         raise FileNotFoundError(f"catalog file {data_cfg.catalog} does not exist")
     data_dir = data_cfg.data_dir or default_data_dir
@@ -52,7 +52,7 @@ def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> t
     kind = "sequences" if data_cfg.source == "interactions" else "pages"
     world_dir = builder.world_dir() if data_cfg.source == "synthetic" else None
     catalog = data_cfg.catalog or (os.path.join(world_dir, "catalog.jsonl") if world_dir else None)
-    return PreparedData(builder.as_data_source(), kind, catalog, world_dir), builder
+    return PreparedData(builder.as_data_source(), kind, catalog, world_dir)
 
 
 def raw_files(data_cfg, prepared: PreparedData) -> list[str]:

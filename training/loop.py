@@ -103,15 +103,15 @@ def _eligibility(prepared, shelf_items: dict) -> dict:
     return {"kind": "all"}
 
 
-def run(cfg, workdir: str, init_from: str | None = None, stop_after: int | None = None) -> dict:
-    """Trains until cfg.train.steps (or `stop_after` steps in this call); returns the last metrics."""
+def run(cfg, workdir: str, init_from: str | None = None) -> dict:
+    """Trains until cfg.train.steps (resuming from the workdir's latest checkpoint); returns the last metrics."""
     try:
-        return _run(cfg, workdir, init_from, stop_after)
+        return _run(cfg, workdir, init_from)
     except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
         raise TrainingError(str(e)) from e
 
 
-def _run(cfg, workdir, init_from, stop_after) -> dict:
+def _run(cfg, workdir, init_from) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     leader, nproc = jax.process_index() == 0, jax.process_count()
@@ -123,7 +123,7 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
     validate_config(cfg, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
     reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, 0, enabled=leader)
 
-    prepared, _ = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
+    prepared = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,
                               cfg.train.async_checkpoints, best_metric=cfg.train.best_metric,
                               best_mode=cfg.train.best_mode)
@@ -175,7 +175,7 @@ def _run(cfg, workdir, init_from, stop_after) -> dict:
         return out
 
     last_good = checkpoints.latest_step()
-    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    end = cfg.train.steps
     history: list[float] = []
     metrics: dict = {}
     tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
