@@ -121,7 +121,7 @@ def _run(cfg, workdir, init_from) -> dict:
                    [d for d in jax.devices() if d.process_index == p][:cfg.mesh.devices]]
     mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
     validate_config(cfg, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
-    reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, 0, enabled=leader)
+    reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, enabled=leader)
 
     prepared = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,
@@ -179,6 +179,7 @@ def _run(cfg, workdir, init_from) -> dict:
     history: list[float] = []
     metrics: dict = {}
     tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
+    reporter.begin(start)
     for step in range(start + 1, end + 1):
         batch = trainer.global_batch(next(train_iter))
         state, metrics = trainer.train_step(state, batch)

@@ -14,13 +14,17 @@ def _duration(seconds: float) -> str:
 class Reporter:
     """Prints `step/total | loss | tokens/s | ETA` and writes scalars to TensorBoard (leader only)."""
 
-    def __init__(self, logdir: str | None, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, logdir: str | None, total_steps: int, enabled: bool = True):
         self.total, self.enabled = total_steps, enabled
         self.writer = None
         if enabled and logdir:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(logdir)
-        self._time, self._step, self._tokens = time.time(), start_step, 0
+        self.begin(0)
+
+    def begin(self, step: int) -> None:
+        """Rates and ETA count from here (call when training starts or resumes at `step`)."""
+        self._time, self._step, self._tokens = time.time(), step, 0
 
     def add_tokens(self, count: int) -> None:
         self._tokens += count
