@@ -24,6 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_history = 30
     c.data.sentencepiece_vocab = 1000
     c.data.min_context_count = 1
+    c.data.item_tokens = "atomic"  # atomic (one token per item) | semantic (code tuples; interaction data)
+    c.data.semantic_levels = 3  # residual k-means levels, plus one collision code
+    c.data.semantic_codes = 256  # codes per level
+    c.data.semantic_dim = 64  # item embedding size the codes quantise
+    c.data.item_features = ""  # optional {item_id: [attribute ids]} JSON (S3-Rec *_item2attributes.json)
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 128
@@ -70,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.next_item = False  # HR@10 / NDCG@10 over all items on validation users (interaction data)
     c.eval.max_users = 2000
     c.eval.batch_size = 64
+    c.eval.ranking = "auto"  # score (all items at the last position) | beam | auto: score if atomic
+    c.eval.beam_size = 50  # items found by beam ranking (metrics@K need K <= beam_size)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over

@@ -218,6 +218,24 @@ def read_catalog(path: str) -> dict[str, CatalogItem]:
     return catalog
 
 
+def read_item_attributes(path: str) -> dict[str, list[int]]:
+    """Item side features as one JSON object `{item_id: [attribute_id, ...]}` (the S3-Rec
+    `*_item2attributes.json` files: integer-coded category and brand ids)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, e.lineno, f"not valid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise DataFormatError(path, 1, "expected one JSON object {item_id: [attribute ids]}")
+    out = {}
+    for item, attrs in data.items():
+        if not isinstance(attrs, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in attrs):
+            raise DataFormatError(path, 1, f"item {item!r}: attributes must be a list of integers, got {attrs!r}")
+        out[str(item)] = attrs
+    return out
+
+
 def parse_context(value, path: str, line: int) -> tuple[dict[str, str], str | None]:
     """Categorical context fields as strings, and the free-text intent."""
     if value is None:

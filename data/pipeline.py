@@ -35,13 +35,19 @@ def sequence_to_page_log(user: UserSequence, max_items: int) -> PageLog:
     return PageLog(user_id=user.user_id, page=[Shelf(NEXT_ITEM_SHELF, user.items[-max_items:])])
 
 
+def sequence_capacity(vocab: Vocabulary, seq_len: int) -> int:
+    """How many items of a next-item sequence fit a training row of `seq_len` (+1 shifted) tokens:
+    BOS SEP SEP PAGE SHELF items... EOS."""
+    return (seq_len - 4) // vocab.items.tokens_per_item
+
+
 def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[dict], Encoded]:
     """Stored record -> Encoded tokens, for `kind` in {'pages', 'sequences'}."""
     if kind == "pages":
         return lambda example: vocab.encode(example_to_page_log(example), config.stream_weight)
     if kind == "sequences":
-        # BOS SEP SEP PAGE SHELF items... EOS: leave room for the 5 structural tokens.
-        return lambda example: vocab.encode(sequence_to_page_log(example_to_sequence(example), config.seq_len - 4))
+        capacity = sequence_capacity(vocab, config.seq_len)
+        return lambda example: vocab.encode(sequence_to_page_log(example_to_sequence(example), capacity))
     raise ValueError(f"unknown record kind {kind!r}")
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from data.formats import CatalogItem, PageLog, Shelf, UserSequence
+from data.semantic_ids import SemanticItems
 from data.text import load_sentencepiece, train_sentencepiece
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<page>", "<sep>")
@@ -30,13 +31,19 @@ UNKNOWN_VALUE = "<unk>"
 
 
 class ItemTokenizer(Protocol):
-    """Maps item ids to short tuples of local codes in [0, num_tokens) and back."""
+    """Maps item ids to short tuples of local tokens in [0, num_tokens) and back. Level l of a tuple
+    holds token `level_offsets[l] + code`, with code < level_sizes[l]."""
 
+    item_ids: list[str]
+    index: dict[str, int]  # item id -> row of item_ids
     tokens_per_item: int
     num_tokens: int
+    level_sizes: list[int]
+    level_offsets: list[int]
 
     def encode(self, item_id: str) -> tuple[int, ...] | None: ...
     def decode(self, codes: Sequence[int]) -> str | None: ...
+    def code_table(self) -> np.ndarray: ...  # (items, tokens_per_item) codes, without level offsets
     def to_json(self) -> dict: ...
 
 
@@ -51,6 +58,7 @@ class AtomicItems:
         if len(self.index) != len(self.item_ids):
             raise ValueError("duplicate item ids")
         self.num_tokens = len(self.item_ids)
+        self.level_sizes, self.level_offsets = [self.num_tokens], [0]
 
     def encode(self, item_id: str) -> tuple[int, ...] | None:
         k = self.index.get(item_id)
@@ -59,14 +67,19 @@ class AtomicItems:
     def decode(self, codes: Sequence[int]) -> str | None:
         return self.item_ids[codes[0]] if len(codes) == 1 and 0 <= codes[0] < self.num_tokens else None
 
+    def code_table(self) -> np.ndarray:
+        return np.arange(self.num_tokens, dtype=np.int32)[:, None]
+
     def to_json(self) -> dict:
         return {"kind": "atomic", "item_ids": self.item_ids}
 
 
 def item_tokenizer_from_json(data: dict) -> ItemTokenizer:
-    if data.get("kind") != "atomic":
-        raise ValueError(f"unknown item tokenizer kind {data.get('kind')!r}")
-    return AtomicItems(data["item_ids"])
+    if data.get("kind") == "atomic":
+        return AtomicItems(data["item_ids"])
+    if data.get("kind") == "semantic":
+        return SemanticItems(data["item_ids"], np.asarray(data["codes"], np.int32))
+    raise ValueError(f"unknown item tokenizer kind {data.get('kind')!r}")
 
 
 @dataclasses.dataclass
@@ -244,9 +257,11 @@ class VocabularyBuilder:
         for item in user.items:
             self.items.setdefault(item)
 
-    def build(self, max_history: int = 50, sentencepiece_vocab: int = 1000) -> Vocabulary:
+    def build(self, max_history: int = 50, sentencepiece_vocab: int = 1000,
+              items: ItemTokenizer | None = None) -> Vocabulary:
+        """The vocabulary; `items` replaces the default atomic tokenizer over every item seen."""
         fields = sorted({token.split("=", 1)[0] for token in self.context})
         context = sorted(t for t, n in self.context.items() if n >= self.min_context_count)
         context += [f"{field}={UNKNOWN_VALUE}" for field in fields]
         model = train_sentencepiece(self.text, sentencepiece_vocab)
-        return Vocabulary(context, list(self.shelves), AtomicItems(list(self.items)), model, max_history)
+        return Vocabulary(context, list(self.shelves), items or AtomicItems(list(self.items)), model, max_history)

@@ -186,3 +186,38 @@ def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, s
         tokens=jnp.full((b, max_new), PAD, jnp.int32), logps=jnp.zeros((b, max_new))))
     valid = s["fsm"].done
     return Decoded(s["tokens"][:, None], s["logps"][:, None], s["logps"].sum(-1)[:, None], valid[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "level_starts", "level_sizes", "beam_size"))
+def item_beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, children, excluded, *,
+                     level_starts: tuple[int, ...], level_sizes: tuple[int, ...], beam_size: int):
+    """The `beam_size` most likely next items per prompt, decoding one code per level along the trie of
+    valid code tuples (`children`, see `data.semantic_ids.item_trie`); code c of level l is token
+    `level_starts[l] + c`. Log-probabilities are renormalised over the codes the trie allows, and items
+    marked in `excluded` (B, num_items) are never completed. Returns item indices (B, beam_size), best
+    first (-1 in slots no item reached), and their log-probabilities."""
+    model = nnx.merge(graphdef, params)
+    b, k, levels = prompts.shape[0], beam_size, len(level_sizes)
+    logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + levels)
+    logits = jnp.repeat(logits, k, axis=0)
+    cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
+                    jnp.repeat(cache.segment_ids, k, axis=0), cache.index)
+    request = jnp.arange(b * k) // k
+    node = jnp.zeros(b * k, jnp.int32)
+    score = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))
+    for level, (start, size) in enumerate(zip(level_starts, level_sizes)):
+        child = children[node, :size]
+        allowed = child >= 0
+        if level == levels - 1:
+            allowed &= ~excluded[request[:, None], jnp.maximum(child, 0)]
+        logp = jnp.where(allowed, constrained_logp(logits[:, start:start + size], allowed), NEG_INF)
+        candidates = (score[:, :, None] + logp.reshape(b, k, size)).reshape(b, k * size)
+        score, index = jax.lax.top_k(candidates, k)
+        rows = (jnp.arange(b)[:, None] * k + index // size).reshape(-1)
+        code = (index % size).reshape(-1)
+        node = child[rows, code]
+        if level < levels - 1:
+            cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.segment_ids[rows], cache.index)
+            logits, cache = decode_step(model, start + code, lengths[request] + level, cache)
+    found = score > NEG_INF / 2
+    return jnp.where(found, node.reshape(b, k), -1), jnp.where(found, score, NEG_INF)

@@ -28,16 +28,18 @@ TIGER = {  # ANCHORS.md, TIGER (NeurIPS 2023) Table 1: R@5, N@5, R@10, N@10
 }
 
 
-def evaluate_next_item(meta: dict, workdir: str, step: int, split: str, params, max_users: int) -> dict:
+def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: int, ranking: str) -> dict:
+    """Ranking metrics of the split's users, for each ranking method and both seen-item conventions:
+    {"users", "seconds", "rankings": {"<method>, seen kept|filtered": metrics}}."""
     import jax
+    import ml_collections
 
     from data.builders import InteractionDataset
     from model.sharding import make_mesh
     from model.transformer import TransformerConfig
     from training.checkpoints import vocabulary_from_json
-    from training.evaluation import NextItemRanker, ranking_metrics, validation_users
+    from training.evaluation import make_ranker, ranking_metrics, validation_users
     from training.state import Trainer
-    import ml_collections
 
     cfg = ml_collections.ConfigDict(meta["config"])
     data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
@@ -48,13 +50,27 @@ def evaluate_next_item(meta: dict, workdir: str, step: int, split: str, params, 
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     trainer = Trainer(TransformerConfig(**meta["model"]), cfg.train, mesh, [tuple(r) for r in cfg.rules])
     params = jax.device_put(params, trainer.param_shardings)
-    ranker = NextItemRanker(trainer, vocab, cfg.data.seq_len, cfg.eval.batch_size)
-    start = time.time()
-    result = {"users": len(users), "seconds": 0.0}
-    for convention, filter_seen in (("seen kept", False), ("seen filtered", True)):
-        result[convention] = ranking_metrics(ranker.rank(params, users, filter_seen=filter_seen))
-    result["seconds"] = round(time.time() - start, 1)
+    methods = ["score", "beam"] if ranking == "all" else [ranking]
+    if vocab.items.tokens_per_item > 1:
+        methods = ["beam"]  # semantic IDs are ranked by beam search only
+    result = {"users": len(users), "seconds": {}, "rankings": {}}
+    for method in methods:
+        ranker = make_ranker(trainer, vocab, cfg, method)
+        start = time.time()
+        for convention, filter_seen in (("seen kept", False), ("seen filtered", True)):
+            ranks = ranker.rank(params, users, filter_seen=filter_seen)
+            result["rankings"][f"{method}, {convention}"] = ranking_metrics(ranks)
+        result["seconds"][method] = round(time.time() - start, 1)
     return result
+
+
+def print_ranking_table(name: str, result: dict) -> None:
+    print(f"{'':<30}" + "".join(f"{k:>9}" for k in RANKING_COLUMNS))
+    rows = [(f"homegen ({label})", metrics) for label, metrics in result["rankings"].items()]
+    if name in TIGER:
+        rows.append(("TIGER (paper)", TIGER[name]))
+    for label, metrics in rows:
+        print(f"{label:<30}" + "".join(f"{metrics[k]:>9.4f}" if k in metrics else f"{'':>9}" for k in RANKING_COLUMNS))
 
 
 def main(argv=None) -> int:
@@ -63,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", choices=["validation", "test"])
     parser.add_argument("--step", type=int, default=None, help="default: best by the run's validation metric")
     parser.add_argument("--max_users", type=int, default=0, help="0: every user of the split")
+    parser.add_argument("--ranking", default="all", choices=["all", "score", "beam"],
+                        help="next-item ranking: by scoring all items, by beam search, or both (semantic IDs: beam)")
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
     args = parser.parse_args(argv)
 
@@ -87,22 +105,22 @@ def main(argv=None) -> int:
         return 2
     out_dir = args.out or os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    progress = meta.get("progress", {})
     summary = {"checkpoint": os.path.abspath(ckpt_dir), "step": step, "split": args.split,
-               "parameters": count_params(params), "selected_by": selected}
+               "parameters": count_params(params), "selected_by": selected,
+               "item_tokens": meta["config"]["data"].get("item_tokens", "atomic"),
+               "epochs": progress.get("epochs"), "training_seconds": progress.get("seconds")}
+    trained = (f", {summary['epochs']:.1f} epochs, {summary['training_seconds'] / 60:.1f} min of training"
+               if progress else "")
     if meta["kind"] == "sequences":
-        result = evaluate_next_item(meta, workdir, step, args.split, params, args.max_users)
+        result = evaluate_next_item(meta, workdir, args.split, params, args.max_users, args.ranking)
         summary.update(result)
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
-        print(f"{name}: step {step} ({selected}), {summary['parameters']:,} parameters, "
-              f"{result['users']:,} users, split {args.split}")
-        print(f"{'':<22}" + "".join(f"{k:>9}" for k in RANKING_COLUMNS))
-        rows = [(f"homegen ({c})", result[c]) for c in ("seen kept", "seen filtered")]
-        if name in TIGER:
-            rows.append(("TIGER (paper)", TIGER[name]))
-        for label, metrics in rows:
-            print(f"{label:<22}" + "".join(f"{metrics[k]:>9.4f}" if k in metrics else f"{'':>9}"
-                                           for k in RANKING_COLUMNS))
+        print(f"{name}: step {step} ({selected}), {summary['item_tokens']} item tokens, "
+              f"{summary['parameters']:,} parameters{trained}; {result['users']:,} users, split {args.split}")
+        print_ranking_table(name, result)
     else:
+        print(f"step {step} ({selected}), {summary['parameters']:,} parameters{trained}")
         from training.page_quality import evaluate_pages
 
         summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200))
@@ -118,7 +136,7 @@ def write_plots(summary: dict, meta: dict, workdir: str, out_dir: str) -> None:
 
     if meta["kind"] == "sequences":
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
-        groups = {f"homegen ({c})": summary[c] for c in ("seen kept", "seen filtered")}
+        groups = {f"homegen ({label})": metrics for label, metrics in summary["rankings"].items()}
         if name in TIGER:
             groups["TIGER (paper)"] = TIGER[name]
         plot_bars(groups, ["hr@5", "ndcg@5", "hr@10", "ndcg@10"], f"{name}, {summary['split']} split",

@@ -10,7 +10,8 @@ import os
 from collections import Counter
 
 from data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
-from data.formats import iter_page_logs, read_catalog, read_interactions
+from data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
+from data.semantic_ids import SemanticItems, build_semantic_items
 from data.vocab import Vocabulary, VocabularyBuilder
 
 SOURCES = ("synthetic", "page_logs", "interactions")
@@ -71,16 +72,26 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     shelf_items: dict[str, dict[str, None]] = {}
     if prepared.catalog_path:
         builder.add_catalog(read_catalog(prepared.catalog_path).values())
+    train_sequences: list[list[str]] = []  # without the validation and test items
     for path in raw_files(data_cfg, prepared):
         if prepared.kind == "sequences":
             for user in read_interactions(path, data_cfg.interactions_format):
                 builder.add_sequence(user)
                 counts.update(user.items[:-2])
+                train_sequences.append(user.items[:-2])
         else:
             for log in iter_page_logs(path):
                 builder.add_page(log)
                 for shelf in log.page:
                     counts.update(shelf.items)
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
-    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab)
+    items = semantic_items(data_cfg, list(builder.items), train_sequences) if data_cfg.item_tokens == "semantic" else None
+    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items)
     return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
+
+
+def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]]) -> SemanticItems:
+    """Semantic IDs learned from the training part of the sequences and the optional item features."""
+    attributes = read_item_attributes(data_cfg.item_features) if data_cfg.item_features else None
+    return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
+                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim)

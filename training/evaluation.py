@@ -9,8 +9,10 @@ from flax import nnx
 
 from data.builders import example_to_sequence
 from data.formats import UserSequence
-from data.pipeline import PipelineConfig, make_dataset, sequence_to_page_log
+from data.pipeline import PipelineConfig, make_dataset, sequence_capacity, sequence_to_page_log
+from data.semantic_ids import item_trie
 from data.vocab import EOS, Vocabulary
+from model.decoding import item_beam_search
 from model.sharding import use_mesh
 
 
@@ -29,7 +31,8 @@ def validation_loss(trainer, params, source, vocab: Vocabulary, kind: str, pipel
 
 
 def ranking_metrics(ranks: np.ndarray, ks=(5, 10, 20, 50)) -> dict[str, float]:
-    """HR@K (= Recall@K with one target), NDCG@K and MRR from 0-based ranks of the targets."""
+    """HR@K (= Recall@K with one target), NDCG@K and MRR from 0-based ranks of the targets (infinity for
+    a target that was not ranked at all)."""
     ranks = np.asarray(ranks, np.float64)
     out = {}
     for k in ks:
@@ -40,52 +43,79 @@ def ranking_metrics(ranks: np.ndarray, ks=(5, 10, 20, 50)) -> dict[str, float]:
     return out
 
 
+RANKING_METHODS = ("score", "beam")
+
+
 class NextItemRanker:
-    """Scores every item at the last position of `BOS SEP SEP PAGE SHELF(next) history...` and returns
-    the rank of each target (0 = best; ties count against the target)."""
+    """Ranks each user's last item given the rest of the sequence, from the model's prediction after
+    `BOS SEP SEP PAGE SHELF(next) history...`, in one of two ways:
 
-    def __init__(self, trainer, vocab: Vocabulary, seq_len: int, batch_size: int):
+    - `score`: every item's logit at the last position, the target's 0-based rank among all items (ties
+      count against it). Only for atomic item tokens (one token per item).
+    - `beam`: beam search of `beam_size` items along the trie of item code tuples, the path semantic IDs
+      take (TIGER); the target's rank is its place in the beam, infinity when the beam missed it.
+    """
+
+    def __init__(self, trainer, vocab: Vocabulary, seq_len: int, batch_size: int, method: str = "score",
+                 beam_size: int = 50):
+        if method not in RANKING_METHODS:
+            raise ValueError(f"ranking method must be one of {RANKING_METHODS}, got {method!r}")
+        if method == "score" and vocab.items.tokens_per_item != 1:
+            raise ValueError("ranking by scoring all items needs atomic item tokens; use method='beam'")
         self.trainer, self.vocab, self.seq_len, self.batch_size = trainer, vocab, seq_len, batch_size
-        first, count = vocab.item_offset, vocab.items.num_tokens
+        self.method, self.beam_size = method, beam_size
+        self.history_items = sequence_capacity(vocab, seq_len) - 1
         graphdef = trainer.graphdef
+        items = vocab.items
+        if method == "beam":
+            children = jnp.asarray(item_trie(items.code_table()))
+            starts = tuple(vocab.item_offset + o for o in items.level_offsets)
 
-        def ranks(params, tokens, lengths, targets, seen):
-            model = nnx.merge(graphdef, params)
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-            segments = (positions < lengths[:, None]).astype(jnp.int32)
-            hidden, _ = model.hidden(tokens, positions, segments)
-            last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            scores = model.logits(last, jnp.arange(first, first + count))
-            scores = jnp.where(seen, -jnp.inf, scores)
-            target_score = jnp.take_along_axis(scores, targets[:, None], axis=1)
-            return jnp.sum(scores >= target_score, axis=1) - 1
+            def ranks(params, tokens, lengths, targets, seen):
+                found, _ = item_beam_search(graphdef, params, tokens, lengths, children, seen, level_starts=starts,
+                                            level_sizes=tuple(items.level_sizes), beam_size=beam_size)
+                hit = found == targets[:, None]
+                return jnp.where(jnp.any(hit, axis=1), jnp.argmax(hit, axis=1).astype(jnp.float32), jnp.inf)
+        else:
+            first, count = vocab.item_offset, items.num_tokens
+
+            def ranks(params, tokens, lengths, targets, seen):
+                model = nnx.merge(graphdef, params)
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                segments = (positions < lengths[:, None]).astype(jnp.int32)
+                hidden, _ = model.hidden(tokens, positions, segments)
+                last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+                scores = model.logits(last, jnp.arange(first, first + count))
+                scores = jnp.where(seen, -jnp.inf, scores)
+                target_score = jnp.take_along_axis(scores, targets[:, None], axis=1)
+                return (jnp.sum(scores >= target_score, axis=1) - 1).astype(jnp.float32)
 
         self._ranks = jax.jit(ranks, out_shardings=trainer.replicated)
 
     def encode(self, user: UserSequence) -> tuple[list[int], int]:
+        """The prompt (the user's items but the last, newest `history_items` of them) and the index of
+        the last item (-1 when it is not in the vocabulary)."""
         history = UserSequence(user.user_id, user.items[:-1])
-        tokens = self.vocab.encode(sequence_to_page_log(history, self.seq_len - 5)).tokens.tolist()
+        tokens = self.vocab.encode(sequence_to_page_log(history, self.history_items)).tokens.tolist()
         assert tokens[-1] == EOS
-        target = self.vocab.items.encode(user.items[-1])
-        return tokens[:-1], -1 if target is None else target[0]
+        return tokens[:-1], self.vocab.items.index.get(user.items[-1], -1)
 
     def rank(self, params, users: list[UserSequence], filter_seen: bool = False) -> np.ndarray:
-        """0-based ranks of each user's last item given the rest; `filter_seen` removes history items
-        (other than the target) from the ranking."""
+        """0-based ranks of each user's last item given the rest (infinity: not found by beam search);
+        `filter_seen` removes the history's items (other than the target) from the ranking."""
         out = []
-        n_items = self.vocab.items.num_tokens
+        index = self.vocab.items.index
         for start in range(0, len(users), self.batch_size):
             chunk = users[start:start + self.batch_size]
             tokens = np.zeros((self.batch_size, self.seq_len), np.int32)
             lengths = np.ones(self.batch_size, np.int32)
             targets = np.zeros(self.batch_size, np.int32)
-            seen = np.zeros((self.batch_size, n_items), bool)
+            seen = np.zeros((self.batch_size, len(self.vocab.items.item_ids)), bool)
             for row, user in enumerate(chunk):
                 seq, targets[row] = self.encode(user)
                 tokens[row, :len(seq)], lengths[row] = seq, len(seq)
                 if filter_seen:
-                    codes = [self.vocab.items.encode(i) for i in user.items[:-1]]
-                    seen[row, [c[0] for c in codes if c is not None]] = True
+                    seen[row, [index[i] for i in user.items[:-1] if i in index]] = True
                     seen[row, targets[row]] = False
             arrays = [self._global(a) for a in (tokens, lengths, targets, seen)]
             with use_mesh(self.trainer.mesh, self.trainer.rules):
@@ -98,6 +128,15 @@ class NextItemRanker:
         spec = jax.sharding.PartitionSpec(self.trainer.batch_sharding.spec[0])
         sharding = jax.sharding.NamedSharding(self.trainer.mesh, spec)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def make_ranker(trainer, vocab: Vocabulary, cfg, method: str | None = None) -> NextItemRanker:
+    """The ranker a run's config asks for (`eval.ranking`, `auto`: by scoring for atomic item tokens,
+    by beam search for semantic IDs), or `method` when given."""
+    method = method or cfg.eval.ranking
+    if method == "auto":
+        method = "score" if vocab.items.tokens_per_item == 1 else "beam"
+    return NextItemRanker(trainer, vocab, cfg.data.seq_len, cfg.eval.batch_size, method, cfg.eval.beam_size)
 
 
 def validation_users(source, max_users: int) -> list[UserSequence]:

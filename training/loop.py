@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from model.transformer import TransformerConfig
 from training.checkpoints import (CheckpointError, Checkpoints, checkpoint_dir,
                                   vocabulary_from_json, vocabulary_to_json)
 from training.data import prepare_data, build_vocabulary
-from training.evaluation import NextItemRanker, ranking_metrics, validation_loss, validation_users
+from training.evaluation import RANKING_METHODS, make_ranker, ranking_metrics, validation_loss, validation_users
 from training.reporting import Reporter
 from training.state import Trainer, count_params
 
@@ -46,10 +47,24 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
                          f"({batch_axis}) x train.grad_accum ({t.grad_accum})")
     if cfg.loss.kind not in ("full", "sampled"):
         raise ValueError(f"loss.kind must be 'full' or 'sampled', got {cfg.loss.kind!r}")
+    if cfg.data.item_tokens not in ("atomic", "semantic"):
+        raise ValueError(f"data.item_tokens must be 'atomic' or 'semantic', got {cfg.data.item_tokens!r}")
+    if cfg.data.item_tokens == "semantic" and cfg.data.source != "interactions":
+        raise ValueError("data.item_tokens='semantic' works with data.source='interactions' only: the page "
+                         "grammar does not yet constrain multi-token items")
+    if cfg.data.item_tokens == "semantic" and cfg.loss.kind != "full":
+        raise ValueError("data.item_tokens='semantic' needs loss.kind='full' (its vocabulary is small)")
+    if cfg.eval.ranking not in ("auto",) + RANKING_METHODS:
+        raise ValueError(f"eval.ranking must be one of auto, {', '.join(RANKING_METHODS)}; got {cfg.eval.ranking!r}")
     if cfg.data.seq_len < 16:
         raise ValueError("data.seq_len must be >= 16")
     if cfg.model.num_heads % cfg.mesh.tensor and cfg.mesh.tensor > 0:
         raise ValueError(f"model.num_heads={cfg.model.num_heads} must divide over mesh.tensor={cfg.mesh.tensor}")
+
+
+def examples_in(batch: dict) -> int:
+    """Training examples in a batch of rows (packed rows number their examples 1, 2, ... by segment)."""
+    return int(batch["segment_ids"].max(axis=1).sum())
 
 
 def _barrier(name: str) -> None:
@@ -139,8 +154,10 @@ def _run(cfg, workdir, init_from) -> dict:
     train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
                                    jax.process_index(), nproc))
     start = checkpoints.latest_step()
+    progress = {"examples": 0, "seconds": 0.0}  # training examples read and wall time, across resumes
     if start is not None:
         start, state = checkpoints.restore(start, trainer.abstract_state(), train_iter)
+        progress.update(checkpoints.read_meta(start)[1].get("progress", {}))
         reporter.message(f"resumed from step {start} in {checkpoints.directory}")
     elif init_from:
         source = Checkpoints(checkpoint_dir(init_from), read_only=True)
@@ -157,8 +174,7 @@ def _run(cfg, workdir, init_from) -> dict:
             "vocab": vocabulary_to_json(vocab), "kind": prepared.kind,
             "catalog": _catalog_for_checkpoint(prepared.catalog_path),
             "eligibility": _eligibility(prepared, shelf_items)}
-    ranker = (NextItemRanker(trainer, vocab, cfg.data.seq_len, cfg.eval.batch_size)
-              if cfg.eval.next_item and prepared.kind == "sequences" else None)
+    ranker = (make_ranker(trainer, vocab, cfg) if cfg.eval.next_item and prepared.kind == "sequences" else None)
     eval_users = validation_users(prepared.sources["validation"], cfg.eval.max_users) if ranker else None
 
     def evaluate(step: int) -> dict[str, float]:
@@ -180,9 +196,11 @@ def _run(cfg, workdir, init_from) -> dict:
     metrics: dict = {}
     tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
     reporter.begin(start)
+    train_size, resumed_at, seconds_before = len(prepared.sources["train"]), time.time(), progress["seconds"]
     for step in range(start + 1, end + 1):
-        batch = trainer.global_batch(next(train_iter))
-        state, metrics = trainer.train_step(state, batch)
+        local = next(train_iter)
+        progress["examples"] += examples_in(local) * nproc
+        state, metrics = trainer.train_step(state, trainer.global_batch(local))
         reporter.add_tokens(tokens_per_batch)
         at_log = step % cfg.train.log_every == 0 or step == end
         at_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
@@ -201,7 +219,9 @@ def _run(cfg, workdir, init_from) -> dict:
             eval_metrics = evaluate(step) if at_eval else {}
             metrics = {**host, **eval_metrics}
             if at_save:
-                checkpoints.save(step, state, train_iter, meta, eval_metrics or None)
+                progress.update(seconds=seconds_before + time.time() - resumed_at,
+                                epochs=progress["examples"] / max(train_size, 1))
+                checkpoints.save(step, state, train_iter, {**meta, "progress": progress}, eval_metrics or None)
                 last_good = step
     checkpoints.wait()
     checkpoints.close()

@@ -1,0 +1,135 @@
+"""Semantic item IDs: residual k-means codes, the tokenizer, the trie, and trie-constrained beam search
+against brute-force enumeration."""
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.semantic_ids import (SemanticItems, build_semantic_items, cooccurrence_features, item_trie, kmeans,
+                               residual_codes)
+from data.vocab import AtomicItems, item_tokenizer_from_json
+from model.decoding import constrained_logp, item_beam_search
+from model.transformer import Transformer, TransformerConfig
+
+
+def test_kmeans_separates_clear_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.array([[5.0, 0], [-5, 0], [0, 5]])
+    x = np.concatenate([c + 0.1 * rng.standard_normal((40, 2)) for c in centers]).astype(np.float32)
+    _, assign = kmeans(x, 3)
+    groups = assign.reshape(3, 40)
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 3
+
+
+def test_residual_codes_are_unique_tuples_with_collision_numbers():
+    rng = np.random.default_rng(1)
+    emb = np.repeat(rng.standard_normal((5, 8)), 4, axis=0).astype(np.float32)  # 5 groups of 4 identical items
+    codes = residual_codes(emb, levels=2, codes=8)
+    assert codes.shape == (20, 3)
+    assert len({tuple(r) for r in codes}) == 20
+    # Identical items share the quantised prefix and are told apart by the collision code 0..3.
+    for g in range(5):
+        block = codes[4 * g:4 * g + 4]
+        assert len({tuple(r) for r in block[:, :2]}) == 1
+        assert sorted(block[:, 2]) == [0, 1, 2, 3]
+
+
+def test_cooccurring_items_share_first_code():
+    # Two communities of items that never co-occur: the first level must split them.
+    a, b = [f"a{i}" for i in range(20)], [f"b{i}" for i in range(20)]
+    rng = np.random.default_rng(2)
+    sequences = [list(rng.choice(group, 8, replace=False)) for group in (a, b) for _ in range(200)]
+    items = build_semantic_items(a + b, sequences, levels=2, codes=2, dim=8)
+    first = items.code_table()[:, 0]
+    assert len(set(first[:20])) == 1 and len(set(first[20:])) == 1 and first[0] != first[20]
+
+
+def test_cooccurrence_pmi_is_symmetric_and_windowed():
+    pmi = cooccurrence_features([[0, 1, 2, 3]], 5, window=1).toarray()
+    np.testing.assert_allclose(pmi, pmi.T)
+    assert pmi[0, 2] == 0 and pmi[4].sum() == 0 and pmi[0, 1] > 0
+
+
+def test_semantic_tokenizer_round_trip_and_json():
+    codes = np.array([[0, 1, 0], [0, 1, 1], [2, 0, 0]])
+    items = SemanticItems(["x", "y", "z"], codes)
+    assert items.level_sizes == [3, 2, 2] and items.level_offsets == [0, 3, 5] and items.num_tokens == 7
+    assert items.encode("y") == (0, 4, 6) and items.decode((0, 4, 6)) == "y"
+    assert items.encode("nope") is None and items.decode((0, 4, 5)) == "x" and items.decode((2, 3, 6)) is None
+    again = item_tokenizer_from_json(items.to_json())
+    assert [again.encode(i) for i in "xyz"] == [items.encode(i) for i in "xyz"]
+    with pytest.raises(ValueError, match="share a code tuple"):
+        SemanticItems(["x", "y"], np.array([[0, 1], [0, 1]]))
+
+
+def walk(children, codes):
+    """The item a code tuple reaches in the trie, or -1."""
+    node = 0
+    for c in codes:
+        if node < 0 or c >= children.shape[1]:
+            return -1
+        node = int(children[node, c])
+    return node
+
+
+def test_trie_walks_to_every_item_and_nowhere_else():
+    codes = np.array([[0, 1, 0], [0, 1, 1], [2, 0, 0], [1, 1, 0]])
+    children = item_trie(codes)
+    for combo in itertools.product(range(3), repeat=3):
+        matches = [k for k, row in enumerate(codes) if tuple(row) == combo]
+        assert walk(children, combo) == (matches[0] if matches else -1)
+    # Atomic items: a single-level trie whose root leads straight to each item.
+    np.testing.assert_array_equal(item_trie(AtomicItems(["a", "b", "c"]).code_table()), [[0, 1, 2]])
+
+
+def brute_force_item_logps(model, prompt, codes, starts):
+    """Log-probability of each item's code tuple, renormalised at every level over the trie's children,
+    from one full forward pass over every item's complete sequence."""
+    n, levels = codes.shape
+    tokens = jnp.asarray([list(prompt) + [starts[l] + int(c) for l, c in enumerate(row)] for row in codes])
+    hidden, _ = model.hidden(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), jnp.ones_like(tokens))
+    logits = np.asarray(model.logits(hidden))
+    out = np.zeros(n)
+    for item, row in enumerate(codes):
+        for level, c in enumerate(row):
+            size = int(codes[:, level].max()) + 1
+            allowed = {r[level] for r in codes if tuple(r[:level]) == tuple(row[:level])}
+            mask = jnp.asarray([k in allowed for k in range(size)])
+            level_logits = logits[item, len(prompt) - 1 + level, starts[level]:starts[level] + size]
+            out[item] += float(constrained_logp(jnp.asarray(level_logits), mask)[c])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_item_beam_search_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    codes = np.unique(rng.integers(0, 3, (14, 3)), axis=0)
+    items = SemanticItems([f"i{k}" for k in range(len(codes))], codes)
+    first = 10
+    cfg = TransformerConfig(vocab_size=first + items.num_tokens, d_model=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8, mlp_dim=64)
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    prompts = jnp.asarray([[1, 2, 3, 4, 0], [1, 5, 6, 0, 0]])
+    lengths = jnp.asarray([4, 3])
+    starts = tuple(first + o for o in items.level_offsets)
+    excluded = np.zeros((2, len(codes)), bool)
+    excluded[1, [0, 3]] = True
+    n = len(codes)
+    found, scores = item_beam_search(graphdef, params, prompts, lengths, jnp.asarray(item_trie(codes)),
+                                     jnp.asarray(excluded), level_starts=starts, level_sizes=tuple(items.level_sizes),
+                                     beam_size=n)
+    for row in range(2):
+        expected = brute_force_item_logps(model, np.asarray(prompts[row, :lengths[row]]), codes, starts)
+        if row == 1:
+            # Excluded items vanish; the others' last-level probabilities renormalise without them.
+            keep = ~excluded[1]
+            assert set(np.asarray(found[1])[: keep.sum()]) == set(np.flatnonzero(keep))
+            assert np.all(np.asarray(found[1])[keep.sum():] == -1)
+            continue
+        order = np.argsort(-expected)
+        np.testing.assert_array_equal(np.asarray(found[row]), order)
+        np.testing.assert_allclose(np.asarray(scores[row]), expected[order], rtol=1e-4, atol=1e-4)
