@@ -15,7 +15,7 @@ from model.decoding import beam_search, sample
 from model.grammar import PageGrammar, PageRules
 from model.transformer import TransformerConfig
 from serving.requests import PageRequest, RequestError
-from training.checkpoints import Checkpoints, checkpoint_dir, vocabulary_from_json
+from training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir, vocabulary_from_json
 from training.state import abstract_model
 
 
@@ -86,6 +86,9 @@ class PageEngine:
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
         self.step, meta = checkpoints.read_meta(step)
         self.vocab = vocabulary_from_json(meta["vocab"])
+        if self.vocab.items.tokens_per_item != 1:
+            raise CheckpointError(f"{path} uses semantic item IDs; page serving needs atomic item tokens "
+                                  "(the page grammar does not constrain multi-token items yet)")
         self.model_cfg = TransformerConfig(**meta["model"])
         self.graphdef, abstract, _ = abstract_model(self.model_cfg)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
