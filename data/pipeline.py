@@ -16,7 +16,7 @@ import numpy as np
 
 from data.builders import example_to_page_log, example_to_sequence
 from data.formats import PageLog, Shelf, UserSequence
-from data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary
+from data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary, with_outcome
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class PipelineConfig:
     num_epochs: int | None = None  # None: repeat forever
     stream_weight: float = 1.0  # extra loss weight per stream of a target item
     packing_bins: int = 0  # 0: batch_size
+    outcome_conditioning: bool = False  # pages: add each page's bucketed streams to its context
 
 
 def sequence_to_page_log(user: UserSequence, max_items: int) -> PageLog:
@@ -44,7 +45,8 @@ def sequence_capacity(vocab: Vocabulary, seq_len: int) -> int:
 def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[dict], Encoded]:
     """Stored record -> Encoded tokens, for `kind` in {'pages', 'sequences'}."""
     if kind == "pages":
-        return lambda example: vocab.encode(example_to_page_log(example), config.stream_weight)
+        label = with_outcome if config.outcome_conditioning else (lambda log: log)
+        return lambda example: vocab.encode(label(example_to_page_log(example)), config.stream_weight)
     if kind == "sequences":
         capacity = sequence_capacity(vocab, config.seq_len)
         return lambda example: vocab.encode(sequence_to_page_log(example_to_sequence(example), capacity))

@@ -28,6 +28,18 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<page>", "<sep>")
 PAD, BOS, EOS, PAGE, SEP = range(len(SPECIALS))
 NEXT_ITEM_SHELF = "next"  # the one shelf of a plain next-item sequence
 UNKNOWN_VALUE = "<unk>"
+OUTCOME_FIELD = "outcome"  # context field holding a logged page's engagement (outcome-conditioned training)
+OUTCOME_BUCKETS = ((0, "0"), (1, "1"), (2, "2"), (3, "3-4"), (5, "5+"))  # (lowest total streams, value)
+BEST_OUTCOME = OUTCOME_BUCKETS[-1][1]
+
+
+def with_outcome(log: PageLog) -> PageLog:
+    """The log with its page's total streams, bucketed, as the context field `outcome`: a model trained on
+    such logs learns what separates engaging pages from the rest, and is asked for the best bucket when
+    it serves."""
+    total = sum(sum(shelf.streams or []) for shelf in log.page)
+    bucket = [value for low, value in OUTCOME_BUCKETS if total >= low][-1]
+    return dataclasses.replace(log, context={**log.context, OUTCOME_FIELD: bucket})
 
 
 class ItemTokenizer(Protocol):
@@ -122,6 +134,10 @@ class Vocabulary:
     def item_tokens(self, item_id: str) -> list[int] | None:
         codes = self.items.encode(item_id)
         return None if codes is None else [self.item_offset + c for c in codes]
+
+    def conditions_on_outcome(self) -> bool:
+        """Whether the vocabulary was built from outcome-labelled logs (see `with_outcome`)."""
+        return f"{OUTCOME_FIELD}={BEST_OUTCOME}" in self._context_index
 
     def context_token_ids(self, context: dict[str, str]) -> list[int]:
         """Known `field=value` tokens, `field=<unk>` for unseen values of known fields."""

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.shelves import ShelfRules
-from data.vocab import EOS, PAD, Vocabulary
+from data.vocab import BEST_OUTCOME, EOS, OUTCOME_FIELD, PAD, Vocabulary
 from data.world import World, WorldConfig
 from model.decoding import beam_search, sample
 from model.grammar import PageGrammar, PageRules
@@ -122,11 +122,16 @@ class PageEngine:
                 "min_items": np.int32(request.min_items_per_shelf), "max_items": np.int32(request.max_items_per_shelf),
                 "max_shelves": np.int32(request.num_shelves)}
 
-    def _prompt(self, request: PageRequest) -> list[int]:
-        return self.vocab.encode_prompt(request.context, request.intent, request.history)
+    def prompt(self, request: PageRequest) -> list[int]:
+        """The request's prompt tokens; a model trained with outcome conditioning is asked for the best
+        outcome bucket unless the request's context names one."""
+        context = request.context
+        if self.vocab.conditions_on_outcome() and OUTCOME_FIELD not in context:
+            context = {**context, OUTCOME_FIELD: BEST_OUTCOME}
+        return self.vocab.encode_prompt(context, request.intent, request.history)
 
     def _batch(self, requests: list[PageRequest], rules: list[dict[str, np.ndarray]]):
-        prompts = [self._prompt(r) for r in requests]
+        prompts = [self.prompt(r) for r in requests]
         rows = _bucket(len(requests), 1)
         length = _bucket(max(len(p) for p in prompts), 16)
         tokens = np.zeros((rows, length), np.int32)

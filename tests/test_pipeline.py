@@ -73,3 +73,45 @@ def test_process_shards_are_disjoint_and_complete(records):
         seen.append(shard_users)
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"h{k}" for k in range(NUM)}
+
+
+def test_outcome_conditioning_labels_pages_and_serving_asks_for_the_best():
+    from types import SimpleNamespace
+
+    from data.vocab import BEST_OUTCOME, OUTCOME_FIELD, with_outcome
+    from serving.engine import PageEngine
+    from serving.requests import parse_request
+
+    def log(streams):
+        return PageLog("u", [Shelf("s", ["a", "b"], streams[:2]), Shelf("t", ["c"], streams[2:])], context={"hour": "8"})
+
+    buckets = {0: "0", 1: "1", 2: "2", 3: "3-4", 4: "3-4", 5: "5+", 9: "5+"}
+    for total, bucket in buckets.items():
+        labelled = with_outcome(log([float(total), 0.0, 0.0]))
+        assert labelled.context == {"hour": "8", OUTCOME_FIELD: bucket}
+    assert with_outcome(log([1.0, 1.0, 1.0])).context[OUTCOME_FIELD] == "3-4"  # streams add up over shelves
+
+    builder = VocabularyBuilder()
+    for total in buckets:
+        builder.add_page(with_outcome(log([float(total), 0.0, 0.0])))
+    vocab = builder.build(sentencepiece_vocab=20)
+    assert vocab.conditions_on_outcome()
+    source = [page_log_to_example(log([6.0, 0.0, 0.0]))]
+    config = PipelineConfig(seq_len=32, batch_size=1, pack=False, outcome_conditioning=True)
+    tokens = next(iter(make_dataset(source, vocab, "pages", config)))["tokens"][0]
+    best = vocab.context_token_ids({OUTCOME_FIELD: BEST_OUTCOME})[0]
+    assert best in tokens
+
+    engine = SimpleNamespace(vocab=vocab)
+    asked = PageEngine.prompt(engine, parse_request({"user_id": "u", "context": {"hour": 8}}))
+    assert best in asked
+    chosen = PageEngine.prompt(engine, parse_request({"user_id": "u", "context": {"hour": 8, OUTCOME_FIELD: "1"}}))
+    assert best not in chosen and vocab.context_token_ids({OUTCOME_FIELD: "1"})[0] in chosen
+    # A vocabulary without outcome labels serves prompts unchanged.
+    plain = VocabularyBuilder()
+    plain.add_page(log([1.0, 0.0, 0.0]))
+    plain_vocab = plain.build(sentencepiece_vocab=20)
+    assert not plain_vocab.conditions_on_outcome()
+    request = parse_request({"user_id": "u", "context": {"hour": 8}})
+    assert PageEngine.prompt(SimpleNamespace(vocab=plain_vocab), request) == plain_vocab.encode_prompt(
+        request.context, request.intent, request.history)

@@ -12,7 +12,7 @@ from collections import Counter
 from data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
 from data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
 from data.semantic_ids import SemanticItems, build_semantic_items
-from data.vocab import Vocabulary, VocabularyBuilder
+from data.vocab import Vocabulary, VocabularyBuilder, with_outcome
 
 SOURCES = ("synthetic", "page_logs", "interactions")
 
@@ -81,7 +81,7 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                 train_sequences.append(user.items[:-2])
         else:
             for log in iter_page_logs(path):
-                builder.add_page(log)
+                builder.add_page(with_outcome(log) if data_cfg.outcome_conditioning else log)
                 for shelf in log.page:
                     counts.update(shelf.items)
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))

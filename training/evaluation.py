@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +21,7 @@ from model.sharding import use_mesh
 def validation_loss(trainer, params, source, vocab: Vocabulary, kind: str, pipeline_cfg: PipelineConfig,
                     num_batches: int, shard_index: int, shard_count: int) -> float:
     """Mean cross-entropy per target token over `num_batches` fixed validation batches."""
-    cfg = PipelineConfig(seq_len=pipeline_cfg.seq_len, batch_size=pipeline_cfg.batch_size, pack=False,
-                         shuffle_seed=1234, stream_weight=0.0)
+    cfg = dataclasses.replace(pipeline_cfg, pack=False, shuffle_seed=1234, stream_weight=0.0)
     iterator = iter(make_dataset(source, vocab, kind, cfg, shard_index, shard_count))
     loss_sum = count = 0.0
     for _ in range(num_batches):

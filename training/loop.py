@@ -150,7 +150,8 @@ def _run(cfg, workdir, init_from) -> dict:
     trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed)
 
     pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
-                                  pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight)
+                                  pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
+                                  outcome_conditioning=cfg.data.outcome_conditioning)
     train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
                                    jax.process_index(), nproc))
     start = checkpoints.latest_step()

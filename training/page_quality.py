@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
+from flax import nnx
 
 from data.builders import SyntheticWorldDataset
 from data.policies import OraclePolicy, popularity_pages
 from data.response import PageBatch, ResponseModel
 from data.world import parse_context
+from model.decoding import prefill
 from serving.engine import PageEngine
 from serving.requests import parse_request
 from serving.validity import page_violations
@@ -45,28 +48,47 @@ class PageArrays:
         return shelves, items
 
 
-def pointwise_page(engine: PageEngine, request, shelves: list[str]) -> list[dict]:
-    """The same model's next-item scores at the first item slot, slotted greedily (best unused eligible
-    item first) into the given shelves."""
-    import jax.numpy as jnp
-    from flax import nnx
-
+def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[str]], batch: int = 64) -> list[list[dict]]:
+    """The pointwise baseline: for each request and shelf, the same model's next-item scores right after
+    the shelf token (the first item slot), slotted greedily (best unused eligible item first) into the
+    given shelves, each filled up to the request's maximum."""
     vocab = engine.vocab
-    prompt = engine.vocab.encode_prompt(request.context, request.intent, request.history)
-    model = nnx.merge(engine.graphdef, engine.params)
-    eligible = engine.eligibility.matrix(request.history)
-    page, used = [], set()
-    for name in shelves:
-        tokens = jnp.asarray([prompt + [vocab.shelf_token(name)]])
-        hidden, _ = model.hidden(tokens, jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
-        scores = np.asarray(model.logits(hidden[0, -1], jnp.arange(vocab.item_offset, vocab.size)))
-        row = vocab.shelves.index(name)
-        order = [int(k) for k in np.argsort(-scores) if eligible[row, k]]
-        chosen = [vocab.items.item_ids[k] for k in order if vocab.items.item_ids[k] not in used]
-        chosen = [i for i in chosen if i not in request.exclude_items][:request.max_items_per_shelf]
-        used.update(chosen)
-        page.append({"shelf": name, "items": chosen})
-    return page
+    rows = [(k, name) for k, shelves in enumerate(shelf_lists) for name in shelves]
+    prompts = [engine.prompt(r) for r in requests]
+    sequences = [prompts[k] + [vocab.shelf_token(name)] for k, name in rows]
+    width = max(map(len, sequences), default=1)
+    first = vocab.item_offset
+
+    @jax.jit
+    def item_scores(params, tokens, lengths):
+        model = nnx.merge(engine.graphdef, params)
+        logits, _ = prefill(model, tokens, lengths, tokens.shape[1])
+        return logits[:, first:]
+
+    scores = []
+    for start in range(0, len(sequences), batch):
+        chunk = sequences[start:start + batch]
+        tokens = np.zeros((batch, width), np.int32)
+        lengths = np.ones(batch, np.int32)
+        for j, seq in enumerate(chunk):
+            tokens[j, :len(seq)], lengths[j] = seq, len(seq)
+        scores.append(np.asarray(item_scores(engine.params, tokens, lengths))[:len(chunk)])
+    scores = np.concatenate(scores) if scores else np.zeros((0, vocab.items.num_tokens))
+    pages: list[list[dict]] = [[] for _ in requests]
+    used: list[set] = [set() for _ in requests]
+    eligible = [engine.eligibility.matrix(r.history) for r in requests]
+    for (k, name), row_scores in zip(rows, scores):
+        request, shelf_row = requests[k], vocab.shelves.index(name)
+        chosen = []
+        for j in np.argsort(-row_scores):
+            item = vocab.items.item_ids[j]
+            if eligible[k][shelf_row, j] and item not in used[k] and item not in request.exclude_items:
+                chosen.append(item)
+                if len(chosen) == request.max_items_per_shelf:
+                    break
+        used[k].update(chosen)
+        pages[k].append({"shelf": name, "items": chosen})
+    return pages
 
 
 def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
@@ -80,7 +102,12 @@ def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
     return len(hits) / len(streamed), sum(1.0 / np.log2(k + 2) for k in hits) / ideal
 
 
-def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int) -> dict:
+def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int,
+                   full_shelves: bool = True) -> dict:
+    """The page-quality table on the world's first `num_requests` held-out requests. With `full_shelves`
+    the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
+    request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
+    shelves to the maximum)."""
     engine = PageEngine(checkpoint, step)
     if engine.eligibility.kind != "world":
         raise ValueError("page evaluation needs a checkpoint trained on the synthetic world")
@@ -88,17 +115,19 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     response_model = ResponseModel(world, rules)
     folder = _world_dir(meta, workdir)
     requests = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)
+    if full_shelves:
+        requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in requests]
     logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests)
     cfg = world.config
     arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
     parsed = [parse_request(r) for r in requests]
+    as_requested = [parse_request(r) for r in _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)]
     beam = engine.generate([parse_request({**r, "beam_size": 4}) for r in requests])
     sampled = engine.generate([parse_request({**r, "temperature": 1.0, "seed": k}) for k, r in enumerate(requests)])
     pages = {
         "homegen beam search": [b["page"] for b in beam],
         "homegen sampling": [s["page"] for s in sampled],
-        "pointwise (same model)": [pointwise_page(engine, p, [s["shelf"] for s in b["page"]])
-                                   for p, b in zip(parsed, beam)],
+        "pointwise (same model)": pointwise_pages(engine, parsed, [[s["shelf"] for s in b["page"]] for b in beam]),
         "logging policy": [log["page"] for log in logged],
     }
     users = np.array([world.user_index(r["user_id"]) for r in requests])
@@ -133,11 +162,13 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean}
         if name in pages:
             plist = pages[name]
-            valid = [not page_violations(engine, p, page) for p, page in zip(parsed, plist)]
+            # Validity against the requests as the world issued them (full shelves are a stricter request).
+            valid = [not page_violations(engine, p, page) for p, page in zip(as_requested, plist)]
             flat = [[i for s in page for i in s["items"]] for page in plist]
             c = world.catalog
             row.update(
                 valid_rate=float(np.mean(valid)),
+                items_per_page=float(np.mean([len(f) for f in flat])),
                 artists_per_page=float(np.mean([len({int(c.artist[world.item_index(i)]) for i in f}) for f in flat])),
                 genres_per_page=float(np.mean([len({int(c.genre[world.item_index(i)]) for i in f}) for f in flat])),
                 catalog_coverage=len({i for f in flat for i in f}) / c.num_items,
@@ -148,9 +179,9 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                 row.update(log_recall=float(np.nanmean(logm[:, 0])), log_ndcg=float(np.nanmean(logm[:, 1])))
         table[name] = row
     print(f"page quality on {len(requests)} held-out requests (exact expected streams under the true model)")
-    columns = ["expected_streams", "of_oracle", "valid_rate", "artists_per_page", "genres_per_page",
+    columns = ["expected_streams", "of_oracle", "valid_rate", "items_per_page", "artists_per_page", "genres_per_page",
                "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
     print(f"{'':<24}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in table.items():
         print(f"{name:<24}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
-    return {"requests": len(requests), "pages": table}
+    return {"requests": len(requests), "full_shelves": full_shelves, "pages": table}
