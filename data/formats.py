@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterator
 
-INTERACTION_FORMATS = ("auto", "sequences", "pairs", "csv")
+INTERACTION_FORMATS = ("auto", "sequences", "pairs", "csv", "movielens")
 
 
 class DataFormatError(ValueError):
@@ -120,6 +120,8 @@ def _detect_format(path: str) -> str:
             first = fields
             if "user_id" in line and "item_id" in line:
                 return "csv"
+            if "::" in line:
+                return "movielens"
         if len(fields) > 2:
             return "sequences"
         repeated |= fields[0] in seen
@@ -134,6 +136,8 @@ def read_interactions(path: str, fmt: str = "auto") -> list[UserSequence]:
     fmt = _detect_format(path) if fmt == "auto" else fmt
     if fmt == "csv":
         return _read_csv(path)
+    if fmt == "movielens":
+        return _read_movielens(path)
     users: dict[str, UserSequence] = {}
     for number, line in _lines(path):
         fields = line.split()
@@ -181,11 +185,35 @@ def _read_csv(path: str) -> list[UserSequence]:
                 except ValueError:
                     raise DataFormatError(path, number, f"bad rating {record['rating']!r}") from None
             rows.setdefault(user, []).append((stamp, number, item))
+    return _in_time_order(rows, has_time)
+
+
+def _in_time_order(rows: dict[str, list[tuple[float, int, str]]], has_time: bool) -> list[UserSequence]:
+    """Users' (timestamp, line, item) events as sequences ordered by timestamp, then file order."""
     result = []
     for user, events in rows.items():
-        events.sort()  # by timestamp, then file order
+        events.sort()
         result.append(UserSequence(user, [e[2] for e in events], [e[0] for e in events] if has_time else None))
     return result
+
+
+def _read_movielens(path: str) -> list[UserSequence]:
+    """MovieLens `ratings.dat` (ML-1M, ML-10M): `user::item::rating::timestamp`, unix seconds."""
+    rows: dict[str, list[tuple[float, int, str]]] = {}
+    for number, line in _lines(path):
+        fields = line.split("::")
+        if len(fields) != 4:
+            raise DataFormatError(path, number, f"expected `user::item::rating::timestamp`, found {len(fields)} fields")
+        user, item, rating, stamp = (f.strip() for f in fields)
+        if not user or not item:
+            raise DataFormatError(path, number, "empty user or item id")
+        try:
+            float(rating)
+            seconds = float(int(stamp))
+        except ValueError:
+            raise DataFormatError(path, number, f"bad rating {rating!r} or timestamp {stamp!r}") from None
+        rows.setdefault(user, []).append((seconds, number, item))
+    return _in_time_order(rows, True)
 
 
 def read_catalog(path: str) -> dict[str, CatalogItem]:

@@ -33,6 +33,13 @@ def test_csv_orders_by_timestamp_iso_and_unix(tmp_path):
     assert users["u2"].items == ["i9"]
 
 
+def test_movielens_ratings_dat_orders_by_timestamp(tmp_path):
+    text = "1::1193::5::978300760\n1::661::3::978302109\n2::1357::5::978298709\n1::914::3::978301968\n"
+    users = {u.user_id: u for u in read_interactions(write(tmp_path, "ratings.dat", text))}
+    assert users["1"].items == ["1193", "914", "661"] and users["1"].timestamps == [978300760, 978301968, 978302109]
+    assert users["2"].items == ["1357"]
+
+
 def test_tsv_without_timestamp_keeps_file_order(tmp_path):
     users = read_interactions(write(tmp_path, "x.tsv", "item_id\tuser_id\nb\tu\na\tu\n"))
     assert users[0].items == ["b", "a"] and users[0].timestamps is None
@@ -46,6 +53,8 @@ def test_tsv_without_timestamp_keeps_file_order(tmp_path):
     ("c.csv", "user_id,item_id,timestamp\nu,i,1\nu,j,yesterday\n", "auto", 3, "bad timestamp"),
     ("c.csv", "user_id,item_id\nu,i,extra\n", "auto", 2, "expected 2 fields"),
     ("c.csv", "user_id,item_id,rating\nu,i,good\n", "auto", 2, "bad rating"),
+    ("ratings.dat", "1::2::5::978300760\n1::3::5\n", "auto", 2, "found 3 fields"),
+    ("ratings.dat", "1::2::5::978300760\n1::3::5::noon\n", "movielens", 2, "bad rating"),
 ])
 def test_interaction_errors_name_file_and_line(tmp_path, name, text, fmt, line, reason):
     path = write(tmp_path, name, text)
