@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 256
     c.data.pack = True
     c.data.stream_weight = 1.0
+    c.data.streamed_first = False  # pages: train on shelves reordered with streamed items first
     c.data.outcome_conditioning = False  # pages: condition on the page's bucketed streams; serve the best bucket
     c.data.max_history = 30
     c.data.sentencepiece_vocab = 1000

@@ -16,7 +16,8 @@ import numpy as np
 
 from data.builders import example_to_page_log, example_to_sequence
 from data.formats import PageLog, Shelf, UserSequence
-from data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary, with_outcome
+from data.relabel import relabeler
+from data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ class PipelineConfig:
     stream_weight: float = 1.0  # extra loss weight per stream of a target item
     packing_bins: int = 0  # 0: batch_size
     outcome_conditioning: bool = False  # pages: add each page's bucketed streams to its context
+    streamed_first: bool = False  # pages: train on shelves reordered with streamed items first
 
 
 def sequence_to_page_log(user: UserSequence, max_items: int) -> PageLog:
@@ -45,7 +47,7 @@ def sequence_capacity(vocab: Vocabulary, seq_len: int) -> int:
 def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[dict], Encoded]:
     """Stored record -> Encoded tokens, for `kind` in {'pages', 'sequences'}."""
     if kind == "pages":
-        label = with_outcome if config.outcome_conditioning else (lambda log: log)
+        label = relabeler(config.outcome_conditioning, config.streamed_first)
         return lambda example: vocab.encode(label(example_to_page_log(example)), config.stream_weight)
     if kind == "sequences":
         capacity = sequence_capacity(vocab, config.seq_len)

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from data.formats import CatalogItem, PageLog, Shelf, UserSequence
+from data.relabel import BEST_OUTCOME, OUTCOME_FIELD
 from data.semantic_ids import SemanticItems
 from data.text import load_sentencepiece, train_sentencepiece
 
@@ -28,20 +29,6 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<page>", "<sep>")
 PAD, BOS, EOS, PAGE, SEP = range(len(SPECIALS))
 NEXT_ITEM_SHELF = "next"  # the one shelf of a plain next-item sequence
 UNKNOWN_VALUE = "<unk>"
-OUTCOME_FIELD = "outcome"  # context field holding a logged page's engagement (outcome-conditioned training)
-OUTCOME_BUCKETS = ((0, "0"), (1, "1"), (2, "2"), (3, "3-4"), (5, "5+"))  # (lowest total streams, value)
-BEST_OUTCOME = OUTCOME_BUCKETS[-1][1]
-
-
-def with_outcome(log: PageLog) -> PageLog:
-    """The log with its page's total streams, bucketed, as the context field `outcome`: a model trained on
-    such logs learns what separates engaging pages from the rest, and is asked for the best bucket when
-    it serves."""
-    total = sum(sum(shelf.streams or []) for shelf in log.page)
-    bucket = [value for low, value in OUTCOME_BUCKETS if total >= low][-1]
-    return dataclasses.replace(log, context={**log.context, OUTCOME_FIELD: bucket})
-
-
 class ItemTokenizer(Protocol):
     """Maps item ids to short tuples of local tokens in [0, num_tokens) and back. Level l of a tuple
     holds token `level_offsets[l] + code`, with code < level_sizes[l]."""

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.shelves import ShelfRules
-from data.vocab import BEST_OUTCOME, EOS, OUTCOME_FIELD, PAD, Vocabulary
+from data.relabel import BEST_OUTCOME, OUTCOME_FIELD
+from data.vocab import EOS, PAD, Vocabulary
 from data.world import World, WorldConfig
 from model.decoding import beam_search, sample
 from model.grammar import PageGrammar, PageRules

@@ -71,6 +71,9 @@ def test_page_evaluator_end_to_end(tiny_checkpoint):
     for name in ("homegen beam search", "homegen sampling", "pointwise (same model)", "logging policy"):
         assert pages[name]["valid_rate"] == 1.0
         assert 0 < pages[name]["of_oracle"] < 1.0
+    # Model-based pages are asked for full shelves, as the oracle's are.
+    assert out["full_shelves"] and pages["homegen beam search"]["items_per_page"] == 6 * 10
+    assert pages["logging policy"]["items_per_page"] < 6 * 10
     assert "homegen beam search" in result.stdout
     for png in ("metrics.png", "training.png"):
         assert os.path.getsize(os.path.join(tiny_checkpoint, "eval", png)) > 5000

@@ -78,7 +78,7 @@ def test_process_shards_are_disjoint_and_complete(records):
 def test_outcome_conditioning_labels_pages_and_serving_asks_for_the_best():
     from types import SimpleNamespace
 
-    from data.vocab import BEST_OUTCOME, OUTCOME_FIELD, with_outcome
+    from data.relabel import BEST_OUTCOME, OUTCOME_FIELD, with_outcome
     from serving.engine import PageEngine
     from serving.requests import parse_request
 
@@ -115,3 +115,17 @@ def test_outcome_conditioning_labels_pages_and_serving_asks_for_the_best():
     request = parse_request({"user_id": "u", "context": {"hour": 8}})
     assert PageEngine.prompt(SimpleNamespace(vocab=plain_vocab), request) == plain_vocab.encode_prompt(
         request.context, request.intent, request.history)
+
+
+def test_streamed_first_moves_streamed_items_to_the_front_of_each_shelf():
+    from data.relabel import relabeler, streamed_first
+
+    log = PageLog("u", [Shelf("s", ["a", "b", "c", "d"], [0.0, 1.0, 0.0, 2.0]), Shelf("t", ["e", "f"], None)],
+                  context={"hour": "8"})
+    out = streamed_first(log)
+    assert out.page[0].items == ["d", "b", "a", "c"] and out.page[0].streams == [2.0, 1.0, 0.0, 0.0]
+    assert out.page[1].items == ["e", "f"]
+    assert log.page[0].items == ["a", "b", "c", "d"]  # the logged page itself is untouched
+    both = relabeler(outcome=True, order_by_streams=True)(log)
+    assert both.page[0].items == ["d", "b", "a", "c"] and both.context["outcome"] == "3-4"
+    assert relabeler(False, False)(log) is log

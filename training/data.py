@@ -12,7 +12,8 @@ from collections import Counter
 from data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
 from data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
 from data.semantic_ids import SemanticItems, build_semantic_items
-from data.vocab import Vocabulary, VocabularyBuilder, with_outcome
+from data.relabel import with_outcome
+from data.vocab import Vocabulary, VocabularyBuilder
 
 SOURCES = ("synthetic", "page_logs", "interactions")
 

@@ -151,7 +151,8 @@ def _run(cfg, workdir, init_from) -> dict:
 
     pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
                                   pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
-                                  outcome_conditioning=cfg.data.outcome_conditioning)
+                                  outcome_conditioning=cfg.data.outcome_conditioning,
+                                  streamed_first=cfg.data.streamed_first)
     train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
                                    jax.process_index(), nproc))
     start = checkpoints.latest_step()
