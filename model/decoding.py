@@ -25,7 +25,8 @@ NEG_INF = -1e30
 @dataclasses.dataclass
 class Decoded:
     """Per request, `n` pages best first: generated tokens (PAD after EOS), each token's log-probability
-    under the constrained model, the page's score and whether the slot holds a finished page."""
+    (under the model for beam search, renormalised over the allowed tokens for sampling), the page's
+    score and whether the slot holds a finished page."""
 
     tokens: jax.Array  # (B, n, T)
     token_logps: jax.Array  # (B, n, T)
@@ -71,11 +72,16 @@ def _full_forward_logits(model: Transformer, prompts, lengths, generated, step) 
     return model.logits(hidden[:, p + step])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache",
+                                             "renormalize"))
 def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, *, grammar: PageGrammar,
-                beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True) -> Decoded:
-    """Top `beam_size` pages per request by length-normalised constrained log-probability.
-    `use_cache=False` recomputes the whole sequence at every step (the baseline the cache is measured by)."""
+                beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True,
+                renormalize: bool = False) -> Decoded:
+    """Top `beam_size` pages per request by length-normalised log-probability under the model; the
+    grammar's mask only prunes. `renormalize=True` scores with log-probabilities renormalised over the
+    allowed tokens instead, which favours hypotheses whose constraints leave few choices (a shelf with a
+    small eligible pool) and gave worse pages (docs/BENCHMARKS.md). `use_cache=False` recomputes the whole
+    sequence at every step (the baseline the cache is measured by)."""
     model = nnx.merge(graphdef, params)
     b, k = prompts.shape[0], beam_size
     logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + max_new)
@@ -101,7 +107,8 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
     def body(s):
         step = s["step"]
         mask = grammar.allowed(s["fsm"], rows_rules)
-        logp = jnp.where(mask, constrained_logp(s["logits"], mask), NEG_INF)
+        scores = constrained_logp(s["logits"], mask) if renormalize else jax.nn.log_softmax(s["logits"], axis=-1)
+        logp = jnp.where(mask, scores, NEG_INF)
         vocab = logp.shape[-1]
         candidates = (s["alive_score"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
         top_score, top_index = jax.lax.top_k(candidates, 2 * k)

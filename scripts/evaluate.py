@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max_users", type=int, default=0, help="0: every user of the split")
     parser.add_argument("--ranking", default="all", choices=["all", "score", "beam"],
                         help="next-item ranking: by scoring all items, by beam search, or both (semantic IDs: beam)")
+    parser.add_argument("--beam_size", type=int, default=4, help="pages: beam size of homegen's beam search")
     parser.add_argument("--shelves_as_requested", action="store_true",
                         help="pages: keep each request's min/max items per shelf (default: full shelves, as the oracle)")
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
         from training.page_quality import evaluate_pages
 
         summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
-                                      full_shelves=not args.shelves_as_requested))
+                                      full_shelves=not args.shelves_as_requested, beam_size=args.beam_size))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_plots(summary, meta, workdir, out_dir)

@@ -2,8 +2,10 @@
 page on a tiny vocabulary; sampling is reproducible by seed."""
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from data.vocab import EOS, PAD
@@ -67,29 +69,33 @@ def enumerate_pages(min_items=1, max_items=2, max_shelves=2, excluded=()):
     return out
 
 
-def score(model, prompt, seq, alpha=0.6, **kw):
-    """Length-normalised constrained log-probability of `seq` after `prompt` (full forward passes)."""
+def score(model, prompt, seq, alpha=0.6, renormalize=False, **kw):
+    """Length-normalised log-probability of `seq` after `prompt` (full forward passes), under the model
+    or renormalised over the tokens the grammar allows at each step."""
     r = rules(1, **kw)
     tokens = jnp.asarray([list(prompt) + list(seq)])
     logits, _ = model(tokens, jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
     state, total = GRAMMAR.init(1), 0.0
     for t, token in enumerate(seq):
         mask = GRAMMAR.allowed(state, r)
-        total += float(constrained_logp(logits[:, len(prompt) - 1 + t], mask)[0, token])
+        step_logits = logits[:, len(prompt) - 1 + t]
+        logp = constrained_logp(step_logits, mask) if renormalize else jax.nn.log_softmax(step_logits, axis=-1)
+        total += float(logp[0, token])
         state = GRAMMAR.advance(state, jnp.array([token]))
     return total / float(length_penalty(len(seq), alpha))
 
 
-def test_beam_search_finds_the_brute_force_best_page():
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_beam_search_finds_the_brute_force_best_page(renormalize):
     pages = enumerate_pages()
     assert len(pages) > 20 and all(p[-1] == EOS for p in pages)
     for seed in range(3):
         model, graphdef, params = model_and_params(seed)
         prompt = [1, 4, 3]
-        scores = {p: score(model, prompt, p) for p in pages}
+        scores = {p: score(model, prompt, p, renormalize=renormalize) for p in pages}
         best = max(scores, key=scores.get)
         out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(),
-                          grammar=GRAMMAR, beam_size=8, max_new=GRAMMAR.max_length(2, 2))
+                          grammar=GRAMMAR, beam_size=8, max_new=GRAMMAR.max_length(2, 2), renormalize=renormalize)
         found = tuple(int(t) for t in np.asarray(out.tokens[0, 0]) if t != PAD)
         assert found == best, (found, best)
         np.testing.assert_allclose(float(out.scores[0, 0]), scores[best], rtol=1e-4)

@@ -103,7 +103,7 @@ def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
 
 
 def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int,
-                   full_shelves: bool = True) -> dict:
+                   full_shelves: bool = True, beam_size: int = 4) -> dict:
     """The page-quality table on the world's first `num_requests` held-out requests. With `full_shelves`
     the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
     request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
@@ -122,7 +122,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
     parsed = [parse_request(r) for r in requests]
     as_requested = [parse_request(r) for r in _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)]
-    beam = engine.generate([parse_request({**r, "beam_size": 4}) for r in requests])
+    beam = engine.generate([parse_request({**r, "beam_size": beam_size}) for r in requests])
     sampled = engine.generate([parse_request({**r, "temperature": 1.0, "seed": k}) for k, r in enumerate(requests)])
     pages = {
         "homegen beam search": [b["page"] for b in beam],
@@ -184,4 +184,4 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     print(f"{'':<24}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in table.items():
         print(f"{name:<24}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
-    return {"requests": len(requests), "full_shelves": full_shelves, "pages": table}
+    return {"requests": len(requests), "full_shelves": full_shelves, "beam_size": beam_size, "pages": table}
