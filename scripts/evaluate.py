@@ -28,7 +28,8 @@ TIGER = {  # ANCHORS.md, TIGER (NeurIPS 2023) Table 1: R@5, N@5, R@10, N@10
 }
 
 
-def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: int, ranking: str) -> dict:
+def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: int, ranking: str,
+                       beam_size: int | None) -> dict:
     """Ranking metrics of the split's users, for each ranking method and both seen-item conventions:
     {"users", "seconds", "rankings": {"<method>, seen kept|filtered": metrics}}."""
     import jax
@@ -42,6 +43,8 @@ def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: 
     from training.state import Trainer
 
     cfg = ml_collections.ConfigDict(meta["config"])
+    if beam_size:
+        cfg.eval.beam_size = beam_size
     data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
     builder = InteractionDataset.for_file(cfg.data.interactions, data_dir, cfg.data.interactions_format)
     builder.download_and_prepare()
@@ -57,9 +60,11 @@ def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: 
     for method in methods:
         ranker = make_ranker(trainer, vocab, cfg, method)
         start = time.time()
+        # Beam search ranks only its beam: metrics@K need K <= beam size.
+        ks = tuple(k for k in (5, 10, 20, 50) if method == "score" or k <= cfg.eval.beam_size)
         for convention, filter_seen in (("seen kept", False), ("seen filtered", True)):
             ranks = ranker.rank(params, users, filter_seen=filter_seen)
-            result["rankings"][f"{method}, {convention}"] = ranking_metrics(ranks)
+            result["rankings"][f"{method}, {convention}"] = ranking_metrics(ranks, ks)
         result["seconds"][method] = round(time.time() - start, 1)
     return result
 
@@ -81,7 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_users", type=int, default=0, help="0: every user of the split")
     parser.add_argument("--ranking", default="all", choices=["all", "score", "beam"],
                         help="next-item ranking: by scoring all items, by beam search, or both (semantic IDs: beam)")
-    parser.add_argument("--beam_size", type=int, default=4, help="pages: beam size of homegen's beam search")
+    parser.add_argument("--beam_size", type=int, default=None,
+                        help="beam size: pages (default 4); next-item beam ranking (default: the run's eval.beam_size)")
     parser.add_argument("--shelves_as_requested", action="store_true",
                         help="pages: keep each request's min/max items per shelf (default: full shelves, as the oracle)")
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
     trained = (f", {summary['epochs']:.1f} epochs, {summary['training_seconds'] / 60:.1f} min of training"
                if progress else "")
     if meta["kind"] == "sequences":
-        result = evaluate_next_item(meta, workdir, args.split, params, args.max_users, args.ranking)
+        result = evaluate_next_item(meta, workdir, args.split, params, args.max_users, args.ranking, args.beam_size)
         summary.update(result)
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
         print(f"{name}: step {step} ({selected}), {summary['item_tokens']} item tokens, "
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
         from training.page_quality import evaluate_pages
 
         summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
-                                      full_shelves=not args.shelves_as_requested, beam_size=args.beam_size))
+                                      full_shelves=not args.shelves_as_requested, beam_size=args.beam_size or 4))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_plots(summary, meta, workdir, out_dir)
