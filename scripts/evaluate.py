@@ -33,8 +33,8 @@ def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: 
     """Ranking metrics of the split's users, for each ranking method and both seen-item conventions:
     {"users", "seconds", "rankings": {"<method>, seen kept|filtered": metrics}}."""
     import jax
-    import ml_collections
 
+    from configs.base import base_config
     from data.builders import InteractionDataset
     from model.sharding import make_mesh
     from model.transformer import TransformerConfig
@@ -42,7 +42,8 @@ def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: 
     from training.evaluation import make_ranker, ranking_metrics, validation_users
     from training.state import Trainer
 
-    cfg = ml_collections.ConfigDict(meta["config"])
+    cfg = base_config()  # defaults for settings that checkpoints from older versions do not store
+    cfg.update(meta["config"])
     if beam_size:
         cfg.eval.beam_size = beam_size
     data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
