@@ -54,9 +54,9 @@ def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: 
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     trainer = Trainer(TransformerConfig(**meta["model"]), cfg.train, mesh, [tuple(r) for r in cfg.rules])
     params = jax.device_put(params, trainer.param_shardings)
-    methods = ["score", "beam"] if ranking == "all" else [ranking]
-    if vocab.items.tokens_per_item > 1:
-        methods = ["beam"]  # semantic IDs are ranked by beam search only
+    methods = [ranking]
+    if ranking == "all":  # semantic IDs can only be ranked by beam search
+        methods = ["score", "beam"] if vocab.items.tokens_per_item == 1 else ["beam"]
     result = {"users": len(users), "seconds": {}, "rankings": {}}
     for method in methods:
         ranker = make_ranker(trainer, vocab, cfg, method)
@@ -123,7 +123,11 @@ def main(argv=None) -> int:
     trained = (f", {summary['epochs']:.1f} epochs, {summary['training_seconds'] / 60:.1f} min of training"
                if progress else "")
     if meta["kind"] == "sequences":
-        result = evaluate_next_item(meta, workdir, args.split, params, args.max_users, args.ranking, args.beam_size)
+        try:
+            result = evaluate_next_item(meta, workdir, args.split, params, args.max_users, args.ranking, args.beam_size)
+        except ValueError as e:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            return 2
         summary.update(result)
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
         print(f"{name}: step {step} ({selected}), {summary['item_tokens']} item tokens, "
