@@ -114,14 +114,15 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     world, rules = engine.eligibility.world, engine.eligibility.rules
     response_model = ResponseModel(world, rules)
     folder = _world_dir(meta, workdir)
-    requests = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)
+    issued = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)
+    requests = issued
     if full_shelves:
-        requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in requests]
+        requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in issued]
     logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests)
     cfg = world.config
     arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
     parsed = [parse_request(r) for r in requests]
-    as_requested = [parse_request(r) for r in _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)]
+    as_issued = [parse_request(r) for r in issued]
     beam = engine.generate([parse_request({**r, "beam_size": beam_size}) for r in requests])
     sampled = engine.generate([parse_request({**r, "temperature": 1.0, "seed": k}) for k, r in enumerate(requests)])
     pages = {
@@ -163,7 +164,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         if name in pages:
             plist = pages[name]
             # Validity against the requests as the world issued them (full shelves are a stricter request).
-            valid = [not page_violations(engine, p, page) for p, page in zip(as_requested, plist)]
+            valid = [not page_violations(engine, p, page) for p, page in zip(as_issued, plist)]
             flat = [[i for s in page for i in s["items"]] for page in plist]
             c = world.catalog
             row.update(
