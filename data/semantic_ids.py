@@ -81,7 +81,6 @@ def attribute_features(attributes: Mapping[int, Sequence[int]], num_items: int) 
         return sp.csr_matrix((num_items, 0), dtype=np.float32)
     names, cols = np.unique(np.asarray(cols), return_inverse=True)
     matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(num_items, len(names)))
-    matrix.data[:] = 1.0
     idf = np.log(num_items / (1.0 + np.asarray((matrix > 0).sum(axis=0)).ravel())).astype(np.float32)
     return matrix @ sp.diags(np.maximum(idf, 0.0))
 

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from data.vocab import EOS, PAD
@@ -32,6 +33,15 @@ class Decoded:
     token_logps: jax.Array  # (B, n, T)
     scores: jax.Array  # (B, n)
     valid: jax.Array  # (B, n)
+
+
+def pad_prompts(prompts: list[list[int]], rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts right-padded into (rows, width) int32 tokens, with their lengths (1 for unused rows)."""
+    tokens = np.zeros((rows, width), np.int32)
+    lengths = np.ones(rows, np.int32)
+    for k, prompt in enumerate(prompts):
+        tokens[k, :len(prompt)], lengths[k] = prompt, len(prompt)
+    return tokens, lengths
 
 
 def prefill(model: Transformer, prompts: jax.Array, lengths: jax.Array, slots: int) -> tuple[jax.Array, KVCache]:

@@ -12,7 +12,7 @@ from data.shelves import ShelfRules
 from data.relabel import BEST_OUTCOME, OUTCOME_FIELD
 from data.vocab import EOS, PAD, Vocabulary
 from data.world import World, WorldConfig
-from model.decoding import beam_search, sample
+from model.decoding import beam_search, pad_prompts, sample
 from model.grammar import PageGrammar, PageRules
 from model.transformer import TransformerConfig
 from serving.requests import PageRequest, RequestError
@@ -135,10 +135,7 @@ class PageEngine:
         prompts = [self.prompt(r) for r in requests]
         rows = _bucket(len(requests), 1)
         length = _bucket(max(len(p) for p in prompts), 16)
-        tokens = np.zeros((rows, length), np.int32)
-        lengths = np.ones(rows, np.int32)
-        for k, p in enumerate(prompts):
-            tokens[k, :len(p)], lengths[k] = p, len(p)
+        tokens, lengths = pad_prompts(prompts, rows, length)
         stacked = {key: np.stack([r[key] for r in rules] + [rules[0][key]] * (rows - len(rules)))
                    for key in rules[0]}
         return jnp.asarray(tokens), jnp.asarray(lengths), PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})

@@ -14,7 +14,7 @@ from data.formats import UserSequence
 from data.pipeline import PipelineConfig, make_dataset, sequence_capacity, sequence_to_page_log
 from data.semantic_ids import item_trie
 from data.vocab import EOS, Vocabulary
-from model.decoding import item_beam_search
+from model.decoding import item_beam_search, pad_prompts
 from model.sharding import use_mesh
 
 
@@ -108,13 +108,12 @@ class NextItemRanker:
         index = self.vocab.items.index
         for start in range(0, len(users), self.batch_size):
             chunk = users[start:start + self.batch_size]
-            tokens = np.zeros((self.batch_size, self.seq_len), np.int32)
-            lengths = np.ones(self.batch_size, np.int32)
+            encoded = [self.encode(user) for user in chunk]
+            tokens, lengths = pad_prompts([seq for seq, _ in encoded], self.batch_size, self.seq_len)
             targets = np.zeros(self.batch_size, np.int32)
+            targets[:len(chunk)] = [target for _, target in encoded]
             seen = np.zeros((self.batch_size, len(self.vocab.items.item_ids)), bool)
             for row, user in enumerate(chunk):
-                seq, targets[row] = self.encode(user)
-                tokens[row, :len(seq)], lengths[row] = seq, len(seq)
                 if filter_seen:
                     seen[row, [index[i] for i in user.items[:-1] if i in index]] = True
                     seen[row, targets[row]] = False

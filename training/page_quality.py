@@ -14,7 +14,7 @@ from data.builders import SyntheticWorldDataset
 from data.policies import OraclePolicy, popularity_pages
 from data.response import PageBatch, ResponseModel
 from data.world import parse_context
-from model.decoding import prefill
+from model.decoding import pad_prompts, prefill
 from serving.engine import PageEngine
 from serving.requests import parse_request
 from serving.validity import page_violations
@@ -68,10 +68,7 @@ def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[s
     scores = []
     for start in range(0, len(sequences), batch):
         chunk = sequences[start:start + batch]
-        tokens = np.zeros((batch, width), np.int32)
-        lengths = np.ones(batch, np.int32)
-        for j, seq in enumerate(chunk):
-            tokens[j, :len(seq)], lengths[j] = seq, len(seq)
+        tokens, lengths = pad_prompts(chunk, batch, width)
         scores.append(np.asarray(item_scores(engine.params, tokens, lengths))[:len(chunk)])
     scores = np.concatenate(scores) if scores else np.zeros((0, vocab.items.num_tokens))
     pages: list[list[dict]] = [[] for _ in requests]
