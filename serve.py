@@ -66,8 +66,9 @@ def print_page(engine, response: dict) -> None:
     if "error" in response:
         print(f"error: {response['error']}")
         return
+    streams = f", {response['predicted_streams']:.2f} predicted streams" if "predicted_streams" in response else ""
     print(f"Home page for {response['user_id']} (checkpoint step {response['checkpoint_step']}, "
-          f"log p = {response['log_prob']:.2f})")
+          f"log p = {response['log_prob']:.2f}{streams})")
     for shelf in response["page"]:
         print(f"\n  {SHELF_TITLES.get(shelf['shelf'], shelf['shelf'])}")
         for item in shelf["items"]:
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intent", default=None)
     parser.add_argument("--beam_size", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--objective", default="auto", choices=("auto", "likelihood", "streams"),
+                        help="what beam search maximises: the page's log-probability, or its streams as the "
+                             "value head predicts them (auto: streams when the checkpoint has a value head)")
     parser.add_argument("--requests", default=None, help="JSON Lines of requests (batch mode)")
     parser.add_argument("--output", default=None, help="where batch mode writes responses")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.checkpoints import CheckpointError
 
     try:
-        engine = PageEngine(args.checkpoint, args.step)
+        engine = PageEngine(args.checkpoint, args.step, objective=args.objective)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2

@@ -45,11 +45,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
+    c.model.value_head = False  # pages: also learn each item's stream probability; beam search maximises it
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "full"  # full | sampled
     c.loss.num_negatives = 1024
     c.loss.sampler = "popularity"  # uniform | popularity
+    c.loss.value_weight = 1.0  # value head's cross-entropy per logged item, against the next-token loss
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000

@@ -1,7 +1,8 @@
 """The grain input pipeline: shuffle, tokenize, pack or pad to a fixed length, batch, shard per process.
 
 Each batch is a dict of (batch, seq_len + 1) arrays: `tokens`, `weights` (loss weight of predicting
-tokens[t] from tokens[:t]; 0 for context and padding), `segment_ids` (0 = padding; packed examples get
+tokens[t] from tokens[:t]; 0 for context and padding), `outcomes` (the stream outcome of a logged
+target item, `data.vocab.NO_OUTCOME` elsewhere), `segment_ids` (0 = padding; packed examples get
 1, 2, ...) and `positions` (restart at 0 in each packed example). The iterator's `get_state()` /
 `set_state()` resume it exactly; orbax saves it with `grain.checkpoint.CheckpointSave`.
 """
@@ -56,16 +57,17 @@ def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[d
 
 
 def _fixed_length(encoded: Encoded, length: int) -> dict[str, np.ndarray]:
-    tokens, weights = encoded.tokens[:length], encoded.weights[:length]
+    tokens, weights, outcomes = encoded.tokens[:length], encoded.weights[:length], encoded.outcomes[:length]
     n = len(tokens)
     pad = length - n
     return {"tokens": np.pad(tokens, (0, pad)), "weights": np.pad(weights, (0, pad)),
-            "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+            "outcomes": np.pad(outcomes, (0, pad)), "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
             "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad))}
 
 
 def _from_packed(batch: dict) -> dict[str, np.ndarray]:
     return {"tokens": batch["tokens"].astype(np.int32), "weights": batch["weights"].astype(np.float32),
+            "outcomes": batch["outcomes"].astype(np.int32),
             "segment_ids": batch["tokens_segment_ids"].astype(np.int32),
             "positions": batch["tokens_positions"].astype(np.int32)}
 
@@ -101,9 +103,10 @@ def make_dataset(source, vocab: Vocabulary, kind: str, config: PipelineConfig, s
         ds = _ProcessRows(ds, config.batch_size, shard_index, shard_count)
     ds = ds.map(encode)
     if config.pack:
-        ds = ds.map(lambda e: {"tokens": e.tokens[:length], "weights": e.weights[:length]})
+        ds = ds.map(lambda e: {"tokens": e.tokens[:length], "weights": e.weights[:length],
+                               "outcomes": e.outcomes[:length]})
         packed = grain.experimental.FirstFitPackIterDataset(
-            ds.to_iter_dataset(), length_struct={"tokens": length, "weights": length},
+            ds.to_iter_dataset(), length_struct={"tokens": length, "weights": length, "outcomes": length},
             num_packing_bins=config.packing_bins or config.batch_size, seed=config.shuffle_seed)
         return packed.map(_from_packed).batch(config.batch_size, drop_remainder=True)
     ds = ds.map(lambda e: _fixed_length(e, length))

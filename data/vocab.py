@@ -29,6 +29,8 @@ SPECIALS = ("<pad>", "<bos>", "<eos>", "<page>", "<sep>")
 PAD, BOS, EOS, PAGE, SEP = range(len(SPECIALS))
 NEXT_ITEM_SHELF = "next"  # the one shelf of a plain next-item sequence
 UNKNOWN_VALUE = "<unk>"
+# Stream outcome of a target token, the value head's label (0 so that padding carries no label).
+NO_OUTCOME, SKIPPED, STREAMED = 0, 1, 2
 class ItemTokenizer(Protocol):
     """Maps item ids to short tuples of local tokens in [0, num_tokens) and back. Level l of a tuple
     holds token `level_offsets[l] + code`, with code < level_sizes[l]."""
@@ -83,10 +85,12 @@ def item_tokenizer_from_json(data: dict) -> ItemTokenizer:
 
 @dataclasses.dataclass
 class Encoded:
-    """A token sequence with its per-token loss weights (0 for context, > 0 for targets)."""
+    """A token sequence with its per-token loss weights (0 for context, > 0 for targets) and stream
+    outcomes (the last token of each logged item with known streams: SKIPPED or STREAMED)."""
 
     tokens: np.ndarray  # int32 (T,)
     weights: np.ndarray  # float32 (T,): weight of predicting tokens[t] from tokens[:t]
+    outcomes: np.ndarray  # int32 (T,): NO_OUTCOME, SKIPPED or STREAMED
 
 
 class Vocabulary:
@@ -148,32 +152,37 @@ class Vocabulary:
         tokens.append(PAGE)
         return tokens
 
-    def encode_page(self, page: Sequence[Shelf], stream_weight: float = 0.0) -> tuple[list[int], list[float]]:
-        """SHELF item... EOS with per-token weights: 1, plus `stream_weight` x streams for streamed items.
-        Unknown shelves and items are dropped (and shelves left empty with them)."""
-        tokens, weights = [], []
+    def encode_page(self, page: Sequence[Shelf], stream_weight: float = 0.0) -> Encoded:
+        """SHELF item... EOS with per-token weights (1, plus `stream_weight` x streams for streamed items)
+        and outcomes. Unknown shelves and items are dropped (and shelves left empty with them)."""
+        tokens, weights, outcomes = [], [], []
         for shelf in page:
             shelf_token = self.shelf_token(shelf.shelf)
             if shelf_token is None:
                 continue
-            body, body_weights = [], []
+            body, body_weights, body_outcomes = [], [], []
             for k, item in enumerate(shelf.items):
                 codes = self.item_tokens(item)
                 if codes is None:
                     continue
                 stream = shelf.streams[k] if shelf.streams is not None else 0.0
+                outcome = NO_OUTCOME if shelf.streams is None else STREAMED if stream > 0 else SKIPPED
                 body += codes
                 body_weights += [1.0 + stream_weight * float(stream)] * len(codes)
+                body_outcomes += [NO_OUTCOME] * (len(codes) - 1) + [outcome]
             if body:
                 tokens += [shelf_token, *body]
                 weights += [1.0, *body_weights]
-        return tokens + [EOS], weights + [1.0]
+                outcomes += [NO_OUTCOME, *body_outcomes]
+        return Encoded(np.asarray(tokens + [EOS], np.int32), np.asarray(weights + [1.0], np.float32),
+                       np.asarray(outcomes + [NO_OUTCOME], np.int32))
 
     def encode(self, log: PageLog, stream_weight: float = 0.0) -> Encoded:
         prompt = self.encode_prompt(log.context, log.intent, log.history)
-        page, page_weights = self.encode_page(log.page, stream_weight)
-        return Encoded(np.asarray(prompt + page, np.int32),
-                       np.asarray([0.0] * len(prompt) + page_weights, np.float32))
+        page = self.encode_page(log.page, stream_weight)
+        return Encoded(np.concatenate([np.asarray(prompt, np.int32), page.tokens]),
+                       np.concatenate([np.zeros(len(prompt), np.float32), page.weights]),
+                       np.concatenate([np.zeros(len(prompt), np.int32), page.outcomes]))
 
     def decode_page(self, tokens: Sequence[int]) -> list[Shelf]:
         """The shelves of a generated token sequence (tokens after PAGE, up to EOS); raises ValueError for

@@ -1,6 +1,10 @@
 """Constrained page decoding inside jit: one prefill pass over the prompts, then a KV-cache loop on
 `lax.while_loop`, either beam search (beams folded into the batch) or sampling.
 
+Beam search has two objectives: `likelihood` (the page's log-probability under the model) and `streams`
+(for a model with a value head: the page's predicted number of streams, each step adding the value head's
+stream probability of the item placed, over the model's most likely candidates).
+
 Prompts are right-padded to a common length P; padded slots have segment id 0 and are never attended
 to. Generated token t of row r sits at cache slot P + t and RoPE position length[r] + t.
 """
@@ -31,8 +35,10 @@ class Decoded:
 
     tokens: jax.Array  # (B, n, T)
     token_logps: jax.Array  # (B, n, T)
-    scores: jax.Array  # (B, n)
+    scores: jax.Array  # (B, n): normalised log-probability, or predicted streams (+ prior) for `streams`
     valid: jax.Array  # (B, n)
+
+OBJECTIVES = ("likelihood", "streams")
 
 
 def pad_prompts(prompts: list[list[int]], rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,21 +50,33 @@ def pad_prompts(prompts: list[list[int]], rows: int, width: int) -> tuple[np.nda
     return tokens, lengths
 
 
-def prefill(model: Transformer, prompts: jax.Array, lengths: jax.Array, slots: int) -> tuple[jax.Array, KVCache]:
-    """Runs the prompts (B, P) through the model into a fresh cache of `slots` slots; returns the logits
-    at each prompt's last real token (B, V) and the cache."""
+def prefill_hidden(model: Transformer, prompts: jax.Array, lengths: jax.Array, slots: int
+                   ) -> tuple[jax.Array, KVCache]:
+    """Runs the prompts (B, P) through the model into a fresh cache of `slots` slots; returns the hidden
+    state at each prompt's last real token (B, D) and the cache."""
     b, p = prompts.shape
     positions = jnp.broadcast_to(jnp.arange(p), (b, p))
     segments = (positions < lengths[:, None]).astype(jnp.int32)
     hidden, cache = model.hidden(prompts, positions, segments, KVCache.zeros(model.cfg, b, slots))
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+
+
+def prefill(model: Transformer, prompts: jax.Array, lengths: jax.Array, slots: int) -> tuple[jax.Array, KVCache]:
+    """`prefill_hidden`, with the logits (B, V) at each prompt's last real token."""
+    last, cache = prefill_hidden(model, prompts, lengths, slots)
     return model.logits(last), cache
 
 
-def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache):
-    """One token per row (R,) at RoPE positions (R,) -> logits (R, V) and the updated cache."""
+def decode_hidden(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+    """One token per row (R,) at RoPE positions (R,) -> hidden state (R, D) and the updated cache."""
     hidden, cache = model.hidden(tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None], cache)
-    return model.logits(hidden[:, 0]), cache
+    return hidden[:, 0], cache
+
+
+def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+    """`decode_hidden`, with the logits (R, V) instead of the hidden state."""
+    hidden, cache = decode_hidden(model, tokens, positions, cache)
+    return model.logits(hidden), cache
 
 
 def constrained_logp(logits: jax.Array, mask: jax.Array) -> jax.Array:
@@ -71,57 +89,88 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _full_forward_logits(model: Transformer, prompts, lengths, generated, step) -> jax.Array:
-    """Logits after generated token `step` by running the whole sequence again (no KV cache)."""
+def _full_forward_hidden(model: Transformer, prompts, lengths, generated, step) -> jax.Array:
+    """The hidden state after generated token `step` by running the whole sequence again (no KV cache)."""
     rows, p = prompts.shape
     t = generated.shape[1]
     tokens = jnp.concatenate([prompts, generated], axis=1)
     positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (rows, p)), lengths[:, None] + jnp.arange(t)], 1)
     segments = jnp.concatenate([jnp.arange(p)[None] < lengths[:, None], jnp.broadcast_to(jnp.arange(t) <= step, (rows, t))], 1)
     hidden, _ = model.hidden(tokens, positions, segments.astype(jnp.int32))
-    return model.logits(hidden[:, p + step])
+    return hidden[:, p + step]
+
+
+def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_offset: int, *, objective: str,
+                 renormalize: bool, candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array]:
+    """(score increment of every next token (R, V), NEG_INF where not allowed; its log-probability).
+
+    `likelihood`: the increment is the log-probability (renormalised over the allowed tokens with
+    `renormalize`). `streams`: an item among the `candidates` most likely allowed ones adds its predicted
+    stream probability, any token adds `prior_weight` x its log-probability (which alone orders shelves
+    and EOS, and breaks ties), and items outside the candidates are pruned."""
+    logits = model.logits(hidden)
+    logp = constrained_logp(logits, mask) if renormalize else jax.nn.log_softmax(logits, axis=-1)
+    logp = jnp.where(mask, logp, NEG_INF)
+    if objective == "likelihood":
+        return logp, logp
+    item_logp = logp[:, item_offset:]
+    kth = jax.lax.top_k(item_logp, min(candidates, item_logp.shape[-1]))[0][:, -1:]
+    streams = jax.nn.sigmoid(model.values(hidden)[:, item_offset:])
+    item_score = jnp.where((item_logp >= kth) & (item_logp > NEG_INF / 2), streams + prior_weight * item_logp, NEG_INF)
+    other = jnp.where(logp[:, :item_offset] > NEG_INF / 2, prior_weight * logp[:, :item_offset], NEG_INF)
+    return jnp.concatenate([other, item_score], axis=1), logp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache",
-                                             "renormalize"))
+                                             "renormalize", "objective", "candidates", "prior_weight"))
 def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, *, grammar: PageGrammar,
                 beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True,
-                renormalize: bool = False) -> Decoded:
-    """Top `beam_size` pages per request by length-normalised log-probability under the model; the
-    grammar's mask only prunes. `renormalize=True` scores with log-probabilities renormalised over the
-    allowed tokens instead, which favours hypotheses whose constraints leave few choices (a shelf with a
-    small eligible pool) and gave worse pages (docs/BENCHMARKS.md). `use_cache=False` recomputes the whole
-    sequence at every step (the baseline the cache is measured by)."""
+                renormalize: bool = False, objective: str = "likelihood", candidates: int = 32,
+                prior_weight: float = 0.01) -> Decoded:
+    """Top `beam_size` pages per request under `objective` (see `_step_scores`); the grammar's mask only
+    prunes. `likelihood` ranks finished pages by length-normalised log-probability (GNMT `alpha`);
+    `streams` by predicted streams, unnormalised (a longer page has more chances to be streamed).
+    `renormalize=True` uses log-probabilities renormalised over the allowed tokens, which favours
+    hypotheses whose constraints leave few choices (a shelf with a small eligible pool) and gave worse
+    pages (docs/BENCHMARKS.md). `use_cache=False` recomputes the whole sequence at every step (the
+    baseline the cache is measured by)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     model = nnx.merge(graphdef, params)
+    if objective == "streams" and not model.cfg.value_head:
+        raise ValueError("the 'streams' objective needs a model trained with a value head")
     b, k = prompts.shape[0], beam_size
-    logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + max_new)
+    hidden, cache = prefill_hidden(model, prompts, lengths, prompts.shape[1] + max_new)
     rows_rules = rules.take(jnp.repeat(jnp.arange(b), k))
     row_prompts, row_lengths = jnp.repeat(prompts, k, axis=0), jnp.repeat(lengths, k)
     cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
                     jnp.repeat(cache.segment_ids, k, axis=0), cache.index) if use_cache else None
+    penalty = (lambda length: length_penalty(length, alpha)) if objective == "likelihood" else (lambda length: 1.0)
     state = dict(
-        step=jnp.zeros((), jnp.int32), logits=jnp.repeat(logits, k, axis=0), cache=cache,
+        step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, k, axis=0), cache=cache,
         fsm=grammar.init(b * k),
         alive_tokens=jnp.full((b, k, max_new), PAD, jnp.int32), alive_logps=jnp.zeros((b, k, max_new)),
         alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
         done_tokens=jnp.full((b, k, max_new), PAD, jnp.int32), done_logps=jnp.zeros((b, k, max_new)),
         done_score=jnp.full((b, k), NEG_INF))
 
-
     def running(s):
+        alive = jnp.any(s["alive_score"][:, 0] > NEG_INF / 2)
+        if objective == "streams":  # scores can still rise: run until every beam has finished
+            return (s["step"] < max_new) & alive
         # Stop when no alive beam can still beat the worst finished page (log-probs only fall).
-        best_alive = s["alive_score"][:, 0] / length_penalty(jnp.float32(max_new), alpha)
+        best_alive = s["alive_score"][:, 0] / penalty(jnp.float32(max_new))
         worst_done = s["done_score"][:, -1]
         return (s["step"] < max_new) & jnp.any((best_alive > worst_done) & (s["alive_score"][:, 0] > NEG_INF / 2))
 
     def body(s):
         step = s["step"]
         mask = grammar.allowed(s["fsm"], rows_rules)
-        scores = constrained_logp(s["logits"], mask) if renormalize else jax.nn.log_softmax(s["logits"], axis=-1)
-        logp = jnp.where(mask, scores, NEG_INF)
+        increments, logp = _step_scores(model, s["hidden"], mask, grammar.item_offset, objective=objective,
+                                        renormalize=renormalize, candidates=candidates, prior_weight=prior_weight)
         vocab = logp.shape[-1]
-        candidates = (s["alive_score"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
-        top_score, top_index = jax.lax.top_k(candidates, 2 * k)
+        candidates_score = (s["alive_score"][:, :, None] + increments.reshape(b, k, vocab)).reshape(b, k * vocab)
+        top_score, top_index = jax.lax.top_k(candidates_score, 2 * k)
         top_beam, top_token = top_index // vocab, top_index % vocab
         beam_rows = jnp.arange(b)[:, None] * k + top_beam
         token_logp = logp[beam_rows, top_token]
@@ -131,7 +180,7 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         is_eos = (top_token == EOS) & live
 
         # Finished pages join the pool, ranked by normalised score.
-        new_done = jnp.where(is_eos, top_score / length_penalty(step + 1.0, alpha), NEG_INF)
+        new_done = jnp.where(is_eos, top_score / penalty(step + 1.0), NEG_INF)
         pool_score = jnp.concatenate([s["done_score"], new_done], 1)
         keep_score, keep = jax.lax.top_k(pool_score, k)
         done_tokens = jnp.take_along_axis(jnp.concatenate([s["done_tokens"], tokens], 1), keep[:, :, None], 1)
@@ -148,10 +197,10 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         cache = s["cache"]
         if use_cache:
             cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.segment_ids[rows], cache.index)
-            logits, cache = decode_step(model, chosen_token, row_lengths + step, cache)
+            hidden, cache = decode_hidden(model, chosen_token, row_lengths + step, cache)
         else:
-            logits = _full_forward_logits(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), step)
-        return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm, alive_tokens=alive_tokens,
+            hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), step)
+        return dict(step=step + 1, hidden=hidden, cache=cache, fsm=fsm, alive_tokens=alive_tokens,
                     alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1), alive_score=alive_score,
                     done_tokens=done_tokens, done_logps=done_logps, done_score=keep_score)
 

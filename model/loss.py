@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.vocab import NO_OUTCOME, STREAMED
 from model.transformer import Transformer
 
 SAMPLERS = ("uniform", "popularity")
@@ -53,3 +54,13 @@ def sampled_softmax_loss(model: Transformer, hidden: jax.Array, targets: jax.Arr
     all_logits = jnp.concatenate([fixed, sampled, item_target[..., None]], axis=-1)
     ce = jax.nn.logsumexp(all_logits, axis=-1) - target_logit
     return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def value_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, outcomes: jax.Array):
+    """(sum of binary cross-entropies of the value head, number of labelled positions): whether each
+    logged target item was streamed (`outcomes` as in `data.vocab.Encoded`)."""
+    logits = model.values(hidden, targets)
+    labelled = (outcomes != NO_OUTCOME).astype(jnp.float32)
+    streamed = (outcomes == STREAMED).astype(jnp.float32)
+    bce = jnp.logaddexp(0.0, logits) - streamed * logits
+    return jnp.sum(bce * labelled), jnp.sum(labelled)

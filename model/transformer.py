@@ -41,6 +41,7 @@ class TransformerConfig:
     remat: str = "none"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    value_head: bool = False  # also predict whether each item token would be streamed (see `values`)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -53,7 +54,8 @@ class TransformerConfig:
     def num_params(self) -> int:
         d, h, k, hd, m = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
         per_layer = d * hd * (2 * h + 2 * k) + 3 * d * m + 2 * d
-        return self.num_layers * per_layer + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+        value = d * d + self.vocab_size if self.value_head else 0
+        return self.num_layers * per_layer + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d + value
 
 
 @jax.tree_util.register_dataclass
@@ -190,6 +192,9 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, pd)
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
+        if cfg.value_head:
+            self.value_proj = _param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), pd)
+            self.value_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), pd), logical_axes=("vocab",))
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, dropout_key: jax.Array | None = None
@@ -237,6 +242,18 @@ class Transformer(nnx.Module):
         """float32 logit of token_ids[...] at each position of hidden (..., D)."""
         rows = jnp.take(self._output_rows(), token_ids, axis=0).astype(hidden.dtype)
         return jnp.einsum("...d,...d->...", hidden, rows, preferred_element_type=jnp.float32)
+
+    def values(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
+        """float32 stream logits of the value head: for every token (..., V), or for token_ids[...] at each
+        position, the log-odds that the user streams that item if it is placed next, given the page so far
+        (trained on logged item tokens only)."""
+        query = hidden @ self.value_proj[...].astype(hidden.dtype)
+        embed, bias = self.embed[...].astype(hidden.dtype), self.value_bias[...]
+        if token_ids is not None:
+            return jnp.einsum("...d,...d->...", query, jnp.take(embed, token_ids, axis=0),
+                              preferred_element_type=jnp.float32) + bias[token_ids]
+        out = jnp.einsum("...d,vd->...v", query, embed, preferred_element_type=jnp.float32) + bias
+        return constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
 
     def __call__(self, tokens, positions, segment_ids, cache=None, dropout_key=None):
         hidden, cache = self.hidden(tokens, positions, segment_ids, cache, dropout_key)

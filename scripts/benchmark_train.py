@@ -76,6 +76,7 @@ def main(argv):
     rng = np.random.default_rng(0)
     batch = trainer.global_batch({"tokens": rng.integers(1, vocab, (b, t)).astype(np.int32),
                                   "weights": np.ones((b, t), np.float32),
+                                  "outcomes": np.zeros((b, t), np.int32),
                                   "segment_ids": np.ones((b, t), np.int32),
                                   "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))})
     for _ in range(3):

@@ -12,7 +12,7 @@ from data.shelves import ShelfRules
 from data.relabel import BEST_OUTCOME, OUTCOME_FIELD
 from data.vocab import EOS, PAD, Vocabulary
 from data.world import World, WorldConfig
-from model.decoding import beam_search, pad_prompts, sample
+from model.decoding import OBJECTIVES, beam_search, pad_prompts, sample
 from model.grammar import PageGrammar, PageRules
 from model.transformer import TransformerConfig
 from serving.requests import PageRequest, RequestError
@@ -82,7 +82,9 @@ def _bucket(n: int, minimum: int) -> int:
 class PageEngine:
     """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog."""
 
-    def __init__(self, path: str, step: int | None = None, use_cache: bool = True):
+    def __init__(self, path: str, step: int | None = None, use_cache: bool = True, objective: str = "auto"):
+        """`objective` of beam search: `likelihood`, `streams` (needs a value head) or `auto` (`streams`
+        when the checkpoint has a value head)."""
         self.use_cache = use_cache  # False: recompute every step (only to measure what the cache buys)
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
         self.step, meta = checkpoints.read_meta(step)
@@ -91,6 +93,9 @@ class PageEngine:
             raise CheckpointError(f"{path} uses semantic item IDs; page serving needs atomic item tokens "
                                   "(the page grammar does not constrain multi-token items yet)")
         self.model_cfg = TransformerConfig(**meta["model"])
+        self.path = path
+        self.objective = self._check_objective(objective)
+        self.candidates, self.prior_weight = 32, 0.01  # `streams` beam search: see model.decoding._step_scores
         self.graphdef, abstract, _ = abstract_model(self.model_cfg)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
@@ -98,6 +103,15 @@ class PageEngine:
         self.grammar = PageGrammar.for_vocabulary(self.vocab)
         self.eligibility = Eligibility(meta.get("eligibility") or {"kind": "all"}, self.vocab)
         self.catalog = (meta.get("catalog") or {}).get("items", {})
+
+    def _check_objective(self, objective: str) -> str:
+        if objective == "auto":
+            return "streams" if self.model_cfg.value_head else "likelihood"
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be 'auto' or one of {OBJECTIVES}, got {objective!r}")
+        if objective == "streams" and not self.model_cfg.value_head:
+            raise CheckpointError(f"{self.path} has no value head; beam search can only maximise likelihood")
+        return objective
 
     # --- request -> arrays ----------------------------------------------------------------------------
     def _rules(self, request: PageRequest) -> dict[str, np.ndarray]:
@@ -141,10 +155,11 @@ class PageEngine:
         return jnp.asarray(tokens), jnp.asarray(lengths), PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})
 
     # --- decoding -------------------------------------------------------------------------------------
-    def generate(self, requests: list[PageRequest]) -> list[dict]:
+    def generate(self, requests: list[PageRequest], objective: str | None = None) -> list[dict]:
         """One response (FORMATS.md §4) per request, in order; a request that cannot be served gets
         {"error": reason}. Requests are grouped by decoding mode and page shape, so each group decodes as
-        one batch."""
+        one batch. Beam search uses `objective` (default: the engine's)."""
+        objective = self._check_objective(objective) if objective else self.objective
         responses: list[dict | None] = [None] * len(requests)
         rules: dict[int, dict[str, np.ndarray]] = {}
         groups: dict[tuple, list[int]] = {}
@@ -155,7 +170,8 @@ class PageEngine:
                 responses[k] = {"error": str(e)}
                 continue
             shape = (r.num_shelves, r.max_items_per_shelf)
-            key = ("beam", r.beam_size, *shape) if r.temperature == 0 else ("sample", r.num_pages, *shape)
+            key = (("beam", r.beam_size, *shape, objective) if r.temperature == 0
+                   else ("sample", r.num_pages, *shape, None))
             groups.setdefault(key, []).append(k)
         for key, members in groups.items():
             group = self._generate_group(key, [requests[k] for k in members], [rules[k] for k in members])
@@ -165,12 +181,13 @@ class PageEngine:
 
     def _generate_group(self, key: tuple, requests: list[PageRequest], request_rules: list[dict]) -> list[dict]:
         start = time.perf_counter()
-        mode, width, num_shelves, max_items = key
+        mode, width, num_shelves, max_items, objective = key
         max_new = self.grammar.max_length(num_shelves, max_items)
         tokens, lengths, rules = self._batch(requests, request_rules)
         if mode == "beam":
             out = beam_search(self.graphdef, self.params, tokens, lengths, rules, grammar=self.grammar,
-                              beam_size=width, max_new=max_new, use_cache=self.use_cache)
+                              beam_size=width, max_new=max_new, use_cache=self.use_cache, objective=objective,
+                              candidates=self.candidates, prior_weight=self.prior_weight)
         else:
             repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
             rows = tokens.shape[0]
@@ -196,6 +213,9 @@ class PageEngine:
             best = pages[0]
             response = {"user_id": request.user_id, "page": best["page"], "log_prob": best["log_prob"],
                         "checkpoint_step": self.step}
+            if mode == "beam" and objective == "streams":  # the score less its log-prob prior
+                prior = self.prior_weight * float(out.token_logps[row, 0].sum())
+                response["predicted_streams"] = round(float(out.scores[row, 0]) - prior, 4)
             if request.num_pages > 1:
                 response["pages"] = pages
             response["_stats"] = {"latency_s": elapsed, "tokens": int(sum((out.tokens[row, 0] != PAD))),

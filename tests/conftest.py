@@ -42,14 +42,15 @@ def tfds_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
-    """A run folder with a small model trained briefly on the tiny synthetic world."""
+    """A run folder with a small model (with a value head) trained briefly on the tiny synthetic world."""
     from configs.demo import get_config
     from training.loop import run
 
     cfg = get_config()
     cfg.data.data_dir = tfds_dir
     cfg.data.seq_len = 96
-    cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64))
+    cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                          value_head=True))
     cfg.train.update(dict(steps=30, log_every=10, eval_every=30, checkpoint_every=30, eval_batches=1,
                           warmup_steps=5, learning_rate=3e-3))
     workdir = str(tmp_path_factory.mktemp("tiny_run"))

@@ -27,8 +27,8 @@ def rules(batch=1, min_items=1, max_items=2, max_shelves=2, excluded=()):
                      jnp.full((batch,), max_shelves, jnp.int32))
 
 
-def model_and_params(seed=0):
-    model = Transformer(CFG, nnx.Rngs(seed))
+def model_and_params(seed=0, cfg=CFG):
+    model = Transformer(cfg, nnx.Rngs(seed))
     graphdef, state = nnx.split(model)
     return model, graphdef, nnx.to_pure_dict(state)
 
@@ -105,6 +105,64 @@ def test_beam_search_finds_the_brute_force_best_page(renormalize):
         assert list(np.asarray(out.scores[0])) == sorted(np.asarray(out.scores[0]), reverse=True)
         for page, s in zip(returned, np.asarray(out.scores[0])):
             np.testing.assert_allclose(s, scores[page], rtol=1e-4)
+
+
+def streams_scores(model, prompt, pages, prior_weight, candidates):
+    """{page: predicted streams} by full forward passes: the value head's stream probability of each item
+    plus `prior_weight` x every token's log-probability; pages with an item outside the `candidates` most
+    likely allowed items at its step are left out."""
+    r = rules(1)
+
+    @jax.jit
+    def heads(tokens):
+        hidden, _ = model.hidden(tokens, jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
+        return jax.nn.log_softmax(model.logits(hidden), axis=-1)[0], jax.nn.sigmoid(model.values(hidden))[0]
+
+    scores = {}
+    for seq in pages:
+        logp, streams = map(np.asarray, heads(jnp.asarray([list(prompt) + list(seq)])))
+        state, total = GRAMMAR.init(1), 0.0
+        for t, token in enumerate(seq):
+            at = len(prompt) - 1 + t
+            if token >= GRAMMAR.item_offset:
+                allowed = np.flatnonzero(np.asarray(GRAMMAR.allowed(state, r))[0, GRAMMAR.item_offset:])
+                ranked = sorted(allowed + GRAMMAR.item_offset, key=lambda i: -logp[at, i])
+                if token not in ranked[:candidates]:
+                    break
+                total += float(streams[at, token])
+            total += prior_weight * float(logp[at, token])
+            state = GRAMMAR.advance(state, jnp.array([token]))
+        else:
+            scores[seq] = total
+    return scores
+
+
+@pytest.mark.parametrize("candidates", [N, 2])
+def test_streams_beam_search_finds_the_brute_force_best_page(candidates):
+    cfg = TransformerConfig(**{**CFG.__dict__, "value_head": True})
+    pages = enumerate_pages()
+    for seed in range(3):
+        model, graphdef, params = model_and_params(seed, cfg)
+        params["value_bias"] = jax.random.normal(jax.random.key(seed), (cfg.vocab_size,))  # spread the values
+        nnx.update(model, nnx.State(params))
+        prompt = [1, 4, 3]
+        scores = streams_scores(model, prompt, pages, 0.05, candidates)
+        best = max(scores, key=scores.get)
+        out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(), grammar=GRAMMAR,
+                          beam_size=16, max_new=GRAMMAR.max_length(2, 2), objective="streams",
+                          candidates=candidates, prior_weight=0.05)
+        found = tuple(int(t) for t in np.asarray(out.tokens[0, 0]) if t != PAD)
+        assert found == best, (found, best)
+        for row, s in zip(np.asarray(out.tokens[0]), np.asarray(out.scores[0])):
+            page = tuple(int(t) for t in row if t != PAD)
+            np.testing.assert_allclose(s, scores[page], rtol=1e-4)
+
+
+def test_streams_objective_needs_a_value_head():
+    _, graphdef, params = model_and_params(0)
+    with pytest.raises(ValueError, match="value head"):
+        beam_search(graphdef, params, jnp.asarray([[1, 4, 3]]), jnp.asarray([3]), rules(), grammar=GRAMMAR,
+                    beam_size=2, max_new=GRAMMAR.max_length(2, 2), objective="streams")
 
 
 def test_sampling_is_reproducible_and_valid():

@@ -68,13 +68,16 @@ def test_page_evaluator_end_to_end(tiny_checkpoint):
         out = json.load(f)
     pages = out["pages"]
     assert pages["oracle"]["of_oracle"] == 1.0
-    for name in ("homegen beam search", "homegen sampling", "pointwise (same model)", "logging policy"):
+    # The checkpoint has a value head: beam search maximises predicted streams, and the table also has
+    # likelihood beam search and the value head's pointwise pages.
+    for name in ("homegen beam search (streams)", "homegen beam search (likelihood)", "homegen sampling",
+                 "pointwise (same model)", "pointwise (value head)", "logging policy"):
         assert pages[name]["valid_rate"] == 1.0
         assert 0 < pages[name]["of_oracle"] < 1.0
     # Model-based pages are asked for full shelves, as the oracle's are.
-    assert out["full_shelves"] and pages["homegen beam search"]["items_per_page"] == 6 * 10
+    assert out["full_shelves"] and pages["homegen beam search (streams)"]["items_per_page"] == 6 * 10
     assert pages["logging policy"]["items_per_page"] < 6 * 10
-    assert "homegen beam search" in result.stdout
+    assert "homegen beam search (streams)" in result.stdout
     for png in ("metrics.png", "training.png"):
         assert os.path.getsize(os.path.join(tiny_checkpoint, "eval", png)) > 5000
 

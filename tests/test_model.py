@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss
+from model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
 from model.transformer import KVCache, Transformer, TransformerConfig
 
 CFG = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
@@ -55,6 +55,25 @@ def test_param_count_and_untied_head():
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model))) == cfg.num_params()
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         TransformerConfig(**{**CFG, "num_kv_heads": 3})
+
+
+def test_value_head():
+    cfg = TransformerConfig(**CFG, value_head=True)
+    model = Transformer(cfg, nnx.Rngs(0))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model))) == cfg.num_params()
+    tokens, positions, segments = inputs()
+    hidden, _ = model.hidden(tokens, positions, segments)
+    every = model.values(hidden)
+    assert every.shape == (2, 12, 61)
+    targets = jnp.roll(tokens, -1, axis=1)
+    picked = model.values(hidden, targets)
+    np.testing.assert_allclose(picked, jnp.take_along_axis(every, targets[..., None], -1)[..., 0], atol=1e-5)
+    # The loss is the binary cross-entropy over labelled positions only (1 skipped, 2 streamed).
+    outcomes = jnp.zeros((2, 12), jnp.int32).at[0, 3].set(2).at[1, 5].set(1).at[1, 7].set(2)
+    total, count = value_loss(model, hidden, targets, outcomes)
+    p = jax.nn.sigmoid(picked)
+    expected = -np.log(p[0, 3]) - np.log(1 - p[1, 5]) - np.log(p[1, 7])
+    assert count == 3 and float(total) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_bf16_compute_keeps_fp32_params():

@@ -6,7 +6,7 @@ import pytest
 from data.builders import page_log_to_example
 from data.formats import PageLog, Shelf
 from data.pipeline import PipelineConfig, make_dataset
-from data.vocab import BOS, PAGE, VocabularyBuilder
+from data.vocab import BOS, NO_OUTCOME, PAGE, SKIPPED, STREAMED, VocabularyBuilder
 
 NUM = 60
 
@@ -16,8 +16,11 @@ def records():
     rng = np.random.default_rng(0)
     logs = []
     for k in range(NUM):
-        page = [Shelf(f"s{j}", [f"i{x}" for x in rng.choice(300, rng.integers(2, 8), replace=False)],
-                      [float(x) for x in rng.integers(0, 2, 8)][:0] or None) for j in range(rng.integers(1, 4))]
+        page = []
+        for j in range(rng.integers(1, 4)):
+            items = [f"i{x}" for x in rng.choice(300, rng.integers(2, 8), replace=False)]
+            streams = [float(x) for x in rng.integers(0, 2, len(items))] if k % 2 else None  # half unlabelled
+            page.append(Shelf(f"s{j}", items, streams))
         logs.append(PageLog(f"u{k}", page, request_id=f"r{k}", context={"hour": str(k % 24)},
                             history=[f"h{k}"] + [f"i{x}" for x in rng.choice(300, 3)]))
     builder = VocabularyBuilder()
@@ -51,6 +54,9 @@ def test_packed_batches_are_well_formed(records):
     assert batch["tokens"].shape == (4, 65)
     seg, pos, tok, w = batch["segment_ids"], batch["positions"], batch["tokens"], batch["weights"]
     assert np.all(w[seg == 0] == 0) and np.all(tok[seg == 0] == 0)
+    # Stream outcomes travel with their item tokens through packing: items of labelled pages only.
+    outcomes = batch["outcomes"]
+    assert {SKIPPED, STREAMED} <= set(np.unique(outcomes)) and np.all(outcomes[tok < vocab.item_offset] == NO_OUTCOME)
     assert (seg.max(axis=1) > 1).any()  # something really was packed
     for row in range(4):
         for s in np.unique(seg[row][seg[row] > 0]):

@@ -92,6 +92,18 @@ def test_beam_pages_are_distinct_and_ranked(engine):
     assert response["log_prob"] == probs[0]
 
 
+def test_objectives(engine):
+    """The fixture has a value head: beam search maximises predicted streams unless asked for likelihood."""
+    request = parse_request({"user_id": "u3", "beam_size": 2, "num_shelves": 2, "max_items_per_shelf": 5,
+                             "min_items_per_shelf": 5})
+    streams = engine.generate([request])[0]
+    likelihood = engine.generate([request], objective="likelihood")[0]
+    assert engine.objective == "streams" and "predicted_streams" not in likelihood
+    assert 0 < streams["predicted_streams"] < 10  # a probability per item, 10 items
+    with pytest.raises(ValueError, match="objective"):
+        engine.generate([request], objective="clicks")
+
+
 def test_batch_file_keeps_order_and_reports_bad_lines(tiny_checkpoint, tmp_path):
     lines = [json.dumps({"user_id": "u1", "num_shelves": 2}), "{not json",
              json.dumps({"user_id": "u2", "num_shelves": "many"}), "",

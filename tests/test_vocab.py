@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from data.formats import CatalogItem, PageLog, Shelf, UserSequence
-from data.vocab import BOS, EOS, PAGE, SEP, NEXT_ITEM_SHELF, Vocabulary, VocabularyBuilder
+from data.vocab import BOS, EOS, PAGE, SEP, SKIPPED, STREAMED, NEXT_ITEM_SHELF, Vocabulary, VocabularyBuilder
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,10 @@ def test_page_round_trip(vocab):
     # Only the generated part is a target; a streamed item weighs 1 + 0.5 * streams.
     assert np.all(enc.weights[:page_start] == 0) and np.all(enc.weights[page_start:] > 0)
     assert enc.weights[page_start + 2] == 2.0 and enc.weights[page_start + 1] == 1.0
+    # Stream outcomes label the items of shelves with known streams, nothing else.
+    outcomes = np.zeros(len(tokens), np.int32)
+    outcomes[page_start + 1:page_start + 3] = [SKIPPED, STREAMED]
+    np.testing.assert_array_equal(enc.outcomes, outcomes)
     # History keeps the last max_history items, in order.
     first_sep = tokens.index(SEP)
     second_sep = tokens.index(SEP, first_sep + 1)
@@ -57,9 +61,9 @@ def test_context_tokens(vocab):
 
 
 def test_unknown_items_and_shelves_are_dropped(vocab):
-    tokens, _ = vocab.encode_page([Shelf("nope", ["t1"]), Shelf("made_for_you", ["zzz", "t2"]),
-                                   Shelf("new_releases", ["zzz"])])
-    assert [(s.shelf, s.items) for s in vocab.decode_page(tokens)] == [("made_for_you", ["t2"])]
+    encoded = vocab.encode_page([Shelf("nope", ["t1"]), Shelf("made_for_you", ["zzz", "t2"]),
+                                 Shelf("new_releases", ["zzz"])])
+    assert [(s.shelf, s.items) for s in vocab.decode_page(encoded.tokens)] == [("made_for_you", ["t2"])]
 
 
 def test_grammar_errors(vocab):

@@ -19,16 +19,20 @@ from model.sharding import use_mesh
 
 
 def validation_loss(trainer, params, source, vocab: Vocabulary, kind: str, pipeline_cfg: PipelineConfig,
-                    num_batches: int, shard_index: int, shard_count: int) -> float:
-    """Mean cross-entropy per target token over `num_batches` fixed validation batches."""
+                    num_batches: int, shard_index: int, shard_count: int) -> dict[str, float]:
+    """Mean cross-entropy per target token over `num_batches` fixed validation batches (`validation_loss`)
+    and, for a model with a value head, its mean cross-entropy per logged item (`validation_value_loss`)."""
     cfg = dataclasses.replace(pipeline_cfg, pack=False, shuffle_seed=1234, stream_weight=0.0)
     iterator = iter(make_dataset(source, vocab, kind, cfg, shard_index, shard_count))
-    loss_sum = count = 0.0
+    sums: dict[str, float] = {}
     for _ in range(num_batches):
         out = trainer.eval_step(params, trainer.global_batch(next(iterator)))
-        loss_sum += float(out["loss_sum"])
-        count += float(out["count"])
-    return loss_sum / max(count, 1.0)
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    result = {"validation_loss": sums["loss_sum"] / max(sums["count"], 1.0)}
+    if "value_sum" in sums:
+        result["validation_value_loss"] = sums["value_sum"] / max(sums["value_count"], 1.0)
+    return result
 
 
 def ranking_metrics(ranks: np.ndarray, ks=(5, 10, 20, 50)) -> dict[str, float]:

@@ -147,7 +147,8 @@ def _run(cfg, workdir, init_from) -> dict:
     sampled = None
     if cfg.loss.kind == "sampled":
         sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
-    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed)
+    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
+                      cfg.loss.value_weight)
 
     pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
                                   pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
@@ -182,9 +183,9 @@ def _run(cfg, workdir, init_from) -> dict:
     def evaluate(step: int) -> dict[str, float]:
         out = {}
         if "validation" in prepared.sources and len(prepared.sources["validation"]):
-            out["validation_loss"] = validation_loss(trainer, state["params"], prepared.sources["validation"], vocab,
-                                               prepared.kind, pipeline_cfg, cfg.train.eval_batches,
-                                               jax.process_index(), nproc)
+            out.update(validation_loss(trainer, state["params"], prepared.sources["validation"], vocab,
+                                       prepared.kind, pipeline_cfg, cfg.train.eval_batches,
+                                       jax.process_index(), nproc))
         if ranker:
             metrics = ranking_metrics(ranker.rank(state["params"], eval_users), ks=(10,))
             out.update({f"validation_{k}": v for k, v in metrics.items() if k != "mrr"})

@@ -14,7 +14,7 @@ from data.builders import SyntheticWorldDataset
 from data.policies import OraclePolicy, popularity_pages
 from data.response import PageBatch, ResponseModel
 from data.world import parse_context
-from model.decoding import pad_prompts, prefill
+from model.decoding import pad_prompts, prefill_hidden
 from serving.engine import PageEngine
 from serving.requests import parse_request
 from serving.validity import page_violations
@@ -48,10 +48,12 @@ class PageArrays:
         return shelves, items
 
 
-def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[str]], batch: int = 64) -> list[list[dict]]:
+def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[str]], batch: int = 64,
+                    head: str = "logits") -> list[list[dict]]:
     """The pointwise baseline: for each request and shelf, the same model's next-item scores right after
     the shelf token (the first item slot), slotted greedily (best unused eligible item first) into the
-    given shelves, each filled up to the request's maximum."""
+    given shelves, each filled up to the request's maximum. `head="values"` ranks by the value head's
+    stream logits instead of the next-item logits."""
     vocab = engine.vocab
     rows = [(k, name) for k, shelves in enumerate(shelf_lists) for name in shelves]
     prompts = [engine.prompt(r) for r in requests]
@@ -62,8 +64,8 @@ def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[s
     @jax.jit
     def item_scores(params, tokens, lengths):
         model = nnx.merge(engine.graphdef, params)
-        logits, _ = prefill(model, tokens, lengths, tokens.shape[1])
-        return logits[:, first:]
+        last, _ = prefill_hidden(model, tokens, lengths, tokens.shape[1])
+        return (model.values(last) if head == "values" else model.logits(last))[:, first:]
 
     scores = []
     for start in range(0, len(sequences), batch):
@@ -106,6 +108,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
     shelves to the maximum)."""
     engine = PageEngine(checkpoint, step)
+    has_value_head = engine.model_cfg.value_head
     if engine.eligibility.kind != "world":
         raise ValueError("page evaluation needs a checkpoint trained on the synthetic world")
     world, rules = engine.eligibility.world, engine.eligibility.rules
@@ -120,14 +123,20 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
     parsed = [parse_request(r) for r in requests]
     as_issued = [parse_request(r) for r in issued]
-    beam = engine.generate([parse_request({**r, "beam_size": beam_size}) for r in requests])
+    beam_requests = [parse_request({**r, "beam_size": beam_size}) for r in requests]
+    beam = engine.generate(beam_requests)
     sampled = engine.generate([parse_request({**r, "temperature": 1.0, "seed": k}) for k, r in enumerate(requests)])
+    beam_shelves = [[s["shelf"] for s in b["page"]] for b in beam]
     pages = {
-        "homegen beam search": [b["page"] for b in beam],
+        f"homegen beam search ({engine.objective})": [b["page"] for b in beam],
         "homegen sampling": [s["page"] for s in sampled],
-        "pointwise (same model)": pointwise_pages(engine, parsed, [[s["shelf"] for s in b["page"]] for b in beam]),
+        "pointwise (same model)": pointwise_pages(engine, parsed, beam_shelves),
         "logging policy": [log["page"] for log in logged],
     }
+    if has_value_head:  # what the value head adds: likelihood beam search, and its values slotted pointwise
+        likelihood = engine.generate(beam_requests, objective="likelihood")
+        pages["homegen beam search (likelihood)"] = [b["page"] for b in likelihood]
+        pages["pointwise (value head)"] = pointwise_pages(engine, parsed, beam_shelves, head="values")
     users = np.array([world.user_index(r["user_id"]) for r in requests])
     contexts = [parse_context(world.users, u, r.get("context", {})) for u, r in zip(users, requests)]
     ctx = contexts[0].__class__(**{f: np.concatenate([getattr(c, f) for c in contexts])
@@ -179,7 +188,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     print(f"page quality on {len(requests)} held-out requests (exact expected streams under the true model)")
     columns = ["expected_streams", "of_oracle", "valid_rate", "items_per_page", "artists_per_page", "genres_per_page",
                "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
-    print(f"{'':<24}" + "".join(f"{c[:12]:>13}" for c in columns))
+    print(f"{'':<36}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in table.items():
-        print(f"{name:<24}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
+        print(f"{name:<36}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
     return {"requests": len(requests), "full_shelves": full_shelves, "beam_size": beam_size, "pages": table}

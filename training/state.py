@@ -15,12 +15,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss
+from model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
 from model.sharding import logical_to_spec, use_mesh
 from model.transformer import Transformer, TransformerConfig
 from training.optimizer import learning_rate_schedule, make_optimizer
 
-BATCH_KEYS = ("tokens", "weights", "segment_ids", "positions")
+BATCH_KEYS = ("tokens", "weights", "outcomes", "segment_ids", "positions")
 
 
 def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
@@ -51,6 +51,7 @@ class Trainer:
     rules: list
     sampled: SampledSoftmax | None = None
     seed: int = 0
+    value_weight: float = 1.0  # weight of the value head's loss against the next-token loss
 
     def __post_init__(self):
         self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
@@ -96,6 +97,8 @@ class Trainer:
 
     # --- steps ---------------------------------------------------------------------------------------
     def _loss(self, params, batch, key, train: bool):
+        """(loss sum, weight sum, value-head sums): next-token cross-entropy (weighted in training, every
+        target once in evaluation), plus `value_weight` x the value head's cross-entropy when there is one."""
         model = nnx.merge(self.graphdef, params)
         inputs = batch["tokens"][:, :-1]
         targets, weights = batch["tokens"][:, 1:], batch["weights"][:, 1:]
@@ -103,36 +106,51 @@ class Trainer:
         hidden, _ = model.hidden(inputs, batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
                                  dropout_key=dropout_key if train else None)
         if not train:
-            return full_softmax_loss(model, hidden, targets, (weights > 0).astype(jnp.float32))
-        if self.sampled is not None:
-            return sampled_softmax_loss(model, hidden, targets, weights, self.sampled, sample_key)
-        return full_softmax_loss(model, hidden, targets, weights)
+            loss, weight = full_softmax_loss(model, hidden, targets, (weights > 0).astype(jnp.float32))
+        elif self.sampled is not None:
+            loss, weight = sampled_softmax_loss(model, hidden, targets, weights, self.sampled, sample_key)
+        else:
+            loss, weight = full_softmax_loss(model, hidden, targets, weights)
+        if not self.model_cfg.value_head:
+            return loss, weight, {}
+        value_sum, labelled = value_loss(model, hidden, targets, batch["outcomes"][:, 1:])
+        total = loss + self.value_weight * value_sum * weight / jnp.maximum(labelled, 1.0) if train else loss
+        return total, weight, {"value_sum": value_sum, "value_count": labelled}
 
     def _train_step_impl(self, state, batch):
         accum = self.train_cfg.grad_accum
         key = jax.random.fold_in(jax.random.key(self.seed + 1), state["step"])
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(lambda p, b, k: self._loss(p, b, k, True), has_aux=True)
+        def loss_fn(params, b, k):
+            loss, weight, value = self._loss(params, b, k, True)
+            return loss, (weight, value)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, inputs):
-            grads, loss_sum, weight_sum = carry
+            grads, loss_sum, weight_sum, value = carry
             b, k = inputs
-            (loss, weight), g = grad_fn(state["params"], b, k)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, weight_sum + weight), None
+            (loss, (weight, v)), g = grad_fn(state["params"], b, k)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, weight_sum + weight,
+                    jax.tree.map(jnp.add, value, v)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         keys = jax.random.split(key, accum)
-        (grads, loss_sum, weight_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, keys))
+        value_zeros = {"value_sum": 0.0, "value_count": 0.0} if self.model_cfg.value_head else {}
+        (grads, loss_sum, weight_sum, value), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, value_zeros),
+                                                               (micro, keys))
         grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9), grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state["step"]), "target_weight": weight_sum}
+        if value:
+            metrics["value_loss"] = value["value_sum"] / jnp.maximum(value["value_count"], 1.0)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def _eval_step_impl(self, params, batch):
-        loss_sum, count = self._loss(params, batch, None, False)
-        return {"loss_sum": loss_sum, "count": count}
+        loss_sum, count, value = self._loss(params, batch, None, False)
+        return {"loss_sum": loss_sum, "count": count, **value}
 
     def train_step(self, state, batch):
         with use_mesh(self.mesh, self.rules):
