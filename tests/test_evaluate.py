@@ -77,9 +77,24 @@ def test_page_evaluator_end_to_end(tiny_checkpoint):
     # Model-based pages are asked for full shelves, as the oracle's are.
     assert out["full_shelves"] and pages["homegen beam search (streams)"]["items_per_page"] == 6 * 10
     assert pages["logging policy"]["items_per_page"] < 6 * 10
+    assert all(pages[name]["predicted_streams"] > 0 for name in ("logging policy", "pointwise (value head)"))
     assert "homegen beam search (streams)" in result.stdout
     for png in ("metrics.png", "training.png"):
         assert os.path.getsize(os.path.join(tiny_checkpoint, "eval", png)) > 5000
+
+
+def test_predicted_streams_match_the_beam_search_score(tiny_checkpoint):
+    """Teacher-forced value-head streams of a streams-objective page equal the score beam search gave it."""
+    from serving.engine import PageEngine
+    from serving.requests import parse_request
+    from training.page_quality import predicted_streams
+
+    engine = PageEngine(tiny_checkpoint)
+    requests = [parse_request({"user_id": u, "beam_size": 2, "num_shelves": 3, "max_items_per_shelf": 4})
+                for u in ("u1", "u7")]
+    responses = engine.generate(requests)
+    forced = predicted_streams(engine, requests, [r["page"] for r in responses])
+    np.testing.assert_allclose(forced, [r["predicted_streams"] for r in responses], atol=2e-3)
 
 
 def test_page_engagement_equals_the_worlds_own(tiny_checkpoint):

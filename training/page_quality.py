@@ -7,10 +7,12 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from data.builders import SyntheticWorldDataset
+from data.formats import Shelf
 from data.policies import OraclePolicy, popularity_pages
 from data.response import PageBatch, ResponseModel
 from data.world import parse_context
@@ -88,6 +90,34 @@ def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[s
         used[k].update(chosen)
         pages[k].append({"shelf": name, "items": chosen})
     return pages
+
+
+def predicted_streams(engine: PageEngine, requests: list, pages: list[list[dict]], batch: int = 64) -> np.ndarray:
+    """(R,) the value head's predicted streams of given pages (teacher-forced): the sum over the page's
+    items of the predicted stream probability of each item where it stands. An off-policy estimate, as a
+    team without a simulator would have it; against the exact value it shows the head's bias."""
+    vocab = engine.vocab
+    prompts = [engine.prompt(r) for r in requests]
+    sequences = [prompt + vocab.encode_page([Shelf(s["shelf"], s["items"]) for s in page]).tokens.tolist()
+                 for prompt, page in zip(prompts, pages)]
+    width = max(map(len, sequences))
+
+    @jax.jit
+    def item_streams(params, tokens, lengths):
+        model = nnx.merge(engine.graphdef, params)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, _ = model.hidden(tokens, positions, (positions < lengths[:, None]).astype(jnp.int32))
+        return jax.nn.sigmoid(model.values(hidden[:, :-1], tokens[:, 1:]))
+
+    totals = []
+    for start in range(0, len(sequences), batch):
+        chunk = sequences[start:start + batch]
+        tokens, lengths = pad_prompts(chunk, batch, width)
+        streams = np.asarray(item_streams(engine.params, tokens, lengths))
+        for row, (prompt, seq) in enumerate(zip(prompts[start:], chunk)):
+            is_item = np.array([vocab.is_item(t) for t in seq[len(prompt):]], bool)
+            totals.append(float(streams[row, len(prompt) - 1:len(seq) - 1][is_item].sum()))
+    return np.array(totals)
 
 
 def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
@@ -181,12 +211,14 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                 catalog_coverage=len({i for f in flat for i in f}) / c.num_items,
                 history_share=float(np.mean([np.mean([i in set(r["history"]) for i in f]) if f else 0
                                              for f, r in zip(flat, requests)])))
+            if has_value_head:
+                row["predicted_streams"] = float(predicted_streams(engine, parsed, plist).mean())
             if name != "logging policy":
                 logm = np.array([_log_metrics(page, s) for page, s in zip(plist, streamed)], dtype=float)
                 row.update(log_recall=float(np.nanmean(logm[:, 0])), log_ndcg=float(np.nanmean(logm[:, 1])))
         table[name] = row
     print(f"page quality on {len(requests)} held-out requests (exact expected streams under the true model)")
-    columns = ["expected_streams", "of_oracle", "valid_rate", "items_per_page", "artists_per_page", "genres_per_page",
+    columns = ["expected_streams", "of_oracle", "predicted_streams", "valid_rate", "items_per_page", "artists_per_page", "genres_per_page",
                "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
     print(f"{'':<36}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in table.items():
