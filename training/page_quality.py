@@ -197,6 +197,9 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     table = {}
     for name, v in values.items():
         row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean}
+        if name.startswith("homegen beam search"):  # paired over requests: is the gain more than noise?
+            gain = v - values["pointwise (same model)"]
+            row.update(vs_pointwise=float(gain.mean()), vs_pointwise_se=float(gain.std(ddof=1) / np.sqrt(len(gain))))
         if name in pages:
             plist = pages[name]
             # Validity against the requests as the world issued them (full shelves are a stricter request).
@@ -223,4 +226,8 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     print(f"{'':<36}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in table.items():
         print(f"{name:<36}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
+    for name, row in table.items():
+        if "vs_pointwise" in row:
+            print(f"{name} - pointwise (same model): {row['vs_pointwise']:+.3f} +- {row['vs_pointwise_se']:.3f} "
+                  "expected streams per page (mean paired difference +- its standard error)")
     return {"requests": len(requests), "full_shelves": full_shelves, "beam_size": beam_size, "pages": table}
