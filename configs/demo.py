@@ -9,12 +9,14 @@ def get_config():
     c.data.seq_len = 128
     c.data.max_history = 20
     c.data.sentencepiece_vocab = 300
+    c.data.stream_weight = 10.0  # docs/BENCHMARKS.md: better pages than 1
     c.model.d_model = 64
     c.model.num_layers = 2
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
     c.model.head_dim = 16
     c.model.mlp_dim = 256
+    c.model.value_head = True  # beam search maximises predicted streams (docs/BENCHMARKS.md)
     c.train.steps = 300
     c.train.batch_size = 16
     c.train.learning_rate = 3e-3

@@ -15,6 +15,8 @@ def get_config():
     c.model.head_dim = 32
     c.model.mlp_dim = 1024
     c.model.dropout = 0.1
+    c.model.value_head = True  # beam search maximises predicted streams (docs/BENCHMARKS.md)
+    c.data.stream_weight = 10.0
     c.train.steps = 5000
     c.train.batch_size = 64
     c.train.learning_rate = 1e-3

@@ -33,6 +33,7 @@ PAGE_FEATURES = {
 SEQUENCE_FEATURES = {"user_id": tfds.features.Text(), "items": _TEXTS,
                      "timestamps_us": tfds.features.Sequence(np.int64)}
 NO_TIME = np.iinfo(np.int64).min  # Example protos hold float32 or int64: times are stored as int64 µs
+NO_STREAMS = -1.0  # stored for every item of a shelf logged without streams (unknown, not zero)
 
 
 def _to_us(stamp: float | None) -> int:
@@ -52,8 +53,8 @@ def page_log_to_example(log: PageLog) -> dict:
         "history": log.history, "shelves": [s.shelf for s in log.page],
         "shelf_sizes": np.array([len(s.items) for s in log.page], np.int32),
         "items": [i for s in log.page for i in s.items],
-        "streams": np.array([(s.streams[k] if s.streams else 0.0) for s in log.page for k in range(len(s.items))],
-                            np.float32),
+        "streams": np.array([(s.streams[k] if s.streams is not None else NO_STREAMS)
+                             for s in log.page for k in range(len(s.items))], np.float32),
     }
 
 
@@ -68,7 +69,8 @@ def example_to_page_log(example: dict) -> PageLog:
     page, start = [], 0
     for shelf, size in zip(example["shelves"], example["shelf_sizes"]):
         end = start + int(size)
-        page.append(Shelf(_text(shelf), items[start:end], streams[start:end]))
+        known = [x for x in streams[start:end] if x != NO_STREAMS]
+        page.append(Shelf(_text(shelf), items[start:end], known if len(known) == end - start else None))
         start = end
     return PageLog(
         user_id=_text(example["user_id"]), page=page, request_id=_text(example["request_id"]) or None,
@@ -119,7 +121,8 @@ class PageLogConfig(tfds.core.BuilderConfig):
 class PageLogDataset(tfds.core.GeneratorBasedBuilder):
     """Page logs from JSON Lines files; the last fractions by timestamp become validation and test."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Shelves logged without streams store -1 per item (unknown), not 0."}
 
     @classmethod
     def for_files(cls, page_logs: Sequence[str], data_dir: str, validation_fraction: float = 0.05,

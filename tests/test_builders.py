@@ -4,8 +4,8 @@ import pytest
 
 from conftest import shared_file
 from data.builders import (InteractionDataset, PageLogDataset, SyntheticWorldDataset, example_to_page_log,
-                           example_to_sequence)
-from data.formats import iter_page_logs
+                           example_to_sequence, page_log_to_example)
+from data.formats import PageLog, Shelf, iter_page_logs
 
 
 def test_page_log_builder_round_trips(tiny_world_dir, tmp_path):
@@ -22,6 +22,11 @@ def test_page_log_builder_round_trips(tiny_world_dir, tmp_path):
     for k in range(0, len(source["train"]), 97):
         got = example_to_page_log(source["train"][k])
         assert got == logs[got.request_id]
+
+
+def test_unknown_streams_stay_unknown():
+    log = PageLog("u1", [Shelf("a", ["t1", "t2"]), Shelf("b", ["t3"], [0.0])], request_id="r1")
+    assert example_to_page_log(page_log_to_example(log)).page == log.page
 
 
 def test_missing_page_log_file(tmp_path):

@@ -1,6 +1,7 @@
 """End-to-end checks of train.py: loss falls, sharding, multi-process, resume after SIGKILL, mesh change,
 fine-tuning, bad input and NaN handling."""
 
+import json
 import os
 import signal
 import socket
@@ -157,18 +158,36 @@ def test_fine_tuning_with_frozen_groups(data_dir, tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.train.update(dict(batch_size=12)), "multiple of the mesh's batch axes"),
-    (lambda c: c.data.update(dict(source="interactions", interactions="/nonexistent/file.txt")), "/nonexistent/file.txt does not exist"),
+    (lambda c: (c.data.update(dict(source="interactions", interactions="/nonexistent/file.txt")),
+                c.model.update(dict(value_head=False))), "/nonexistent/file.txt does not exist"),
     (lambda c: c.data.update(dict(source="page_logs")), "needs --config.data.page_logs"),
     (lambda c: c.data.update(dict(source="parquet")), "data.source must be one of"),
     (lambda c: c.loss.update(dict(kind="hierarchical")), "loss.kind"),
     (lambda c: c.mesh.update(dict(data=3, fsdp=-1)), "cannot fill mesh"),
     (lambda c: c.mesh.update(dict(data=3)), "needs 3 devices, have 8"),
+    (lambda c: (c.data.update(dict(source="interactions")), c.model.update(dict(value_head=True))),
+     "interaction data has none"),
 ])
 def test_bad_configs_give_clear_errors(data_dir, tmp_path, change, message):
     cfg = tiny_config(data_dir)
     change(cfg)
     with pytest.raises(TrainingError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run(cfg, str(tmp_path))
+
+
+def test_value_head_without_streams_is_an_error(tiny_world_dir, tmp_path):
+    logs = tmp_path / "no_streams.jsonl"
+    with open(os.path.join(tiny_world_dir, "pages.jsonl")) as src, open(logs, "w") as out:
+        for _, line in zip(range(300), src):
+            record = json.loads(line)
+            for shelf in record["page"]:
+                shelf.pop("streams", None)
+            out.write(json.dumps(record) + "\n")
+    cfg = tiny_config(str(tmp_path / "tfds"))
+    cfg.data.update(dict(source="page_logs", page_logs=str(logs)))
+    cfg.model.value_head = True
+    with pytest.raises(TrainingError, match="no item with known streams"):
+        run(cfg, str(tmp_path / "run"))
 
 
 def test_cli_reports_missing_dataset_in_one_line(tmp_path):

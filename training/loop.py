@@ -56,6 +56,8 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
         raise ValueError("data.item_tokens='semantic' needs loss.kind='full' (its vocabulary is small)")
     if cfg.eval.ranking not in ("auto",) + RANKING_METHODS:
         raise ValueError(f"eval.ranking must be one of auto, {', '.join(RANKING_METHODS)}; got {cfg.eval.ranking!r}")
+    if cfg.model.value_head and cfg.data.source == "interactions":
+        raise ValueError("model.value_head learns from the streams of logged pages; interaction data has none")
     if cfg.data.seq_len < 16:
         raise ValueError("data.seq_len must be >= 16")
     if cfg.model.num_heads % cfg.mesh.tensor and cfg.mesh.tensor > 0:
@@ -202,6 +204,9 @@ def _run(cfg, workdir, init_from) -> dict:
     train_size, resumed_at, seconds_before = len(prepared.sources["train"]), time.time(), progress["seconds"]
     for step in range(start + 1, end + 1):
         local = next(train_iter)
+        if step == 1 and model_cfg.value_head and not np.any(local["outcomes"]):
+            raise ValueError("model.value_head=True, but the first training batch has no item with known streams: "
+                             "the page logs carry no `streams` (FORMATS.md §3), so the value head cannot learn")
         progress["examples"] += examples_in(local) * nproc
         state, metrics = trainer.train_step(state, trainer.global_batch(local))
         reporter.add_tokens(tokens_per_batch)
