@@ -100,6 +100,25 @@ def _full_forward_hidden(model: Transformer, prompts, lengths, generated, step) 
     return hidden[:, p + step]
 
 
+def kth_largest(x: jax.Array, k: int, iterations: int = 40) -> jax.Array:
+    """(R, 1): per row, a threshold t with exactly the row's k largest entries >= t (all entries when the
+    row has fewer than k above NEG_INF / 2; ties at the k-th value all pass). Bisection on the values:
+    `lax.top_k` with k > 1 is a sort on XLA:CPU and made each decoding step several times slower."""
+    finite = x > NEG_INF / 2
+    lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=-1, keepdims=True)
+    hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=-1, keepdims=True)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        enough = jnp.sum(x >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+    # lo keeps >= k entries; the smallest entry >= lo is the k-th largest (up to ties).
+    return jnp.min(jnp.where(x >= lo, x, jnp.inf), axis=-1, keepdims=True)
+
+
 def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_offset: int, *, objective: str,
                  renormalize: bool, candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array]:
     """(score increment of every next token (R, V), NEG_INF where not allowed; its log-probability).
@@ -114,7 +133,7 @@ def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_of
     if objective == "likelihood":
         return logp, logp
     item_logp = logp[:, item_offset:]
-    kth = jax.lax.top_k(item_logp, min(candidates, item_logp.shape[-1]))[0][:, -1:]
+    kth = kth_largest(item_logp, candidates)
     streams = jax.nn.sigmoid(model.values(hidden)[:, item_offset:])
     item_score = jnp.where((item_logp >= kth) & (item_logp > NEG_INF / 2), streams + prior_weight * item_logp, NEG_INF)
     other = jnp.where(logp[:, :item_offset] > NEG_INF / 2, prior_weight * logp[:, :item_offset], NEG_INF)

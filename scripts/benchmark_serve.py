@@ -1,7 +1,8 @@
-"""Serving speed: pages/s and p50/p99 latency of constrained beam search, at batch 1 and batched, for beam
-sizes 1/4/8, side by side in one run with (a) our decoding without the KV cache and (b) Hugging Face
-`transformers` generate() (num_beams, prefix_allowed_tokens_fn enforcing the same page grammar) on a
-GPT-2 model of the same size, on the CPU build of torch.
+"""Serving speed: pages/s and p50/p99 latency of constrained beam search (likelihood objective), at batch 1
+and batched, for beam sizes 1/4/8, side by side in one run with (a) our decoding without the KV cache,
+(b) Hugging Face `transformers` generate() (num_beams, prefix_allowed_tokens_fn enforcing the same page
+grammar) on a GPT-2 model of the same size, on the CPU build of torch, and (c) on a checkpoint with a
+value head, our beam search with the streams objective.
 
     python scripts/benchmark_serve.py --checkpoint RUN [--requests 16] [--beams 1,4,8] [--batch 8]
 
@@ -124,8 +125,9 @@ def main(argv=None) -> int:
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)
-    engine = PageEngine(args.checkpoint)
-    no_cache = PageEngine(args.checkpoint, use_cache=False)
+    engine = PageEngine(args.checkpoint, objective="likelihood")
+    no_cache = PageEngine(args.checkpoint, use_cache=False, objective="likelihood")
+    streams = PageEngine(args.checkpoint, objective="streams") if engine.model_cfg.value_head else None
     requests = make_requests(engine, args.requests)
     skip = set(args.skip.split(","))
     print(f"model {engine.model_cfg.num_params():,} parameters, vocabulary {engine.vocab.size:,}, pages of 6 shelves x "
@@ -137,6 +139,8 @@ def main(argv=None) -> int:
             systems = [("homegen (KV cache)", lambda: time_ours(engine, requests, beam, batch))]
             if "nocache" not in skip:
                 systems.append(("homegen without KV cache", lambda: time_ours(no_cache, requests, beam, batch)))
+            if streams is not None:
+                systems.append(("homegen, streams objective", lambda: time_ours(streams, requests, beam, batch)))
             if "hf" not in skip:
                 systems.append(("transformers generate()", lambda: time_hf(engine, requests, beam, batch)))
             for name, timer in systems:

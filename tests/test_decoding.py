@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from data.vocab import EOS, PAD
-from model.decoding import beam_search, constrained_logp, decode_step, length_penalty, prefill, sample
+from model.decoding import NEG_INF, beam_search, constrained_logp, decode_step, kth_largest, length_penalty, prefill, sample
 from model.grammar import PageGrammar, PageRules
 from model.transformer import Transformer, TransformerConfig
 
@@ -156,6 +156,20 @@ def test_streams_beam_search_finds_the_brute_force_best_page(candidates):
         for row, s in zip(np.asarray(out.tokens[0]), np.asarray(out.scores[0])):
             page = tuple(int(t) for t in row if t != PAD)
             np.testing.assert_allclose(s, scores[page], rtol=1e-4)
+
+
+def test_kth_largest():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 50)).astype(np.float32) * 5
+    x[1, 10:] = NEG_INF  # 10 allowed entries
+    x[2, :] = NEG_INF  # nothing allowed
+    x[3, :] = -3.0  # all tied
+    for k in (1, 7, 32):
+        got = np.asarray(kth_largest(jnp.asarray(x), k))[:, 0]
+        for row in (0, 4, 5):
+            assert got[row] == np.sort(x[row])[::-1][k - 1]
+        assert got[1] == (np.sort(x[1, :10])[::-1][k - 1] if k <= 10 else x[1, :10].min())
+        assert got[2] == np.inf and got[3] == -3.0
 
 
 def test_streams_objective_needs_a_value_head():
