@@ -39,6 +39,8 @@ class Decoded:
     valid: jax.Array  # (B, n)
 
 OBJECTIVES = ("likelihood", "streams")
+STREAM_CANDIDATES = 32  # `streams`: items considered per step (the model's most likely allowed ones)
+PRIOR_WEIGHT = 0.01  # `streams`: weight of every token's log-probability next to predicted streams
 
 
 def pad_prompts(prompts: list[list[int]], rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,8 +146,8 @@ def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_of
                                              "renormalize", "objective", "candidates", "prior_weight"))
 def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, *, grammar: PageGrammar,
                 beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True,
-                renormalize: bool = False, objective: str = "likelihood", candidates: int = 32,
-                prior_weight: float = 0.01) -> Decoded:
+                renormalize: bool = False, objective: str = "likelihood", candidates: int = STREAM_CANDIDATES,
+                prior_weight: float = PRIOR_WEIGHT) -> Decoded:
     """Top `beam_size` pages per request under `objective` (see `_step_scores`); the grammar's mask only
     prunes. `likelihood` ranks finished pages by length-normalised log-probability (GNMT `alpha`);
     `streams` by predicted streams, unnormalised (a longer page has more chances to be streamed).

@@ -12,7 +12,7 @@ from data.shelves import ShelfRules
 from data.relabel import BEST_OUTCOME, OUTCOME_FIELD
 from data.vocab import EOS, PAD, Vocabulary
 from data.world import World, WorldConfig
-from model.decoding import OBJECTIVES, beam_search, pad_prompts, sample
+from model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
 from model.grammar import PageGrammar, PageRules
 from model.transformer import TransformerConfig
 from serving.requests import PageRequest, RequestError
@@ -95,7 +95,7 @@ class PageEngine:
         self.model_cfg = TransformerConfig(**meta["model"])
         self.path = path
         self.objective = self._check_objective(objective)
-        self.candidates, self.prior_weight = 32, 0.01  # `streams` beam search: see model.decoding._step_scores
+        self.candidates, self.prior_weight = STREAM_CANDIDATES, PRIOR_WEIGHT  # `streams` beam search
         self.graphdef, abstract, _ = abstract_model(self.model_cfg)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
