@@ -38,6 +38,7 @@ class Decoded:
     scores: jax.Array  # (B, n): normalised log-probability, or predicted streams (+ prior) for `streams`
     valid: jax.Array  # (B, n)
 
+
 OBJECTIVES = ("likelihood", "streams")
 STREAM_CANDIDATES = 32  # `streams`: items considered per step (the model's most likely allowed ones)
 PRIOR_WEIGHT = 0.01  # `streams`: weight of every token's log-probability next to predicted streams
@@ -176,13 +177,12 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         done_score=jnp.full((b, k), NEG_INF))
 
     def running(s):
-        alive = jnp.any(s["alive_score"][:, 0] > NEG_INF / 2)
+        live = s["alive_score"][:, 0] > NEG_INF / 2
         if objective == "streams":  # scores can still rise: run until every beam has finished
-            return (s["step"] < max_new) & alive
+            return (s["step"] < max_new) & jnp.any(live)
         # Stop when no alive beam can still beat the worst finished page (log-probs only fall).
         best_alive = s["alive_score"][:, 0] / penalty(jnp.float32(max_new))
-        worst_done = s["done_score"][:, -1]
-        return (s["step"] < max_new) & jnp.any((best_alive > worst_done) & (s["alive_score"][:, 0] > NEG_INF / 2))
+        return (s["step"] < max_new) & jnp.any((best_alive > s["done_score"][:, -1]) & live)
 
     def body(s):
         step = s["step"]

@@ -8,8 +8,9 @@ is the best kept checkpoint by the run's validation metric (model selection on v
 Synthetic-world pages: exact expected engagement (as a fraction of the oracle's), validity, diversity,
 coverage and offline log metrics for homegen beam search and sampling, a pointwise baseline, the logging
 policy and a popularity page; with a value head, also likelihood beam search, the value head's pointwise
-pages, every page's predicted streams, and beam search's paired gain over pointwise. Tables print; results.json, metrics.png (bars against the anchors) and
-training.png (curves from the run's TensorBoard files) go to --out.
+pages, every page's predicted streams, and beam search's paired gain over pointwise. Tables print;
+results.json, metrics.png (bars against the anchors) and training.png (curves from the run's TensorBoard
+files) go to --out.
 """
 
 from __future__ import annotations

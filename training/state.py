@@ -121,6 +121,7 @@ class Trainer:
         accum = self.train_cfg.grad_accum
         key = jax.random.fold_in(jax.random.key(self.seed + 1), state["step"])
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
         def loss_fn(params, b, k):
             loss, weight, value = self._loss(params, b, k, True)
             return loss, (weight, value)
