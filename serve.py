@@ -4,7 +4,12 @@
     python serve.py --checkpoint RUN --requests IN.jsonl --output OUT.jsonl
     python serve.py --checkpoint RUN --port 8080        # POST /v1/pages, GET /healthz, GET / (HTML)
 
---step picks a checkpoint step (default: the latest). Requests follow FORMATS.md §4.
+--step picks a checkpoint step (default: the newest readable one; a damaged newer step is skipped with a
+warning). Requests follow FORMATS.md §4.
+
+Exit status: 0 when every page was served; 1 when a request failed (batch mode: any line got an error
+object; every line still gets its response and a one-line summary goes to stderr); 2 for bad arguments or a
+checkpoint that cannot be read.
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ import os
 import sys
 
 
-
 def _read_requests(path: str):
     """(line number, parsed request or error text) for every non-empty line."""
-    from serving.requests import RequestError, parse_request
+    from homegen.serving.requests import RequestError, parse_request
 
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -33,14 +37,14 @@ def _read_requests(path: str):
                 yield number, str(e)
 
 
-def run_batch(engine, path: str, output: str, batch_size: int) -> int:
-    """Writes one response per request line, in order; bad lines get {"error", "line"}. Returns #errors."""
-    errors = 0
+def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int, str]]:
+    """Writes one response per request line, in order; bad lines get {"error", "line"}. Returns the
+    (line, error) of every failed line."""
+    errors: list[tuple[int, str]] = []
     with open(output, "w", encoding="utf-8") as out:
         pending: list[tuple[int, object]] = []
 
         def flush():
-            nonlocal errors
             good = [(n, r) for n, r in pending if not isinstance(r, str)]
             responses = iter(engine.generate([r for _, r in good]) if good else [])
             for number, request in pending:
@@ -48,7 +52,7 @@ def run_batch(engine, path: str, output: str, batch_size: int) -> int:
                 response.pop("_stats", None)
                 if "error" in response:
                     response["line"] = number
-                    errors += 1
+                    errors.append((number, response["error"]))
                 out.write(json.dumps(response) + "\n")
             pending.clear()
 
@@ -61,11 +65,8 @@ def run_batch(engine, path: str, output: str, batch_size: int) -> int:
 
 
 def print_page(engine, response: dict) -> None:
-    from data.shelves import SHELF_TITLES
+    from homegen.data.simulator.shelves import SHELF_TITLES
 
-    if "error" in response:
-        print(f"error: {response['error']}")
-        return
     streams = f", {response['predicted_streams']:.2f} predicted streams" if "predicted_streams" in response else ""
     print(f"Home page for {response['user_id']} (checkpoint step {response['checkpoint_step']}, "
           f"log p = {response['log_prob']:.2f}{streams})")
@@ -101,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
 
-    from serving.engine import PageEngine
-    from serving.requests import RequestError, parse_request
-    from training.checkpoints import CheckpointError
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import RequestError, parse_request
+    from homegen.training.checkpoints import CheckpointError
 
     try:
         engine = PageEngine(args.checkpoint, args.step, objective=args.objective)
@@ -115,10 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serve.py: error: {args.requests} does not exist", file=sys.stderr)
             return 2
         errors = run_batch(engine, args.requests, args.output, args.batch_size)
-        print(f"wrote {args.output} ({errors} request(s) with errors)")
+        print(f"wrote {args.output} ({len(errors)} request(s) with errors)")
+        if errors:
+            (line, reason), more = errors[0], len(errors) - 1
+            print(f"serve.py: {len(errors)} request line(s) failed; first: line {line}: {reason}"
+                  + (f" (and {more} more; see {args.output})" if more else ""), file=sys.stderr)
+            return 1
         return 0
     if args.port is not None:
-        from serving.http_server import make_server
+        from homegen.serving.http_server import make_server
 
         server = make_server(engine, args.host, args.port)
         print(f"serving checkpoint step {engine.step} on http://{args.host}:{server.server_port}", flush=True)
@@ -137,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
+    if "error" in response:
+        print(f"serve.py: error: {response['error']}", file=sys.stderr)
+        return 1
     print_page(engine, response)
     return 0
 

@@ -5,7 +5,9 @@
     python train.py --config configs/pages_small.py --workdir RUN --init_from OTHER_RUN \
         --config.train.freeze=embed,blocks/attn     # fine-tune from another run's parameters
 
-A restart with the same workdir resumes from its latest checkpoint (parameters, optimizer, data position).
+A restart with the same workdir resumes from its newest readable checkpoint (parameters, optimizer, data
+position); a damaged step is skipped with a warning. --resume_step N resumes from an earlier step instead; the
+steps after it are moved to WORKDIR/checkpoints_set_aside (nothing is deleted).
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID); each process reads its own shard of the data.
 """
@@ -22,6 +24,7 @@ from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Run folder: checkpoints, vocabulary, TensorBoard logs.")
 flags.DEFINE_string("init_from", None, "Start from the parameters of this run (its latest checkpoint).")
+flags.DEFINE_integer("resume_step", None, "Resume from this checkpoint step instead of the newest readable one.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
@@ -52,14 +55,14 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from training.loop import TrainingError, run
+    from homegen.training.loop import TrainingError, run
 
     try:
-        result = run(FLAGS.config, FLAGS.workdir, init_from=FLAGS.init_from)
+        result = run(FLAGS.config, FLAGS.workdir, init_from=FLAGS.init_from, resume_step=FLAGS.resume_step)
     except TrainingError as e:
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    summary = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not (isinstance(v, float) and math.isnan(v))}
+    summary = {"step": result.step, **{k: v for k, v in result.metrics.items() if math.isfinite(v)}}
     print("done: " + json.dumps(summary), flush=True)
 
 

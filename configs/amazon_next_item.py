@@ -1,22 +1,21 @@
 """Shared settings of the Amazon next-item configs: a SASRec-sized decoder trained with full softmax over
 all item tokens at every position, sequences packed into rows, model selection on validation NDCG@10.
 
-Item tokens `atomic` (one token per item, up to 50 history items) or `semantic` (3 residual k-means codes of
+Item tokens `atomic` (one token per item, up to 51 history items) or `semantic` (3 residual k-means codes of
 256 plus a collision code per item, from co-occurrence and the S3-Rec category/brand attributes next to the
 sequence file; 20 history items as in TIGER; ranked by beam search over the code trie)."""
 
 import os
 
-from configs.base import base_config
+from homegen.configs.base import base_config
 
 
 def amazon_config(path: str, item_tokens: str = "atomic"):
     if item_tokens not in ("atomic", "semantic"):
         raise ValueError(f"item tokens must be 'atomic' or 'semantic', got {item_tokens!r}")
     c = base_config()
-    c.data.source = "interactions"
     c.data.interactions = path
-    c.data.seq_len = 56  # up to 50 items + structure tokens
+    c.data.seq_len = 56  # BOS SEP SEP PAGE SHELF, up to 51 history items and the target
     c.data.pack = True
     c.data.stream_weight = 0.0
     c.model.d_model = 128

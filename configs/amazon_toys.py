@@ -1,7 +1,7 @@
 """Next-item on Amazon Toys and Games (5-core); override the path with --config.data.interactions
 (and --config.data.item_features for semantic IDs)."""
 
-from configs.amazon_next_item import amazon_config
+from homegen.configs.amazon_next_item import amazon_config
 
 
 def get_config(item_tokens: str = "atomic"):

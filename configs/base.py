@@ -10,7 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic | page_logs | interactions
+    c.data.source = "auto"  # auto (from which data file is set) | synthetic | page_logs | interactions
     c.data.preset = "tiny"  # synthetic world size: tiny | small | medium | large
     c.data.page_logs = ""  # FORMATS.md §3 JSON Lines (comma-separated for several files)
     c.data.catalog = ""  # FORMATS.md §2 JSON Lines

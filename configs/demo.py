@@ -1,6 +1,6 @@
 """A small model on the tiny synthetic world: trains in a few minutes on a laptop CPU."""
 
-from configs.base import base_config
+from homegen.configs.base import base_config
 
 
 def get_config():

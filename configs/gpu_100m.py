@@ -1,6 +1,6 @@
 """A ≥100M-parameter model for one GPU: bf16 compute, fp32 parameters, the medium synthetic world."""
 
-from configs.base import base_config
+from homegen.configs.base import base_config
 
 
 def get_config():

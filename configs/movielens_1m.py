@@ -4,7 +4,7 @@ history items). No data ships with homegen: point it at ML-1M's ratings.dat (`us
     python train.py --config configs/movielens_1m.py --workdir RUN --config.data.interactions=PATH/ratings.dat
 """
 
-from configs.amazon_next_item import amazon_config
+from homegen.configs.amazon_next_item import amazon_config
 
 
 def get_config():

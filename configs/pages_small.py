@@ -1,7 +1,7 @@
 """Page generation on the small synthetic world (10^4 items, 10^5 pages), or on user-given page logs
-with --config.data.source=page_logs --config.data.page_logs=FILE.jsonl [--config.data.catalog=FILE]."""
+with --config.data.page_logs=FILE.jsonl [--config.data.catalog=FILE] (the source follows from the file given)."""
 
-from configs.base import base_config
+from homegen.configs.base import base_config
 
 
 def get_config():

@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data.formats import PageLog, Shelf, UserSequence, iter_page_logs, read_interactions
-from data.simulate import write_world
-from data.splits import leave_one_out, page_split
-from data.world import WorldConfig
+from homegen.data.formats import PageLog, Shelf, UserSequence, iter_page_logs, read_interactions
+from homegen.data.simulator.simulate import write_world
+from homegen.data.simulator.world import WorldConfig
+from homegen.data.splits import leave_one_out, page_split
 
 _TEXTS = tfds.features.Sequence(tfds.features.Text())
 PAGE_FEATURES = {

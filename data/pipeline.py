@@ -15,10 +15,10 @@ from collections.abc import Callable
 import grain
 import numpy as np
 
-from data.builders import example_to_page_log, example_to_sequence
-from data.formats import PageLog, Shelf, UserSequence
-from data.relabel import relabeler
-from data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary
+from homegen.data.builders import example_to_page_log, example_to_sequence
+from homegen.data.formats import PageLog, Shelf, UserSequence
+from homegen.data.relabel import relabeler
+from homegen.data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from data.formats import PageLog, Shelf
+from homegen.data.formats import PageLog, Shelf
 
 OUTCOME_FIELD = "outcome"  # context field holding a logged page's engagement (outcome-conditioned training)
 OUTCOME_BUCKETS = ((0, "0"), (1, "1"), (2, "2"), (3, "3-4"), (5, "5+"))  # (lowest total streams, value)

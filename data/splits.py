@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from data.formats import PageLog, UserSequence
+from homegen.data.formats import PageLog, UserSequence
 
 SPLITS = ("train", "validation", "test")
 

@@ -11,6 +11,7 @@ and only the part after PAGE is a target.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -20,10 +21,10 @@ from typing import Protocol
 
 import numpy as np
 
-from data.formats import CatalogItem, PageLog, Shelf, UserSequence
-from data.relabel import BEST_OUTCOME, OUTCOME_FIELD
-from data.semantic_ids import SemanticItems
-from data.text import load_sentencepiece, train_sentencepiece
+from homegen.data.formats import CatalogItem, PageLog, Shelf, UserSequence
+from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
+from homegen.data.semantic_ids import SemanticItems
+from homegen.data.text import load_sentencepiece, train_sentencepiece
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<page>", "<sep>")
 PAD, BOS, EOS, PAGE, SEP = range(len(SPECIALS))
@@ -31,6 +32,9 @@ NEXT_ITEM_SHELF = "next"  # the one shelf of a plain next-item sequence
 UNKNOWN_VALUE = "<unk>"
 # Stream outcome of a target token, the value head's label (0 so that padding carries no label).
 NO_OUTCOME, SKIPPED, STREAMED = 0, 1, 2
+VOCAB_FILE = "vocab.json"  # what `Vocabulary.save` writes
+
+
 class ItemTokenizer(Protocol):
     """Maps item ids to short tuples of local tokens in [0, num_tokens) and back. Level l of a tuple
     holds token `level_offsets[l] + code`, with code < level_sizes[l]."""
@@ -209,26 +213,34 @@ class Vocabulary:
         return page
 
     # --- persistence ---------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """Everything the vocabulary is, the sentencepiece model included (base64), as JSON-ready data: what
+        checkpoints store and `save` writes."""
+        return {"context_tokens": self.context_tokens, "shelves": self.shelves, "items": self.items.to_json(),
+                "max_history": self.max_history,
+                "sentencepiece_model": base64.b64encode(self.sentencepiece_model).decode("ascii")}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Vocabulary:
+        """Inverse of `to_json`."""
+        return cls(data["context_tokens"], data["shelves"], item_tokenizer_from_json(data["items"]),
+                   base64.b64decode(data["sentencepiece_model"]), data.get("max_history", 50))
+
     def save(self, directory: str) -> None:
+        """Writes `directory/vocab.json` (`to_json`)."""
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "vocab.json"), "w") as f:
-            json.dump({"context_tokens": self.context_tokens, "shelves": self.shelves,
-                       "items": self.items.to_json(), "max_history": self.max_history}, f)
-        with open(os.path.join(directory, "sentencepiece.model"), "wb") as f:
-            f.write(self.sentencepiece_model)
+        with open(os.path.join(directory, VOCAB_FILE), "w") as f:
+            json.dump(self.to_json(), f)
 
     @classmethod
     def load(cls, directory: str) -> Vocabulary:
-        path = os.path.join(directory, "vocab.json")
+        """The vocabulary `save` wrote to `directory`."""
+        path = os.path.join(directory, VOCAB_FILE)
         try:
             with open(path) as f:
-                data = json.load(f)
-            with open(os.path.join(directory, "sentencepiece.model"), "rb") as f:
-                model = f.read()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"no vocabulary in {directory}: {e.filename} is missing") from None
-        return cls(data["context_tokens"], data["shelves"], item_tokenizer_from_json(data["items"]), model,
-                   data.get("max_history", 50))
+                return cls.from_json(json.load(f))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no vocabulary in {directory}: {path} is missing") from None
 
 
 class VocabularyBuilder:

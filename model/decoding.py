@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data.vocab import EOS, PAD
-from model.grammar import PageGrammar, PageRules
-from model.transformer import KVCache, Transformer
+from homegen.data.vocab import EOS, PAD
+from homegen.model.grammar import PageGrammar, PageRules, PageState
+from homegen.model.transformer import KVCache, Transformer
 
 NEG_INF = -1e30
 
@@ -123,16 +123,15 @@ def kth_largest(x: jax.Array, k: int, iterations: int = 40) -> jax.Array:
 
 
 def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_offset: int, *, objective: str,
-                 renormalize: bool, candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array]:
+                 candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array]:
     """(score increment of every next token (R, V), NEG_INF where not allowed; its log-probability).
 
-    `likelihood`: the increment is the log-probability (renormalised over the allowed tokens with
-    `renormalize`). `streams`: an item among the `candidates` most likely allowed ones adds its predicted
-    stream probability, any token adds `prior_weight` x its log-probability (which alone orders shelves
-    and EOS, and breaks ties), and items outside the candidates are pruned."""
-    logits = model.logits(hidden)
-    logp = constrained_logp(logits, mask) if renormalize else jax.nn.log_softmax(logits, axis=-1)
-    logp = jnp.where(mask, logp, NEG_INF)
+    `likelihood`: the increment is the model's log-probability (not renormalised over the allowed tokens:
+    that favours hypotheses whose constraints leave few choices, and gave worse pages). `streams`: an item
+    among the `candidates` most likely allowed ones adds its predicted stream probability, any token adds
+    `prior_weight` x its log-probability (which alone orders shelves and EOS, and breaks ties), and items
+    outside the candidates are pruned."""
+    logp = jnp.where(mask, jax.nn.log_softmax(model.logits(hidden), axis=-1), NEG_INF)
     if objective == "likelihood":
         return logp, logp
     item_logp = logp[:, item_offset:]
@@ -143,19 +142,34 @@ def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_of
     return jnp.concatenate([other, item_score], axis=1), logp
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BeamState:
+    """Beam search after `step` tokens: K alive hypotheses per request (beams folded into the rows of
+    `hidden`, `cache` and `fsm`) and the K best finished pages so far."""
+
+    step: jax.Array  # scalar int32
+    hidden: jax.Array  # (B * K, D) hidden state after each alive beam's last token
+    cache: KVCache | None  # None when decoding without a cache
+    fsm: PageState  # (B * K) grammar state of each alive beam
+    alive_tokens: jax.Array  # (B, K, T)
+    alive_logps: jax.Array  # (B, K, T)
+    alive_score: jax.Array  # (B, K), NEG_INF for empty slots
+    done_tokens: jax.Array  # (B, K, T)
+    done_logps: jax.Array  # (B, K, T)
+    done_score: jax.Array  # (B, K) normalised score, NEG_INF for empty slots
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache",
-                                             "renormalize", "objective", "candidates", "prior_weight"))
+                                             "objective", "candidates", "prior_weight"))
 def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, *, grammar: PageGrammar,
                 beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True,
-                renormalize: bool = False, objective: str = "likelihood", candidates: int = STREAM_CANDIDATES,
+                objective: str = "likelihood", candidates: int = STREAM_CANDIDATES,
                 prior_weight: float = PRIOR_WEIGHT) -> Decoded:
     """Top `beam_size` pages per request under `objective` (see `_step_scores`); the grammar's mask only
     prunes. `likelihood` ranks finished pages by length-normalised log-probability (GNMT `alpha`);
     `streams` by predicted streams, unnormalised (a longer page has more chances to be streamed).
-    `renormalize=True` uses log-probabilities renormalised over the allowed tokens, which favours
-    hypotheses whose constraints leave few choices (a shelf with a small eligible pool) and gave worse
-    pages (docs/BENCHMARKS.md). `use_cache=False` recomputes the whole sequence at every step (the
-    baseline the cache is measured by)."""
+    `use_cache=False` recomputes the whole sequence at every step (the baseline the cache is measured by)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     model = nnx.merge(graphdef, params)
@@ -165,69 +179,63 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
     hidden, cache = prefill_hidden(model, prompts, lengths, prompts.shape[1] + max_new)
     rows_rules = rules.take(jnp.repeat(jnp.arange(b), k))
     row_prompts, row_lengths = jnp.repeat(prompts, k, axis=0), jnp.repeat(lengths, k)
-    cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
-                    jnp.repeat(cache.segment_ids, k, axis=0), cache.index) if use_cache else None
     penalty = (lambda length: length_penalty(length, alpha)) if objective == "likelihood" else (lambda length: 1.0)
-    state = dict(
-        step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, k, axis=0), cache=cache,
-        fsm=grammar.init(b * k),
-        alive_tokens=jnp.full((b, k, max_new), PAD, jnp.int32), alive_logps=jnp.zeros((b, k, max_new)),
+    empty_tokens, empty_logps = jnp.full((b, k, max_new), PAD, jnp.int32), jnp.zeros((b, k, max_new))
+    state = BeamState(
+        step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, k, axis=0),
+        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(b * k),
+        alive_tokens=empty_tokens, alive_logps=empty_logps,
         alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
-        done_tokens=jnp.full((b, k, max_new), PAD, jnp.int32), done_logps=jnp.zeros((b, k, max_new)),
-        done_score=jnp.full((b, k), NEG_INF))
+        done_tokens=empty_tokens, done_logps=empty_logps, done_score=jnp.full((b, k), NEG_INF))
 
-    def running(s):
-        live = s["alive_score"][:, 0] > NEG_INF / 2
+    def running(s: BeamState) -> jax.Array:
+        live = s.alive_score[:, 0] > NEG_INF / 2
         if objective == "streams":  # scores can still rise: run until every beam has finished
-            return (s["step"] < max_new) & jnp.any(live)
+            return (s.step < max_new) & jnp.any(live)
         # Stop when no alive beam can still beat the worst finished page (log-probs only fall).
-        best_alive = s["alive_score"][:, 0] / penalty(jnp.float32(max_new))
-        return (s["step"] < max_new) & jnp.any((best_alive > s["done_score"][:, -1]) & live)
+        best_alive = s.alive_score[:, 0] / penalty(jnp.float32(max_new))
+        return (s.step < max_new) & jnp.any((best_alive > s.done_score[:, -1]) & live)
 
-    def body(s):
-        step = s["step"]
-        mask = grammar.allowed(s["fsm"], rows_rules)
-        increments, logp = _step_scores(model, s["hidden"], mask, grammar.item_offset, objective=objective,
-                                        renormalize=renormalize, candidates=candidates, prior_weight=prior_weight)
+    def body(s: BeamState) -> BeamState:
+        mask = grammar.allowed(s.fsm, rows_rules)
+        increments, logp = _step_scores(model, s.hidden, mask, grammar.item_offset, objective=objective,
+                                        candidates=candidates, prior_weight=prior_weight)
         vocab = logp.shape[-1]
-        candidates_score = (s["alive_score"][:, :, None] + increments.reshape(b, k, vocab)).reshape(b, k * vocab)
+        candidates_score = (s.alive_score[:, :, None] + increments.reshape(b, k, vocab)).reshape(b, k * vocab)
         top_score, top_index = jax.lax.top_k(candidates_score, 2 * k)
         top_beam, top_token = top_index // vocab, top_index % vocab
         beam_rows = jnp.arange(b)[:, None] * k + top_beam
         token_logp = logp[beam_rows, top_token]
-        tokens = jnp.take_along_axis(s["alive_tokens"], top_beam[:, :, None], 1).at[:, :, step].set(top_token)
-        logps = jnp.take_along_axis(s["alive_logps"], top_beam[:, :, None], 1).at[:, :, step].set(token_logp)
+        tokens = jnp.take_along_axis(s.alive_tokens, top_beam[:, :, None], 1).at[:, :, s.step].set(top_token)
+        logps = jnp.take_along_axis(s.alive_logps, top_beam[:, :, None], 1).at[:, :, s.step].set(token_logp)
         live = top_score > NEG_INF / 2
         is_eos = (top_token == EOS) & live
 
         # Finished pages join the pool, ranked by normalised score.
-        new_done = jnp.where(is_eos, top_score / penalty(step + 1.0), NEG_INF)
-        pool_score = jnp.concatenate([s["done_score"], new_done], 1)
-        keep_score, keep = jax.lax.top_k(pool_score, k)
-        done_tokens = jnp.take_along_axis(jnp.concatenate([s["done_tokens"], tokens], 1), keep[:, :, None], 1)
-        done_logps = jnp.take_along_axis(jnp.concatenate([s["done_logps"], logps], 1), keep[:, :, None], 1)
+        new_done = jnp.where(is_eos, top_score / penalty(s.step + 1.0), NEG_INF)
+        done_score, keep = jax.lax.top_k(jnp.concatenate([s.done_score, new_done], 1), k)
+        done_tokens = jnp.take_along_axis(jnp.concatenate([s.done_tokens, tokens], 1), keep[:, :, None], 1)
+        done_logps = jnp.take_along_axis(jnp.concatenate([s.done_logps, logps], 1), keep[:, :, None], 1)
 
         # The best K unfinished candidates go on.
-        alive_candidates = jnp.where(is_eos | ~live, NEG_INF, top_score)
-        alive_score, pick = jax.lax.top_k(alive_candidates, k)
+        alive_score, pick = jax.lax.top_k(jnp.where(is_eos | ~live, NEG_INF, top_score), k)
         chosen_beam = jnp.take_along_axis(top_beam, pick, 1)
         chosen_token = jnp.take_along_axis(top_token, pick, 1).reshape(-1)
         rows = (jnp.arange(b)[:, None] * k + chosen_beam).reshape(-1)
-        fsm = grammar.advance(s["fsm"].take(rows), chosen_token)
         alive_tokens = jnp.take_along_axis(tokens, pick[:, :, None], 1)
-        cache = s["cache"]
+        cache = s.cache
         if use_cache:
-            cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.segment_ids[rows], cache.index)
-            hidden, cache = decode_hidden(model, chosen_token, row_lengths + step, cache)
+            hidden, cache = decode_hidden(model, chosen_token, row_lengths + s.step, cache.take(rows))
         else:
-            hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), step)
-        return dict(step=step + 1, hidden=hidden, cache=cache, fsm=fsm, alive_tokens=alive_tokens,
-                    alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1), alive_score=alive_score,
-                    done_tokens=done_tokens, done_logps=done_logps, done_score=keep_score)
+            hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), s.step)
+        return BeamState(step=s.step + 1, hidden=hidden, cache=cache, fsm=grammar.advance(s.fsm.take(rows), chosen_token),
+                         alive_tokens=alive_tokens, alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1),
+                         alive_score=alive_score, done_tokens=done_tokens, done_logps=done_logps,
+                         done_score=done_score)
 
     s = jax.lax.while_loop(running, body, state)
-    valid = s["done_score"] > NEG_INF / 2
-    return Decoded(s["done_tokens"], jnp.where(valid[:, :, None], s["done_logps"], 0.0), s["done_score"], valid)
+    valid = s.done_score > NEG_INF / 2
+    return Decoded(s.done_tokens, jnp.where(valid[:, :, None], s.done_logps, 0.0), s.done_score, valid)
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -287,8 +295,7 @@ def item_beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, children,
     b, k, levels = prompts.shape[0], beam_size, len(level_sizes)
     logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + levels)
     logits = jnp.repeat(logits, k, axis=0)
-    cache = KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
-                    jnp.repeat(cache.segment_ids, k, axis=0), cache.index)
+    cache = cache.repeat(k)
     request = jnp.arange(b * k) // k
     node = jnp.zeros(b * k, jnp.int32)
     score = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))
@@ -304,7 +311,6 @@ def item_beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, children,
         code = (index % size).reshape(-1)
         node = child[rows, code]
         if level < levels - 1:
-            cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.segment_ids[rows], cache.index)
-            logits, cache = decode_step(model, start + code, lengths[request] + level, cache)
+            logits, cache = decode_step(model, start + code, lengths[request] + level, cache.take(rows))
     found = score > NEG_INF / 2
     return jnp.where(found, node.reshape(b, k), -1), jnp.where(found, score, NEG_INF)

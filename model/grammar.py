@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from data.vocab import EOS
+from homegen.data.vocab import EOS
 
 
 @jax.tree_util.register_dataclass

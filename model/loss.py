@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.vocab import NO_OUTCOME, STREAMED
-from model.transformer import Transformer
+from homegen.data.vocab import NO_OUTCOME, STREAMED
+from homegen.model.transformer import Transformer
 
 SAMPLERS = ("uniform", "popularity")
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.sharding import constrain
+from homegen.model.sharding import constrain
 
 REMAT_POLICIES = {
     "none": None,
@@ -74,6 +74,15 @@ class KVCache:
         dtype = jnp.dtype(config.dtype)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32),
                    jnp.zeros((), jnp.int32))
+
+    def repeat(self, n: int) -> KVCache:
+        """Each batch row n times in a row (a prefilled prompt's cache for each of its n beams)."""
+        return KVCache(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1),
+                       jnp.repeat(self.segment_ids, n, axis=0), self.index)
+
+    def take(self, rows: jax.Array) -> KVCache:
+        """The batch rows `rows` (R,), in that order (the caches of the beams that go on)."""
+        return KVCache(self.k[:, rows], self.v[:, rows], self.segment_ids[rows], self.index)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
@@ -230,31 +239,56 @@ class Transformer(nnx.Module):
         """(V, D): the output embedding of every token."""
         return self.embed[...] if self.cfg.tie_embeddings else self.head[...].T
 
+    @staticmethod
+    def _project(query: jax.Array, table: jax.Array, token_ids: jax.Array | None = None,
+                 pointwise: bool = False) -> jax.Array:
+        """float32 scores of `query` (..., D) against the rows of `table` (V, D): every row (..., V), the rows
+        `token_ids` (C,) only (..., C), or with `pointwise` the row token_ids[...] at each position (...)."""
+        table = table.astype(query.dtype)
+        if pointwise:
+            rows = jnp.take(table, token_ids, axis=0)
+            return jnp.einsum("...d,...d->...", query, rows, preferred_element_type=jnp.float32)
+        if token_ids is not None:
+            table = jnp.take(table, token_ids, axis=0)
+        out = jnp.einsum("...d,vd->...v", query, table, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 and token_ids is None else out
+
     def logits(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """float32 logits of hidden (..., D) for every token, or for `token_ids` (C,) only."""
-        rows = self._output_rows()
-        if token_ids is not None:
-            rows = jnp.take(rows, token_ids, axis=0)
-        out = jnp.einsum("...d,vd->...v", hidden, rows.astype(hidden.dtype), preferred_element_type=jnp.float32)
-        return constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 and token_ids is None else out
+        return self._project(hidden, self._output_rows(), token_ids)
 
     def pointwise_logits(self, hidden: jax.Array, token_ids: jax.Array) -> jax.Array:
         """float32 logit of token_ids[...] at each position of hidden (..., D)."""
-        rows = jnp.take(self._output_rows(), token_ids, axis=0).astype(hidden.dtype)
-        return jnp.einsum("...d,...d->...", hidden, rows, preferred_element_type=jnp.float32)
+        return self._project(hidden, self._output_rows(), token_ids, pointwise=True)
 
     def values(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """float32 stream logits of the value head: for every token (..., V), or for token_ids[...] at each
         position, the log-odds that the user streams that item if it is placed next, given the page so far
         (trained on logged item tokens only)."""
         query = hidden @ self.value_proj[...].astype(hidden.dtype)
-        embed, bias = self.embed[...].astype(hidden.dtype), self.value_bias[...]
+        bias = self.value_bias[...]
         if token_ids is not None:
-            return jnp.einsum("...d,...d->...", query, jnp.take(embed, token_ids, axis=0),
-                              preferred_element_type=jnp.float32) + bias[token_ids]
-        out = jnp.einsum("...d,vd->...v", query, embed, preferred_element_type=jnp.float32) + bias
-        return constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
+            return self._project(query, self.embed[...], token_ids, pointwise=True) + bias[token_ids]
+        return self._project(query, self.embed[...]) + bias
 
     def __call__(self, tokens, positions, segment_ids, cache=None, dropout_key=None):
         hidden, cache = self.hidden(tokens, positions, segment_ids, cache, dropout_key)
         return self.logits(hidden), cache
+
+
+def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, abstract params (ShapeDtypeStruct pure dict), logical axes pure dict)."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def axes_of(var: nnx.Variable):
+        axes = tuple(var.get_metadata()["logical_axes"])
+        return ("layers",) * (len(var.shape) - len(axes)) + axes
+
+    axes: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = axes_of(var)
+    return graphdef, nnx.to_pure_dict(state), axes

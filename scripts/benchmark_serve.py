@@ -1,10 +1,16 @@
-"""Serving speed: pages/s and p50/p99 latency of constrained beam search (likelihood objective), at batch 1
-and batched, for beam sizes 1/4/8, side by side in one run with (a) our decoding without the KV cache,
-(b) Hugging Face `transformers` generate() (num_beams, prefix_allowed_tokens_fn enforcing the same page
-grammar) on a GPT-2 model of the same size, on the CPU build of torch, and (c) on a checkpoint with a
+"""Serving speed at equal work: pages/s, tokens/s and p50/p99 latency of constrained beam search (likelihood
+objective) at batch 1 and batched, for beam sizes 1/4/8, side by side in one run with (a) our decoding
+without the KV cache, (b) Hugging Face `transformers` generate() on a GPT-2 model of the same size (CPU
+build of torch) with the same page grammar enforced two ways: a per-row `prefix_allowed_tokens_fn` on the
+host (what a transformers user would write first) and a vectorised `LogitsProcessor` that builds the
+grammar mask for all rows at once with torch ops (the fairer opponent), and (c) on a checkpoint with a
 value head, our beam search with the streams objective.
 
-    python scripts/benchmark_serve.py --checkpoint RUN [--requests 16] [--beams 1,4,8] [--batch 8]
+Every page has exactly `--shelves` shelves of exactly `--items` items (min = max items per shelf), so each
+system decodes the same number of tokens per page; the table reports it. Each latency figure comes from
+`--calls` timed calls (after one untimed warm-up call), cycling over `--requests` distinct requests.
+
+    python scripts/benchmark_serve.py --checkpoint RUN [--calls 100] [--beams 1,4,8] [--batch 8]
 
 (b) needs `pip install torch==2.13.0 transformers` (the `bench` extra); it is skipped when absent.
 """
@@ -12,37 +18,58 @@ value head, our beam search with the streams objective.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from data.vocab import EOS, PAD  # noqa: E402
-from serving.engine import PageEngine  # noqa: E402
-from serving.requests import parse_request  # noqa: E402
+from homegen.data.vocab import EOS, PAD
+from homegen.serving.engine import PageEngine
+from homegen.serving.requests import parse_request
 
 
-def make_requests(engine: PageEngine, count: int, seed: int = 0) -> list[dict]:
+def make_requests(engine: PageEngine, count: int, shelves: int, items: int, seed: int = 0) -> list[dict]:
+    """`count` requests for pages of exactly `shelves` x `items` (min = max items per shelf)."""
     rng = np.random.default_rng(seed)
-    items = engine.vocab.items.item_ids
-    return [{"user_id": f"u{k}", "history": [items[i] for i in rng.choice(len(items), 10, replace=False)],
-             "context": {"hour": int(rng.integers(24)), "device": "mobile"}, "num_shelves": 6,
-             "min_items_per_shelf": 4, "max_items_per_shelf": 10} for k in range(count)]
+    ids = engine.vocab.items.item_ids
+    return [{"user_id": f"u{k}", "history": [ids[i] for i in rng.choice(len(ids), 10, replace=False)],
+             "context": {"hour": int(rng.integers(24)), "device": "mobile"}, "num_shelves": shelves,
+             "min_items_per_shelf": items, "max_items_per_shelf": items} for k in range(count)]
 
 
-def time_ours(engine: PageEngine, requests: list[dict], beam: int, batch: int) -> list[float]:
-    """Latency of each call; every call serves `batch` requests."""
+def chunks(requests: list, batch: int, calls: int) -> list[list]:
+    """`calls` batches of `batch` requests, cycling over `requests`."""
+    return [[requests[(c * batch + j) % len(requests)] for j in range(batch)] for c in range(calls)]
+
+
+@dataclasses.dataclass
+class Timing:
+    latencies: list[float]  # seconds per call
+    tokens: list[int]  # generated tokens of each page served (EOS included)
+
+    def row(self) -> dict[str, float]:
+        pages = len(self.tokens)
+        return {"calls": len(self.latencies), "tokens/page": float(np.mean(self.tokens)),
+                "pages/s": pages / sum(self.latencies), "tokens/s": sum(self.tokens) / sum(self.latencies),
+                "p50 ms": float(np.percentile(self.latencies, 50) * 1e3),
+                "p99 ms": float(np.percentile(self.latencies, 99) * 1e3)}
+
+
+def time_ours(engine: PageEngine, requests: list[dict], beam: int, batch: int, calls: int) -> Timing:
     parsed = [parse_request({**r, "beam_size": beam}) for r in requests]
     engine.generate(parsed[:batch])  # compile
-    latencies = []
-    for start in range(0, len(parsed), batch):
+    timing = Timing([], [])
+    for chunk in chunks(parsed, batch, calls):
         t = time.perf_counter()
-        engine.generate(parsed[start:start + batch])
-        latencies.append(time.perf_counter() - t)
-    return latencies
+        responses = engine.generate(chunk)
+        timing.latencies.append(time.perf_counter() - t)
+        if any("error" in r for r in responses):
+            raise RuntimeError(f"a benchmark request failed: {responses}")
+        timing.tokens += [r["_stats"]["tokens"] for r in responses]
+    return timing
 
 
 class GrammarForHF:
@@ -84,7 +111,63 @@ class GrammarForHF:
         return allowed
 
 
-def time_hf(engine: PageEngine, requests: list[dict], beam: int, batch: int) -> list[float] | None:
+def grammar_logits_processor(engine: PageEngine, requests: list[dict], prompt_width: int, beams: int):
+    """The page grammar as a transformers LogitsProcessor: the state of every row (request x beam) is read
+    off its generated tokens and the mask is built for all rows at once with torch ops."""
+    import torch
+    import transformers
+
+    v = engine.vocab
+    eligible = torch.as_tensor(np.stack([engine.eligibility.matrix(r["history"]) for r in requests]))
+    eligible = eligible.repeat_interleave(beams, dim=0)  # (R, S, N)
+    min_items = torch.tensor([r["min_items_per_shelf"] for r in requests]).repeat_interleave(beams)
+    max_items = torch.tensor([r["max_items_per_shelf"] for r in requests]).repeat_interleave(beams)
+    max_shelves = torch.tensor([r["num_shelves"] for r in requests]).repeat_interleave(beams)
+    num_shelves, num_items = len(v.shelves), v.items.num_tokens
+
+    class GrammarProcessor(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            generated = input_ids[:, prompt_width:]
+            if generated.shape[1] == 0:  # nothing yet: one PAD column reads as the empty page
+                generated = torch.full((input_ids.shape[0], 1), PAD)
+            rows = generated.shape[0]
+            shelf = generated - v.shelf_offset
+            item = generated - v.item_offset
+            is_shelf = (shelf >= 0) & (shelf < num_shelves)
+            is_item = (item >= 0) & (item < num_items)
+            used_items = torch.zeros(rows, num_items + 1, dtype=torch.bool)
+            used_items.scatter_(1, torch.where(is_item, item, num_items), True)
+            used_shelves = torch.zeros(rows, num_shelves + 1, dtype=torch.bool)
+            used_shelves.scatter_(1, torch.where(is_shelf, shelf, num_shelves), True)
+            used_items, used_shelves = used_items[:, :num_items], used_shelves[:, :num_shelves]
+            shelves = is_shelf.sum(1)
+            position = torch.arange(generated.shape[1]).expand_as(generated)
+            last_shelf_at = torch.where(is_shelf, position, -1).max(1).values
+            current = torch.where(last_shelf_at >= 0, shelf.gather(1, last_shelf_at.clamp(min=0)[:, None])[:, 0], -1)
+            items = (is_item & (position > last_shelf_at[:, None])).sum(1)
+            done = (generated == EOS).any(1)
+            available = ~used_items
+            in_shelf = current >= 0
+            on_shelf = eligible[torch.arange(rows), current.clamp(min=0)]
+            item_ok = (in_shelf & (items < max_items))[:, None] & on_shelf & available
+            enough = (eligible & available[:, None, :]).sum(-1) >= min_items[:, None]
+            startable = ~used_shelves & enough
+            can_close = in_shelf & (items >= min_items)
+            more = (shelves < max_shelves) & startable.any(1)
+            shelf_ok = (((shelves == 0) | can_close) & (shelves < max_shelves))[:, None] & startable
+            eos_ok = can_close & ~more
+            allowed = torch.zeros_like(scores, dtype=torch.bool)
+            allowed[:, v.shelf_offset:v.shelf_offset + num_shelves] = shelf_ok & ~done[:, None]
+            allowed[:, v.item_offset:v.item_offset + num_items] = item_ok & ~done[:, None]
+            allowed[:, EOS] = eos_ok & ~done
+            allowed[:, PAD] = done
+            return scores.masked_fill(~allowed, -float("inf"))
+
+    return transformers.LogitsProcessorList([GrammarProcessor()])
+
+
+def time_hf(engine: PageEngine, requests: list[dict], beam: int, batch: int, calls: int,
+            vectorised: bool) -> Timing | None:
     try:
         import torch
         import transformers
@@ -96,66 +179,80 @@ def time_hf(engine: PageEngine, requests: list[dict], beam: int, batch: int) -> 
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=engine.vocab.size, n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
         n_inner=cfg.mlp_dim, n_positions=512, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)).eval()
-    max_new = engine.grammar.max_length(6, 10)
-    latencies = []
-    for start in [0] + list(range(0, len(requests), batch)):  # the first pass warms up and is not timed
-        chunk = requests[start:start + batch]
-        prompts = [engine.vocab.encode_prompt({k: str(x) for k, x in r["context"].items()}, None, r["history"]) for r in chunk]
+    r = requests[0]
+    max_new = engine.grammar.max_length(r["num_shelves"], r["max_items_per_shelf"])
+    timing = Timing([], [])
+    for call, chunk in enumerate(chunks(requests, batch, calls + 1)):  # the first call warms up, untimed
+        prompts = [engine.vocab.encode_prompt({k: str(x) for k, x in r["context"].items()}, None, r["history"])
+                   for r in chunk]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        grammar = GrammarForHF(engine, chunk, width)
+        constraint = ({"logits_processor": grammar_logits_processor(engine, chunk, width, beam)} if vectorised
+                      else {"prefix_allowed_tokens_fn": GrammarForHF(engine, chunk, width)})
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, num_beams=beam, do_sample=False,
-                           max_new_tokens=max_new, prefix_allowed_tokens_fn=grammar, pad_token_id=PAD,
-                           eos_token_id=EOS)
-        latencies.append(time.perf_counter() - t)
-    return latencies[1:]
+            out = model.generate(input_ids=ids, attention_mask=mask, num_beams=beam, do_sample=False,
+                                 max_new_tokens=max_new, pad_token_id=PAD, eos_token_id=EOS, **constraint)
+        elapsed = time.perf_counter() - t
+        if call:
+            timing.latencies.append(elapsed)
+            for row in out[:, width:].tolist():
+                timing.tokens.append(row.index(EOS) + 1 if EOS in row else len(row))
+    return timing
+
+
+COLUMNS = ("calls", "tokens/page", "pages/s", "tokens/s", "p50 ms", "p99 ms")
+HF_SYSTEMS = ("transformers, host grammar fn", "transformers, vectorised processor")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--calls", type=int, default=100, help="timed calls per latency figure")
+    parser.add_argument("--requests", type=int, default=64, help="distinct requests the calls cycle over")
+    parser.add_argument("--shelves", type=int, default=6)
+    parser.add_argument("--items", type=int, default=10, help="items per shelf (min = max)")
     parser.add_argument("--beams", default="1,4,8")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--skip", default="", help="comma-separated: nocache,hf")
+    parser.add_argument("--skip", default="", help="comma-separated: nocache,streams,hf_host,hf_vectorised")
     args = parser.parse_args(argv)
-    import logging
-
     logging.getLogger("absl").setLevel(logging.ERROR)
     engine = PageEngine(args.checkpoint, objective="likelihood")
-    no_cache = PageEngine(args.checkpoint, use_cache=False, objective="likelihood")
-    streams = PageEngine(args.checkpoint, objective="streams") if engine.model_cfg.value_head else None
-    requests = make_requests(engine, args.requests)
     skip = set(args.skip.split(","))
-    print(f"model {engine.model_cfg.num_params():,} parameters, vocabulary {engine.vocab.size:,}, pages of 6 shelves x "
-          f"4-10 items, {args.requests} requests")
-    print(f"{'system':<28}{'beam':>5}{'batch':>6}{'pages/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
-    results = {}
+    requests = make_requests(engine, args.requests, args.shelves, args.items)
+    print(f"model {engine.model_cfg.num_params():,} parameters, vocabulary {engine.vocab.size:,}; pages of exactly "
+          f"{args.shelves} shelves x {args.items} items; {args.calls} timed calls per row")
+    print(f"{'system':<38}{'beam':>5}{'batch':>6}" + "".join(f"{c:>12}" for c in COLUMNS))
+    systems = [("homegen (KV cache)", lambda beam, batch: time_ours(engine, requests, beam, batch, args.calls))]
+    if "nocache" not in skip:
+        no_cache = PageEngine(args.checkpoint, use_cache=False, objective="likelihood")
+        systems.append(("homegen without KV cache",
+                        lambda beam, batch: time_ours(no_cache, requests, beam, batch, args.calls)))
+    if engine.model_cfg.value_head and "streams" not in skip:
+        streams = PageEngine(args.checkpoint, objective="streams")
+        systems.append(("homegen, streams objective",
+                        lambda beam, batch: time_ours(streams, requests, beam, batch, args.calls)))
+    for name, vectorised, key in zip(HF_SYSTEMS, (False, True), ("hf_host", "hf_vectorised")):
+        if key not in skip:
+            systems.append((name, lambda beam, batch, v=vectorised: time_hf(engine, requests, beam, batch,
+                                                                            args.calls, v)))
     for beam in [int(b) for b in args.beams.split(",")]:
         for batch in (1, args.batch):
-            systems = [("homegen (KV cache)", lambda: time_ours(engine, requests, beam, batch))]
-            if "nocache" not in skip:
-                systems.append(("homegen without KV cache", lambda: time_ours(no_cache, requests, beam, batch)))
-            if streams is not None:
-                systems.append(("homegen, streams objective", lambda: time_ours(streams, requests, beam, batch)))
-            if "hf" not in skip:
-                systems.append(("transformers generate()", lambda: time_hf(engine, requests, beam, batch)))
+            rows = {}
             for name, timer in systems:
-                latencies = timer()
-                if latencies is None:
-                    print(f"{name:<28}{beam:>5}{batch:>6}   (torch/transformers not installed)")
+                timing = timer(beam, batch)
+                if timing is None:
+                    print(f"{name:<38}{beam:>5}{batch:>6}   (torch/transformers not installed)")
                     continue
-                pages_per_s = len(requests) / sum(latencies)
-                results[(name, beam, batch)] = pages_per_s
-                p50, p99 = np.percentile(latencies, 50) * 1e3, np.percentile(latencies, 99) * 1e3
-                print(f"{name:<28}{beam:>5}{batch:>6}{pages_per_s:>10.2f}{p50:>10.0f}{p99:>10.0f}", flush=True)
-            ours = results.get(("homegen (KV cache)", beam, batch))
-            hf = results.get(("transformers generate()", beam, batch))
-            if ours and hf:
-                print(f"{'  speed-up over transformers':<39}{ours / hf:>10.1f}x")
+                rows[name] = timing.row()
+                print(f"{name:<38}{beam:>5}{batch:>6}" + "".join(
+                    f"{rows[name][c]:>12,.0f}" if c == "calls" else f"{rows[name][c]:>12,.1f}" for c in COLUMNS),
+                      flush=True)
+            for hf in HF_SYSTEMS:
+                if hf in rows:
+                    ratio = rows["homegen (KV cache)"]["tokens/s"] / rows[hf]["tokens/s"]
+                    print(f"  homegen (KV cache) / {hf}: {ratio:.1f}x tokens/s")
     return 0
 
 

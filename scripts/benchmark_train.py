@@ -3,45 +3,49 @@
     python scripts/benchmark_train.py --config configs/demo.py [--config.train.batch_size=64] \
         [--steps 20] [--peak_tflops 989]
 
-Random token batches of the config's shape go through the real sharded train step (data loading is not
-timed). MFU = model FLOPs per second / the device's peak; the peak comes from --peak_tflops, a table of
-known accelerators, or, on CPU, a measured float32 matmul rate (stated in the output).
+Random token batches of the config's shape go through the real sharded train step with the config's loss
+(full softmax, or sampled softmax over a Zipf-popular catalog, plus the value head's loss when the model has
+one); data loading is not timed. Model FLOPs count the output layer the loss really computes: every token
+for full softmax, the non-item tokens plus the sampled negatives for sampled softmax. MFU = model FLOPs per
+second / the device's peak; the peak comes from --peak_tflops, a table of known accelerators, or, on CPU, a
+measured float32 matmul rate (stated in the output).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from model.sharding import make_mesh  # noqa: E402
-from model.transformer import TransformerConfig  # noqa: E402
-from training.state import Trainer, count_params  # noqa: E402
+from homegen.model.loss import SampledSoftmax
+from homegen.model.sharding import make_mesh
+from homegen.model.transformer import TransformerConfig
+from homegen.training.state import Trainer, count_params
 
 config_flags.DEFINE_config_file("config", None, "A configs/<name>.py file.", lock_config=True)
 flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
-flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0: estimate from the config's data preset).")
+flags.DEFINE_integer("items", 0, "Item tokens (0: the config's data preset's catalog size).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of one device (0: look up or measure).")
 FLAGS = flags.FLAGS
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5e": 197.0}
-PRESET_VOCAB = {"tiny": 1_300, "small": 11_000, "medium": 101_000, "large": 1_001_000}
+PRESET_ITEMS = {"tiny": 1_000, "small": 10_000, "medium": 100_000, "large": 1_000_000}
+NON_ITEM_TOKENS = 1_000  # specials, context values, sentencepiece pieces and shelves, about as the presets have
 
 
-def model_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters (head included, embedding lookup not) + attention."""
+def model_flops_per_token(cfg: TransformerConfig, seq_len: int, output_rows: int) -> float:
+    """Training FLOPs per token: 6 x the matmul parameters a token goes through (the output layer over the
+    `output_rows` tokens the loss scores, the value head's projection and its one item score when the
+    model has one; not the embedding lookup) + attention."""
     d, hd = cfg.d_model, cfg.head_dim
     per_layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * cfg.mlp_dim
-    matmul_params = cfg.num_layers * per_layer + cfg.vocab_size * d
+    value_head = d * d + d if cfg.value_head else 0
+    matmul_params = cfg.num_layers * per_layer + output_rows * d + value_head
     attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * hd
     return 6.0 * matmul_params + attention
 
@@ -67,16 +71,23 @@ def device_peak_tflops(dtype: str) -> tuple[float, str]:
 
 def main(argv):
     cfg = FLAGS.config
-    vocab = FLAGS.vocab_size or PRESET_VOCAB.get(cfg.data.preset, 12_000)
+    items = FLAGS.items or PRESET_ITEMS.get(cfg.data.preset, 10_000)
+    vocab = NON_ITEM_TOKENS + items
     model_cfg = TransformerConfig(vocab_size=vocab, **cfg.model.to_dict())
     mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], None, cfg.seed)
+    sampled, output_rows = None, vocab
+    if cfg.loss.kind == "sampled":
+        counts = 1e6 / np.arange(1, items + 1)  # Zipf popularity, as catalogs have
+        sampled = SampledSoftmax.create(NON_ITEM_TOKENS, counts, cfg.loss.num_negatives, cfg.loss.sampler)
+        output_rows = NON_ITEM_TOKENS + cfg.loss.num_negatives + 1
+    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
+                      cfg.loss.value_weight)
     state = trainer.init_state()
     b, t = cfg.train.batch_size, cfg.data.seq_len + 1
     rng = np.random.default_rng(0)
-    batch = trainer.global_batch({"tokens": rng.integers(1, vocab, (b, t)).astype(np.int32),
-                                  "weights": np.ones((b, t), np.float32),
-                                  "outcomes": np.zeros((b, t), np.int32),
+    token_ids = rng.integers(1, vocab, (b, t)).astype(np.int32)
+    outcomes = np.where(token_ids >= NON_ITEM_TOKENS, rng.integers(1, 3, (b, t)), 0).astype(np.int32)  # skipped/streamed
+    batch = trainer.global_batch({"tokens": token_ids, "weights": np.ones((b, t), np.float32), "outcomes": outcomes,
                                   "segment_ids": np.ones((b, t), np.int32),
                                   "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))})
     for _ in range(3):
@@ -88,12 +99,15 @@ def main(argv):
     jax.block_until_ready(metrics)
     step_time = (time.perf_counter() - start) / FLAGS.steps
     tokens = b * cfg.data.seq_len
-    flops = model_flops_per_token(model_cfg, cfg.data.seq_len) * tokens / step_time
+    flops = model_flops_per_token(model_cfg, cfg.data.seq_len, output_rows) * tokens / step_time
     peak, source = device_peak_tflops(cfg.model.dtype)
     devices = jax.device_count()
     print(f"{'parameters':<24}{count_params(state['params']):>16,}")
     print(f"{'devices':<24}{devices:>16} ({jax.devices()[0].device_kind})")
     print(f"{'batch x seq_len':<24}{f'{b} x {cfg.data.seq_len}':>16}")
+    loss = (f"sampled softmax, {cfg.loss.num_negatives:,} negatives" if sampled else "full softmax")
+    print(f"{'loss':<24}{loss:>16}" + (" + value head" if model_cfg.value_head else ""))
+    print(f"{'vocabulary':<24}{vocab:>16,} ({items:,} items)")
     print(f"{'step time (ms)':<24}{step_time * 1e3:>16.1f}")
     print(f"{'tokens/s':<24}{tokens / step_time:>16,.0f}")
     print(f"{'model TFLOP/s':<24}{flops / 1e12:>16.3f}")

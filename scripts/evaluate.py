@@ -19,66 +19,9 @@ import argparse
 import json
 import os
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-RANKING_COLUMNS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "hr@50", "ndcg@50", "mrr")
-TIGER = {  # ANCHORS.md, TIGER (NeurIPS 2023) Table 1: R@5, N@5, R@10, N@10
-    "Sports_and_Outdoors": {"hr@5": .0264, "ndcg@5": .0181, "hr@10": .0400, "ndcg@10": .0225},
-    "Toys_and_Games": {"hr@5": .0521, "ndcg@5": .0371, "hr@10": .0712, "ndcg@10": .0432},
-}
-
-
-def evaluate_next_item(meta: dict, workdir: str, split: str, params, max_users: int, ranking: str,
-                       beam_size: int | None) -> dict:
-    """Ranking metrics of the split's users, for each ranking method and both seen-item conventions:
-    {"users", "seconds", "rankings": {"<method>, seen kept|filtered": metrics}}."""
-    import jax
-
-    from configs.base import base_config
-    from data.builders import InteractionDataset
-    from model.sharding import make_mesh
-    from model.transformer import TransformerConfig
-    from training.checkpoints import vocabulary_from_json
-    from training.evaluation import make_ranker, ranking_metrics, validation_users
-    from training.state import Trainer
-
-    cfg = base_config()  # defaults for settings that checkpoints from older versions do not store
-    cfg.update(meta["config"])
-    if beam_size:
-        cfg.eval.beam_size = beam_size
-    data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
-    builder = InteractionDataset.for_file(cfg.data.interactions, data_dir, cfg.data.interactions_format)
-    builder.download_and_prepare()
-    users = validation_users(builder.as_data_source()[split], max_users)
-    vocab = vocabulary_from_json(meta["vocab"])
-    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-    trainer = Trainer(TransformerConfig(**meta["model"]), cfg.train, mesh, [tuple(r) for r in cfg.rules])
-    params = jax.device_put(params, trainer.param_shardings)
-    methods = [ranking]
-    if ranking == "all":  # semantic IDs can only be ranked by beam search
-        methods = ["score", "beam"] if vocab.items.tokens_per_item == 1 else ["beam"]
-    result = {"users": len(users), "seconds": {}, "rankings": {}}
-    for method in methods:
-        ranker = make_ranker(trainer, vocab, cfg, method)
-        start = time.time()
-        # Beam search ranks only its beam: metrics@K need K <= beam size.
-        ks = tuple(k for k in (5, 10, 20, 50) if method == "score" or k <= cfg.eval.beam_size)
-        for convention, filter_seen in (("seen kept", False), ("seen filtered", True)):
-            ranks = ranker.rank(params, users, filter_seen=filter_seen)
-            result["rankings"][f"{method}, {convention}"] = ranking_metrics(ranks, ks)
-        result["seconds"][method] = round(time.time() - start, 1)
-    return result
-
-
-def print_ranking_table(name: str, result: dict) -> None:
-    print(f"{'':<30}" + "".join(f"{k:>9}" for k in RANKING_COLUMNS))
-    rows = [(f"homegen ({label})", metrics) for label, metrics in result["rankings"].items()]
-    if name in TIGER:
-        rows.append(("TIGER (paper)", TIGER[name]))
-    for label, metrics in rows:
-        print(f"{label:<30}" + "".join(f"{metrics[k]:>9.4f}" if k in metrics else f"{'':>9}" for k in RANKING_COLUMNS))
+from homegen.evaluation.next_item import TIGER, evaluate_next_item, print_ranking_table
+from homegen.evaluation.pages import evaluate_pages
 
 
 def main(argv=None) -> int:
@@ -96,8 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
     args = parser.parse_args(argv)
 
-    from training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
-    from training.state import count_params
+    from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
+    from homegen.training.state import count_params
 
     ckpt_dir = checkpoint_dir(args.checkpoint)
     workdir = os.path.dirname(ckpt_dir) if ckpt_dir != args.checkpoint else args.checkpoint
@@ -124,23 +67,23 @@ def main(argv=None) -> int:
                "epochs": progress.get("epochs"), "training_seconds": progress.get("seconds")}
     trained = (f", {summary['epochs']:.1f} epochs, {summary['training_seconds'] / 60:.1f} min of training"
                if progress else "")
-    if meta["kind"] == "sequences":
-        try:
-            result = evaluate_next_item(meta, workdir, args.split, params, args.max_users, args.ranking, args.beam_size)
-        except ValueError as e:
-            print(f"evaluate.py: error: {e}", file=sys.stderr)
-            return 2
-        summary.update(result)
-        name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
-        print(f"{name}: step {step} ({selected}), {summary['item_tokens']} item tokens, "
-              f"{summary['parameters']:,} parameters{trained}; {result['users']:,} users, split {args.split}")
-        print_ranking_table(name, result)
-    else:
-        print(f"step {step} ({selected}), {summary['parameters']:,} parameters{trained}")
-        from training.page_quality import evaluate_pages
-
-        summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
-                                      full_shelves=not args.shelves_as_requested, beam_size=args.beam_size or 4))
+    try:
+        if meta["kind"] == "sequences":
+            result = evaluate_next_item(meta, workdir, args.split, params, args.max_users, args.ranking,
+                                        args.beam_size)
+            summary.update(result)
+            name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]
+            print(f"{name}: step {step} ({selected}), {summary['item_tokens']} item tokens, "
+                  f"{summary['parameters']:,} parameters{trained}; {result['users']:,} users, split {args.split}")
+            print_ranking_table(name, result)
+        else:
+            print(f"step {step} ({selected}), {summary['parameters']:,} parameters{trained}")
+            summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
+                                          full_shelves=not args.shelves_as_requested,
+                                          beam_size=args.beam_size or 4))
+    except ValueError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_plots(summary, meta, workdir, out_dir)
@@ -149,7 +92,7 @@ def main(argv=None) -> int:
 
 
 def write_plots(summary: dict, meta: dict, workdir: str, out_dir: str) -> None:
-    from training.plots import plot_bars, plot_training_curves
+    from homegen.evaluation.plots import plot_bars, plot_training_curves
 
     if meta["kind"] == "sequences":
         name = os.path.splitext(os.path.basename(meta["config"]["data"]["interactions"]))[0]

@@ -8,18 +8,15 @@ oracle on held-out requests.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from data.policies import policy_engagement  # noqa: E402
-from data.simulate import write_world  # noqa: E402
-from data.world import WorldConfig  # noqa: E402
+from homegen.data.simulator.policies import policy_engagement
+from homegen.data.simulator.simulate import write_world
+from homegen.data.simulator.world import WorldConfig
 
 
 def main(argv: list[str] | None = None) -> int:

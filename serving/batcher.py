@@ -7,7 +7,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from serving.requests import PageRequest
+from homegen.serving.requests import PageRequest
 
 log = logging.getLogger("homegen.serve")
 

@@ -7,17 +7,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from data.shelves import ShelfRules
-from data.relabel import BEST_OUTCOME, OUTCOME_FIELD
-from data.vocab import EOS, PAD, Vocabulary
-from data.world import World, WorldConfig
-from model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
-from model.grammar import PageGrammar, PageRules
-from model.transformer import TransformerConfig
-from serving.requests import PageRequest, RequestError
-from training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir, vocabulary_from_json
-from training.state import abstract_model
+from homegen.data.formats import Shelf
+from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
+from homegen.data.simulator.shelves import ShelfRules
+from homegen.data.simulator.world import World, WorldConfig
+from homegen.data.vocab import EOS, PAD, Vocabulary
+from homegen.model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
+from homegen.model.grammar import PageGrammar, PageRules
+from homegen.model.scoring import score_tokens
+from homegen.model.transformer import TransformerConfig, abstract_model
+from homegen.serving.requests import PageRequest, RequestError
+from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
 
 
 class Eligibility:
@@ -72,6 +74,15 @@ class Eligibility:
         return out
 
 
+def _restore_model(checkpoints: Checkpoints, step: int) -> tuple[dict, nnx.GraphDef, dict]:
+    """(metadata, graphdef, parameters on this process's first device) of a checkpoint step."""
+    _, meta = checkpoints.read_meta(step)
+    graphdef, abstract, _ = abstract_model(TransformerConfig(**meta["model"]))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    return meta, graphdef, checkpoints.restore_params(step, target)[1]
+
+
 def _bucket(n: int, minimum: int) -> int:
     size = minimum
     while size < n:
@@ -87,8 +98,9 @@ class PageEngine:
         when the checkpoint has a value head)."""
         self.use_cache = use_cache  # False: recompute every step (only to measure what the cache buys)
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
-        self.step, meta = checkpoints.read_meta(step)
-        self.vocab = vocabulary_from_json(meta["vocab"])
+        self.step, (meta, self.graphdef, self.params) = checkpoints.first_readable(
+            lambda s: _restore_model(checkpoints, s), step)
+        self.vocab = Vocabulary.from_json(meta["vocab"])
         if self.vocab.items.tokens_per_item != 1:
             raise CheckpointError(f"{path} uses semantic item IDs; page serving needs atomic item tokens "
                                   "(the page grammar does not constrain multi-token items yet)")
@@ -96,12 +108,9 @@ class PageEngine:
         self.path = path
         self.objective = self._check_objective(objective)
         self.candidates, self.prior_weight = STREAM_CANDIDATES, PRIOR_WEIGHT  # `streams` beam search
-        self.graphdef, abstract, _ = abstract_model(self.model_cfg)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        _, self.params = checkpoints.restore_params(self.step, target)
         self.grammar = PageGrammar.for_vocabulary(self.vocab)
-        self.eligibility = Eligibility(meta.get("eligibility") or {"kind": "all"}, self.vocab)
+        self.eligibility_spec = meta.get("eligibility") or {"kind": "all"}
+        self.eligibility = Eligibility(self.eligibility_spec, self.vocab)
         self.catalog = (meta.get("catalog") or {}).get("items", {})
 
     def _check_objective(self, objective: str) -> str:
@@ -238,6 +247,43 @@ class PageEngine:
                 page[-1]["items"].append(self.vocab.items.decode([token - self.vocab.item_offset]))
                 page[-1]["item_scores"].append(round(float(logp), 4))
         return {"page": page, "log_prob": round(total, 4)}
+
+    # --- scoring given pages ----------------------------------------------------------------------------
+    def score(self, requests: list[PageRequest], pages: list[list[dict]], batch_size: int = 32) -> list[dict]:
+        """Teacher-forced scores of given pages (lists of {"shelf", "items"}), one per request: the page with
+        each item's log-probability (`item_scores`), the page's log-probability `log_prob` (EOS included,
+        under the model, as beam search reports it) and, with a value head, each item's predicted stream
+        probability (`stream_probs`) and their sum `predicted_streams`. A page with a shelf or item the
+        vocabulary lacks gets {"error": reason}. Pages are scored as given, valid or not."""
+        results: list[dict | None] = [None] * len(requests)
+        rows = []  # (request index, prompt, page tokens)
+        for k, (request, page) in enumerate(zip(requests, pages, strict=True)):
+            unknown = [s["shelf"] for s in page if self.vocab.shelf_token(s["shelf"]) is None]
+            unknown += [i for s in page for i in s["items"] if self.vocab.item_tokens(i) is None]
+            if unknown or not page:
+                results[k] = {"error": f"unknown shelves or items: {unknown[:10]}" if unknown else "empty page"}
+                continue
+            body = self.vocab.encode_page([Shelf(s["shelf"], list(s["items"])) for s in page]).tokens.tolist()
+            rows.append((k, self.prompt(request), body))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = _bucket(max(len(p) + len(b) for _, p, b in chunk), 16)
+            tokens, lengths = pad_prompts([p + b for _, p, b in chunk], batch_size, width)
+            logp, streams = jax.device_get(score_tokens(self.graphdef, self.params, tokens, lengths))
+            for row, (k, prompt, body) in enumerate(chunk):
+                span = slice(len(prompt) - 1, len(prompt) - 1 + len(body))
+                results[k] = self._scored_page(body, logp[row, span], None if streams is None else streams[row, span])
+        return results
+
+    def _scored_page(self, tokens: list[int], logps: np.ndarray, streams: np.ndarray | None) -> dict:
+        out = self._page(np.asarray(tokens), logps)
+        if streams is not None:
+            item_probs = [float(p) for token, p in zip(tokens, streams) if self.vocab.is_item(token)]
+            out["predicted_streams"] = round(sum(item_probs), 4)
+            remaining = iter(item_probs)
+            for shelf in out["page"]:
+                shelf["stream_probs"] = [round(next(remaining), 4) for _ in shelf["items"]]
+        return out
 
     def describe(self, item_id: str) -> dict:
         """Display fields of an item from the catalog saved in the checkpoint."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from data.shelves import SHELF_TITLES
+from homegen.data.simulator.shelves import SHELF_TITLES
 
 STYLE = """
 body{font-family:system-ui,sans-serif;background:#121212;color:#eee;margin:24px}

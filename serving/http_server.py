@@ -7,9 +7,9 @@ import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from serving.batcher import Batcher
-from serving.html import render
-from serving.requests import RequestError, parse_request
+from homegen.serving.batcher import Batcher
+from homegen.serving.html import render
+from homegen.serving.requests import RequestError, parse_request
 
 MAX_BODY = 1 << 20
 log = logging.getLogger("homegen.serve")

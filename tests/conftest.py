@@ -26,8 +26,8 @@ def shared_file(*parts: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_world_dir(tmp_path_factory) -> str:
-    from data.simulate import write_world
-    from data.world import WorldConfig
+    from homegen.data.simulator.simulate import write_world
+    from homegen.data.simulator.world import WorldConfig
 
     out = str(tmp_path_factory.mktemp("world"))
     write_world(WorldConfig(num_items=600, num_users=120, seed=3), out, num_pages=3000, num_requests=50)
@@ -43,8 +43,8 @@ def tfds_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
     """A run folder with a small model (with a value head) trained briefly on the tiny synthetic world."""
-    from configs.demo import get_config
-    from training.loop import run
+    from homegen.configs.demo import get_config
+    from homegen.training.loop import run
 
     cfg = get_config()
     cfg.data.data_dir = tfds_dir
@@ -56,3 +56,57 @@ def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
     run(cfg, workdir)
     return workdir
+
+
+TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+def tiny_config(data_dir, **train):
+    """configs/demo.py with a tiny model and short training, on the session's TFDS folder."""
+    from homegen.configs.demo import get_config
+
+    cfg = get_config()
+    cfg.data.data_dir = data_dir
+    cfg.data.seq_len = 64
+    for key, value in TINY_MODEL.items():
+        cfg.model[key] = value
+    cfg.train.update(dict(steps=12, batch_size=16, log_every=4, eval_every=6, checkpoint_every=4, eval_batches=2,
+                          warmup_steps=2, learning_rate=3e-3))
+    cfg.train.update(train)
+    return cfg
+
+
+def overrides(cfg) -> list[str]:
+    """The command-line flags that turn configs/demo.py into `cfg`."""
+    from homegen.configs.demo import get_config
+
+    base, out = get_config(), []
+    for section in ("data", "model", "train", "mesh"):
+        for key, value in cfg[section].items():
+            if base[section][key] != value:
+                out.append(f"--config.{section}.{key}={value}")
+    return out
+
+
+@pytest.fixture
+def data_dir(tfds_dir):
+    return tfds_dir
+
+
+def params_of(workdir):
+    """The parameters of a run folder's newest readable checkpoint, as numpy arrays."""
+    import jax
+    import numpy as np
+
+    from homegen.training.checkpoints import Checkpoints
+
+    _, params = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(None)
+    return jax.tree.map(np.asarray, params)
+
+
+def assert_trees_equal(a, b):
+    import jax
+    import numpy as np
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)

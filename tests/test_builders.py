@@ -1,11 +1,17 @@
 import os
 
 import pytest
-
 from conftest import shared_file
-from data.builders import (InteractionDataset, PageLogDataset, SyntheticWorldDataset, example_to_page_log,
-                           example_to_sequence, page_log_to_example)
-from data.formats import PageLog, Shelf, iter_page_logs
+
+from homegen.data.builders import (
+    InteractionDataset,
+    PageLogDataset,
+    SyntheticWorldDataset,
+    example_to_page_log,
+    example_to_sequence,
+    page_log_to_example,
+)
+from homegen.data.formats import PageLog, Shelf, iter_page_logs
 
 
 def test_page_log_builder_round_trips(tiny_world_dir, tmp_path):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from data.formats import DataFormatError, iter_page_logs, read_catalog, read_interactions
+from homegen.data.formats import DataFormatError, iter_page_logs, read_catalog, read_interactions
 
 
 def write(tmp_path, name, text):

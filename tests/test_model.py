@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
-from model.transformer import KVCache, Transformer, TransformerConfig
+from homegen.model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
+from homegen.model.transformer import KVCache, Transformer, TransformerConfig
 
 CFG = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from data.builders import page_log_to_example
-from data.formats import PageLog, Shelf
-from data.pipeline import PipelineConfig, make_dataset
-from data.vocab import BOS, NO_OUTCOME, PAGE, SKIPPED, STREAMED, VocabularyBuilder
+from homegen.data.builders import page_log_to_example
+from homegen.data.formats import PageLog, Shelf
+from homegen.data.pipeline import PipelineConfig, make_dataset
+from homegen.data.vocab import BOS, NO_OUTCOME, PAGE, SKIPPED, STREAMED, VocabularyBuilder
 
 NUM = 60
 
@@ -84,9 +84,9 @@ def test_process_shards_are_disjoint_and_complete(records):
 def test_outcome_conditioning_labels_pages_and_serving_asks_for_the_best():
     from types import SimpleNamespace
 
-    from data.relabel import BEST_OUTCOME, OUTCOME_FIELD, with_outcome
-    from serving.engine import PageEngine
-    from serving.requests import parse_request
+    from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD, with_outcome
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import parse_request
 
     def log(streams):
         return PageLog("u", [Shelf("s", ["a", "b"], streams[:2]), Shelf("t", ["c"], streams[2:])], context={"hour": "8"})
@@ -124,7 +124,7 @@ def test_outcome_conditioning_labels_pages_and_serving_asks_for_the_best():
 
 
 def test_streamed_first_moves_streamed_items_to_the_front_of_each_shelf():
-    from data.relabel import relabeler, streamed_first
+    from homegen.data.relabel import relabeler, streamed_first
 
     log = PageLog("u", [Shelf("s", ["a", "b", "c", "d"], [0.0, 1.0, 0.0, 2.0]), Shelf("t", ["e", "f"], None)],
                   context={"hour": "8"})

@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data.semantic_ids import (SemanticItems, build_semantic_items, cooccurrence_features, item_trie, kmeans,
-                               residual_codes)
-from data.vocab import AtomicItems, item_tokenizer_from_json
-from model.decoding import constrained_logp, item_beam_search
-from model.transformer import Transformer, TransformerConfig
+from homegen.data.semantic_ids import (
+    SemanticItems,
+    build_semantic_items,
+    cooccurrence_features,
+    item_trie,
+    kmeans,
+    residual_codes,
+)
+from homegen.data.vocab import AtomicItems, item_tokenizer_from_json
+from homegen.model.decoding import constrained_logp, item_beam_search
+from homegen.model.transformer import Transformer, TransformerConfig
 
 
 def test_kmeans_separates_clear_clusters():

@@ -10,15 +10,16 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
-from serving.engine import PageEngine
-from serving.http_server import make_server
-from serving.requests import parse_request
-from serving.validity import page_violations
+from homegen.serving.engine import PageEngine
+from homegen.serving.http_server import make_server
+from homegen.serving.requests import parse_request
+from homegen.serving.validity import PageValidator
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +27,41 @@ def engine(tiny_checkpoint):
     return PageEngine(tiny_checkpoint)
 
 
-def assert_valid(engine, request, response):
+@pytest.fixture(scope="module")
+def validator(engine):
+    return PageValidator(engine.vocab, engine.eligibility_spec)
+
+
+def assert_valid(validator, request, response):
     """Every rule of the page grammar and of the request, and well-formed scores."""
-    assert page_violations(engine, request, response["page"]) == []
+    assert validator.violations(request, response["page"]) == []
     for shelf in response["page"]:
         assert len(shelf["item_scores"]) == len(shelf["items"]) and all(s <= 0 for s in shelf["item_scores"])
 
 
-def test_violations_are_detected(engine):
+def test_violations_are_detected(validator):
     request = parse_request({"user_id": "u1", "num_shelves": 2, "min_items_per_shelf": 2, "max_items_per_shelf": 3,
                              "exclude_items": ["t1"], "allowed_shelves": ["made_for_you", "popular_now"]})
     page = [{"shelf": "made_for_you", "items": ["t1", "t2"]}, {"shelf": "made_for_you", "items": ["t2"]},
             {"shelf": "new_releases", "items": ["t3", "t4", "t5", "t6"]}]
-    problems = " | ".join(page_violations(engine, request, page))
+    problems = " | ".join(validator.violations(request, page))
     for expected in ("3 shelves", "repeats", "excluded item t1", "item t2 twice", "has 1 items",
                      "new_releases not allowed", "has 4 items"):
         assert expected in problems, problems
+
+
+def test_decoder_mask_agrees_with_the_rules_item_by_item(engine, validator):
+    """The (shelves x items) mask the decoder applies, built from the checkpoint's eligibility spec, equals
+    the shelf rules judged item by item by id, for users with and without history (history-dependent
+    shelves included)."""
+    items = engine.vocab.items.item_ids
+    rng = np.random.default_rng(0)
+    histories = [[], ["t1", "t2", "t3"], list(rng.choice(items, 25, replace=False)), ["not_an_item", "t5"]]
+    for history in histories:
+        mask = engine.eligibility.matrix(history)
+        for row, shelf in enumerate(engine.vocab.shelves):
+            np.testing.assert_array_equal(mask[row], validator.eligible(shelf, items, history), err_msg=shelf)
+    assert engine.eligibility.kind == "world" and engine.eligibility._dynamic  # both kinds of rule were compared
 
 
 def request_strategy(engine):
@@ -69,7 +89,7 @@ def request_strategy(engine):
     return st.lists(build(), min_size=1, max_size=5)
 
 
-def test_every_page_satisfies_every_constraint(engine):
+def test_every_page_satisfies_every_constraint(engine, validator):
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(request_strategy(engine))
     def check(requests):
@@ -77,19 +97,43 @@ def test_every_page_satisfies_every_constraint(engine):
             if "error" in response:  # only when no allowed shelf can be filled
                 assert "eligible items" in response["error"]
                 continue
-            assert_valid(engine, request, response)
+            assert_valid(validator, request, response)
 
     check()
 
 
 def test_beam_pages_are_distinct_and_ranked(engine):
+    """Beam search returns distinct pages, best first by its objective, as a separate teacher-forced pass
+    scores them: likelihood by length-normalised log-probability (GNMT, alpha 0.6), streams by predicted
+    streams plus 0.01 x the log-probability."""
     request = parse_request({"user_id": "u3", "beam_size": 4, "num_pages": 4, "num_shelves": 2,
                              "max_items_per_shelf": 5})
-    response = engine.generate([request])[0]
-    pages = [json.dumps(p["page"]) for p in response["pages"]]
-    assert len(pages) == 4 and len(set(pages)) == 4
-    probs = [p["log_prob"] for p in response["pages"]]
-    assert response["log_prob"] == probs[0]
+    for objective in ("likelihood", "streams"):
+        response = engine.generate([request], objective=objective)[0]
+        pages = [p["page"] for p in response["pages"]]
+        assert len(pages) == 4 and len({json.dumps(p) for p in pages}) == 4
+        assert response["log_prob"] == response["pages"][0]["log_prob"]
+        scored = engine.score([request] * 4, pages)
+        for decoded, rescored in zip(response["pages"], scored):
+            assert rescored["log_prob"] == pytest.approx(decoded["log_prob"], abs=2e-3)
+        if objective == "likelihood":
+            lengths = [sum(1 + len(s["items"]) for s in page) + 1 for page in pages]  # + EOS
+            keys = [s["log_prob"] / ((5 + n) / 6) ** 0.6 for s, n in zip(scored, lengths)]
+        else:
+            assert response["predicted_streams"] == pytest.approx(scored[0]["predicted_streams"], abs=2e-3)
+            keys = [s["predicted_streams"] + 0.01 * s["log_prob"] for s in scored]
+        assert all(a >= b - 1e-3 for a, b in zip(keys, keys[1:])), (objective, keys)
+
+
+def test_scoring_given_pages(engine):
+    request = parse_request({"user_id": "u3", "num_shelves": 2, "max_items_per_shelf": 5})
+    page = engine.generate([request], objective="likelihood")[0]["page"]
+    scored, unknown = engine.score([request] * 2, [page, [{"shelf": "nope", "items": ["t1"]}]])
+    assert [s["items"] for s in scored["page"]] == [s["items"] for s in page]
+    assert scored["log_prob"] < sum(x for s in scored["page"] for x in s["item_scores"]) < 0
+    probs = [p for s in scored["page"] for p in s["stream_probs"]]
+    assert all(0 < p < 1 for p in probs) and scored["predicted_streams"] == pytest.approx(sum(probs), abs=1e-3)
+    assert unknown == {"error": "unknown shelves or items: ['nope']"}
 
 
 def test_objectives(engine):
@@ -114,7 +158,10 @@ def test_batch_file_keeps_order_and_reports_bad_lines(tiny_checkpoint, tmp_path)
     result = subprocess.run([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint, "--requests",
                              str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--batch_size", "3"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    # Every line gets its response; the failed lines make the exit status 1, with a one-line summary.
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "serve.py: 4 request line(s) failed; first: line 2: invalid JSON")
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(out) == 7
     assert [o.get("user_id") for o in out if "error" not in o] == ["u1", None, "u4"]
@@ -130,6 +177,24 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "serve.py", "--checkpoint", str(tmp_path), "--user", "u1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and f"no checkpoint in {tmp_path}" in result.stderr
+
+
+def test_all_good_batch_exits_zero(tiny_checkpoint, tmp_path):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"user_id": "u1", "num_shelves": 2}) + "\n")
+    good = subprocess.run([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint, "--requests",
+                           str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert good.returncode == 0 and "0 request(s) with errors" in good.stdout, good.stderr
+
+
+def test_a_page_that_cannot_be_served_exits_nonzero(tiny_checkpoint, monkeypatch, capsys):
+    import serve
+    from homegen.serving.engine import PageEngine
+
+    failed = {"error": "no valid page could be decoded for this request"}
+    monkeypatch.setattr(PageEngine, "generate", lambda self, requests, objective=None: [failed] * len(requests))
+    assert serve.main(["--checkpoint", tiny_checkpoint, "--user", "u1"]) == 1
+    assert capsys.readouterr().err.strip() == f"serve.py: error: {failed['error']}"
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +225,7 @@ def post(url, body, raw=False):
         return e.code, json.loads(e.read())
 
 
-def test_http_api_under_concurrency(engine, server):
+def test_http_api_under_concurrency(validator, server):
     url, calls = server
     with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
         assert json.loads(r.read()) == {"status": "ok", "checkpoint_step": 30}
@@ -177,7 +242,7 @@ def test_http_api_under_concurrency(engine, server):
         bad_results = list(pool.map(lambda b: post(url, b[0], raw=isinstance(b[0], bytes)), bad))
     for body, (status, response) in zip(good, good_results):
         assert status == 200 and response["user_id"] == body["user_id"]
-        assert_valid(engine, parse_request(body), response)
+        assert_valid(validator, parse_request(body), response)
     for (_, reason), (status, response) in zip(bad, bad_results):
         assert status == 400 and reason in response["error"], response
     assert max(calls) > 1  # concurrent requests were batched together

@@ -1,7 +1,7 @@
 import pytest
 
-from data.formats import PageLog, Shelf, UserSequence
-from data.splits import leave_one_out, page_split, split_sequences_by_time
+from homegen.data.formats import PageLog, Shelf, UserSequence
+from homegen.data.splits import leave_one_out, page_split, split_sequences_by_time
 
 
 def test_leave_one_out():
@@ -12,7 +12,8 @@ def test_leave_one_out():
     assert [(u.user_id, u.items) for u in split["test"]] == [("a", list("123456")), ("c", list("789"))]
     # The validation target is the second-to-last item, the test target the last; train never sees either.
     for val, test, train in zip(split["validation"], split["test"], [split["train"][0], split["train"][2]]):
-        assert val.items[-1] == test.items[-2] and val.items[-1] not in train.items[len(train.items):]
+        assert val.items[-1] == test.items[-2]
+        assert val.items[-1] not in train.items and test.items[-1] not in train.items
         assert train.items == test.items[:-2]
 
 

@@ -12,58 +12,18 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, assert_trees_equal, overrides, params_of, tiny_config
 from jax.sharding import PartitionSpec
 
-from conftest import ROOT
-from configs.demo import get_config
-from training.checkpoints import Checkpoints
-from training.loop import TrainingError, run
-
-TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
-
-
-@pytest.fixture
-def data_dir(tfds_dir):
-    return tfds_dir
-
-
-def tiny_config(data_dir, **train):
-    cfg = get_config()
-    cfg.data.data_dir = data_dir
-    cfg.data.seq_len = 64
-    for key, value in TINY_MODEL.items():
-        cfg.model[key] = value
-    cfg.train.update(dict(steps=12, batch_size=16, log_every=4, eval_every=6, checkpoint_every=4, eval_batches=2,
-                          warmup_steps=2, learning_rate=3e-3))
-    cfg.train.update(train)
-    return cfg
-
-
-def overrides(cfg) -> list[str]:
-    """The command-line flags that turn configs/demo.py into `cfg`."""
-    base, out = get_config(), []
-    for section in ("data", "model", "train", "mesh"):
-        for key, value in cfg[section].items():
-            if base[section][key] != value:
-                out.append(f"--config.{section}.{key}={value}")
-    return out
-
-
-def params_of(workdir):
-    _, params = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(None)
-    return jax.tree.map(np.asarray, params)
-
-
-def assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+from homegen.training.checkpoints import Checkpoints
+from homegen.training.loop import TrainingError, run
 
 
 def test_demo_trains_and_loss_falls(data_dir, tmp_path):
     result = run(tiny_config(data_dir, steps=40, log_every=5, eval_every=20), str(tmp_path))
-    losses = result["losses"]
+    losses = result.losses
     assert losses[-1] < losses[0] - 0.3, losses
-    assert np.isfinite(result["validation_loss"]) and result["validation_loss"] < losses[0]
+    assert np.isfinite(result.metrics["validation_loss"]) and result.metrics["validation_loss"] < losses[0]
     assert os.listdir(tmp_path / "tensorboard")
     ckpt = Checkpoints(str(tmp_path / "checkpoints"), read_only=True)
     step, meta = ckpt.read_meta()
@@ -76,21 +36,21 @@ def test_one_device_and_eight_devices_agree(data_dir, tmp_path):
     cfg = tiny_config(data_dir, steps=8, log_every=1)
     cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
     sharded = run(cfg, str(tmp_path / "eight"))
-    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-5)
-    gate = sharded["state"]["params"]["blocks"]["mlp"]["gate"]
+    np.testing.assert_allclose(sharded.losses, single.losses, rtol=2e-5)
+    gate = sharded.state["params"]["blocks"]["mlp"]["gate"]
     assert gate.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     assert gate.addressable_shards[0].data.shape == (2, 16, 32)
-    embed = sharded["state"]["params"]["embed"]
+    embed = sharded.state["params"]["embed"]
     assert embed.sharding.spec == PartitionSpec("tensor", "fsdp")
-    assert len(sharded["state"]["params"]["blocks"]["attn"]["q"].sharding.device_set) == 8
+    assert len(sharded.state["params"]["blocks"]["attn"]["q"].sharding.device_set) == 8
 
     # The 8-device checkpoint restores onto a 1-device mesh with identical values.
     cfg_one = tiny_config(data_dir, steps=8)
     cfg_one.mesh.devices = 1
     restored = run(cfg_one, str(tmp_path / "eight"))
-    assert restored["state"]["params"]["embed"].sharding.mesh.size == 1
-    assert_trees_equal(jax.tree.map(np.asarray, restored["state"]["params"]),
-                       jax.tree.map(np.asarray, sharded["state"]["params"]))
+    assert restored.state["params"]["embed"].sharding.mesh.size == 1
+    assert_trees_equal(jax.tree.map(np.asarray, restored.state["params"]),
+                       jax.tree.map(np.asarray, sharded.state["params"]))
 
 
 def train_cli(workdir, cfg, extra=(), env=None, **kwargs):
@@ -140,7 +100,7 @@ def test_two_processes_agree_with_one(data_dir, tmp_path):
     cfg.mesh.devices = 2
     single = run(cfg, str(tmp_path / "single"))
     multi_losses = [float(line.split("loss ")[1].split(" ")[0]) for line in outputs[0].splitlines() if "] step" in line]
-    np.testing.assert_allclose(multi_losses, single["losses"], rtol=1e-4)
+    np.testing.assert_allclose(multi_losses, single.losses, rtol=1e-4)
     multi, one = params_of(tmp_path / "multi"), params_of(tmp_path / "single")
     for x, y in zip(jax.tree.leaves(multi), jax.tree.leaves(one)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
@@ -150,7 +110,7 @@ def test_fine_tuning_with_frozen_groups(data_dir, tmp_path):
     base = run(tiny_config(data_dir, steps=4), str(tmp_path / "base"))
     tuned = run(tiny_config(data_dir, steps=4, freeze="embed,blocks/attn"), str(tmp_path / "tuned"),
                 init_from=str(tmp_path / "base"))
-    before, after = base["state"]["params"], tuned["state"]["params"]
+    before, after = base.state["params"], tuned.state["params"]
     np.testing.assert_array_equal(np.asarray(after["embed"]), np.asarray(before["embed"]))
     np.testing.assert_array_equal(np.asarray(after["blocks"]["attn"]["q"]), np.asarray(before["blocks"]["attn"]["q"]))
     assert not np.array_equal(np.asarray(after["blocks"]["mlp"]["up"]), np.asarray(before["blocks"]["mlp"]["up"]))
@@ -165,8 +125,13 @@ def test_fine_tuning_with_frozen_groups(data_dir, tmp_path):
     (lambda c: c.loss.update(dict(kind="hierarchical")), "loss.kind"),
     (lambda c: c.mesh.update(dict(data=3, fsdp=-1)), "cannot fill mesh"),
     (lambda c: c.mesh.update(dict(data=3)), "needs 3 devices, have 8"),
-    (lambda c: (c.data.update(dict(source="interactions")), c.model.update(dict(value_head=True))),
+    (lambda c: (c.data.update(dict(interactions="/data/toys.txt")), c.model.update(dict(value_head=True))),
      "interaction data has none"),
+    (lambda c: c.data.update(dict(page_logs="a.jsonl", interactions="b.txt")), "both data.page_logs and"),
+    (lambda c: c.data.update(dict(source="synthetic", page_logs="a.jsonl")), "'synthetic' contradicts data.page_logs"),
+    (lambda c: c.data.update(dict(source="interactions", page_logs="a.jsonl")),
+     "needs --config.data.interactions=FILE, not data.page_logs"),
+    (lambda c: c.data.update(dict(catalog="catalog.jsonl")), "synthetic world has its own catalog"),
 ])
 def test_bad_configs_give_clear_errors(data_dir, tmp_path, change, message):
     cfg = tiny_config(data_dir)
@@ -212,7 +177,7 @@ def test_nan_stops_with_last_good_checkpoint(data_dir, tmp_path):
 
 def test_keeps_last_and_best_checkpoints(data_dir, tmp_path):
     """keep_last=1, keep_best=1 by validation loss: the best evaluated step survives beside the latest."""
-    from training.plots import read_scalars
+    from homegen.evaluation.plots import read_scalars
 
     cfg = tiny_config(data_dir, steps=12, eval_every=2, checkpoint_every=2, keep_last=1, keep_best=1,
                       learning_rate=0.3, warmup_steps=1)  # a learning rate this high makes later steps worse

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from data.formats import CatalogItem, PageLog, Shelf, UserSequence
-from data.vocab import BOS, EOS, PAGE, SEP, SKIPPED, STREAMED, NEXT_ITEM_SHELF, Vocabulary, VocabularyBuilder
+from homegen.data.formats import CatalogItem, PageLog, Shelf, UserSequence
+from homegen.data.vocab import BOS, EOS, NEXT_ITEM_SHELF, PAGE, SEP, SKIPPED, STREAMED, Vocabulary, VocabularyBuilder
 
 
 @pytest.fixture(scope="module")

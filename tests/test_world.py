@@ -5,14 +5,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from data.formats import iter_page_logs
-from data.policies import OraclePolicy, policy_engagement
-from data.response import PageBatch
-from data.shelves import SHELF_NAMES, ShelfRules
-from data.simulate import Simulator, write_world
-from data.world import World, WorldConfig
+
+from homegen.data.formats import iter_page_logs
+from homegen.data.simulator.policies import OraclePolicy, policy_engagement
+from homegen.data.simulator.response import PageBatch
+from homegen.data.simulator.shelves import SHELF_NAMES, ShelfRules
+from homegen.data.simulator.simulate import Simulator, write_world
+from homegen.data.simulator.world import World, WorldConfig
 
 CONFIG = WorldConfig(num_items=800, num_users=150, seed=11)
 
@@ -131,6 +131,14 @@ def test_simulate_cli_prints_table(tmp_path):
                              "--pages", "300", "--requests", "20", "--eval-requests", "10"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "oracle" in result.stdout and "1.000" in result.stdout
+    lines = result.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("policy"))) + 1:]
+    rows = {line[:16].strip(): [float(x) for x in line[16:].split()] for line in table}
+    assert set(rows) == {"logging policy", "popularity", "random", "oracle"}
+    oracle = rows["oracle"][0]
+    # The oracle's pages are worth more than every policy's, random pages the least; fractions are of it.
+    assert oracle > rows["logging policy"][0] > rows["random"][0] and oracle > rows["popularity"][0]
+    for streams, fraction in rows.values():
+        assert fraction == pytest.approx(streams / oracle, abs=1e-3)
     for name in ("catalog.jsonl", "pages.jsonl", "requests.jsonl"):
         assert (tmp_path / name).stat().st_size > 0

@@ -1,41 +1,47 @@
 """orbax checkpoints of a run: parameters, optimizer state, the grain iterator state, and metadata
 (config, model config, vocabulary and sentencepiece model) so that a checkpoint is self-contained.
 
-Keeps the last N and the best N by a validation metric; saves asynchronously.
+Keeps the last N and the best N by a validation metric; saves asynchronously. Every finished step gets a
+checksum manifest (training/checksums.py), verified before the step is restored; restoring "the latest"
+falls back to the newest step that verifies and reads, with a warning naming each damaged one.
 """
 
 from __future__ import annotations
 
-import base64
+import logging
 import os
+import shutil
+from collections.abc import Callable
+from typing import TypeVar
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from data.vocab import Vocabulary, item_tokenizer_from_json
+from homegen.training.checksums import has_manifest, manifest_problems, write_manifest
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
     """A missing or unreadable checkpoint, with the steps that are usable."""
 
 
-def vocabulary_to_json(vocab: Vocabulary) -> dict:
-    return {"context_tokens": vocab.context_tokens, "shelves": vocab.shelves, "items": vocab.items.to_json(),
-            "max_history": vocab.max_history,
-            "sentencepiece_model": base64.b64encode(vocab.sentencepiece_model).decode("ascii")}
-
-
-def vocabulary_from_json(data: dict) -> Vocabulary:
-    return Vocabulary(data["context_tokens"], data["shelves"], item_tokenizer_from_json(data["items"]),
-                      base64.b64decode(data["sentencepiece_model"]), data["max_history"])
-
-
 def checkpoint_dir(path: str) -> str:
     """A run folder's checkpoints/ subfolder, or `path` itself when it holds the checkpoints."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist")
     inner = os.path.join(path, "checkpoints")
     return inner if os.path.isdir(inner) else path
+
+
+def _first_line(error: Exception, limit: int = 400) -> str:
+    """An exception's first line, shortened at a word boundary."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(error).__name__}: {text}"
 
 
 class Checkpoints:
@@ -46,6 +52,11 @@ class Checkpoints:
         if best_mode not in ("min", "max"):
             raise ValueError(f"train.best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = os.path.abspath(directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory} does not exist")
+        self.read_only, self.async_save = read_only, async_save
+        self.damaged: dict[int, str] = {}  # step -> why it cannot be restored, as found so far
+        self._verified: set[int] = set()
         self.best_metric, self.best_mode = best_metric, best_mode
         worst = float("inf") if best_mode == "min" else -float("inf")
         metric_of = lambda m: m.get(best_metric, worst)  # noqa: E731
@@ -75,12 +86,40 @@ class Checkpoints:
             return None
         return (min(scored) if mode == "min" else max(scored))[1]
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: dict, data_iterator, meta: dict, metrics: dict | None = None) -> None:
+        self.wait()  # the previous step is finished (orbax waits for it anyway) and gets its manifest
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             opt_state=ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
             data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, metrics=metrics, force=True)
+        if not self.async_save:
+            self._record_manifests()
+
+    def _record_manifests(self) -> None:
+        """Writes the checksum manifest of every finished step that lacks one (process 0 only)."""
+        if self.read_only or jax.process_index() != 0:
+            return
+        for step in self.steps():
+            if os.path.isdir(self.step_dir(step)) and not has_manifest(self.step_dir(step)):
+                write_manifest(self.step_dir(step))
+
+    def verify(self, step: int) -> None:
+        """Raises CheckpointError naming the damaged files when `step` differs from its manifest (each step
+        is hashed once per process)."""
+        if step in self._verified:
+            return
+        problems = manifest_problems(self.step_dir(step))
+        if problems is None:
+            log.info("checkpoint step %d in %s has no checksum manifest; restoring it unverified", step,
+                     self.directory)
+        elif problems:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {'; '.join(problems[:3])}"
+                                  + (f" (and {len(problems) - 3} more files)" if len(problems) > 3 else ""))
+        self._verified.add(step)
 
     def _check_step(self, step: int | None) -> int:
         steps = self.steps()
@@ -89,44 +128,104 @@ class Checkpoints:
         if step is None:
             return steps[-1]
         if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; usable steps: {steps}")
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; steps there: {steps}")
         return step
 
+    def _usable_besides(self, step: int) -> str:
+        others = [s for s in self.steps() if s != step and s not in self.damaged]
+        return f"other steps: {others}" if others else "no other step"
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+        return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({_first_line(error)})")
+
     def _restore(self, step: int, **items):
+        self.verify(step)
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many kinds of errors for damaged files
-            others = [s for s in self.steps() if s != step]
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read "
-                                  f"({type(e).__name__}: {str(e)[:300]}); other steps: {others or 'none'}") from e
+            raise self._unreadable(step, e) from e
+
+    def first_readable(self, load: Callable[[int], T], step: int | None = None) -> tuple[int, T]:
+        """(step, load(step)): at `step`, or when None at the newest step that verifies and loads. Each newer
+        step that does not is logged as a warning naming what is wrong and kept in `damaged`."""
+        if step is not None:
+            self._check_step(step)
+            try:
+                return step, load(step)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; {self._usable_besides(step)}") from e
+        self._check_step(None)
+        for candidate in reversed(self.steps()):
+            if candidate in self.damaged:
+                continue
+            try:
+                return candidate, load(candidate)
+            except CheckpointError as e:
+                self.damaged[candidate] = str(e)
+                log.warning("%s; trying an earlier step", e)
+        raise CheckpointError(f"no readable checkpoint in {self.directory}: "
+                              + "; ".join(self.damaged[s] for s in sorted(self.damaged, reverse=True)))
+
+    def set_aside_after(self, step: int, folder: str) -> list[int]:
+        """Moves every step after `step` into `folder` (nothing is deleted), so that training can resume at
+        `step` and save those step numbers again; returns the steps moved. Process 0 moves; every process
+        calls `reload` after a barrier."""
+        later = [s for s in self.steps() if s > step]
+        if jax.process_index() != 0:
+            return later
+        for s in later:
+            target = os.path.join(folder, str(s))
+            suffix = 1
+            while os.path.exists(target):
+                target, suffix = os.path.join(folder, f"{s}.{suffix}"), suffix + 1
+            os.makedirs(folder, exist_ok=True)
+            shutil.move(self.step_dir(s), target)
+        return later
+
+    def reload(self) -> None:
+        """Re-reads the steps on disk (after `set_aside_after`)."""
+        self.manager.reload()
 
     def read_meta(self, step: int | None = None) -> tuple[int, dict]:
-        step = self._check_step(step)
-        return step, self._restore(step, meta=ocp.args.JsonRestore())["meta"]
+        """The metadata at `step` (None: of the newest readable step)."""
+        return self.first_readable(lambda s: self._restore(s, meta=ocp.args.JsonRestore())["meta"], step)
 
     def restore_params(self, step: int | None, abstract_params=None) -> tuple[int, dict]:
-        """Parameters at `step` (latest when None), onto the shardings of `abstract_params` if given."""
-        step = self._check_step(step)
-        if abstract_params is None:  # whole arrays on this process's first device
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                           self.manager.item_metadata(step)["params"])
-        return step, self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+        """Parameters at `step` (None: of the newest readable step), onto the shardings of `abstract_params`
+        if given, else whole arrays on this process's first device."""
+
+        def load(s: int) -> dict:
+            target = abstract_params
+            if target is None:
+                try:
+                    metadata = self.manager.item_metadata(s)["params"]
+                except Exception as e:  # as in _restore
+                    raise self._unreadable(s, e) from e
+                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+            return self._restore(s, params=ocp.args.StandardRestore(target))["params"]
+
+        return self.first_readable(load, step)
 
     def restore(self, step: int | None, abstract_state: dict, data_iterator) -> tuple[int, dict]:
-        """The full state at `step` (latest when None) onto the shardings of `abstract_state`; the data
-        iterator is restored in place."""
-        step = self._check_step(step)
-        restored = self._restore(
-            step, params=ocp.args.StandardRestore(abstract_state["params"]),
-            opt_state=ocp.args.StandardRestore({"opt_state": abstract_state["opt_state"],
-                                                "step": abstract_state["step"]}),
-            data=grain.checkpoint.CheckpointRestore(data_iterator))
-        return step, {"params": restored["params"], "opt_state": restored["opt_state"]["opt_state"],
-                      "step": restored["opt_state"]["step"]}
+        """The full state at `step` (None: the newest readable step) onto the shardings of `abstract_state`;
+        the data iterator is restored in place."""
+
+        def load(s: int) -> dict:
+            restored = self._restore(
+                s, params=ocp.args.StandardRestore(abstract_state["params"]),
+                opt_state=ocp.args.StandardRestore({"opt_state": abstract_state["opt_state"],
+                                                    "step": abstract_state["step"]}),
+                data=grain.checkpoint.CheckpointRestore(data_iterator))
+            return {"params": restored["params"], "opt_state": restored["opt_state"]["opt_state"],
+                    "step": restored["opt_state"]["step"]}
+
+        return self.first_readable(load, step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._record_manifests()
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()

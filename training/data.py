@@ -9,13 +9,38 @@ import dataclasses
 import os
 from collections import Counter
 
-from data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
-from data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
-from data.semantic_ids import SemanticItems, build_semantic_items
-from data.relabel import with_outcome
-from data.vocab import Vocabulary, VocabularyBuilder
+from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
+from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
+from homegen.data.relabel import with_outcome
+from homegen.data.semantic_ids import SemanticItems, build_semantic_items
+from homegen.data.vocab import Vocabulary, VocabularyBuilder
 
 SOURCES = ("synthetic", "page_logs", "interactions")
+DATA_FILES = ("page_logs", "interactions")  # the sources read from a user's file, by their config field
+
+
+def resolve_source(data_cfg) -> str:
+    """The data source a config means: inferred from which data file is set (`data.page_logs` or
+    `data.interactions`; neither: the synthetic world) unless `data.source` names one. Contradictions
+    (two data files, a named source without its file or with another's, a catalog for the synthetic
+    world) are errors."""
+    given = [name for name in DATA_FILES if getattr(data_cfg, name)]
+    if len(given) > 1:
+        raise ValueError("both data.page_logs and data.interactions are set: give one data source")
+    inferred = given[0] if given else "synthetic"
+    source = data_cfg.source
+    if source not in ("auto",) + SOURCES:
+        raise ValueError(f"data.source must be one of auto, {', '.join(SOURCES)}; got {source!r}")
+    if source not in ("auto", inferred):
+        if source == "synthetic":
+            raise ValueError(f"data.source='synthetic' contradicts data.{inferred}={getattr(data_cfg, inferred)!r}: "
+                             f"drop one of them")
+        raise ValueError(f"data.source={source!r} needs --config.data.{source}=FILE"
+                         + (f", not data.{inferred}" if given else ""))
+    if inferred == "synthetic" and data_cfg.catalog:
+        raise ValueError(f"data.catalog={data_cfg.catalog!r} is given without page logs or interactions; the "
+                         "synthetic world has its own catalog")
+    return inferred
 
 
 @dataclasses.dataclass
@@ -31,19 +56,15 @@ def _builder(data_cfg, data_dir: str):
     if source == "synthetic":
         return SyntheticWorldDataset(config=data_cfg.preset, data_dir=data_dir, file_format="array_record")
     if source == "page_logs":
-        if not data_cfg.page_logs:
-            raise ValueError("data.source='page_logs' needs --config.data.page_logs=FILE.jsonl")
         paths = [p for p in data_cfg.page_logs.split(",") if p]
         return PageLogDataset.for_files(paths, data_dir, data_cfg.validation_fraction)
     if source == "interactions":
-        if not data_cfg.interactions:
-            raise ValueError("data.source='interactions' needs --config.data.interactions=FILE")
         return InteractionDataset.for_file(data_cfg.interactions, data_dir, data_cfg.interactions_format)
     raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
 
 
 def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> PreparedData:
-    """Builds (leader) or opens the dataset."""
+    """Builds (leader) or opens the dataset of `data_cfg.source` (as `resolve_source` resolved it)."""
     if data_cfg.catalog and not os.path.isfile(data_cfg.catalog):
         raise FileNotFoundError(f"catalog file {data_cfg.catalog} does not exist")
     data_dir = data_cfg.data_dir or default_data_dir

@@ -8,6 +8,7 @@ created inside `jit` with `out_shardings`, so it is never whole on one device.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,30 +16,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
-from model.sharding import logical_to_spec, use_mesh
-from model.transformer import Transformer, TransformerConfig
-from training.optimizer import learning_rate_schedule, make_optimizer
+from homegen.model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
+from homegen.model.sharding import logical_to_spec, use_mesh
+from homegen.model.transformer import Transformer, TransformerConfig, abstract_model
+from homegen.training.optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("tokens", "weights", "outcomes", "segment_ids", "positions")
-
-
-def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, abstract params (ShapeDtypeStruct pure dict), logical axes pure dict)."""
-    model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-
-    def axes_of(var: nnx.Variable):
-        axes = tuple(var.get_metadata()["logical_axes"])
-        return ("layers",) * (len(var.shape) - len(axes)) + axes
-
-    axes: dict = {}
-    for path, var in nnx.to_flat_state(state):
-        node = axes
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = axes_of(var)
-    return graphdef, nnx.to_pure_dict(state), axes
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Periodic evaluation: validation loss, and next-item HR@K / NDCG@K over all items for interaction data."""
+"""Evaluation while training: validation loss, and next-item HR@K / NDCG@K over all items for interaction data."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data.builders import example_to_sequence
-from data.formats import UserSequence
-from data.pipeline import PipelineConfig, make_dataset, sequence_capacity, sequence_to_page_log
-from data.semantic_ids import item_trie
-from data.vocab import EOS, Vocabulary
-from model.decoding import item_beam_search, pad_prompts
-from model.sharding import use_mesh
+from homegen.data.builders import example_to_sequence
+from homegen.data.formats import UserSequence
+from homegen.data.pipeline import PipelineConfig, make_dataset, sequence_capacity, sequence_to_page_log
+from homegen.data.semantic_ids import item_trie
+from homegen.data.vocab import EOS, Vocabulary
+from homegen.model.decoding import item_beam_search, pad_prompts
+from homegen.model.sharding import use_mesh
 
 
 def validation_loss(trainer, params, source, vocab: Vocabulary, kind: str, pipeline_cfg: PipelineConfig,

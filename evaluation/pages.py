@@ -3,23 +3,22 @@ homegen's pages and the baselines, validity, diversity, coverage and offline log
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data.builders import SyntheticWorldDataset
-from data.formats import Shelf
-from data.policies import OraclePolicy, popularity_pages
-from data.response import PageBatch, ResponseModel
-from data.world import parse_context
-from model.decoding import pad_prompts, prefill_hidden
-from serving.engine import PageEngine
-from serving.requests import parse_request
-from serving.validity import page_violations
+from homegen.data.builders import SyntheticWorldDataset
+from homegen.data.simulator.policies import OraclePolicy, popularity_pages
+from homegen.data.simulator.response import PageBatch, ResponseModel
+from homegen.data.simulator.world import parse_context
+from homegen.model.decoding import pad_prompts, prefill_hidden
+from homegen.serving.engine import PageEngine
+from homegen.serving.requests import parse_request
+from homegen.serving.validity import PageValidator
 
 
 def _world_dir(meta: dict, workdir: str) -> str:
@@ -50,6 +49,15 @@ class PageArrays:
         return shelves, items
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "head"))
+def _next_token_scores(graphdef, params, tokens, lengths, head: str) -> jax.Array:
+    """(B, V) scores of every next token after each prompt: the model's logits, or with `head="values"`
+    the value head's stream logits."""
+    model = nnx.merge(graphdef, params)
+    last, _ = prefill_hidden(model, tokens, lengths, tokens.shape[1])
+    return model.values(last) if head == "values" else model.logits(last)
+
+
 def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[str]], batch: int = 64,
                     head: str = "logits") -> list[list[dict]]:
     """The pointwise baseline: for each request and shelf, the same model's next-item scores right after
@@ -62,18 +70,12 @@ def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[s
     sequences = [prompts[k] + [vocab.shelf_token(name)] for k, name in rows]
     width = max(map(len, sequences), default=1)
     first = vocab.item_offset
-
-    @jax.jit
-    def item_scores(params, tokens, lengths):
-        model = nnx.merge(engine.graphdef, params)
-        last, _ = prefill_hidden(model, tokens, lengths, tokens.shape[1])
-        return (model.values(last) if head == "values" else model.logits(last))[:, first:]
-
     scores = []
     for start in range(0, len(sequences), batch):
         chunk = sequences[start:start + batch]
         tokens, lengths = pad_prompts(chunk, batch, width)
-        scores.append(np.asarray(item_scores(engine.params, tokens, lengths))[:len(chunk)])
+        scores.append(np.asarray(_next_token_scores(engine.graphdef, engine.params, tokens, lengths, head))
+                      [:len(chunk), first:])
     scores = np.concatenate(scores) if scores else np.zeros((0, vocab.items.num_tokens))
     pages: list[list[dict]] = [[] for _ in requests]
     used: list[set] = [set() for _ in requests]
@@ -92,32 +94,11 @@ def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[s
     return pages
 
 
-def predicted_streams(engine: PageEngine, requests: list, pages: list[list[dict]], batch: int = 64) -> np.ndarray:
+def predicted_streams(engine: PageEngine, requests: list, pages: list[list[dict]]) -> np.ndarray:
     """(R,) the value head's predicted streams of given pages (teacher-forced): the sum over the page's
     items of the predicted stream probability of each item where it stands. An off-policy estimate, as a
     team without a simulator would have it; against the exact value it shows the head's bias."""
-    vocab = engine.vocab
-    prompts = [engine.prompt(r) for r in requests]
-    sequences = [prompt + vocab.encode_page([Shelf(s["shelf"], s["items"]) for s in page]).tokens.tolist()
-                 for prompt, page in zip(prompts, pages)]
-    width = max(map(len, sequences))
-
-    @jax.jit
-    def item_streams(params, tokens, lengths):
-        model = nnx.merge(engine.graphdef, params)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        hidden, _ = model.hidden(tokens, positions, (positions < lengths[:, None]).astype(jnp.int32))
-        return jax.nn.sigmoid(model.values(hidden[:, :-1], tokens[:, 1:]))
-
-    totals = []
-    for start in range(0, len(sequences), batch):
-        chunk = sequences[start:start + batch]
-        tokens, lengths = pad_prompts(chunk, batch, width)
-        streams = np.asarray(item_streams(engine.params, tokens, lengths))
-        for row, (prompt, seq) in enumerate(zip(prompts[start:], chunk)):
-            is_item = np.array([vocab.is_item(t) for t in seq[len(prompt):]], bool)
-            totals.append(float(streams[row, len(prompt) - 1:len(seq) - 1][is_item].sum()))
-    return np.array(totals)
+    return np.array([scored["predicted_streams"] for scored in engine.score(requests, pages)])
 
 
 def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
@@ -137,11 +118,13 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
     request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
     shelves to the maximum)."""
+    if meta["eligibility"]["kind"] != "world":
+        raise ValueError(f"{checkpoint} was trained on page logs; page quality is measured under the synthetic "
+                         "world's true response model, so it needs a checkpoint trained on the synthetic world")
     engine = PageEngine(checkpoint, step)
     has_value_head = engine.model_cfg.value_head
-    if engine.eligibility.kind != "world":
-        raise ValueError("page evaluation needs a checkpoint trained on the synthetic world")
     world, rules = engine.eligibility.world, engine.eligibility.rules
+    validator = PageValidator(engine.vocab, engine.eligibility_spec)
     response_model = ResponseModel(world, rules)
     folder = _world_dir(meta, workdir)
     issued = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)
@@ -185,11 +168,9 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     values = {name: engagement(p) for name, p in pages.items()}
     pop_shelves, pop_items = popularity_pages(world, rules, len(requests), cfg.num_shelves, cfg.max_items)
     values["popularity"] = response_model.expected_engagement(PageBatch(users, ctx, history, pop_shelves, pop_items))
-    oracle = OraclePolicy(response_model)
-    built = [oracle.build_one(int(users[k]), ctx.take(np.array([k])), history[k], cfg.num_shelves, cfg.max_items)
-             for k in range(len(requests))]
-    values["oracle"] = response_model.expected_engagement(
-        PageBatch(users, ctx, history, np.stack([b[0] for b in built]), np.stack([b[1] for b in built])))
+    oracle_shelves, oracle_items = OraclePolicy(response_model).build(users, ctx, history, cfg.num_shelves,
+                                                                      cfg.max_items)
+    values["oracle"] = response_model.expected_engagement(PageBatch(users, ctx, history, oracle_shelves, oracle_items))
 
     streamed = [[i for shelf in log["page"] for i, s in zip(shelf["items"], shelf.get("streams") or []) if s > 0]
                 for log in logged]
@@ -203,7 +184,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         if name in pages:
             plist = pages[name]
             # Validity against the requests as the world issued them (full shelves are a stricter request).
-            valid = [not page_violations(engine, p, page) for p, page in zip(as_issued, plist)]
+            valid = [not validator.violations(p, page) for p, page in zip(as_issued, plist)]
             flat = [[i for s in page for i in s["items"]] for page in plist]
             c = world.catalog
             row.update(

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data.policies import SamplingPolicy
-from data.response import PageBatch, ResponseModel
-from data.shelves import SHELF_NAMES, ShelfRules
-from data.world import EPOCH, Contexts, World, WorldConfig, sample_contexts
+from homegen.data.simulator.policies import SamplingPolicy
+from homegen.data.simulator.response import PageBatch, ResponseModel
+from homegen.data.simulator.shelves import SHELF_NAMES, ShelfRules
+from homegen.data.simulator.world import EPOCH, Contexts, World, WorldConfig, sample_contexts
 
 LOG_DAYS = 90
 SECONDS_PER_DAY = 86_400

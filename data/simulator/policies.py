@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.response import ITEM_DECAY, REPEAT_ARTIST, SHELF_DECAY, PageBatch, ResponseModel
-from data.shelves import SEED_HISTORY, ShelfRules
-from data.world import GENRES, INTENTS, MOODS, Contexts, World
+from homegen.data.simulator.response import ITEM_DECAY, REPEAT_ARTIST, SHELF_DECAY, PageBatch, ResponseModel
+from homegen.data.simulator.shelves import SEED_HISTORY, ShelfRules
+from homegen.data.simulator.world import GENRES, INTENTS, MOODS, Contexts, World
 
 _POPULARITY_ORDER = ("popular_now", "made_for_you", "new_releases", "discover", "throwback", "workout",
                      "focus")
@@ -152,6 +152,13 @@ class OraclePolicy:
         self.response, self.world, self.rules = response, response.world, response.rules
         self.candidates = candidates
 
+    def build(self, users: np.ndarray, ctx: Contexts, history: np.ndarray, num_shelves: int, max_items: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """`build_one` for every request: shelves (B, S) and items (B, S, max_items), -1 padded."""
+        pages = [self.build_one(int(users[k]), ctx.take(np.array([k])), history[k], num_shelves, max_items)
+                 for k in range(len(users))]
+        return np.stack([p[0] for p in pages]), np.stack([p[1] for p in pages])
+
     def build_one(self, user: int, ctx: Contexts, history: np.ndarray, num_shelves: int, max_items: int,
                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         c = self.world.catalog
@@ -229,12 +236,9 @@ def policy_engagement(response: ResponseModel, users: np.ndarray, ctx: Contexts,
         return response.expected_engagement(PageBatch(users, ctx, history, shelves, items))
 
     random_policy = SamplingPolicy(world, rules, personalised=False, explore=1.0, noise=0.0)
-    oracle = OraclePolicy(response)
-    oracle_pages = [oracle.build_one(int(users[k]), ctx.take(np.array([k])), history[k], num_shelves, max_items)
-                    for k in range(b)]
     return {
         "logging policy": value(*logged),
         "popularity": value(*popularity_pages(world, rules, b, num_shelves, max_items)),
         "random": value(*random_policy.build(users, ctx, history, rng, num_shelves, min_items, max_items)),
-        "oracle": value(np.stack([p[0] for p in oracle_pages]), np.stack([p[1] for p in oracle_pages])),
+        "oracle": value(*OraclePolicy(response).build(users, ctx, history, num_shelves, max_items)),
     }

@@ -14,8 +14,8 @@ import dataclasses
 
 import numpy as np
 
-from data.shelves import SHELF_NAMES, ShelfRules
-from data.world import GENRES, INTENTS, MOODS, Contexts, World
+from homegen.data.simulator.shelves import SHELF_NAMES, ShelfRules
+from homegen.data.simulator.world import GENRES, INTENTS, MOODS, Contexts, World
 
 SHELF_DECAY = 0.85
 ITEM_DECAY = 0.88

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.world import GENRES, MOODS, World
+from homegen.data.simulator.world import GENRES, MOODS, World
 
 HISTORY_SHELVES = ("because_you_listened", "recently_played")
 BASE_SHELVES = ("made_for_you", "new_releases", "popular_now", "discover", "throwback", "workout",
