@@ -62,7 +62,34 @@ def test_log_metrics():
     assert np.isnan(_log_metrics(page, [])[0])
 
 
-def test_page_evaluator_end_to_end(tiny_checkpoint):
+def oracle_streams_of_requests(tfds_dir: str, count: int) -> float:
+    """The oracle's mean expected streams on the world's first `count` held-out requests, one request at a
+    time from its JSON (the evaluator batches them): a reference for the evaluator's oracle row."""
+    from homegen.data.builders import SyntheticWorldDataset
+    from homegen.data.simulator.policies import OraclePolicy
+    from homegen.data.simulator.response import PageBatch, ResponseModel
+    from homegen.data.simulator.world import World, WorldConfig, parse_context
+
+    folder = SyntheticWorldDataset(config="tiny", data_dir=tfds_dir).world_dir()
+    with open(os.path.join(folder, "world.json")) as f:
+        world = World(WorldConfig(**json.load(f)))
+    response = ResponseModel(world)
+    oracle, cfg, values = OraclePolicy(response), world.config, []
+    with open(os.path.join(folder, "requests.jsonl")) as f:
+        for _, line in zip(range(count), f):
+            request = json.loads(line)
+            user = world.user_index(request["user_id"])
+            ctx = parse_context(world.users, user, request.get("context", {}))
+            history = np.full(cfg.history_len, -1, np.int32)
+            ids = [world.item_index(i) for i in request["history"]][-cfg.history_len:]
+            history[len(history) - len(ids):] = ids
+            shelves, items = oracle.build_one(user, ctx, history, cfg.num_shelves, cfg.max_items)
+            batch = PageBatch(np.array([user]), ctx, history[None], shelves[None], items[None])
+            values.append(float(response.expected_engagement(batch)[0]))
+    return float(np.mean(values))
+
+
+def test_page_evaluator_end_to_end(tiny_checkpoint, tfds_dir):
     result = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", tiny_checkpoint,
                              "--max_users", "8"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,6 +99,7 @@ def test_page_evaluator_end_to_end(tiny_checkpoint):
     # The oracle builds each request's page under the true response model: no method's pages beat it, the
     # logging policy's clearly not, and every row's fraction is its streams over the oracle's.
     oracle = pages["oracle"]["expected_streams"]
+    assert oracle == pytest.approx(oracle_streams_of_requests(tfds_dir, 8), rel=1e-5)
     assert oracle > 1.2 * pages["logging policy"]["expected_streams"]
     for name, row in pages.items():
         assert row["expected_streams"] <= oracle, name
