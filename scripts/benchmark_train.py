@@ -35,7 +35,6 @@ FLAGS = flags.FLAGS
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5e": 197.0}
 PRESET_ITEMS = {"tiny": 1_000, "small": 10_000, "medium": 100_000, "large": 1_000_000}
-NON_ITEM_TOKENS = 1_000  # specials, context values, sentencepiece pieces and shelves, about as the presets have
 
 
 def model_flops_per_token(cfg: TransformerConfig, seq_len: int, output_rows: int) -> float:
@@ -72,21 +71,22 @@ def device_peak_tflops(dtype: str) -> tuple[float, str]:
 def main(argv):
     cfg = FLAGS.config
     items = FLAGS.items or PRESET_ITEMS.get(cfg.data.preset, 10_000)
-    vocab = NON_ITEM_TOKENS + items
+    non_items = cfg.data.sentencepiece_vocab  # the text pieces; specials, context values and shelves add a few dozen
+    vocab = non_items + items
     model_cfg = TransformerConfig(vocab_size=vocab, **cfg.model.to_dict())
     mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     sampled, output_rows = None, vocab
     if cfg.loss.kind == "sampled":
         counts = 1e6 / np.arange(1, items + 1)  # Zipf popularity, as catalogs have
-        sampled = SampledSoftmax.create(NON_ITEM_TOKENS, counts, cfg.loss.num_negatives, cfg.loss.sampler)
-        output_rows = NON_ITEM_TOKENS + cfg.loss.num_negatives + 1
+        sampled = SampledSoftmax.create(non_items, counts, cfg.loss.num_negatives, cfg.loss.sampler)
+        output_rows = non_items + cfg.loss.num_negatives + 1
     trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
                       cfg.loss.value_weight)
     state = trainer.init_state()
     b, t = cfg.train.batch_size, cfg.data.seq_len + 1
     rng = np.random.default_rng(0)
     token_ids = rng.integers(1, vocab, (b, t)).astype(np.int32)
-    outcomes = np.where(token_ids >= NON_ITEM_TOKENS, rng.integers(1, 3, (b, t)), 0).astype(np.int32)  # skipped/streamed
+    outcomes = np.where(token_ids >= non_items, rng.integers(1, 3, (b, t)), 0).astype(np.int32)  # skipped/streamed
     batch = trainer.global_batch({"tokens": token_ids, "weights": np.ones((b, t), np.float32), "outcomes": outcomes,
                                   "segment_ids": np.ones((b, t), np.int32),
                                   "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))})

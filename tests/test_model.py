@@ -97,3 +97,12 @@ def test_sampled_softmax_approaches_full_softmax():
     few = SampledSoftmax.create(21, np.arange(40), 8, "popularity")
     small = sampled_softmax_loss(model, hidden, targets, weights, few, jax.random.key(1))[0]
     assert np.isfinite(float(small)) and float(small) < float(full)
+
+
+def test_negatives_follow_the_sampling_distribution():
+    counts = np.array([0, 1, 10, 100, 1000, 5], np.float64)
+    sampler = SampledSoftmax.create(item_offset=3, item_counts=counts, num_negatives=2_000_000, sampler="popularity")
+    drawn = np.bincount(np.asarray(sampler.draw(jax.random.key(0))), minlength=len(counts))
+    expected = np.exp(sampler.item_log_probs) * sampler.num_negatives
+    assert drawn.sum() == sampler.num_negatives
+    np.testing.assert_allclose(drawn, expected, rtol=0.05)  # the rarest item: 8,870 expected, 1.1% s.d.

@@ -1,0 +1,101 @@
+"""Defaults shared by every config; each configs/<name>.py starts from `base_config()`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "auto"  # auto (from which data file is set) | synthetic | page_logs | interactions
+    c.data.preset = "tiny"  # synthetic world size: tiny | small | medium | large
+    c.data.page_logs = ""  # FORMATS.md §3 JSON Lines (comma-separated for several files)
+    c.data.catalog = ""  # FORMATS.md §2 JSON Lines
+    c.data.interactions = ""  # FORMATS.md §1 file
+    c.data.interactions_format = "auto"
+    c.data.data_dir = ""  # TFDS folder; default WORKDIR/tfds
+    c.data.validation_fraction = 0.05
+    c.data.seq_len = 256
+    c.data.pack = True
+    c.data.stream_weight = 1.0
+    c.data.streamed_first = False  # pages: train on shelves reordered with streamed items first
+    c.data.outcome_conditioning = False  # pages: condition on the page's bucketed streams; serve the best bucket
+    c.data.max_history = 30
+    c.data.sentencepiece_vocab = 1000
+    c.data.min_context_count = 1
+    c.data.item_tokens = "atomic"  # atomic (one token per item) | semantic (code tuples; interaction data)
+    c.data.semantic_levels = 3  # residual k-means levels, plus one collision code
+    c.data.semantic_codes = 256  # codes per level
+    c.data.semantic_dim = 64  # item embedding size the codes quantise
+    c.data.item_features = ""  # optional {item_id: [attribute ids]} JSON (S3-Rec *_item2attributes.json)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.d_model = 128
+    c.model.num_layers = 2
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.head_dim = 32
+    c.model.mlp_dim = 512
+    c.model.dropout = 0.0
+    c.model.tie_embeddings = True
+    c.model.scan_layers = True
+    c.model.remat = "none"  # none | full | dots
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.value_head = False  # pages: also learn each item's stream probability; beam search maximises it
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "full"  # full | sampled
+    c.loss.num_negatives = 1024
+    c.loss.sampler = "popularity"  # uniform | popularity
+    c.loss.value_weight = 1.0  # value head's cross-entropy per logged item, against the next-token loss
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 32  # global, in sequences
+    c.train.grad_accum = 1
+    c.train.learning_rate = 1e-3
+    c.train.final_lr_fraction = 0.1
+    c.train.warmup_steps = 100
+    c.train.weight_decay = 0.01
+    c.train.clip_norm = 1.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.freeze = ""  # comma-separated regexps of parameter paths, e.g. "embed,blocks/attn"
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 500
+    c.train.keep_last = 3
+    c.train.keep_best = 1
+    c.train.best_metric = "validation_loss"  # checkpoints kept as best, and the one evaluate.py picks
+    c.train.best_mode = "min"
+    c.train.async_checkpoints = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.next_item = False  # HR@10 / NDCG@10 over all items on validation users (interaction data)
+    c.eval.max_users = 2000
+    c.eval.batch_size = 64
+    c.eval.ranking = "auto"  # score (all items at the last position) | beam | auto: score if atomic
+    c.eval.beam_size = 50  # items found by beam ranking (metrics@K need K <= beam_size)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices left over
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.devices = 0  # use the first N devices of every process (0: all)
+    c.rules = [
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+    ]
+    return c

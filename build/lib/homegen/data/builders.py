@@ -1,0 +1,229 @@
+"""TFDS builders (array_record files, read with `as_data_source`, no TensorFlow needed).
+
+- `PageLogDataset`: page logs (FORMATS.md §3) from user-given JSON Lines, split by time.
+- `SyntheticWorldDataset`: the synthetic world at a size preset (simulated into its download folder, then
+  read like user logs).
+- `InteractionDataset`: interaction sequences (FORMATS.md §1), leave-one-out split.
+
+Records keep ids as strings; tokenization happens in the input pipeline with the run's vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from homegen.data.formats import PageLog, Shelf, UserSequence, iter_page_logs, read_interactions
+from homegen.data.simulator.simulate import write_world
+from homegen.data.simulator.world import WorldConfig
+from homegen.data.splits import leave_one_out, page_split
+
+_TEXTS = tfds.features.Sequence(tfds.features.Text())
+PAGE_FEATURES = {
+    "request_id": tfds.features.Text(), "user_id": tfds.features.Text(), "timestamp_us": np.int64,
+    "context_keys": _TEXTS, "context_values": _TEXTS, "intent": tfds.features.Text(), "history": _TEXTS,
+    "shelves": _TEXTS, "shelf_sizes": tfds.features.Sequence(np.int32), "items": _TEXTS,
+    "streams": tfds.features.Sequence(np.float32),
+}
+SEQUENCE_FEATURES = {"user_id": tfds.features.Text(), "items": _TEXTS,
+                     "timestamps_us": tfds.features.Sequence(np.int64)}
+NO_TIME = np.iinfo(np.int64).min  # Example protos hold float32 or int64: times are stored as int64 µs
+NO_STREAMS = -1.0  # stored for every item of a shelf logged without streams (unknown, not zero)
+
+
+def _to_us(stamp: float | None) -> int:
+    return NO_TIME if stamp is None else int(round(stamp * 1e6))
+
+
+def _from_us(value) -> float | None:
+    return None if int(value) == NO_TIME else int(value) / 1e6
+
+
+def page_log_to_example(log: PageLog) -> dict:
+    keys = sorted(log.context)
+    return {
+        "request_id": log.request_id or "", "user_id": log.user_id,
+        "timestamp_us": _to_us(log.timestamp),
+        "context_keys": keys, "context_values": [log.context[k] for k in keys], "intent": log.intent or "",
+        "history": log.history, "shelves": [s.shelf for s in log.page],
+        "shelf_sizes": np.array([len(s.items) for s in log.page], np.int32),
+        "items": [i for s in log.page for i in s.items],
+        "streams": np.array([(s.streams[k] if s.streams is not None else NO_STREAMS)
+                             for s in log.page for k in range(len(s.items))], np.float32),
+    }
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def example_to_page_log(example: dict) -> PageLog:
+    """Inverse of `page_log_to_example` for a record read back from a data source."""
+    items = [_text(i) for i in example["items"]]
+    streams = [float(s) for s in example["streams"]]
+    page, start = [], 0
+    for shelf, size in zip(example["shelves"], example["shelf_sizes"]):
+        end = start + int(size)
+        known = [x for x in streams[start:end] if x != NO_STREAMS]
+        page.append(Shelf(_text(shelf), items[start:end], known if len(known) == end - start else None))
+        start = end
+    return PageLog(
+        user_id=_text(example["user_id"]), page=page, request_id=_text(example["request_id"]) or None,
+        timestamp=_from_us(example["timestamp_us"]),
+        context={_text(k): _text(v) for k, v in zip(example["context_keys"], example["context_values"])},
+        intent=_text(example["intent"]) or None, history=[_text(i) for i in example["history"]])
+
+
+def example_to_sequence(example: dict) -> UserSequence:
+    stamps = [_from_us(t) for t in example["timestamps_us"]]
+    return UserSequence(_text(example["user_id"]), [_text(i) for i in example["items"]], stamps or None)
+
+
+def _fingerprint(*paths: str | None) -> str:
+    """A config name that changes when any input file changes."""
+    digest = hashlib.sha1()
+    for path in paths:
+        if path:
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
+
+
+def _page_examples(paths: Sequence[str], cuts, split: str) -> Iterator[tuple[str, dict]]:
+    """The page logs of `paths` that fall in `split` (all of them when `cuts` is None), keyed by file:line."""
+    for path in paths:
+        for k, log in enumerate(iter_page_logs(path)):
+            if cuts is None or page_split(log, *cuts) == split:
+                yield f"{os.path.basename(path)}:{k}", page_log_to_example(log)
+
+
+def _time_cuts(paths: Sequence[str], validation_fraction: float, test_fraction: float):
+    stamps = np.array([log.timestamp for path in paths for log in iter_page_logs(path)
+                       if log.timestamp is not None])
+    if len(stamps) == 0:
+        return None, None
+    return (float(np.quantile(stamps, 1 - validation_fraction - test_fraction)) if validation_fraction else None,
+            float(np.quantile(stamps, 1 - test_fraction)) if test_fraction else None)
+
+
+@dataclasses.dataclass
+class PageLogConfig(tfds.core.BuilderConfig):
+    page_logs: tuple[str, ...] = ()
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.0
+
+
+class PageLogDataset(tfds.core.GeneratorBasedBuilder):
+    """Page logs from JSON Lines files; the last fractions by timestamp become validation and test."""
+
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Shelves logged without streams store -1 per item (unknown), not 0."}
+
+    @classmethod
+    def for_files(cls, page_logs: Sequence[str], data_dir: str, validation_fraction: float = 0.05,
+                  test_fraction: float = 0.0) -> PageLogDataset:
+        for path in page_logs:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"page log file {path} does not exist")
+        config = PageLogConfig(name=f"logs_{_fingerprint(*page_logs)}", page_logs=tuple(page_logs),
+                               validation_fraction=validation_fraction, test_fraction=test_fraction)
+        return cls(config=config, data_dir=data_dir, file_format="array_record")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(PAGE_FEATURES))
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        cuts = _time_cuts(cfg.page_logs, cfg.validation_fraction, cfg.test_fraction)
+        splits = ["train"] + (["validation"] if cfg.validation_fraction else []) + (["test"] if cfg.test_fraction else [])
+        return {s: self._generate_examples(cfg.page_logs, cuts, s) for s in splits}
+
+    def _generate_examples(self, paths, cuts, split) -> Iterator[tuple[str, dict]]:
+        return _page_examples(paths, cuts, split)
+
+
+WORLD_PRESETS = {
+    "tiny": dict(items=1_000, users=200, pages=5_000, requests=200),
+    "small": dict(items=10_000, users=5_000, pages=100_000, requests=1_000),
+    "medium": dict(items=100_000, users=50_000, pages=1_000_000, requests=2_000),
+    "large": dict(items=1_000_000, users=100_000, pages=1_000_000, requests=2_000),
+}
+
+
+@dataclasses.dataclass
+class WorldBuilderConfig(tfds.core.BuilderConfig):
+    items: int = 1_000
+    users: int = 200
+    pages: int = 5_000
+    requests: int = 200
+    seed: int = 0
+
+
+class SyntheticWorldDataset(tfds.core.GeneratorBasedBuilder):
+    """The synthetic Home-page world: train = logged pages, validation = the last 5% of them by time,
+    test = the logged pages of the held-out requests."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [WorldBuilderConfig(name=name, **size) for name, size in WORLD_PRESETS.items()]
+
+    def world_dir(self) -> str:
+        """Where the simulated catalog.jsonl / pages.jsonl / requests.jsonl live."""
+        cfg = self.builder_config
+        return os.path.join(str(self.data_dir_root), "downloads", f"world_{cfg.name}_seed{cfg.seed}")
+
+    def world_config(self) -> WorldConfig:
+        cfg = self.builder_config
+        return WorldConfig(num_items=cfg.items, num_users=cfg.users, seed=cfg.seed)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(PAGE_FEATURES))
+
+    def _split_generators(self, dl_manager):
+        cfg, out = self.builder_config, self.world_dir()
+        if not os.path.exists(os.path.join(out, "requests.jsonl")):
+            write_world(self.world_config(), out, cfg.pages, cfg.requests)
+        pages = os.path.join(out, "pages.jsonl")
+        cuts = _time_cuts([pages], 0.05, 0.0)
+        return {"train": self._generate_examples([pages], cuts, "train"),
+                "validation": self._generate_examples([pages], cuts, "validation"),
+                "test": self._generate_examples([os.path.join(out, "heldout_pages.jsonl")], None, "test")}
+
+    def _generate_examples(self, paths, cuts, split) -> Iterator[tuple[str, dict]]:
+        return _page_examples(paths, cuts, split)
+
+
+@dataclasses.dataclass
+class InteractionConfig(tfds.core.BuilderConfig):
+    path: str = ""
+    format: str = "auto"
+
+
+class InteractionDataset(tfds.core.GeneratorBasedBuilder):
+    """Interaction sequences, split leave-one-out (train: all but the last two items; validation: all but
+    the last; test: all)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    @classmethod
+    def for_file(cls, path: str, data_dir: str, fmt: str = "auto") -> InteractionDataset:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"interaction file {path} does not exist")
+        config = InteractionConfig(name=f"interactions_{_fingerprint(path)}", path=path, format=fmt)
+        return cls(config=config, data_dir=data_dir, file_format="array_record")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(SEQUENCE_FEATURES))
+
+    def _split_generators(self, dl_manager):
+        splits = leave_one_out(read_interactions(self.builder_config.path, self.builder_config.format))
+        return {name: self._generate_examples(users) for name, users in splits.items()}
+
+    def _generate_examples(self, users: list[UserSequence]) -> Iterator[tuple[int, dict]]:
+        for k, user in enumerate(users):
+            yield k, {"user_id": user.user_id, "items": user.items,
+                      "timestamps_us": np.array([_to_us(t) for t in user.timestamps or []], np.int64)}

@@ -1,0 +1,113 @@
+"""The grain input pipeline: shuffle, tokenize, pack or pad to a fixed length, batch, shard per process.
+
+Each batch is a dict of (batch, seq_len + 1) arrays: `tokens`, `weights` (loss weight of predicting
+tokens[t] from tokens[:t]; 0 for context and padding), `outcomes` (the stream outcome of a logged
+target item, `data.vocab.NO_OUTCOME` elsewhere), `segment_ids` (0 = padding; packed examples get
+1, 2, ...) and `positions` (restart at 0 in each packed example). The iterator's `get_state()` /
+`set_state()` resume it exactly; orbax saves it with `grain.checkpoint.CheckpointSave`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import grain
+import numpy as np
+
+from homegen.data.builders import example_to_page_log, example_to_sequence
+from homegen.data.formats import PageLog, Shelf, UserSequence
+from homegen.data.relabel import relabeler
+from homegen.data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    seq_len: int = 256
+    batch_size: int = 32  # per process
+    pack: bool = True
+    shuffle_seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    stream_weight: float = 1.0  # extra loss weight per stream of a target item
+    packing_bins: int = 0  # 0: batch_size
+    outcome_conditioning: bool = False  # pages: add each page's bucketed streams to its context
+    streamed_first: bool = False  # pages: train on shelves reordered with streamed items first
+
+
+def sequence_to_page_log(user: UserSequence, max_items: int) -> PageLog:
+    """A next-item sequence as the degenerate page: one NEXT_ITEM_SHELF holding the latest items."""
+    return PageLog(user_id=user.user_id, page=[Shelf(NEXT_ITEM_SHELF, user.items[-max_items:])])
+
+
+def sequence_capacity(vocab: Vocabulary, seq_len: int) -> int:
+    """How many items of a next-item sequence fit a training row of `seq_len` (+1 shifted) tokens:
+    BOS SEP SEP PAGE SHELF items... EOS."""
+    return (seq_len - 4) // vocab.items.tokens_per_item
+
+
+def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[dict], Encoded]:
+    """Stored record -> Encoded tokens, for `kind` in {'pages', 'sequences'}."""
+    if kind == "pages":
+        label = relabeler(config.outcome_conditioning, config.streamed_first)
+        return lambda example: vocab.encode(label(example_to_page_log(example)), config.stream_weight)
+    if kind == "sequences":
+        capacity = sequence_capacity(vocab, config.seq_len)
+        return lambda example: vocab.encode(sequence_to_page_log(example_to_sequence(example), capacity))
+    raise ValueError(f"unknown record kind {kind!r}")
+
+
+def _fixed_length(encoded: Encoded, length: int) -> dict[str, np.ndarray]:
+    tokens, weights, outcomes = encoded.tokens[:length], encoded.weights[:length], encoded.outcomes[:length]
+    n = len(tokens)
+    pad = length - n
+    return {"tokens": np.pad(tokens, (0, pad)), "weights": np.pad(weights, (0, pad)),
+            "outcomes": np.pad(outcomes, (0, pad)), "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+            "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad))}
+
+
+def _from_packed(batch: dict) -> dict[str, np.ndarray]:
+    return {"tokens": batch["tokens"].astype(np.int32), "weights": batch["weights"].astype(np.float32),
+            "outcomes": batch["outcomes"].astype(np.int32),
+            "segment_ids": batch["tokens_segment_ids"].astype(np.int32),
+            "positions": batch["tokens_positions"].astype(np.int32)}
+
+
+class _ProcessRows(grain.MapDataset):
+    """This process's rows of each global batch: global batch b holds elements [b*B*n, (b+1)*B*n) of the
+    parent, and process i reads rows [i*B, (i+1)*B) of it. The global batch is thus the same for any
+    number of processes, and each process reads only its own rows."""
+
+    def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
+        super().__init__(parent)
+        self._rows, self._index, self._count = rows, index, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // (self._rows * self._count) * self._rows
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        block, row = divmod(j, self._rows)
+        return self._parent[(block * self._count + self._index) * self._rows + row]
+
+
+def make_dataset(source, vocab: Vocabulary, kind: str, config: PipelineConfig, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.IterDataset:
+    """A batched IterDataset over this process's rows of `source` (a TFDS data source or any sequence).
+    Without packing, the global batch does not depend on the number of processes; with packing, each
+    process packs its own rows."""
+    length = config.seq_len + 1
+    encode = encoder(vocab, kind, config)
+    ds = grain.MapDataset.source(source).shuffle(seed=config.shuffle_seed).repeat(config.num_epochs)
+    if shard_count > 1:
+        ds = _ProcessRows(ds, config.batch_size, shard_index, shard_count)
+    ds = ds.map(encode)
+    if config.pack:
+        ds = ds.map(lambda e: {"tokens": e.tokens[:length], "weights": e.weights[:length],
+                               "outcomes": e.outcomes[:length]})
+        packed = grain.experimental.FirstFitPackIterDataset(
+            ds.to_iter_dataset(), length_struct={"tokens": length, "weights": length, "outcomes": length},
+            num_packing_bins=config.packing_bins or config.batch_size, seed=config.shuffle_seed)
+        return packed.map(_from_packed).batch(config.batch_size, drop_remainder=True)
+    ds = ds.map(lambda e: _fixed_length(e, length))
+    return ds.to_iter_dataset().batch(config.batch_size, drop_remainder=True)

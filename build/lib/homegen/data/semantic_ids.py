@@ -1,0 +1,188 @@
+"""Semantic item IDs: each item becomes a short tuple of codes, learned by residual k-means over item
+embeddings (the RQ-KMeans variant of TIGER's RQ-VAE), plus a last code that tells apart items whose
+tuples collide. Similar items share code prefixes, so a model can generalise across them and a catalog
+costs `levels x codes` tokens instead of one per item.
+
+The item embeddings come from the data itself: positive PMI of items co-occurring within a window of the
+training part of the users' sequences, joined with the items' attribute ids (e.g. the category and brand
+ids of S3-Rec's `*_item2attributes.json`), reduced by a randomised truncated SVD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class SemanticItems:
+    """Items as tuples of codes; code c at level l is local token `level_offsets[l] + c`."""
+
+    def __init__(self, item_ids: Sequence[str], codes: np.ndarray):
+        self.item_ids = list(item_ids)
+        self.index = {item: k for k, item in enumerate(self.item_ids)}
+        self.codes = np.asarray(codes, np.int32)
+        if self.codes.ndim != 2 or len(self.codes) != len(self.item_ids):
+            raise ValueError(f"codes must be (items, levels), got {self.codes.shape} for {len(self.item_ids)} items")
+        self.tokens_per_item = self.codes.shape[1]
+        self.level_sizes = [int(s) for s in self.codes.max(axis=0) + 1] if len(self.codes) else [1] * self.tokens_per_item
+        self.level_offsets = [int(o) for o in np.cumsum([0] + self.level_sizes[:-1])]
+        self.num_tokens = int(sum(self.level_sizes))
+        local = self.codes + np.asarray(self.level_offsets, np.int32)
+        self._by_item = {item: tuple(int(c) for c in row) for item, row in zip(self.item_ids, local)}
+        self._by_tokens = {t: item for item, t in self._by_item.items()}
+        if len(self._by_tokens) != len(self.item_ids):
+            raise ValueError("two items share a code tuple")
+
+    def encode(self, item_id: str) -> tuple[int, ...] | None:
+        return self._by_item.get(item_id)
+
+    def decode(self, codes: Sequence[int]) -> str | None:
+        return self._by_tokens.get(tuple(int(c) for c in codes))
+
+    def code_table(self) -> np.ndarray:
+        return self.codes
+
+    def to_json(self) -> dict:
+        return {"kind": "semantic", "item_ids": self.item_ids, "codes": self.codes.tolist()}
+
+
+def cooccurrence_features(sequences: Sequence[Sequence[int]], num_items: int, window: int = 3) -> sp.csr_matrix:
+    """Positive PMI of item pairs that occur within `window` steps of each other in a sequence."""
+    rows, cols = [], []
+    for seq in sequences:
+        seq = np.asarray(seq, np.int64)
+        for d in range(1, window + 1):
+            if len(seq) > d:
+                rows += [seq[:-d], seq[d:]]
+                cols += [seq[d:], seq[:-d]]
+    if not rows:
+        return sp.csr_matrix((num_items, num_items), dtype=np.float32)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    counts = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(num_items, num_items))
+    counts.sum_duplicates()
+    total = counts.sum()
+    row_sum = np.asarray(counts.sum(axis=1)).ravel()
+    coo = counts.tocoo()
+    pmi = np.log(coo.data * total / (row_sum[coo.row] * row_sum[coo.col]))
+    keep = pmi > 0
+    return sp.csr_matrix((pmi[keep].astype(np.float32), (coo.row[keep], coo.col[keep])), shape=counts.shape)
+
+
+def attribute_features(attributes: Mapping[int, Sequence[int]], num_items: int) -> sp.csr_matrix:
+    """One column per attribute id, weighted by its inverse document frequency."""
+    rows, cols = [], []
+    for item, attrs in attributes.items():
+        for a in attrs:
+            rows.append(item)
+            cols.append(a)
+    if not rows:
+        return sp.csr_matrix((num_items, 0), dtype=np.float32)
+    names, cols = np.unique(np.asarray(cols), return_inverse=True)
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(num_items, len(names)))
+    idf = np.log(num_items / (1.0 + np.asarray((matrix > 0).sum(axis=0)).ravel())).astype(np.float32)
+    return matrix @ sp.diags(np.maximum(idf, 0.0))
+
+
+def truncated_svd_embeddings(features: sp.csr_matrix, dim: int, seed: int = 0, power_iterations: int = 4) -> np.ndarray:
+    """Rows of `features` reduced to `dim` dimensions (randomised SVD, U sqrt(S)), unit length."""
+    rng = np.random.default_rng(seed)
+    n, m = features.shape
+    dim = max(1, min(dim, n, m))
+    q = np.linalg.qr(features @ rng.standard_normal((m, dim + 10)).astype(np.float32))[0]
+    for _ in range(power_iterations):
+        q = np.linalg.qr(features @ (features.T @ q))[0]
+    u, s, _ = np.linalg.svd(np.asarray((features.T @ q).T), full_matrices=False)
+    emb = (q @ u[:, :dim]) * np.sqrt(s[:dim])
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    # Items without any feature get a random direction, so they spread over the codes.
+    empty = norms[:, 0] == 0
+    emb[empty] = rng.standard_normal((int(empty.sum()), emb.shape[1]))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means with k-means++ seeding; empty clusters are re-seeded from the worst-fit points.
+    Returns (centroids (k, d), assignment (n,))."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    k = min(k, n)
+    centroids = np.empty((k, x.shape[1]), x.dtype)
+    centroids[0] = x[rng.integers(n)]
+    closest = ((x - centroids[0]) ** 2).sum(1)
+    for j in range(1, k):
+        p = closest / closest.sum() if closest.sum() > 0 else None
+        centroids[j] = x[rng.choice(n, p=p)]
+        closest = np.minimum(closest, ((x - centroids[j]) ** 2).sum(1))
+    sq = (x ** 2).sum(1)
+    for _ in range(iterations):
+        dist = sq[:, None] - 2 * x @ centroids.T + (centroids ** 2).sum(1)[None]
+        assign = dist.argmin(1)
+        counts = np.bincount(assign, minlength=k)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+        if (~filled).any():
+            worst = np.argsort(-dist[np.arange(n), assign])[:int((~filled).sum())]
+            centroids[~filled] = x[worst]
+    dist = sq[:, None] - 2 * x @ centroids.T + (centroids ** 2).sum(1)[None]
+    return centroids, dist.argmin(1)
+
+
+def residual_codes(embeddings: np.ndarray, levels: int, codes: int, seed: int = 0) -> np.ndarray:
+    """(items, levels + 1) codes: `levels` rounds of k-means on the residuals, then a collision code that
+    numbers the items sharing the same first `levels` codes."""
+    residual = embeddings.astype(np.float32).copy()
+    out = np.zeros((len(embeddings), levels + 1), np.int32)
+    for level in range(levels):
+        centroids, assign = kmeans(residual, codes, seed=seed + level)
+        out[:, level] = assign
+        residual -= centroids[assign]
+    _, group = np.unique(out[:, :levels], axis=0, return_inverse=True)
+    group = group.ravel()
+    order = np.argsort(group, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    out[order, levels] = rank
+    return out
+
+
+def build_semantic_items(item_ids: Sequence[str], train_sequences: Sequence[Sequence[str]],
+                         attributes: Mapping[str, Sequence[int]] | None = None, *, levels: int = 3,
+                         codes: int = 256, dim: int = 64, seed: int = 0) -> SemanticItems:
+    """Semantic IDs for `item_ids` from co-occurrence in `train_sequences` (which must not contain
+    validation or test targets) and optional attribute ids per item."""
+    index = {item: k for k, item in enumerate(item_ids)}
+    sequences = [[index[i] for i in seq if i in index] for seq in train_sequences]
+    blocks = [cooccurrence_features(sequences, len(item_ids))]
+    if attributes:
+        blocks.append(attribute_features({index[i]: a for i, a in attributes.items() if i in index}, len(item_ids)))
+    features = sp.hstack(blocks).tocsr()
+    embeddings = truncated_svd_embeddings(features, dim, seed)
+    return SemanticItems(item_ids, residual_codes(embeddings, levels, codes, seed))
+
+
+def item_trie(code_table: np.ndarray) -> np.ndarray:
+    """The trie of valid code tuples, for constrained decoding, as a table `children[node, c]` over the
+    inner nodes (node 0 is the root): the inner node that code c leads to, or at the last level the item
+    index it completes; -1 where no item continues that way."""
+    code_table = np.asarray(code_table, np.int64)
+    n, levels = code_table.shape
+    nodes = {(): 0}
+    edges = []
+    for item, row in enumerate(code_table):
+        prefix: tuple = ()
+        for depth, c in enumerate(row):
+            child = prefix + (int(c),)
+            if depth == levels - 1:
+                edges.append((nodes[prefix], int(c), item))
+            elif child not in nodes:
+                nodes[child] = len(nodes)
+                edges.append((nodes[prefix], int(c), nodes[child]))
+            prefix = child
+    children = np.full((len(nodes), int(code_table.max()) + 1 if n else 1), -1, np.int32)
+    for parent, c, child in edges:
+        children[parent, c] = child
+    return children

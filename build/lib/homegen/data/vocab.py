@@ -1,0 +1,291 @@
+"""Token vocabulary and the page <-> token-sequence conversion.
+
+Layout of token ids (contiguous ranges, in this order): specials, context tokens (`field=value`),
+text pieces (the sentencepiece model), shelf tokens, item tokens. Items are reached only through an
+`ItemTokenizer`, so that a semantic-ID tokenizer (several tokens per item) can replace the atomic one.
+
+A training example reads:
+    BOS ctx... SEP intent-pieces... SEP history-items... PAGE SHELF item... SHELF item... EOS
+and only the part after PAGE is a target.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from homegen.data.formats import CatalogItem, PageLog, Shelf, UserSequence
+from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
+from homegen.data.semantic_ids import SemanticItems
+from homegen.data.text import load_sentencepiece, train_sentencepiece
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<page>", "<sep>")
+PAD, BOS, EOS, PAGE, SEP = range(len(SPECIALS))
+NEXT_ITEM_SHELF = "next"  # the one shelf of a plain next-item sequence
+UNKNOWN_VALUE = "<unk>"
+# Stream outcome of a target token, the value head's label (0 so that padding carries no label).
+NO_OUTCOME, SKIPPED, STREAMED = 0, 1, 2
+VOCAB_FILE = "vocab.json"  # what `Vocabulary.save` writes
+
+
+class ItemTokenizer(Protocol):
+    """Maps item ids to short tuples of local tokens in [0, num_tokens) and back. Level l of a tuple
+    holds token `level_offsets[l] + code`, with code < level_sizes[l]."""
+
+    item_ids: list[str]
+    index: dict[str, int]  # item id -> row of item_ids
+    tokens_per_item: int
+    num_tokens: int
+    level_sizes: list[int]
+    level_offsets: list[int]
+
+    def encode(self, item_id: str) -> tuple[int, ...] | None: ...
+    def decode(self, codes: Sequence[int]) -> str | None: ...
+    def code_table(self) -> np.ndarray: ...  # (items, tokens_per_item) codes, without level offsets
+    def to_json(self) -> dict: ...
+
+
+class AtomicItems:
+    """One token per item."""
+
+    tokens_per_item = 1
+
+    def __init__(self, item_ids: Sequence[str]):
+        self.item_ids = list(item_ids)
+        self.index = {item: k for k, item in enumerate(self.item_ids)}
+        if len(self.index) != len(self.item_ids):
+            raise ValueError("duplicate item ids")
+        self.num_tokens = len(self.item_ids)
+        self.level_sizes, self.level_offsets = [self.num_tokens], [0]
+
+    def encode(self, item_id: str) -> tuple[int, ...] | None:
+        k = self.index.get(item_id)
+        return None if k is None else (k,)
+
+    def decode(self, codes: Sequence[int]) -> str | None:
+        return self.item_ids[codes[0]] if len(codes) == 1 and 0 <= codes[0] < self.num_tokens else None
+
+    def code_table(self) -> np.ndarray:
+        return np.arange(self.num_tokens, dtype=np.int32)[:, None]
+
+    def to_json(self) -> dict:
+        return {"kind": "atomic", "item_ids": self.item_ids}
+
+
+def item_tokenizer_from_json(data: dict) -> ItemTokenizer:
+    if data.get("kind") == "atomic":
+        return AtomicItems(data["item_ids"])
+    if data.get("kind") == "semantic":
+        return SemanticItems(data["item_ids"], np.asarray(data["codes"], np.int32))
+    raise ValueError(f"unknown item tokenizer kind {data.get('kind')!r}")
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A token sequence with its per-token loss weights (0 for context, > 0 for targets) and stream
+    outcomes (the last token of each logged item with known streams: SKIPPED or STREAMED)."""
+
+    tokens: np.ndarray  # int32 (T,)
+    weights: np.ndarray  # float32 (T,): weight of predicting tokens[t] from tokens[:t]
+    outcomes: np.ndarray  # int32 (T,): NO_OUTCOME, SKIPPED or STREAMED
+
+
+class Vocabulary:
+    """All token ids of a dataset; see the module docstring for the layout."""
+
+    def __init__(self, context_tokens: Sequence[str], shelves: Sequence[str], items: ItemTokenizer,
+                 sentencepiece_model: bytes, max_history: int = 50):
+        self.context_tokens = list(context_tokens)
+        self.shelves = list(shelves)
+        self.items = items
+        self.sentencepiece_model = sentencepiece_model
+        self.sp = load_sentencepiece(sentencepiece_model)
+        self.max_history = max_history
+        self.context_offset = len(SPECIALS)
+        self.text_offset = self.context_offset + len(self.context_tokens)
+        self.shelf_offset = self.text_offset + self.sp.get_piece_size()
+        self.item_offset = self.shelf_offset + len(self.shelves)
+        self.size = self.item_offset + items.num_tokens
+        self._context_index = {t: k + self.context_offset for k, t in enumerate(self.context_tokens)}
+        self._shelf_index = {s: k + self.shelf_offset for k, s in enumerate(self.shelves)}
+
+    # --- token classes -------------------------------------------------------------------------------
+    def is_shelf(self, token: int) -> bool:
+        return self.shelf_offset <= token < self.item_offset
+
+    def is_item(self, token: int) -> bool:
+        return self.item_offset <= token < self.size
+
+    def shelf_token(self, shelf: str) -> int | None:
+        return self._shelf_index.get(shelf)
+
+    def item_tokens(self, item_id: str) -> list[int] | None:
+        codes = self.items.encode(item_id)
+        return None if codes is None else [self.item_offset + c for c in codes]
+
+    def conditions_on_outcome(self) -> bool:
+        """Whether the vocabulary was built from outcome-labelled logs (see `with_outcome`)."""
+        return f"{OUTCOME_FIELD}={BEST_OUTCOME}" in self._context_index
+
+    def context_token_ids(self, context: dict[str, str]) -> list[int]:
+        """Known `field=value` tokens, `field=<unk>` for unseen values of known fields."""
+        out = []
+        for key in sorted(context):
+            token = self._context_index.get(f"{key}={context[key]}",
+                                            self._context_index.get(f"{key}={UNKNOWN_VALUE}"))
+            if token is not None:
+                out.append(token)
+        return out
+
+    # --- sequences -----------------------------------------------------------------------------------
+    def encode_prompt(self, context: dict[str, str], intent: str | None, history: Sequence[str]) -> list[int]:
+        """BOS ctx SEP intent SEP history PAGE: everything before the generated page."""
+        tokens = [BOS, *self.context_token_ids(context), SEP]
+        if intent:
+            tokens += [self.text_offset + p for p in self.sp.encode(intent.lower())]
+        tokens.append(SEP)
+        for item in list(history)[-self.max_history:] if self.max_history else []:
+            tokens += self.item_tokens(item) or []
+        tokens.append(PAGE)
+        return tokens
+
+    def encode_page(self, page: Sequence[Shelf], stream_weight: float = 0.0) -> Encoded:
+        """SHELF item... EOS with per-token weights (1, plus `stream_weight` x streams for streamed items)
+        and outcomes. Unknown shelves and items are dropped (and shelves left empty with them)."""
+        tokens, weights, outcomes = [], [], []
+        for shelf in page:
+            shelf_token = self.shelf_token(shelf.shelf)
+            if shelf_token is None:
+                continue
+            body, body_weights, body_outcomes = [], [], []
+            for k, item in enumerate(shelf.items):
+                codes = self.item_tokens(item)
+                if codes is None:
+                    continue
+                stream = shelf.streams[k] if shelf.streams is not None else 0.0
+                outcome = NO_OUTCOME if shelf.streams is None else STREAMED if stream > 0 else SKIPPED
+                body += codes
+                body_weights += [1.0 + stream_weight * float(stream)] * len(codes)
+                body_outcomes += [NO_OUTCOME] * (len(codes) - 1) + [outcome]
+            if body:
+                tokens += [shelf_token, *body]
+                weights += [1.0, *body_weights]
+                outcomes += [NO_OUTCOME, *body_outcomes]
+        return Encoded(np.asarray(tokens + [EOS], np.int32), np.asarray(weights + [1.0], np.float32),
+                       np.asarray(outcomes + [NO_OUTCOME], np.int32))
+
+    def encode(self, log: PageLog, stream_weight: float = 0.0) -> Encoded:
+        prompt = self.encode_prompt(log.context, log.intent, log.history)
+        page = self.encode_page(log.page, stream_weight)
+        return Encoded(np.concatenate([np.asarray(prompt, np.int32), page.tokens]),
+                       np.concatenate([np.zeros(len(prompt), np.float32), page.weights]),
+                       np.concatenate([np.zeros(len(prompt), np.int32), page.outcomes]))
+
+    def decode_page(self, tokens: Sequence[int]) -> list[Shelf]:
+        """The shelves of a generated token sequence (tokens after PAGE, up to EOS); raises ValueError for
+        a sequence that breaks the page grammar."""
+        tokens = list(tokens)
+        if PAGE in tokens:
+            tokens = tokens[tokens.index(PAGE) + 1:]
+        page: list[Shelf] = []
+        k = 0
+        while k < len(tokens) and tokens[k] not in (EOS, PAD):
+            token = tokens[k]
+            if self.is_shelf(token):
+                page.append(Shelf(self.shelves[token - self.shelf_offset], []))
+                k += 1
+                continue
+            if not self.is_item(token) or not page:
+                raise ValueError(f"token {token} at position {k} breaks the page grammar")
+            n = self.items.tokens_per_item
+            item = self.items.decode([t - self.item_offset for t in tokens[k:k + n]])
+            if item is None:
+                raise ValueError(f"tokens {tokens[k:k + n]} are not an item")
+            page[-1].items.append(item)
+            k += n
+        return page
+
+    # --- persistence ---------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """Everything the vocabulary is, the sentencepiece model included (base64), as JSON-ready data: what
+        checkpoints store and `save` writes."""
+        return {"context_tokens": self.context_tokens, "shelves": self.shelves, "items": self.items.to_json(),
+                "max_history": self.max_history,
+                "sentencepiece_model": base64.b64encode(self.sentencepiece_model).decode("ascii")}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Vocabulary:
+        """Inverse of `to_json`."""
+        return cls(data["context_tokens"], data["shelves"], item_tokenizer_from_json(data["items"]),
+                   base64.b64decode(data["sentencepiece_model"]), data.get("max_history", 50))
+
+    def save(self, directory: str) -> None:
+        """Writes `directory/vocab.json` (`to_json`)."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, VOCAB_FILE), "w") as f:
+            json.dump(self.to_json(), f)
+
+    @classmethod
+    def load(cls, directory: str) -> Vocabulary:
+        """The vocabulary `save` wrote to `directory`."""
+        path = os.path.join(directory, VOCAB_FILE)
+        try:
+            with open(path) as f:
+                return cls.from_json(json.load(f))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no vocabulary in {directory}: {path} is missing") from None
+
+
+class VocabularyBuilder:
+    """Counts what a dataset holds, in one streaming pass, and turns it into a Vocabulary."""
+
+    def __init__(self, min_context_count: int = 1):
+        self.min_context_count = min_context_count
+        self.context = Counter()
+        self.shelves: dict[str, None] = {}
+        self.items: dict[str, None] = {}
+        self.text: list[str] = []
+        self._intents: set[str] = set()
+
+    def add_catalog(self, catalog: Iterable[CatalogItem]) -> None:
+        for item in catalog:
+            self.items.setdefault(item.item_id)
+            text = item.text()
+            if text:
+                self.text.append(text)
+
+    def add_page(self, log: PageLog) -> None:
+        for key, value in log.context.items():
+            self.context[f"{key}={value}"] += 1
+        if log.intent and log.intent not in self._intents and len(self._intents) < 100_000:
+            self._intents.add(log.intent)
+            self.text.append(log.intent)
+        for item in log.history:
+            self.items.setdefault(item)
+        for shelf in log.page:
+            if shelf.shelf not in self.shelves:
+                self.shelves.setdefault(shelf.shelf)
+                self.text.append(shelf.shelf.replace("_", " "))
+            for item in shelf.items:
+                self.items.setdefault(item)
+
+    def add_sequence(self, user: UserSequence) -> None:
+        self.shelves.setdefault(NEXT_ITEM_SHELF)
+        for item in user.items:
+            self.items.setdefault(item)
+
+    def build(self, max_history: int = 50, sentencepiece_vocab: int = 1000,
+              items: ItemTokenizer | None = None) -> Vocabulary:
+        """The vocabulary; `items` replaces the default atomic tokenizer over every item seen."""
+        fields = sorted({token.split("=", 1)[0] for token in self.context})
+        context = sorted(t for t, n in self.context.items() if n >= self.min_context_count)
+        context += [f"{field}={UNKNOWN_VALUE}" for field in fields]
+        model = train_sentencepiece(self.text, sentencepiece_vocab)
+        return Vocabulary(context, list(self.shelves), items or AtomicItems(list(self.items)), model, max_history)

@@ -1,0 +1,214 @@
+"""Page quality on the synthetic world: exact expected engagement under the true response model for
+homegen's pages and the baselines, validity, diversity, coverage and offline log metrics."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from homegen.data.builders import SyntheticWorldDataset
+from homegen.data.simulator.policies import OraclePolicy, popularity_pages
+from homegen.data.simulator.response import PageBatch, ResponseModel
+from homegen.data.simulator.world import parse_context
+from homegen.model.decoding import pad_prompts, prefill_hidden
+from homegen.serving.engine import PageEngine
+from homegen.serving.requests import parse_request
+from homegen.serving.validity import PageValidator
+
+
+def _world_dir(meta: dict, workdir: str) -> str:
+    data = meta["config"]["data"]
+    builder = SyntheticWorldDataset(config=data["preset"], data_dir=data["data_dir"] or os.path.join(workdir, "tfds"))
+    return builder.world_dir()
+
+
+def _read_jsonl(path: str, limit: int) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for _, line in zip(range(limit), f)]
+
+
+class PageArrays:
+    """Pages as world indices, padded to (num_shelves, max_items)."""
+
+    def __init__(self, engine: PageEngine, num_shelves: int, max_items: int):
+        self.world, self.rules = engine.eligibility.world, engine.eligibility.rules
+        self.num_shelves, self.max_items = num_shelves, max_items
+
+    def convert(self, page: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        shelves = np.full(self.num_shelves, -1, np.int32)
+        items = np.full((self.num_shelves, self.max_items), -1, np.int32)
+        for s, shelf in enumerate(page[:self.num_shelves]):
+            shelves[s] = self.rules.index.get(shelf["shelf"], -1)
+            ids = [self.world.item_index(i) for i in shelf["items"][:self.max_items]]
+            items[s, :len(ids)] = ids
+        return shelves, items
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "head"))
+def _next_token_scores(graphdef, params, tokens, lengths, head: str) -> jax.Array:
+    """(B, V) scores of every next token after each prompt: the model's logits, or with `head="values"`
+    the value head's stream logits."""
+    model = nnx.merge(graphdef, params)
+    last, _ = prefill_hidden(model, tokens, lengths, tokens.shape[1])
+    return model.values(last) if head == "values" else model.logits(last)
+
+
+def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[str]], batch: int = 64,
+                    head: str = "logits") -> list[list[dict]]:
+    """The pointwise baseline: for each request and shelf, the same model's next-item scores right after
+    the shelf token (the first item slot), slotted greedily (best unused eligible item first) into the
+    given shelves, each filled up to the request's maximum. `head="values"` ranks by the value head's
+    stream logits instead of the next-item logits."""
+    vocab = engine.vocab
+    rows = [(k, name) for k, shelves in enumerate(shelf_lists) for name in shelves]
+    prompts = [engine.prompt(r) for r in requests]
+    sequences = [prompts[k] + [vocab.shelf_token(name)] for k, name in rows]
+    width = max(map(len, sequences), default=1)
+    first = vocab.item_offset
+    scores = []
+    for start in range(0, len(sequences), batch):
+        chunk = sequences[start:start + batch]
+        tokens, lengths = pad_prompts(chunk, batch, width)
+        scores.append(np.asarray(_next_token_scores(engine.graphdef, engine.params, tokens, lengths, head))
+                      [:len(chunk), first:])
+    scores = np.concatenate(scores) if scores else np.zeros((0, vocab.items.num_tokens))
+    pages: list[list[dict]] = [[] for _ in requests]
+    used: list[set] = [set() for _ in requests]
+    eligible = [engine.eligibility.matrix(r.history) for r in requests]
+    for (k, name), row_scores in zip(rows, scores):
+        request, shelf_row = requests[k], vocab.shelves.index(name)
+        chosen = []
+        for j in np.argsort(-row_scores):
+            item = vocab.items.item_ids[j]
+            if eligible[k][shelf_row, j] and item not in used[k] and item not in request.exclude_items:
+                chosen.append(item)
+                if len(chosen) == request.max_items_per_shelf:
+                    break
+        used[k].update(chosen)
+        pages[k].append({"shelf": name, "items": chosen})
+    return pages
+
+
+def predicted_streams(engine: PageEngine, requests: list, pages: list[list[dict]]) -> np.ndarray:
+    """(R,) the value head's predicted streams of given pages (teacher-forced): the sum over the page's
+    items of the predicted stream probability of each item where it stands. An off-policy estimate, as a
+    team without a simulator would have it; against the exact value it shows the head's bias."""
+    return np.array([scored["predicted_streams"] for scored in engine.score(requests, pages)])
+
+
+def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
+    """Recall and NDCG of the logged streamed items within the page (items ranked in page order)."""
+    if not streamed:
+        return np.nan, np.nan
+    order = [i for shelf in page for i in shelf["items"]]
+    position = {item: k for k, item in enumerate(order)}
+    hits = [position[i] for i in streamed if i in position]
+    ideal = sum(1.0 / np.log2(k + 2) for k in range(len(streamed)))
+    return len(hits) / len(streamed), sum(1.0 / np.log2(k + 2) for k in hits) / ideal
+
+
+def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int,
+                   full_shelves: bool = True, beam_size: int = 4) -> dict:
+    """The page-quality table on the world's first `num_requests` held-out requests. With `full_shelves`
+    the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
+    request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
+    shelves to the maximum)."""
+    if meta["eligibility"]["kind"] != "world":
+        raise ValueError(f"{checkpoint} was trained on page logs; page quality is measured under the synthetic "
+                         "world's true response model, so it needs a checkpoint trained on the synthetic world")
+    engine = PageEngine(checkpoint, step)
+    has_value_head = engine.model_cfg.value_head
+    world, rules = engine.eligibility.world, engine.eligibility.rules
+    validator = PageValidator(engine.vocab, engine.eligibility_spec)
+    response_model = ResponseModel(world, rules)
+    folder = _world_dir(meta, workdir)
+    issued = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)
+    requests = issued
+    if full_shelves:
+        requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in issued]
+    logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests)
+    cfg = world.config
+    arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
+    parsed = [parse_request(r) for r in requests]
+    as_issued = [parse_request(r) for r in issued]
+    beam_requests = [parse_request({**r, "beam_size": beam_size}) for r in requests]
+    beam = engine.generate(beam_requests)
+    sampled = engine.generate([parse_request({**r, "temperature": 1.0, "seed": k}) for k, r in enumerate(requests)])
+    beam_shelves = [[s["shelf"] for s in b["page"]] for b in beam]
+    pages = {
+        f"homegen beam search ({engine.objective})": [b["page"] for b in beam],
+        "homegen sampling": [s["page"] for s in sampled],
+        "pointwise (same model)": pointwise_pages(engine, parsed, beam_shelves),
+        "logging policy": [log["page"] for log in logged],
+    }
+    if has_value_head:  # what the value head adds: likelihood beam search, and its values slotted pointwise
+        likelihood = engine.generate(beam_requests, objective="likelihood")
+        pages["homegen beam search (likelihood)"] = [b["page"] for b in likelihood]
+        pages["pointwise (value head)"] = pointwise_pages(engine, parsed, beam_shelves, head="values")
+    users = np.array([world.user_index(r["user_id"]) for r in requests])
+    contexts = [parse_context(world.users, u, r.get("context", {})) for u, r in zip(users, requests)]
+    ctx = contexts[0].__class__(**{f: np.concatenate([getattr(c, f) for c in contexts])
+                                   for f in contexts[0].__dataclass_fields__})
+    history = np.full((len(requests), cfg.history_len), -1, np.int32)
+    for row, r in enumerate(requests):
+        ids = [world.item_index(i) for i in r["history"]][-cfg.history_len:]
+        if ids:
+            history[row, -len(ids):] = ids
+
+    def engagement(page_list) -> np.ndarray:
+        converted = [arrays.convert(p) for p in page_list]
+        batch = PageBatch(users, ctx, history, np.stack([c[0] for c in converted]), np.stack([c[1] for c in converted]))
+        return response_model.expected_engagement(batch)
+
+    values = {name: engagement(p) for name, p in pages.items()}
+    pop_shelves, pop_items = popularity_pages(world, rules, len(requests), cfg.num_shelves, cfg.max_items)
+    values["popularity"] = response_model.expected_engagement(PageBatch(users, ctx, history, pop_shelves, pop_items))
+    oracle_shelves, oracle_items = OraclePolicy(response_model).build(users, ctx, history, cfg.num_shelves,
+                                                                      cfg.max_items)
+    values["oracle"] = response_model.expected_engagement(PageBatch(users, ctx, history, oracle_shelves, oracle_items))
+
+    streamed = [[i for shelf in log["page"] for i, s in zip(shelf["items"], shelf.get("streams") or []) if s > 0]
+                for log in logged]
+    oracle_mean = float(values["oracle"].mean())
+    table = {}
+    for name, v in values.items():
+        row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean}
+        if name.startswith("homegen beam search"):  # paired over requests: is the gain more than noise?
+            gain = v - values["pointwise (same model)"]
+            row.update(vs_pointwise=float(gain.mean()), vs_pointwise_se=float(gain.std(ddof=1) / np.sqrt(len(gain))))
+        if name in pages:
+            plist = pages[name]
+            # Validity against the requests as the world issued them (full shelves are a stricter request).
+            valid = [not validator.violations(p, page) for p, page in zip(as_issued, plist)]
+            flat = [[i for s in page for i in s["items"]] for page in plist]
+            c = world.catalog
+            row.update(
+                valid_rate=float(np.mean(valid)),
+                items_per_page=float(np.mean([len(f) for f in flat])),
+                artists_per_page=float(np.mean([len({int(c.artist[world.item_index(i)]) for i in f}) for f in flat])),
+                genres_per_page=float(np.mean([len({int(c.genre[world.item_index(i)]) for i in f}) for f in flat])),
+                catalog_coverage=len({i for f in flat for i in f}) / c.num_items,
+                history_share=float(np.mean([np.mean([i in set(r["history"]) for i in f]) if f else 0
+                                             for f, r in zip(flat, requests)])))
+            if has_value_head:
+                row["predicted_streams"] = float(predicted_streams(engine, parsed, plist).mean())
+            if name != "logging policy":
+                logm = np.array([_log_metrics(page, s) for page, s in zip(plist, streamed)], dtype=float)
+                row.update(log_recall=float(np.nanmean(logm[:, 0])), log_ndcg=float(np.nanmean(logm[:, 1])))
+        table[name] = row
+    print(f"page quality on {len(requests)} held-out requests (exact expected streams under the true model)")
+    columns = ["expected_streams", "of_oracle", "predicted_streams", "valid_rate", "items_per_page", "artists_per_page", "genres_per_page",
+               "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
+    print(f"{'':<36}" + "".join(f"{c[:12]:>13}" for c in columns))
+    for name, row in table.items():
+        print(f"{name:<36}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
+    for name, row in table.items():
+        if "vs_pointwise" in row:
+            print(f"{name} - pointwise (same model): {row['vs_pointwise']:+.3f} +- {row['vs_pointwise_se']:.3f} "
+                  "expected streams per page (mean paired difference +- its standard error)")
+    return {"requests": len(requests), "full_shelves": full_shelves, "beam_size": beam_size, "pages": table}

@@ -1,0 +1,26 @@
+"""Teacher-forced scoring of given token sequences: each token's log-probability under the model and, for
+a model with a value head, the predicted stream probability of each token where it stands."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def score_tokens(graphdef: nnx.GraphDef, params, tokens: jax.Array, lengths: jax.Array
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    """For right-padded sequences (B, T) of `lengths` real tokens: (B, T - 1) log-probability of token t + 1
+    given tokens 0..t, and the value head's stream probability of token t + 1 placed there (None without a
+    value head). Entries past a sequence's end are meaningless."""
+    model = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden, _ = model.hidden(tokens, positions, (positions < lengths[:, None]).astype(jnp.int32))
+    hidden, targets = hidden[:, :-1], tokens[:, 1:]
+    logits = model.logits(hidden)
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    streams = jax.nn.sigmoid(model.values(hidden, targets)) if model.cfg.value_head else None
+    return logp, streams

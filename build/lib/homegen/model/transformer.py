@@ -1,0 +1,294 @@
+"""The decoder-only transformer (Flax NNX): token embeddings, RoPE, pre-norm RMSNorm, SwiGLU MLP and
+multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
+
+One forward serves training and KV-cache decoding: attention reads keys and values either from the
+current tokens (training, prefill without cache) or from a pre-allocated `KVCache` that the call writes
+into. Layers are stacked on a leading "layers" axis and run with `lax.scan` (unrolled when
+`scan_layers=False`), optionally rematerialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from homegen.model.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 32
+    mlp_dim: int = 512
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_base: float = 10_000.0
+    scan_layers: bool = True
+    remat: str = "none"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    value_head: bool = False  # also predict whether each item token would be streamed (see `values`)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for RoPE")
+
+    def num_params(self) -> int:
+        d, h, k, hd, m = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
+        per_layer = d * hd * (2 * h + 2 * k) + 3 * d * m + 2 * d
+        value = d * d + self.vocab_size if self.value_head else 0
+        return self.num_layers * per_layer + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d + value
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys/values of every layer for `slots` token positions, and the segment id of each slot (0 = empty)."""
+
+    k: jax.Array  # (layers, batch, slots, kv_heads, head_dim)
+    v: jax.Array
+    segment_ids: jax.Array  # (batch, slots)
+    index: jax.Array  # scalar int32: first free slot
+
+    @classmethod
+    def zeros(cls, config: TransformerConfig, batch: int, slots: int) -> KVCache:
+        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+        dtype = jnp.dtype(config.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+    def repeat(self, n: int) -> KVCache:
+        """Each batch row n times in a row (a prefilled prompt's cache for each of its n beams)."""
+        return KVCache(jnp.repeat(self.k, n, axis=1), jnp.repeat(self.v, n, axis=1),
+                       jnp.repeat(self.segment_ids, n, axis=0), self.index)
+
+    def take(self, rows: jax.Array) -> KVCache:
+        """The batch rows `rows` (R,), in that order (the caches of the beams that go on)."""
+        return KVCache(self.k[:, rows], self.v[:, rows], self.segment_ids[rows], self.index)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
+    fan_in = shape[0] if scale is None else None
+    std = scale if scale is not None else 1.0 / math.sqrt(fan_in)
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, logical_axes=axes)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding of x (B, T, heads, head_dim) at integer positions (B, T)."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[:, :, None, None].astype(jnp.float32) * freq
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        return (x * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        pd, d, hd = jnp.dtype(cfg.param_dtype), cfg.d_model, cfg.head_dim
+        self.cfg = cfg
+        self.q = _param(rngs, (d, cfg.num_heads, hd), ("embed", "heads", "head_dim"), pd)
+        self.k = _param(rngs, (d, cfg.num_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.v = _param(rngs, (d, cfg.num_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.o = _param(rngs, (cfg.num_heads, hd, d), ("heads", "head_dim", "embed"), pd,
+                        scale=1.0 / math.sqrt(cfg.num_heads * hd * 2 * cfg.num_layers))
+
+    def __call__(self, x, positions, segment_ids, cache_kv, cache_segments, cache_index):
+        """x (B, T, D). With a cache (k, v of this layer, (B, S, K, H)), the T new keys are written at
+        slots [cache_index, cache_index + T) and attention reads every slot."""
+        dt = x.dtype
+        q = rope(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(dt)), positions, self.cfg.rope_base)
+        k = rope(jnp.einsum("btd,dkh->btkh", x, self.k[...].astype(dt)), positions, self.cfg.rope_base)
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...].astype(dt))
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        t = x.shape[1]
+        if cache_kv is None:
+            keys, values, key_segments, query_slot = k, v, segment_ids, jnp.arange(t)
+        else:
+            zero = jnp.zeros((), jnp.int32)
+            keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (zero, cache_index, zero, zero))
+            values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (zero, cache_index, zero, zero))
+            key_segments, query_slot = cache_segments, cache_index + jnp.arange(t)
+        key_slot = jnp.arange(keys.shape[1])
+        mask = ((key_slot[None, :] <= query_slot[:, None])[None]
+                & (segment_ids[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0))
+        mask = mask | (key_slot[None, None, :] == query_slot[None, :, None])  # padding attends to itself
+        out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask[:, None])
+        out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
+        return out, (None if cache_kv is None else (keys, values))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        pd, d, m = jnp.dtype(cfg.param_dtype), cfg.d_model, cfg.mlp_dim
+        self.gate = _param(rngs, (d, m), ("embed", "mlp"), pd)
+        self.up = _param(rngs, (d, m), ("embed", "mlp"), pd)
+        self.down = _param(rngs, (m, d), ("mlp", "embed"), pd, scale=1.0 / math.sqrt(m * 2 * cfg.num_layers))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        h = constrain(h, ("batch", "length", "mlp"))
+        return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.d_model, pd)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, pd)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, segment_ids, cache_kv, cache_segments, cache_index, key):
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
+        h, cache_kv = self.attn(self.attn_norm(x), positions, segment_ids, cache_kv, cache_segments, cache_index)
+        x = x + _dropout(h, self.cfg.dropout, keys[0])
+        x = x + _dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, keys[1])
+        return constrain(x, ("batch", "length", "embed")), cache_kv
+
+
+class Transformer(nnx.Module):
+    """Token ids -> hidden states -> logits over the whole vocabulary (or a subset of token ids)."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd,
+                            scale=1.0 / math.sqrt(cfg.d_model))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(layer_rngs: nnx.Rngs) -> Block:
+            return Block(cfg, layer_rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, pd)
+        if not cfg.tie_embeddings:
+            self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
+        if cfg.value_head:
+            self.value_proj = _param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), pd)
+            self.value_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), pd), logical_axes=("vocab",))
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache | None = None, dropout_key: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+        """Final (normed) hidden states (B, T, D) and the updated cache (None without one)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = self.embed[...][tokens].astype(dt) * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        x = constrain(x, ("batch", "length", "embed"))
+        graphdef, layers = nnx.split(self.blocks)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+        if cache is not None:
+            t = tokens.shape[1]
+            cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+            kv = (cache.k, cache.v)
+        else:
+            cache_segments, kv = None, None
+
+        def layer(x, inputs):
+            params, layer_kv, key = inputs
+            return nnx.merge(graphdef, params)(x, positions, segment_ids, layer_kv, cache_segments,
+                                               None if cache is None else cache.index, key)
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+        x, new_kv = jax.lax.scan(layer, x, (layers, kv, keys), unroll=1 if cfg.scan_layers else cfg.num_layers)
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(new_kv[0], new_kv[1], cache_segments, cache.index + t)
+
+    def _output_rows(self) -> jax.Array:
+        """(V, D): the output embedding of every token."""
+        return self.embed[...] if self.cfg.tie_embeddings else self.head[...].T
+
+    @staticmethod
+    def _project(query: jax.Array, table: jax.Array, token_ids: jax.Array | None = None,
+                 pointwise: bool = False) -> jax.Array:
+        """float32 scores of `query` (..., D) against the rows of `table` (V, D): every row (..., V), the rows
+        `token_ids` (C,) only (..., C), or with `pointwise` the row token_ids[...] at each position (...)."""
+        table = table.astype(query.dtype)
+        if pointwise:
+            rows = jnp.take(table, token_ids, axis=0)
+            return jnp.einsum("...d,...d->...", query, rows, preferred_element_type=jnp.float32)
+        if token_ids is not None:
+            table = jnp.take(table, token_ids, axis=0)
+        out = jnp.einsum("...d,vd->...v", query, table, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 and token_ids is None else out
+
+    def logits(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
+        """float32 logits of hidden (..., D) for every token, or for `token_ids` (C,) only."""
+        return self._project(hidden, self._output_rows(), token_ids)
+
+    def pointwise_logits(self, hidden: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """float32 logit of token_ids[...] at each position of hidden (..., D)."""
+        return self._project(hidden, self._output_rows(), token_ids, pointwise=True)
+
+    def values(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
+        """float32 stream logits of the value head: for every token (..., V), or for token_ids[...] at each
+        position, the log-odds that the user streams that item if it is placed next, given the page so far
+        (trained on logged item tokens only)."""
+        query = hidden @ self.value_proj[...].astype(hidden.dtype)
+        bias = self.value_bias[...]
+        if token_ids is not None:
+            return self._project(query, self.embed[...], token_ids, pointwise=True) + bias[token_ids]
+        return self._project(query, self.embed[...]) + bias
+
+    def __call__(self, tokens, positions, segment_ids, cache=None, dropout_key=None):
+        hidden, cache = self.hidden(tokens, positions, segment_ids, cache, dropout_key)
+        return self.logits(hidden), cache
+
+
+def abstract_model(model_cfg: TransformerConfig) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, abstract params (ShapeDtypeStruct pure dict), logical axes pure dict)."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def axes_of(var: nnx.Variable):
+        axes = tuple(var.get_metadata()["logical_axes"])
+        return ("layers",) * (len(var.shape) - len(axes)) + axes
+
+    axes: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = axes_of(var)
+    return graphdef, nnx.to_pure_dict(state), axes

@@ -1,0 +1,290 @@
+"""Restores a checkpoint and turns page requests into pages with constrained decoding."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from homegen.data.formats import Shelf
+from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
+from homegen.data.simulator.shelves import ShelfRules
+from homegen.data.simulator.world import World, WorldConfig
+from homegen.data.vocab import EOS, PAD, Vocabulary
+from homegen.model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
+from homegen.model.grammar import PageGrammar, PageRules
+from homegen.model.scoring import score_tokens
+from homegen.model.transformer import TransformerConfig, abstract_model
+from homegen.serving.requests import PageRequest, RequestError
+from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
+
+
+class Eligibility:
+    """Which items may stand on which shelf, per request (S, N) over the vocabulary's shelves and items."""
+
+    def __init__(self, spec: dict, vocab: Vocabulary):
+        self.vocab, self.kind = vocab, spec.get("kind", "all")
+        s, n = len(vocab.shelves), vocab.items.num_tokens
+        self.static = np.ones((s, n), bool)
+        self._dynamic: list[tuple[int, int]] = []  # (vocab shelf, world shelf) whose rule reads the history
+        if self.kind == "observed":
+            self.static[:] = False
+            for shelf, items in spec["shelf_items"].items():
+                row = vocab.shelves.index(shelf) if shelf in vocab.shelves else None
+                codes = [vocab.items.encode(i) for i in items]
+                if row is not None:
+                    self.static[row, [c[0] for c in codes if c is not None]] = True
+        elif self.kind == "world":
+            self.world = World(WorldConfig(**spec["world"]))
+            self.rules = ShelfRules(self.world)
+            self._item_index = np.array([self._world_item(i) for i in vocab.items.item_ids])
+            known = self._item_index >= 0
+            for row, name in enumerate(vocab.shelves):
+                self.static[row] = False
+                if name not in self.rules.index:
+                    continue
+                t = self.rules.index[name]
+                if self.rules.is_static(t):
+                    mask = np.zeros(self.world.catalog.num_items, bool)
+                    mask[self.rules.static_pool(t)] = True
+                    self.static[row, known] = mask[self._item_index[known]]
+                else:
+                    self._dynamic.append((row, t))
+
+    def _world_item(self, item_id: str) -> int:
+        try:
+            return self.world.item_index(item_id)
+        except ValueError:
+            return -1
+
+    def matrix(self, history: list[str]) -> np.ndarray:
+        if not self._dynamic:
+            return self.static
+        out = self.static.copy()
+        hist = np.array([self._world_item(i) for i in history], np.int64)
+        hist = hist[hist >= 0]
+        known = self._item_index >= 0
+        for row, t in self._dynamic:
+            mask = np.zeros(self.world.catalog.num_items, bool)
+            mask[self.rules.pool(t, hist)] = True
+            out[row, known] = mask[self._item_index[known]]
+        return out
+
+
+def _restore_model(checkpoints: Checkpoints, step: int) -> tuple[dict, nnx.GraphDef, dict]:
+    """(metadata, graphdef, parameters on this process's first device) of a checkpoint step."""
+    _, meta = checkpoints.read_meta(step)
+    graphdef, abstract, _ = abstract_model(TransformerConfig(**meta["model"]))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    return meta, graphdef, checkpoints.restore_params(step, target)[1]
+
+
+def _bucket(n: int, minimum: int) -> int:
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+class PageEngine:
+    """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog."""
+
+    def __init__(self, path: str, step: int | None = None, use_cache: bool = True, objective: str = "auto"):
+        """`objective` of beam search: `likelihood`, `streams` (needs a value head) or `auto` (`streams`
+        when the checkpoint has a value head)."""
+        self.use_cache = use_cache  # False: recompute every step (only to measure what the cache buys)
+        checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
+        self.step, (meta, self.graphdef, self.params) = checkpoints.first_readable(
+            lambda s: _restore_model(checkpoints, s), step)
+        self.vocab = Vocabulary.from_json(meta["vocab"])
+        if self.vocab.items.tokens_per_item != 1:
+            raise CheckpointError(f"{path} uses semantic item IDs; page serving needs atomic item tokens "
+                                  "(the page grammar does not constrain multi-token items yet)")
+        self.model_cfg = TransformerConfig(**meta["model"])
+        self.path = path
+        self.objective = self._check_objective(objective)
+        self.candidates, self.prior_weight = STREAM_CANDIDATES, PRIOR_WEIGHT  # `streams` beam search
+        self.grammar = PageGrammar.for_vocabulary(self.vocab)
+        self.eligibility_spec = meta.get("eligibility") or {"kind": "all"}
+        self.eligibility = Eligibility(self.eligibility_spec, self.vocab)
+        self.catalog = (meta.get("catalog") or {}).get("items", {})
+
+    def _check_objective(self, objective: str) -> str:
+        if objective == "auto":
+            return "streams" if self.model_cfg.value_head else "likelihood"
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be 'auto' or one of {OBJECTIVES}, got {objective!r}")
+        if objective == "streams" and not self.model_cfg.value_head:
+            raise CheckpointError(f"{self.path} has no value head; beam search can only maximise likelihood")
+        return objective
+
+    # --- request -> arrays ----------------------------------------------------------------------------
+    def _rules(self, request: PageRequest) -> dict[str, np.ndarray]:
+        vocab = self.vocab
+        shelves = np.ones(len(vocab.shelves), bool)
+        if request.allowed_shelves is not None:
+            unknown = [s for s in request.allowed_shelves if s not in vocab.shelves]
+            if unknown:
+                raise RequestError(f"unknown shelves {unknown}; known: {vocab.shelves}")
+            shelves[:] = False
+            shelves[[vocab.shelves.index(s) for s in request.allowed_shelves]] = True
+        excluded = np.zeros(vocab.items.num_tokens, bool)
+        for item in request.exclude_items:
+            code = vocab.items.encode(item)
+            if code is not None:
+                excluded[code[0]] = True
+        eligible = self.eligibility.matrix(request.history)
+        enough = (eligible & ~excluded).sum(axis=1) >= request.min_items_per_shelf
+        if not (enough & shelves).any():
+            raise RequestError(f"no allowed shelf has {request.min_items_per_shelf} eligible items left "
+                               "after exclusions")
+        return {"eligible": eligible, "allowed_shelves": shelves, "excluded": excluded,
+                "min_items": np.int32(request.min_items_per_shelf), "max_items": np.int32(request.max_items_per_shelf),
+                "max_shelves": np.int32(request.num_shelves)}
+
+    def prompt(self, request: PageRequest) -> list[int]:
+        """The request's prompt tokens; a model trained with outcome conditioning is asked for the best
+        outcome bucket unless the request's context names one."""
+        context = request.context
+        if self.vocab.conditions_on_outcome() and OUTCOME_FIELD not in context:
+            context = {**context, OUTCOME_FIELD: BEST_OUTCOME}
+        return self.vocab.encode_prompt(context, request.intent, request.history)
+
+    def _batch(self, requests: list[PageRequest], rules: list[dict[str, np.ndarray]]):
+        prompts = [self.prompt(r) for r in requests]
+        rows = _bucket(len(requests), 1)
+        length = _bucket(max(len(p) for p in prompts), 16)
+        tokens, lengths = pad_prompts(prompts, rows, length)
+        stacked = {key: np.stack([r[key] for r in rules] + [rules[0][key]] * (rows - len(rules)))
+                   for key in rules[0]}
+        return jnp.asarray(tokens), jnp.asarray(lengths), PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})
+
+    # --- decoding -------------------------------------------------------------------------------------
+    def generate(self, requests: list[PageRequest], objective: str | None = None) -> list[dict]:
+        """One response (FORMATS.md §4) per request, in order; a request that cannot be served gets
+        {"error": reason}. Requests are grouped by decoding mode and page shape, so each group decodes as
+        one batch. Beam search uses `objective` (default: the engine's)."""
+        objective = self._check_objective(objective) if objective else self.objective
+        responses: list[dict | None] = [None] * len(requests)
+        rules: dict[int, dict[str, np.ndarray]] = {}
+        groups: dict[tuple, list[int]] = {}
+        for k, r in enumerate(requests):
+            try:
+                rules[k] = self._rules(r)
+            except RequestError as e:
+                responses[k] = {"error": str(e)}
+                continue
+            shape = (r.num_shelves, r.max_items_per_shelf)
+            key = (("beam", r.beam_size, *shape, objective) if r.temperature == 0
+                   else ("sample", r.num_pages, *shape, None))
+            groups.setdefault(key, []).append(k)
+        for key, members in groups.items():
+            group = self._generate_group(key, [requests[k] for k in members], [rules[k] for k in members])
+            for k, response in zip(members, group):
+                responses[k] = response
+        return responses
+
+    def _generate_group(self, key: tuple, requests: list[PageRequest], request_rules: list[dict]) -> list[dict]:
+        start = time.perf_counter()
+        mode, width, num_shelves, max_items, objective = key
+        max_new = self.grammar.max_length(num_shelves, max_items)
+        tokens, lengths, rules = self._batch(requests, request_rules)
+        if mode == "beam":
+            out = beam_search(self.graphdef, self.params, tokens, lengths, rules, grammar=self.grammar,
+                              beam_size=width, max_new=max_new, use_cache=self.use_cache, objective=objective,
+                              candidates=self.candidates, prior_weight=self.prior_weight)
+        else:
+            repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
+            rows = tokens.shape[0]
+            pad = rows - len(requests)
+            seeds = [r.seed * 1000 + j for r in requests for j in range(width)] + [0] * (pad * width)
+            params = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(1.0, 0, 1.0)] * pad
+            temperature, top_k, top_p = (jnp.asarray(np.repeat([p[i] for p in params], width)) for i in range(3))
+            out = sample(self.graphdef, self.params, repeat(tokens), repeat(lengths), jax.tree.map(repeat, rules),
+                         jnp.asarray(seeds, jnp.int32), temperature.astype(jnp.float32), top_k.astype(jnp.int32),
+                         top_p.astype(jnp.float32), grammar=self.grammar, max_new=max_new)
+            out = jax.tree.map(lambda x: x.reshape(rows, width, *x.shape[2:]), out)
+            order = jnp.argsort(-out.scores, axis=1)
+            out = jax.tree.map(lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1), out)
+        out = jax.device_get(out)
+        elapsed = time.perf_counter() - start
+        results = []
+        for row, request in enumerate(requests):
+            pages = [self._page(out.tokens[row, j], out.token_logps[row, j]) for j in range(out.tokens.shape[1])
+                     if out.valid[row, j]][:request.num_pages]
+            if not pages:
+                results.append({"error": "no valid page could be decoded for this request"})
+                continue
+            best = pages[0]
+            response = {"user_id": request.user_id, "page": best["page"], "log_prob": best["log_prob"],
+                        "checkpoint_step": self.step}
+            if mode == "beam" and objective == "streams":  # the score less its log-prob prior
+                prior = self.prior_weight * float(out.token_logps[row, 0].sum())
+                response["predicted_streams"] = round(float(out.scores[row, 0]) - prior, 4)
+            if request.num_pages > 1:
+                response["pages"] = pages
+            response["_stats"] = {"latency_s": elapsed, "tokens": int(sum((out.tokens[row, 0] != PAD))),
+                                  "batch_size": len(requests)}
+            results.append(response)
+        return results
+
+    def _page(self, tokens: np.ndarray, logps: np.ndarray) -> dict:
+        page, total = [], 0.0
+        for token, logp in zip(tokens.tolist(), logps.tolist()):
+            if token in (PAD, EOS):
+                total += logp if token == EOS else 0.0
+                if token == EOS:
+                    break
+                continue
+            total += logp
+            if self.vocab.is_shelf(token):
+                page.append({"shelf": self.vocab.shelves[token - self.vocab.shelf_offset], "items": [], "item_scores": []})
+            else:
+                page[-1]["items"].append(self.vocab.items.decode([token - self.vocab.item_offset]))
+                page[-1]["item_scores"].append(round(float(logp), 4))
+        return {"page": page, "log_prob": round(total, 4)}
+
+    # --- scoring given pages ----------------------------------------------------------------------------
+    def score(self, requests: list[PageRequest], pages: list[list[dict]], batch_size: int = 32) -> list[dict]:
+        """Teacher-forced scores of given pages (lists of {"shelf", "items"}), one per request: the page with
+        each item's log-probability (`item_scores`), the page's log-probability `log_prob` (EOS included,
+        under the model, as beam search reports it) and, with a value head, each item's predicted stream
+        probability (`stream_probs`) and their sum `predicted_streams`. A page with a shelf or item the
+        vocabulary lacks gets {"error": reason}. Pages are scored as given, valid or not."""
+        results: list[dict | None] = [None] * len(requests)
+        rows = []  # (request index, prompt, page tokens)
+        for k, (request, page) in enumerate(zip(requests, pages, strict=True)):
+            unknown = [s["shelf"] for s in page if self.vocab.shelf_token(s["shelf"]) is None]
+            unknown += [i for s in page for i in s["items"] if self.vocab.item_tokens(i) is None]
+            if unknown or not page:
+                results[k] = {"error": f"unknown shelves or items: {unknown[:10]}" if unknown else "empty page"}
+                continue
+            body = self.vocab.encode_page([Shelf(s["shelf"], list(s["items"])) for s in page]).tokens.tolist()
+            rows.append((k, self.prompt(request), body))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = _bucket(max(len(p) + len(b) for _, p, b in chunk), 16)
+            tokens, lengths = pad_prompts([p + b for _, p, b in chunk], batch_size, width)
+            logp, streams = jax.device_get(score_tokens(self.graphdef, self.params, tokens, lengths))
+            for row, (k, prompt, body) in enumerate(chunk):
+                span = slice(len(prompt) - 1, len(prompt) - 1 + len(body))
+                results[k] = self._scored_page(body, logp[row, span], None if streams is None else streams[row, span])
+        return results
+
+    def _scored_page(self, tokens: list[int], logps: np.ndarray, streams: np.ndarray | None) -> dict:
+        out = self._page(np.asarray(tokens), logps)
+        if streams is not None:
+            item_probs = [float(p) for token, p in zip(tokens, streams) if self.vocab.is_item(token)]
+            out["predicted_streams"] = round(sum(item_probs), 4)
+            remaining = iter(item_probs)
+            for shelf in out["page"]:
+                shelf["stream_probs"] = [round(next(remaining), 4) for _ in shelf["items"]]
+        return out
+
+    def describe(self, item_id: str) -> dict:
+        """Display fields of an item from the catalog saved in the checkpoint."""
+        return self.catalog.get(item_id, {})

@@ -1,0 +1,100 @@
+"""Page requests (FORMATS.md §4): validation with defaults, and the errors a client can act on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MAX_SHELVES = 20
+MAX_ITEMS_PER_SHELF = 50
+MAX_BEAM = 16
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the message says why (HTTP 400)."""
+
+
+@dataclasses.dataclass
+class PageRequest:
+    user_id: str | None = None
+    history: list[str] = dataclasses.field(default_factory=list)
+    context: dict[str, str] = dataclasses.field(default_factory=dict)
+    intent: str | None = None
+    num_shelves: int = 6
+    min_items_per_shelf: int = 4
+    max_items_per_shelf: int = 10
+    exclude_items: list[str] = dataclasses.field(default_factory=list)
+    allowed_shelves: list[str] | None = None
+    beam_size: int = 4
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    num_pages: int = 1
+
+
+def _int(obj: dict, key: str, default: int, low: int, high: int) -> int:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{key}' must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"'{key}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(obj: dict, key: str, default: float, low: float, high: float) -> float:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"'{key}' must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"'{key}' must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _ids(obj: dict, key: str) -> list[str]:
+    value = obj.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        raise RequestError(f"'{key}' must be a list of ids")
+    return [str(v) for v in value]
+
+
+def parse_request(obj) -> PageRequest:
+    """A PageRequest from a decoded JSON value; RequestError names the bad field."""
+    if not isinstance(obj, dict):
+        raise RequestError("a request must be a JSON object")
+    if "user_id" not in obj and "history" not in obj:
+        raise RequestError("a request needs 'user_id' or 'history'")
+    user = obj.get("user_id")
+    if user is not None and (isinstance(user, bool) or not isinstance(user, (str, int))):
+        raise RequestError("'user_id' must be a string")
+    context = obj.get("context") or {}
+    if not isinstance(context, dict):
+        raise RequestError("'context' must be an object")
+    intent = context.get("intent")
+    if intent is not None and not isinstance(intent, str):
+        raise RequestError("'context.intent' must be a string")
+    fields = {}
+    for key, value in context.items():
+        if key == "intent" or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise RequestError(f"context field {key!r} must be a string or number")
+        fields[key] = str(value)
+    allowed = obj.get("allowed_shelves")
+    if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(s, str) for s in allowed)):
+        raise RequestError("'allowed_shelves' must be a list of shelf names")
+    request = PageRequest(
+        user_id=None if user is None else str(user), history=_ids(obj, "history"), context=fields,
+        intent=intent or None,
+        num_shelves=_int(obj, "num_shelves", 6, 1, MAX_SHELVES),
+        min_items_per_shelf=_int(obj, "min_items_per_shelf", 4, 1, MAX_ITEMS_PER_SHELF),
+        max_items_per_shelf=_int(obj, "max_items_per_shelf", 10, 1, MAX_ITEMS_PER_SHELF),
+        exclude_items=_ids(obj, "exclude_items"), allowed_shelves=allowed,
+        beam_size=_int(obj, "beam_size", 4, 1, MAX_BEAM),
+        temperature=_float(obj, "temperature", 0.0, 0.0, 100.0),
+        top_k=_int(obj, "top_k", 0, 0, 1 << 30), top_p=_float(obj, "top_p", 1.0, 1e-6, 1.0),
+        seed=_int(obj, "seed", 0, 0, 2**31 - 1), num_pages=_int(obj, "num_pages", 1, 1, MAX_BEAM))
+    if request.min_items_per_shelf > request.max_items_per_shelf:
+        raise RequestError("'min_items_per_shelf' must not exceed 'max_items_per_shelf'")
+    if request.temperature == 0 and request.num_pages > request.beam_size:
+        raise RequestError("'num_pages' must not exceed 'beam_size'")
+    return request

@@ -1,0 +1,119 @@
+"""Dataset preparation for a run: the TFDS dataset of the configured source and the run's vocabulary.
+
+The leading process builds (array_record files, vocabulary); the others wait at a barrier and read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+
+from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
+from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
+from homegen.data.relabel import with_outcome
+from homegen.data.semantic_ids import SemanticItems, build_semantic_items
+from homegen.data.vocab import Vocabulary, VocabularyBuilder
+
+SOURCES = ("synthetic", "page_logs", "interactions")
+DATA_FILES = ("page_logs", "interactions")  # the sources read from a user's file, by their config field
+
+
+def resolve_source(data_cfg) -> str:
+    """The data source a config means: inferred from which data file is set (`data.page_logs` or
+    `data.interactions`; neither: the synthetic world) unless `data.source` names one. Contradictions
+    (two data files, a named source without its file or with another's, a catalog for the synthetic
+    world) are errors."""
+    given = [name for name in DATA_FILES if getattr(data_cfg, name)]
+    if len(given) > 1:
+        raise ValueError("both data.page_logs and data.interactions are set: give one data source")
+    inferred = given[0] if given else "synthetic"
+    source = data_cfg.source
+    if source not in ("auto",) + SOURCES:
+        raise ValueError(f"data.source must be one of auto, {', '.join(SOURCES)}; got {source!r}")
+    if source not in ("auto", inferred):
+        if source == "synthetic":
+            raise ValueError(f"data.source='synthetic' contradicts data.{inferred}={getattr(data_cfg, inferred)!r}: "
+                             f"drop one of them")
+        raise ValueError(f"data.source={source!r} needs --config.data.{source}=FILE"
+                         + (f", not data.{inferred}" if given else ""))
+    if inferred == "synthetic" and data_cfg.catalog:
+        raise ValueError(f"data.catalog={data_cfg.catalog!r} is given without page logs or interactions; the "
+                         "synthetic world has its own catalog")
+    return inferred
+
+
+@dataclasses.dataclass
+class PreparedData:
+    sources: dict  # split name -> random-access data source
+    kind: str  # "pages" or "sequences"
+    catalog_path: str | None
+    world_dir: str | None  # the synthetic world's files, when the source is synthetic
+
+
+def _builder(data_cfg, data_dir: str):
+    source = data_cfg.source
+    if source == "synthetic":
+        return SyntheticWorldDataset(config=data_cfg.preset, data_dir=data_dir, file_format="array_record")
+    if source == "page_logs":
+        paths = [p for p in data_cfg.page_logs.split(",") if p]
+        return PageLogDataset.for_files(paths, data_dir, data_cfg.validation_fraction)
+    if source == "interactions":
+        return InteractionDataset.for_file(data_cfg.interactions, data_dir, data_cfg.interactions_format)
+    raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+
+
+def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> PreparedData:
+    """Builds (leader) or opens the dataset of `data_cfg.source` (as `resolve_source` resolved it)."""
+    if data_cfg.catalog and not os.path.isfile(data_cfg.catalog):
+        raise FileNotFoundError(f"catalog file {data_cfg.catalog} does not exist")
+    data_dir = data_cfg.data_dir or default_data_dir
+    if is_leader:
+        _builder(data_cfg, data_dir).download_and_prepare()
+    barrier("dataset_prepared")
+    builder = _builder(data_cfg, data_dir)  # opened after the leader wrote it, so it sees every split
+    kind = "sequences" if data_cfg.source == "interactions" else "pages"
+    world_dir = builder.world_dir() if data_cfg.source == "synthetic" else None
+    catalog = data_cfg.catalog or (os.path.join(world_dir, "catalog.jsonl") if world_dir else None)
+    return PreparedData(builder.as_data_source(), kind, catalog, world_dir)
+
+
+def raw_files(data_cfg, prepared: PreparedData) -> list[str]:
+    if data_cfg.source == "synthetic":
+        return [os.path.join(prepared.world_dir, "pages.jsonl")]
+    if data_cfg.source == "page_logs":
+        return [p for p in data_cfg.page_logs.split(",") if p]
+    return [data_cfg.interactions]
+
+
+def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Counter, dict[str, list[str]]]:
+    """Vocabulary, item counts (for samplers) and the items seen on each shelf type (the shelf
+    eligibility the logs show), from the run's raw files in one streaming pass."""
+    builder = VocabularyBuilder(min_context_count=data_cfg.min_context_count)
+    counts: Counter = Counter()
+    shelf_items: dict[str, dict[str, None]] = {}
+    if prepared.catalog_path:
+        builder.add_catalog(read_catalog(prepared.catalog_path).values())
+    train_sequences: list[list[str]] = []  # without the validation and test items
+    for path in raw_files(data_cfg, prepared):
+        if prepared.kind == "sequences":
+            for user in read_interactions(path, data_cfg.interactions_format):
+                builder.add_sequence(user)
+                counts.update(user.items[:-2])
+                train_sequences.append(user.items[:-2])
+        else:
+            for log in iter_page_logs(path):
+                builder.add_page(with_outcome(log) if data_cfg.outcome_conditioning else log)
+                for shelf in log.page:
+                    counts.update(shelf.items)
+                    shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
+    items = semantic_items(data_cfg, list(builder.items), train_sequences) if data_cfg.item_tokens == "semantic" else None
+    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items)
+    return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
+
+
+def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]]) -> SemanticItems:
+    """Semantic IDs learned from the training part of the sequences and the optional item features."""
+    attributes = read_item_attributes(data_cfg.item_features) if data_cfg.item_features else None
+    return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
+                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim)

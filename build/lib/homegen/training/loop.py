@@ -1,0 +1,279 @@
+"""The training loop behind train.py (importable, so tests run it in-process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from homegen.data.formats import DataFormatError, read_catalog
+from homegen.data.pipeline import PipelineConfig, make_dataset
+from homegen.data.vocab import Vocabulary
+from homegen.model.loss import SampledSoftmax
+from homegen.model.sharding import make_mesh
+from homegen.model.transformer import TransformerConfig
+from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
+from homegen.training.data import build_vocabulary, prepare_data, resolve_source
+from homegen.training.reporting import Reporter
+from homegen.training.state import Trainer, count_params
+from homegen.training.validation import RANKING_METHODS, make_ranker, ranking_metrics, validation_loss, validation_users
+
+MAX_CATALOG_IN_CHECKPOINT = 200_000
+
+
+class TrainingError(RuntimeError):
+    """A clear, one-line reason the job cannot go on."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
+    t = cfg.train
+    if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
+        raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+    if t.batch_size % num_processes:
+        raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {num_processes} processes")
+    if t.batch_size % (batch_axis * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's batch axes "
+                         f"({batch_axis}) x train.grad_accum ({t.grad_accum})")
+    if cfg.loss.kind not in ("full", "sampled"):
+        raise ValueError(f"loss.kind must be 'full' or 'sampled', got {cfg.loss.kind!r}")
+    if cfg.data.item_tokens not in ("atomic", "semantic"):
+        raise ValueError(f"data.item_tokens must be 'atomic' or 'semantic', got {cfg.data.item_tokens!r}")
+    if cfg.data.item_tokens == "semantic" and cfg.data.source != "interactions":
+        raise ValueError("data.item_tokens='semantic' works with data.source='interactions' only: the page "
+                         "grammar does not yet constrain multi-token items")
+    if cfg.data.item_tokens == "semantic" and cfg.loss.kind != "full":
+        raise ValueError("data.item_tokens='semantic' needs loss.kind='full' (its vocabulary is small)")
+    if cfg.eval.ranking not in ("auto",) + RANKING_METHODS:
+        raise ValueError(f"eval.ranking must be one of auto, {', '.join(RANKING_METHODS)}; got {cfg.eval.ranking!r}")
+    if cfg.model.value_head and cfg.data.source == "interactions":
+        raise ValueError("model.value_head learns from the streams of logged pages; interaction data has none")
+    if cfg.data.seq_len < 16:
+        raise ValueError("data.seq_len must be >= 16")
+    if cfg.model.num_heads % cfg.mesh.tensor and cfg.mesh.tensor > 0:
+        raise ValueError(f"model.num_heads={cfg.model.num_heads} must divide over mesh.tensor={cfg.mesh.tensor}")
+
+
+def examples_in(batch: dict) -> int:
+    """Training examples in a batch of rows (packed rows number their examples 1, 2, ... by segment)."""
+    return int(batch["segment_ids"].max(axis=1).sum())
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _catalog_for_checkpoint(path: str | None) -> dict | None:
+    if not path:
+        return None
+    catalog = read_catalog(path)
+    if len(catalog) > MAX_CATALOG_IN_CHECKPOINT:
+        return {"path": os.path.abspath(path)}
+    return {"items": {k: {"title": v.title, "artist": v.artist, "genres": v.genres} for k, v in catalog.items()}}
+
+
+def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from, resume_step
+                              ) -> tuple[Vocabulary, np.ndarray, dict]:
+    """The run's vocabulary (from its checkpoint, the --init_from run, or built), item counts and the
+    shelf -> items seen in the logs."""
+    vocab_dir = os.path.join(workdir, "vocab")
+    counts_path = os.path.join(vocab_dir, "item_counts.npy")
+    shelves_path = os.path.join(vocab_dir, "shelf_items.json")
+    if checkpoints.steps():
+        vocab = Vocabulary.from_json(checkpoints.read_meta(resume_step)[1]["vocab"])
+    elif init_from:
+        vocab = Vocabulary.from_json(Checkpoints(checkpoint_dir(init_from), read_only=True).read_meta()[1]["vocab"])
+    else:
+        vocab = None
+    if jax.process_index() == 0 and not os.path.exists(counts_path):
+        built, counts, shelf_items = build_vocabulary(cfg.data, prepared)
+        vocab = vocab or built
+        vocab.save(vocab_dir)
+        with open(shelves_path, "w") as f:
+            json.dump(shelf_items, f)
+        np.save(counts_path, np.array([counts.get(i, 0) for i in vocab.items.item_ids], np.int64))
+    _barrier("vocabulary")
+    vocab = vocab or Vocabulary.load(vocab_dir)
+    with open(shelves_path) as f:
+        shelf_items = json.load(f)
+    return vocab, np.load(counts_path), shelf_items
+
+
+def _eligibility(prepared, shelf_items: dict) -> dict:
+    """How serving decides which items may stand on which shelf: the synthetic world's rules, the
+    shelf/item pairs seen in the logs, or anything (plain next-item data)."""
+    if prepared.world_dir:
+        with open(os.path.join(prepared.world_dir, "world.json")) as f:
+            return {"kind": "world", "world": json.load(f)}
+    if prepared.kind == "pages":
+        return {"kind": "observed", "shelf_items": shelf_items}
+    return {"kind": "all"}
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run leaves: its last step, the metrics of that step (training, and validation when
+    it evaluated), the training loss at every logged step, and the final state with its trainer and
+    vocabulary."""
+
+    step: int
+    metrics: dict[str, float]
+    losses: list[float]
+    state: dict
+    trainer: Trainer
+    vocab: Vocabulary
+
+
+def run(cfg, workdir: str, init_from: str | None = None, resume_step: int | None = None) -> RunResult:
+    """Trains until cfg.train.steps, resuming from the workdir's newest readable checkpoint (or from
+    `resume_step`; later steps are then set aside in WORKDIR/checkpoints_set_aside, not deleted)."""
+    try:
+        return _run(cfg, workdir, init_from, resume_step)
+    except (ValueError, FileNotFoundError, CheckpointError, DataFormatError) as e:
+        raise TrainingError(str(e)) from e
+
+
+def _mesh(cfg, nproc: int):
+    devices = jax.devices()
+    if cfg.mesh.devices:  # the first N devices of every process
+        devices = [d for p in range(nproc) for d in
+                   [d for d in jax.devices() if d.process_index == p][:cfg.mesh.devices]]
+    return make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
+
+
+def _initial_state(trainer: Trainer, checkpoints: Checkpoints, train_iter, workdir: str, init_from: str | None,
+                   resume_step: int | None, reporter: Reporter) -> tuple[int, dict, dict]:
+    """(step, state, progress) to start from: the run's own checkpoint (restoring the data iterator too),
+    else the parameters of `init_from`'s newest readable step, else a fresh initialisation."""
+    progress = {"examples": 0, "seconds": 0.0}  # training examples read and wall time, across resumes
+    if checkpoints.steps():
+        start, state = checkpoints.restore(resume_step, trainer.abstract_state(), train_iter)
+        set_aside = os.path.join(workdir, "checkpoints_set_aside")
+        moved = checkpoints.set_aside_after(start, set_aside)
+        _barrier("set_aside")
+        if moved:
+            checkpoints.reload()
+            reporter.message(f"moved the steps after {start} ({moved}) to {set_aside}")
+        progress.update(checkpoints.read_meta(start)[1].get("progress", {}))
+        reporter.message(f"resumed from step {start} in {checkpoints.directory}")
+        return start, state, progress
+    if init_from:
+        step, params = Checkpoints(checkpoint_dir(init_from), read_only=True).restore_params(
+            None, trainer.abstract_state()["params"])
+        reporter.message(f"initialised from {init_from} step {step}; frozen: {trainer.train_cfg.freeze or 'nothing'}")
+        return 0, trainer.init_state(params), progress
+    return 0, trainer.init_state(), progress
+
+
+def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> RunResult:
+    # Where: the workdir, the mesh, the data source; the config checked against them.
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    leader, nproc = jax.process_index() == 0, jax.process_count()
+    mesh = _mesh(cfg, nproc)
+    cfg.data.source = resolve_source(cfg.data)
+    validate_config(cfg, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
+    reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, enabled=leader)
+
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,
+                              cfg.train.async_checkpoints, best_metric=cfg.train.best_metric,
+                              best_mode=cfg.train.best_mode)
+    if resume_step is not None and resume_step not in checkpoints.steps():
+        raise CheckpointError(f"no checkpoint for step {resume_step} in {checkpoints.directory}; steps there: "
+                              f"{checkpoints.steps()}")
+
+    # Data and vocabulary.
+    prepared = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
+    vocab, item_counts, shelf_items = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from,
+                                                                resume_step)
+    pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
+                                  pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
+                                  outcome_conditioning=cfg.data.outcome_conditioning,
+                                  streamed_first=cfg.data.streamed_first)
+    train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
+                                   jax.process_index(), nproc))
+
+    # Model, trainer and the state to start from.
+    model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict())
+    sampled = None
+    if cfg.loss.kind == "sampled":
+        sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
+    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
+                      cfg.loss.value_weight)
+    start, state, progress = _initial_state(trainer, checkpoints, train_iter, workdir, init_from, resume_step,
+                                            reporter)
+    reporter.message(f"model: {count_params(state['params']):,} parameters; vocabulary {vocab.size:,} tokens; "
+                     f"mesh {dict(mesh.shape)}; {nproc} process(es)")
+    meta = {"config": json.loads(cfg.to_json()), "model": dataclasses.asdict(model_cfg),
+            "vocab": vocab.to_json(), "kind": prepared.kind,
+            "catalog": _catalog_for_checkpoint(prepared.catalog_path),
+            "eligibility": _eligibility(prepared, shelf_items)}
+
+    # Validation.
+    ranker = (make_ranker(trainer, vocab, cfg) if cfg.eval.next_item and prepared.kind == "sequences" else None)
+    eval_users = validation_users(prepared.sources["validation"], cfg.eval.max_users) if ranker else None
+
+    def evaluate(step: int) -> dict[str, float]:
+        out = {}
+        if "validation" in prepared.sources and len(prepared.sources["validation"]):
+            out.update(validation_loss(trainer, state["params"], prepared.sources["validation"], vocab,
+                                       prepared.kind, pipeline_cfg, cfg.train.eval_batches,
+                                       jax.process_index(), nproc))
+        if ranker:
+            metrics = ranking_metrics(ranker.rank(state["params"], eval_users), ks=(10,))
+            out.update({f"validation_{k}": v for k, v in metrics.items() if k != "mrr"})
+        reporter.scalars(step, out)
+        reporter.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        return out
+
+    # The loop.
+    last_good = start if checkpoints.steps() else None
+    end = cfg.train.steps
+    losses: list[float] = []
+    metrics: dict[str, float] = {}
+    tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
+    reporter.begin(start)
+    train_size, resumed_at, seconds_before = len(prepared.sources["train"]), time.time(), progress["seconds"]
+    for step in range(start + 1, end + 1):
+        local = next(train_iter)
+        if step == 1 and model_cfg.value_head and not np.any(local["outcomes"]):
+            raise ValueError("model.value_head=True, but the first training batch has no item with known streams: "
+                             "the page logs carry no `streams` (FORMATS.md §3), so the value head cannot learn")
+        progress["examples"] += examples_in(local) * nproc
+        state, step_metrics = trainer.train_step(state, trainer.global_batch(local))
+        reporter.add_tokens(tokens_per_batch)
+        at_log = step % cfg.train.log_every == 0 or step == end
+        at_eval = step % cfg.train.eval_every == 0 or step == end
+        at_save = step % cfg.train.checkpoint_every == 0 or step == end
+        if not (at_log or at_eval or at_save):
+            continue
+        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+            checkpoints.wait()
+            where = (f"the last good checkpoint is step {last_good} in {checkpoints.directory}"
+                     if last_good is not None else "no checkpoint was written")
+            raise TrainingError(f"loss became {host['loss']} (gradient norm {host['grad_norm']}) at step "
+                                f"{step}; stopping; {where}", exit_code=3)
+        losses.append(host["loss"])
+        if at_log:
+            reporter.log(step, host)
+        eval_metrics = evaluate(step) if at_eval else {}
+        metrics = {**host, **eval_metrics}
+        if at_save:
+            progress.update(seconds=seconds_before + time.time() - resumed_at,
+                            epochs=progress["examples"] / max(train_size, 1))
+            checkpoints.save(step, state, train_iter, {**meta, "progress": progress}, eval_metrics or None)
+            last_good = step
+    checkpoints.close()
+    reporter.close()
+    return RunResult(end, metrics, losses, state, trainer, vocab)

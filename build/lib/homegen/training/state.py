@@ -1,0 +1,154 @@
+"""The sharded training state and the jitted train / eval steps.
+
+State is a plain pytree {"params", "opt_state", "step"}; parameters are nested dicts (nnx pure dicts)
+whose shardings come from each parameter's `logical_axes` metadata and the config's rules. The state is
+created inside `jit` with `out_shardings`, so it is never whole on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from homegen.model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
+from homegen.model.sharding import logical_to_spec, use_mesh
+from homegen.model.transformer import Transformer, TransformerConfig, abstract_model
+from homegen.training.optimizer import learning_rate_schedule, make_optimizer
+
+BATCH_KEYS = ("tokens", "weights", "outcomes", "segment_ids", "positions")
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs to create, step and evaluate its state on a mesh."""
+
+    model_cfg: TransformerConfig
+    train_cfg: object
+    mesh: Mesh
+    rules: list
+    sampled: SampledSoftmax | None = None
+    seed: int = 0
+    value_weight: float = 1.0  # weight of the value head's loss against the next-token loss
+
+    def __post_init__(self):
+        self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
+        self.param_shardings = jax.tree.map(
+            lambda axes: NamedSharding(self.mesh, logical_to_spec(axes, self.rules)), self.param_axes,
+            is_leaf=lambda x: isinstance(x, tuple))
+        self.tx = make_optimizer(self.train_cfg, abstract_params)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        # Optimizer moments follow their parameters: let XLA propagate the shardings through `init`.
+        sharded_params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                                      abstract_params, self.param_shardings)
+        propagated = jax.jit(self.tx.init).lower(sharded_params).compile().output_shardings
+        opt_shardings = jax.tree.map(  # scalars (step counts) come back on one device: replicate them
+            lambda s: s if isinstance(s, NamedSharding) and s.mesh == self.mesh else self.replicated, propagated)
+        self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
+                                "step": self.replicated}
+        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules))
+        self.schedule = learning_rate_schedule(self.train_cfg)
+        self._train_step = jax.jit(self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
+                                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+        self._eval_step = jax.jit(self._eval_step_impl, in_shardings=(self.param_shardings, self.batch_sharding),
+                                  out_shardings=self.replicated)
+
+    # --- state ---------------------------------------------------------------------------------------
+    def _state_from(self, params) -> dict:
+        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_state(self, params=None) -> dict:
+        """A fresh sharded state: new parameters from the seed, or the given ones (fine-tuning)."""
+        with use_mesh(self.mesh, self.rules):
+            if params is not None:
+                return jax.jit(self._state_from, in_shardings=(self.param_shardings,),
+                               out_shardings=self.state_shardings)(params)
+            create = lambda key: self._state_from(  # noqa: E731
+                nnx.to_pure_dict(nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key)))))
+            return jax.jit(create, out_shardings=self.state_shardings)(jax.random.key(self.seed))
+
+    def abstract_state(self) -> dict:
+        """ShapeDtypeStructs with this mesh's shardings (the target of a restore)."""
+        shapes = jax.eval_shape(lambda: self._state_from(abstract_model(self.model_cfg)[1]))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    # --- steps ---------------------------------------------------------------------------------------
+    def _loss(self, params, batch, key, train: bool):
+        """(loss sum, weight sum, value-head sums): next-token cross-entropy (weighted in training, every
+        target once in evaluation), plus `value_weight` x the value head's cross-entropy when there is one."""
+        model = nnx.merge(self.graphdef, params)
+        inputs = batch["tokens"][:, :-1]
+        targets, weights = batch["tokens"][:, 1:], batch["weights"][:, 1:]
+        dropout_key, sample_key = (None, None) if key is None else tuple(jax.random.split(key))
+        hidden, _ = model.hidden(inputs, batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
+                                 dropout_key=dropout_key if train else None)
+        if not train:
+            loss, weight = full_softmax_loss(model, hidden, targets, (weights > 0).astype(jnp.float32))
+        elif self.sampled is not None:
+            loss, weight = sampled_softmax_loss(model, hidden, targets, weights, self.sampled, sample_key)
+        else:
+            loss, weight = full_softmax_loss(model, hidden, targets, weights)
+        if not self.model_cfg.value_head:
+            return loss, weight, {}
+        value_sum, labelled = value_loss(model, hidden, targets, batch["outcomes"][:, 1:])
+        total = loss + self.value_weight * value_sum * weight / jnp.maximum(labelled, 1.0) if train else loss
+        return total, weight, {"value_sum": value_sum, "value_count": labelled}
+
+    def _train_step_impl(self, state, batch):
+        accum = self.train_cfg.grad_accum
+        key = jax.random.fold_in(jax.random.key(self.seed + 1), state["step"])
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+        def loss_fn(params, b, k):
+            loss, weight, value = self._loss(params, b, k, True)
+            return loss, (weight, value)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def accumulate(carry, inputs):
+            grads, loss_sum, weight_sum, value = carry
+            b, k = inputs
+            (loss, (weight, v)), g = grad_fn(state["params"], b, k)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, weight_sum + weight,
+                    jax.tree.map(jnp.add, value, v)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        keys = jax.random.split(key, accum)
+        value_zeros = {"value_sum": 0.0, "value_count": 0.0} if self.model_cfg.value_head else {}
+        (grads, loss_sum, weight_sum, value), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, value_zeros),
+                                                               (micro, keys))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9), grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": self.schedule(state["step"]), "target_weight": weight_sum}
+        if value:
+            metrics["value_loss"] = value["value_sum"] / jnp.maximum(value["value_count"], 1.0)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def _eval_step_impl(self, params, batch):
+        loss_sum, count, value = self._loss(params, batch, None, False)
+        return {"loss_sum": loss_sum, "count": count, **value}
+
+    def train_step(self, state, batch):
+        with use_mesh(self.mesh, self.rules):
+            return self._train_step(state, batch)
+
+    def eval_step(self, params, batch):
+        with use_mesh(self.mesh, self.rules):
+            return self._eval_step(params, batch)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global batch from this process's rows."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k]))
+                for k in BATCH_KEYS}
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
