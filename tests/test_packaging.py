@@ -4,6 +4,7 @@ copy. (Installed with `pip install --no-deps --target`: the dependencies come fr
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -22,9 +23,15 @@ def readme_python_example() -> str:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> str:
-    target = str(tmp_path_factory.mktemp("site"))
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, ROOT],
-                            capture_output=True, text=True, timeout=600)
+    """homegen installed into a folder of its own, built from a copy of the sources (a build leaves a
+    build/ folder beside pyproject.toml, which must not land in the checkout)."""
+    source, target = tmp_path_factory.mktemp("source"), str(tmp_path_factory.mktemp("site"))
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), source)
+    for package in ("homegen",) + GENERIC:
+        shutil.copytree(os.path.join(ROOT, package), source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target,
+                             str(source)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return target
 
