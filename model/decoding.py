@@ -162,7 +162,8 @@ class BeamState:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache",
                                              "objective", "candidates", "prior_weight"))
-def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, *, grammar: PageGrammar,
+def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, shelf_items: jax.Array, *,
+                grammar: PageGrammar,
                 beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True,
                 objective: str = "likelihood", candidates: int = STREAM_CANDIDATES,
                 prior_weight: float = PRIOR_WEIGHT) -> Decoded:
@@ -183,7 +184,7 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
     empty_tokens, empty_logps = jnp.full((b, k, max_new), PAD, jnp.int32), jnp.zeros((b, k, max_new))
     state = BeamState(
         step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, k, axis=0),
-        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(b * k),
+        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(rows_rules, shelf_items),
         alive_tokens=empty_tokens, alive_logps=empty_logps,
         alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
         done_tokens=empty_tokens, done_logps=empty_logps, done_score=jnp.full((b, k), NEG_INF))
@@ -197,7 +198,7 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         return (s.step < max_new) & jnp.any((best_alive > s.done_score[:, -1]) & live)
 
     def body(s: BeamState) -> BeamState:
-        mask = grammar.allowed(s.fsm, rows_rules)
+        mask = grammar.allowed(s.fsm, rows_rules, shelf_items)
         increments, logp = _step_scores(model, s.hidden, mask, grammar.item_offset, objective=objective,
                                         candidates=candidates, prior_weight=prior_weight)
         vocab = logp.shape[-1]
@@ -228,7 +229,8 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
             hidden, cache = decode_hidden(model, chosen_token, row_lengths + s.step, cache.take(rows))
         else:
             hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), s.step)
-        return BeamState(step=s.step + 1, hidden=hidden, cache=cache, fsm=grammar.advance(s.fsm.take(rows), chosen_token),
+        fsm = grammar.advance(s.fsm.take(rows), chosen_token, rows_rules, shelf_items)
+        return BeamState(step=s.step + 1, hidden=hidden, cache=cache, fsm=fsm,
                          alive_tokens=alive_tokens, alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1),
                          alive_score=alive_score, done_tokens=done_tokens, done_logps=done_logps,
                          done_score=done_score)
@@ -251,8 +253,8 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "max_new"))
-def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, seeds, temperature, top_k, top_p,
-           *, grammar: PageGrammar, max_new: int) -> Decoded:
+def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, shelf_items: jax.Array, seeds,
+           temperature, top_k, top_p, *, grammar: PageGrammar, max_new: int) -> Decoded:
     """One sampled page per row, reproducible by each row's seed."""
     model = nnx.merge(graphdef, params)
     b = prompts.shape[0]
@@ -264,20 +266,20 @@ def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, s
 
     def body(s):
         step = s["step"]
-        mask = grammar.allowed(s["fsm"], rules)
+        mask = grammar.allowed(s["fsm"], rules, shelf_items)
         filtered = filter_logits(jnp.where(mask, s["logits"], NEG_INF), temperature, top_k, top_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         token = jax.vmap(jax.random.categorical)(step_keys, jnp.where(mask, filtered, NEG_INF))
         token = jnp.where(s["fsm"].done, PAD, token)
         logp = jnp.take_along_axis(constrained_logp(s["logits"], mask), token[:, None], 1)[:, 0]
         logp = jnp.where(s["fsm"].done, 0.0, logp)
-        fsm = grammar.advance(s["fsm"], token)
+        fsm = grammar.advance(s["fsm"], token, rules, shelf_items)
         logits, cache = decode_step(model, token, lengths + step, s["cache"])
         return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm,
                     tokens=s["tokens"].at[:, step].set(token), logps=s["logps"].at[:, step].set(logp))
 
     s = jax.lax.while_loop(running, body, dict(
-        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(b),
+        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(rules, shelf_items),
         tokens=jnp.full((b, max_new), PAD, jnp.int32), logps=jnp.zeros((b, max_new))))
     valid = s["fsm"].done
     return Decoded(s["tokens"][:, None], s["logps"][:, None], s["logps"].sum(-1)[:, None], valid[:, None])

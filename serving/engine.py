@@ -11,67 +11,14 @@ from flax import nnx
 
 from homegen.data.formats import Shelf
 from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
-from homegen.data.simulator.shelves import ShelfRules
-from homegen.data.simulator.world import World, WorldConfig
 from homegen.data.vocab import EOS, PAD, Vocabulary
 from homegen.model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
 from homegen.model.grammar import PageGrammar, PageRules
 from homegen.model.scoring import score_tokens
 from homegen.model.transformer import TransformerConfig, abstract_model
+from homegen.serving.eligibility import Eligibility
 from homegen.serving.requests import PageRequest, RequestError
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
-
-
-class Eligibility:
-    """Which items may stand on which shelf, per request (S, N) over the vocabulary's shelves and items."""
-
-    def __init__(self, spec: dict, vocab: Vocabulary):
-        self.vocab, self.kind = vocab, spec.get("kind", "all")
-        s, n = len(vocab.shelves), vocab.items.num_tokens
-        self.static = np.ones((s, n), bool)
-        self._dynamic: list[tuple[int, int]] = []  # (vocab shelf, world shelf) whose rule reads the history
-        if self.kind == "observed":
-            self.static[:] = False
-            for shelf, items in spec["shelf_items"].items():
-                row = vocab.shelves.index(shelf) if shelf in vocab.shelves else None
-                codes = [vocab.items.encode(i) for i in items]
-                if row is not None:
-                    self.static[row, [c[0] for c in codes if c is not None]] = True
-        elif self.kind == "world":
-            self.world = World(WorldConfig(**spec["world"]))
-            self.rules = ShelfRules(self.world)
-            self._item_index = np.array([self._world_item(i) for i in vocab.items.item_ids])
-            known = self._item_index >= 0
-            for row, name in enumerate(vocab.shelves):
-                self.static[row] = False
-                if name not in self.rules.index:
-                    continue
-                t = self.rules.index[name]
-                if self.rules.is_static(t):
-                    mask = np.zeros(self.world.catalog.num_items, bool)
-                    mask[self.rules.static_pool(t)] = True
-                    self.static[row, known] = mask[self._item_index[known]]
-                else:
-                    self._dynamic.append((row, t))
-
-    def _world_item(self, item_id: str) -> int:
-        try:
-            return self.world.item_index(item_id)
-        except ValueError:
-            return -1
-
-    def matrix(self, history: list[str]) -> np.ndarray:
-        if not self._dynamic:
-            return self.static
-        out = self.static.copy()
-        hist = np.array([self._world_item(i) for i in history], np.int64)
-        hist = hist[hist >= 0]
-        known = self._item_index >= 0
-        for row, t in self._dynamic:
-            mask = np.zeros(self.world.catalog.num_items, bool)
-            mask[self.rules.pool(t, hist)] = True
-            out[row, known] = mask[self._item_index[known]]
-        return out
 
 
 def _restore_model(checkpoints: Checkpoints, step: int) -> tuple[dict, nnx.GraphDef, dict]:
@@ -81,6 +28,9 @@ def _restore_model(checkpoints: Checkpoints, step: int) -> tuple[dict, nnx.Graph
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     return meta, graphdef, checkpoints.restore_params(step, target)[1]
+
+
+INDEX_LISTS = ("extra_items", "extra_shelves", "excluded")  # PageRules fields padded with -1
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -111,6 +61,7 @@ class PageEngine:
         self.grammar = PageGrammar.for_vocabulary(self.vocab)
         self.eligibility_spec = meta.get("eligibility") or {"kind": "all"}
         self.eligibility = Eligibility(self.eligibility_spec, self.vocab)
+        self.shelf_items = jnp.asarray(self.eligibility.static)  # on the device once; requests add index lists
         self.catalog = (meta.get("catalog") or {}).get("items", {})
 
     def _check_objective(self, objective: str) -> str:
@@ -124,6 +75,7 @@ class PageEngine:
 
     # --- request -> arrays ----------------------------------------------------------------------------
     def _rules(self, request: PageRequest) -> dict[str, np.ndarray]:
+        """The request's constraints as short arrays (none of them grows with the catalog)."""
         vocab = self.vocab
         shelves = np.ones(len(vocab.shelves), bool)
         if request.allowed_shelves is not None:
@@ -132,19 +84,17 @@ class PageEngine:
                 raise RequestError(f"unknown shelves {unknown}; known: {vocab.shelves}")
             shelves[:] = False
             shelves[[vocab.shelves.index(s) for s in request.allowed_shelves]] = True
-        excluded = np.zeros(vocab.items.num_tokens, bool)
-        for item in request.exclude_items:
-            code = vocab.items.encode(item)
-            if code is not None:
-                excluded[code[0]] = True
-        eligible = self.eligibility.matrix(request.history)
-        enough = (eligible & ~excluded).sum(axis=1) >= request.min_items_per_shelf
-        if not (enough & shelves).any():
+        codes = (vocab.items.encode(item) for item in request.exclude_items)
+        excluded = np.array(sorted({code[0] for code in codes if code is not None}), np.int32)
+        extra_shelves, extra_items = self.eligibility.dynamic_pairs(request.history)
+        left = self.eligibility.static_counts - self.eligibility.static[:, excluded].sum(axis=1)
+        left += np.bincount(extra_shelves[~np.isin(extra_items, excluded)], minlength=len(vocab.shelves))
+        if not ((left >= request.min_items_per_shelf) & shelves).any():
             raise RequestError(f"no allowed shelf has {request.min_items_per_shelf} eligible items left "
                                "after exclusions")
-        return {"eligible": eligible, "allowed_shelves": shelves, "excluded": excluded,
-                "min_items": np.int32(request.min_items_per_shelf), "max_items": np.int32(request.max_items_per_shelf),
-                "max_shelves": np.int32(request.num_shelves)}
+        return {"extra_items": extra_items, "extra_shelves": extra_shelves, "excluded": excluded,
+                "allowed_shelves": shelves, "min_items": np.int32(request.min_items_per_shelf),
+                "max_items": np.int32(request.max_items_per_shelf), "max_shelves": np.int32(request.num_shelves)}
 
     def prompt(self, request: PageRequest) -> list[int]:
         """The request's prompt tokens; a model trained with outcome conditioning is asked for the best
@@ -155,12 +105,20 @@ class PageEngine:
         return self.vocab.encode_prompt(context, request.intent, request.history)
 
     def _batch(self, requests: list[PageRequest], rules: list[dict[str, np.ndarray]]):
+        """Prompts and rules of a group, padded to bucketed shapes (rows, prompt length, list lengths) so that
+        few shapes compile; unused rows repeat the first request."""
         prompts = [self.prompt(r) for r in requests]
         rows = _bucket(len(requests), 1)
         length = _bucket(max(len(p) for p in prompts), 16)
         tokens, lengths = pad_prompts(prompts, rows, length)
-        stacked = {key: np.stack([r[key] for r in rules] + [rules[0][key]] * (rows - len(rules)))
-                   for key in rules[0]}
+        rules = rules + [rules[0]] * (rows - len(rules))
+        stacked = {}
+        for key in rules[0]:
+            if key in INDEX_LISTS:
+                width = _bucket(max(len(r[key]) for r in rules), 8)
+                stacked[key] = np.stack([np.pad(r[key], (0, width - len(r[key])), constant_values=-1) for r in rules])
+            else:
+                stacked[key] = np.stack([r[key] for r in rules])
         return jnp.asarray(tokens), jnp.asarray(lengths), PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})
 
     # --- decoding -------------------------------------------------------------------------------------
@@ -194,7 +152,7 @@ class PageEngine:
         max_new = self.grammar.max_length(num_shelves, max_items)
         tokens, lengths, rules = self._batch(requests, request_rules)
         if mode == "beam":
-            out = beam_search(self.graphdef, self.params, tokens, lengths, rules, grammar=self.grammar,
+            out = beam_search(self.graphdef, self.params, tokens, lengths, rules, self.shelf_items, grammar=self.grammar,
                               beam_size=width, max_new=max_new, use_cache=self.use_cache, objective=objective,
                               candidates=self.candidates, prior_weight=self.prior_weight)
         else:
@@ -205,7 +163,7 @@ class PageEngine:
             params = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(1.0, 0, 1.0)] * pad
             temperature, top_k, top_p = (jnp.asarray(np.repeat([p[i] for p in params], width)) for i in range(3))
             out = sample(self.graphdef, self.params, repeat(tokens), repeat(lengths), jax.tree.map(repeat, rules),
-                         jnp.asarray(seeds, jnp.int32), temperature.astype(jnp.float32), top_k.astype(jnp.int32),
+                         self.shelf_items, jnp.asarray(seeds, jnp.int32), temperature.astype(jnp.float32), top_k.astype(jnp.int32),
                          top_p.astype(jnp.float32), grammar=self.grammar, max_new=max_new)
             out = jax.tree.map(lambda x: x.reshape(rows, width, *x.shape[2:]), out)
             order = jnp.argsort(-out.scores, axis=1)

@@ -27,10 +27,14 @@ CFG = TransformerConfig(vocab_size=GRAMMAR.vocab_size, d_model=32, num_layers=2,
                         head_dim=8, mlp_dim=64)
 
 
+ALL = jnp.ones((S, N), bool)  # every item may stand on every shelf
+
+
 def rules(batch=1, min_items=1, max_items=2, max_shelves=2, excluded=()):
-    ex = np.zeros((batch, N), bool)
-    ex[:, list(excluded)] = True
-    return PageRules(jnp.ones((batch, S, N), bool), jnp.ones((batch, S), bool), jnp.asarray(ex),
+    ex = np.full((batch, max(len(excluded), 1)), -1, np.int32)
+    ex[:, :len(excluded)] = excluded
+    none = jnp.full((batch, 1), -1, jnp.int32)
+    return PageRules(none, none, jnp.asarray(ex), jnp.ones((batch, S), bool),
                      jnp.full((batch,), min_items, jnp.int32), jnp.full((batch,), max_items, jnp.int32),
                      jnp.full((batch,), max_shelves, jnp.int32))
 
@@ -64,16 +68,16 @@ def test_prefill_and_decode_match_full_forward_with_ragged_prompts():
 def enumerate_pages(min_items=1, max_items=2, max_shelves=2, excluded=()):
     """Every token sequence the grammar accepts, by walking the FSM on the host."""
     r = rules(1, min_items, max_items, max_shelves, excluded)
-    out, stack = [], [((), GRAMMAR.init(1))]
+    out, stack = [], [((), GRAMMAR.init(r, ALL))]
     while stack:
         prefix, state = stack.pop()
-        allowed = np.flatnonzero(np.asarray(GRAMMAR.allowed(state, r))[0])
+        allowed = np.flatnonzero(np.asarray(GRAMMAR.allowed(state, r, ALL))[0])
         for token in allowed:
             seq = prefix + (int(token),)
             if token == EOS:
                 out.append(seq)
             else:
-                stack.append((seq, GRAMMAR.advance(state, jnp.array([token]))))
+                stack.append((seq, GRAMMAR.advance(state, jnp.array([token]), r, ALL)))
     return out
 
 
@@ -94,7 +98,7 @@ def test_beam_search_finds_the_brute_force_best_page():
         prompt = [1, 4, 3]
         scores = {p: score(model, prompt, p) for p in pages}
         best = max(scores, key=scores.get)
-        out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(),
+        out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(), ALL,
                           grammar=GRAMMAR, beam_size=8, max_new=GRAMMAR.max_length(2, 2))
         found = tuple(int(t) for t in np.asarray(out.tokens[0, 0]) if t != PAD)
         assert found == best, (found, best)
@@ -121,17 +125,17 @@ def streams_scores(model, prompt, pages, prior_weight, candidates):
     scores = {}
     for seq in pages:
         logp, streams = map(np.asarray, heads(jnp.asarray([list(prompt) + list(seq)])))
-        state, total = GRAMMAR.init(1), 0.0
+        state, total = GRAMMAR.init(r, ALL), 0.0
         for t, token in enumerate(seq):
             at = len(prompt) - 1 + t
             if token >= GRAMMAR.item_offset:
-                allowed = np.flatnonzero(np.asarray(GRAMMAR.allowed(state, r))[0, GRAMMAR.item_offset:])
+                allowed = np.flatnonzero(np.asarray(GRAMMAR.allowed(state, r, ALL))[0, GRAMMAR.item_offset:])
                 ranked = sorted(allowed + GRAMMAR.item_offset, key=lambda i: -logp[at, i])
                 if token not in ranked[:candidates]:
                     break
                 total += float(streams[at, token])
             total += prior_weight * float(logp[at, token])
-            state = GRAMMAR.advance(state, jnp.array([token]))
+            state = GRAMMAR.advance(state, jnp.array([token]), r, ALL)
         else:
             scores[seq] = total
     return scores
@@ -148,7 +152,7 @@ def test_streams_beam_search_finds_the_brute_force_best_page(candidates):
         prompt = [1, 4, 3]
         scores = streams_scores(model, prompt, pages, 0.05, candidates)
         best = max(scores, key=scores.get)
-        out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(), grammar=GRAMMAR,
+        out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(), ALL, grammar=GRAMMAR,
                           beam_size=16, max_new=GRAMMAR.max_length(2, 2), objective="streams",
                           candidates=candidates, prior_weight=0.05)
         found = tuple(int(t) for t in np.asarray(out.tokens[0, 0]) if t != PAD)
@@ -175,7 +179,7 @@ def test_kth_largest():
 def test_streams_objective_needs_a_value_head():
     _, graphdef, params = model_and_params(0)
     with pytest.raises(ValueError, match="value head"):
-        beam_search(graphdef, params, jnp.asarray([[1, 4, 3]]), jnp.asarray([3]), rules(), grammar=GRAMMAR,
+        beam_search(graphdef, params, jnp.asarray([[1, 4, 3]]), jnp.asarray([3]), rules(), ALL, grammar=GRAMMAR,
                     beam_size=2, max_new=GRAMMAR.max_length(2, 2), objective="streams")
 
 
@@ -185,8 +189,8 @@ def test_sampling_is_reproducible_and_valid():
     r = rules(4, excluded=(1,))
     args = dict(grammar=GRAMMAR, max_new=GRAMMAR.max_length(2, 2))
     t, k, p = jnp.full((4,), 1.5), jnp.zeros((4,), jnp.int32), jnp.full((4,), 0.95)
-    a = sample(graphdef, params, prompts, lengths, r, jnp.asarray([0, 1, 2, 0]), t, k, p, **args)
-    b = sample(graphdef, params, prompts, lengths, r, jnp.asarray([0, 1, 2, 0]), t, k, p, **args)
+    a = sample(graphdef, params, prompts, lengths, r, ALL, jnp.asarray([0, 1, 2, 0]), t, k, p, **args)
+    b = sample(graphdef, params, prompts, lengths, r, ALL, jnp.asarray([0, 1, 2, 0]), t, k, p, **args)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.tokens[0], a.tokens[3])  # same seed, same page
     valid = set(enumerate_pages(excluded=(1,)))
@@ -199,8 +203,8 @@ def test_top_k_one_is_greedy():
     _, graphdef, params = model_and_params(2)
     prompts, lengths = jnp.asarray([[1, 4, 3]]), jnp.asarray([3])
     args = dict(grammar=GRAMMAR, max_new=GRAMMAR.max_length(2, 2))
-    greedy = beam_search(graphdef, params, prompts, lengths, rules(), beam_size=1, **args)
-    sampled = [sample(graphdef, params, prompts, lengths, rules(), jnp.asarray([s]), jnp.ones((1,)),
+    greedy = beam_search(graphdef, params, prompts, lengths, rules(), ALL, beam_size=1, **args)
+    sampled = [sample(graphdef, params, prompts, lengths, rules(), ALL, jnp.asarray([s]), jnp.ones((1,)),
                       jnp.ones((1,), jnp.int32), jnp.ones((1,)), **args) for s in range(3)]
     for out in sampled:
         np.testing.assert_array_equal(out.tokens[0, 0], greedy.tokens[0, 0])
@@ -210,7 +214,72 @@ def test_beam_search_without_cache_gives_the_same_pages():
     _, graphdef, params = model_and_params(3)
     prompts, lengths = jnp.asarray([[1, 4, 3, 0], [1, 3, 4, 2]]), jnp.asarray([3, 4])
     args = dict(grammar=GRAMMAR, beam_size=3, max_new=GRAMMAR.max_length(2, 2))
-    cached = beam_search(graphdef, params, prompts, lengths, rules(2), **args)
-    uncached = beam_search(graphdef, params, prompts, lengths, rules(2), use_cache=False, **args)
+    cached = beam_search(graphdef, params, prompts, lengths, rules(2), ALL, **args)
+    uncached = beam_search(graphdef, params, prompts, lengths, rules(2), ALL, use_cache=False, **args)
     np.testing.assert_array_equal(cached.tokens, uncached.tokens)
     np.testing.assert_allclose(cached.scores, uncached.scores, rtol=1e-4)
+
+
+def dense_allowed(tokens: list[int], eligible: np.ndarray, excluded: set, allowed_shelves: np.ndarray,
+                  min_items: int, max_items: int, max_shelves: int, grammar: PageGrammar) -> np.ndarray:
+    """The grammar's mask for one row after `tokens`, from a dense (S, N) eligibility, recomputed from
+    scratch in numpy: the reference the decoder's counted, index-list form must equal."""
+    s_count = grammar.num_shelves
+    shelves, items, current, done = 0, 0, -1, False
+    used_items, used_shelves = set(excluded), set()
+    for t in tokens:
+        done |= t == EOS
+        if grammar.shelf_offset <= t < grammar.shelf_offset + s_count:
+            shelves, items, current = shelves + 1, 0, t - grammar.shelf_offset
+            used_shelves.add(current)
+        elif t >= grammar.item_offset:
+            items += 1
+            used_items.add(t - grammar.item_offset)
+    available = np.array([n not in used_items for n in range(grammar.num_items)])
+    mask = np.zeros(grammar.vocab_size, bool)
+    if current >= 0 and items < max_items:
+        mask[grammar.item_offset + np.flatnonzero(eligible[current] & available)] = True
+    enough = (eligible & available).sum(axis=1) >= min_items
+    startable = np.array([allowed_shelves[s] and s not in used_shelves and enough[s] for s in range(s_count)])
+    can_close = current >= 0 and items >= min_items
+    if ((shelves == 0 and not done) or can_close) and shelves < max_shelves:
+        mask[grammar.shelf_offset + np.flatnonzero(startable)] = True
+    more = shelves < max_shelves and startable.any()
+    mask[EOS] = (can_close and not done and not more) or done
+    return mask
+
+
+def test_counted_sparse_grammar_equals_dense_rules():
+    """Random static eligibility, history-dependent extra pairs and exclusions: along random walks through
+    the allowed tokens, the mask built from shelf_items + index lists + counts equals the dense reference
+    at every step, and every walk ends in EOS."""
+    s, n = 4, 12
+    grammar = PageGrammar(vocab_size=5 + s + n, shelf_offset=5, num_shelves=s, item_offset=5 + s, num_items=n)
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        static = rng.random((s, n)) < 0.4
+        static[rng.integers(s)] = False  # a history-dependent shelf: only extra pairs
+        extra = [(int(sh), int(it)) for sh in range(s) for it in range(n) if not static[sh, it] and rng.random() < 0.2]
+        excluded = sorted(set(rng.integers(0, n, rng.integers(0, 4)).tolist()))
+        dense = static.copy()
+        for sh, it in extra:
+            dense[sh, it] = True
+        allowed_shelves = rng.random(s) < 0.8
+        min_items, max_items, max_shelves = int(rng.integers(1, 3)), int(rng.integers(2, 4)), int(rng.integers(1, 4))
+        pad = lambda xs: np.array(list(xs) + [-1] * (8 + 2 * len(extra) - len(xs)), np.int32)[None]  # noqa: E731
+        r = PageRules(jnp.asarray(pad([i for _, i in extra])), jnp.asarray(pad([sh for sh, _ in extra])),
+                      jnp.asarray(pad(excluded)), jnp.asarray(allowed_shelves[None]), jnp.array([min_items]),
+                      jnp.array([max_items]), jnp.array([max_shelves]))
+        shelf_items = jnp.asarray(static)
+        state, tokens = grammar.init(r, shelf_items), []
+        for _ in range(grammar.max_length(max_shelves, max_items)):
+            mask = np.asarray(grammar.allowed(state, r, shelf_items))[0]
+            reference = dense_allowed(tokens, dense, set(excluded), allowed_shelves, min_items, max_items,
+                                      max_shelves, grammar)
+            np.testing.assert_array_equal(mask, reference, err_msg=f"trial {trial}, after {tokens}")
+            if not mask.any() or (tokens and tokens[-1] == EOS):
+                break
+            token = int(rng.choice(np.flatnonzero(mask)))
+            tokens.append(token)
+            state = grammar.advance(state, jnp.array([token]), r, shelf_items)
+        assert not tokens or tokens[-1] == EOS, tokens  # a started page always ends

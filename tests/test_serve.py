@@ -64,6 +64,21 @@ def test_decoder_mask_agrees_with_the_rules_item_by_item(engine, validator):
     assert engine.eligibility.kind == "world" and engine.eligibility._dynamic  # both kinds of rule were compared
 
 
+def test_history_dependent_shelves_are_served(engine, validator):
+    """Shelves whose items come from the request's history reach the decoder as index lists: a page of
+    only such shelves is served, from the history alone."""
+    history = engine.vocab.items.item_ids[10:18]
+    for shelf in ("recently_played", "because_you_listened"):
+        request = parse_request({"user_id": "u1", "history": history, "allowed_shelves": [shelf], "num_shelves": 1,
+                                 "min_items_per_shelf": 3, "max_items_per_shelf": 5})
+        for response in engine.generate([request]) + engine.generate([request], objective="likelihood"):
+            assert "error" not in response, response
+            assert [s["shelf"] for s in response["page"]] == [shelf]
+            assert validator.violations(request, response["page"]) == []
+            if shelf == "recently_played":
+                assert set(response["page"][0]["items"]) <= set(history)
+
+
 def request_strategy(engine):
     items = engine.vocab.items.item_ids
     shelves = engine.vocab.shelves
