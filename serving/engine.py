@@ -33,11 +33,26 @@ def _restore_model(checkpoints: Checkpoints, step: int) -> tuple[dict, nnx.Graph
 INDEX_LISTS = ("extra_items", "extra_shelves", "excluded")  # PageRules fields padded with -1
 
 
-def _bucket(n: int, minimum: int) -> int:
+def _bucket(n: int, minimum: int, factor: int = 2) -> int:
+    """The smallest minimum x factor^k >= n: padded sizes from a short list, so that few shapes compile."""
     size = minimum
     while size < n:
-        size *= 2
+        size *= factor
     return size
+
+
+def stack_rules(rules: list[dict[str, np.ndarray]], rows: int) -> PageRules:
+    """One PageRules for `rows` rows from per-request rules (`PageEngine._rules`): index lists padded with -1
+    to a bucketed common length, unused rows repeating the first request."""
+    rules = rules + [rules[0]] * (rows - len(rules))
+    stacked = {}
+    for key in rules[0]:
+        if key in INDEX_LISTS:
+            width = _bucket(max(len(r[key]) for r in rules), 64, factor=4)  # 64, 256, 1024, ...
+            stacked[key] = np.stack([np.pad(r[key], (0, width - len(r[key])), constant_values=-1) for r in rules])
+        else:
+            stacked[key] = np.stack([r[key] for r in rules])
+    return PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})
 
 
 class PageEngine:
@@ -105,21 +120,13 @@ class PageEngine:
         return self.vocab.encode_prompt(context, request.intent, request.history)
 
     def _batch(self, requests: list[PageRequest], rules: list[dict[str, np.ndarray]]):
-        """Prompts and rules of a group, padded to bucketed shapes (rows, prompt length, list lengths) so that
-        few shapes compile; unused rows repeat the first request."""
+        """Prompts and rules of a group, padded to bucketed shapes (rows, prompt length) so that few shapes
+        compile."""
         prompts = [self.prompt(r) for r in requests]
         rows = _bucket(len(requests), 1)
         length = _bucket(max(len(p) for p in prompts), 16)
         tokens, lengths = pad_prompts(prompts, rows, length)
-        rules = rules + [rules[0]] * (rows - len(rules))
-        stacked = {}
-        for key in rules[0]:
-            if key in INDEX_LISTS:
-                width = _bucket(max(len(r[key]) for r in rules), 8)
-                stacked[key] = np.stack([np.pad(r[key], (0, width - len(r[key])), constant_values=-1) for r in rules])
-            else:
-                stacked[key] = np.stack([r[key] for r in rules])
-        return jnp.asarray(tokens), jnp.asarray(lengths), PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})
+        return jnp.asarray(tokens), jnp.asarray(lengths), stack_rules(rules, rows)
 
     # --- decoding -------------------------------------------------------------------------------------
     def generate(self, requests: list[PageRequest], objective: str | None = None) -> list[dict]:

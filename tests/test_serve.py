@@ -283,3 +283,15 @@ def test_html_view_renders_in_headless_chromium(server, tmp_path):
     subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", page_url],
                    capture_output=True, timeout=180)
     assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_scale_benchmark_decodes_every_request(tmp_path):
+    """scripts/benchmark_scale.py on a small catalog: every request (random index-list rules) gets a page,
+    and the per-request bytes do not depend on the catalog."""
+    result = subprocess.run([sys.executable, "scripts/benchmark_scale.py", "--items", "2000,8000", "--batches", "2",
+                             "--calls", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sizes = [line.split("per request ")[1].split(" bytes")[0] for line in result.stdout.splitlines()
+             if "per request" in line]
+    assert len(sizes) == 2 and sizes[0] == sizes[1], result.stdout
+    assert result.stdout.count("batch   2, beam 4: p50") == 2

@@ -1,0 +1,101 @@
+"""How serving cost grows with the catalog: constrained beam search over 10^4 to 10^6 (or 10^7) item tokens.
+
+    python scripts/benchmark_scale.py [--items 10000,100000,1000000] [--batches 1,16] [--beam 4] [--calls 20]
+
+For each catalog size: a model of the demo's shapes with random weights (the shapes, not the weights, set
+the cost), 30 shelf types whose static eligibility is a random 2-30% of the catalog each, two
+history-dependent shelves (the request's 50 history items; a pool of 200 items), 10 exclusions per request,
+and pages of exactly 6 shelves x 10 items, decoded as serving decodes them (`beam_search` with the static
+mask on the device and each request's index lists). Prints per catalog: parameter and static-mask bytes,
+the host bytes a request sends (its index lists) beside the dense (shelves x items) mask it would
+otherwise need, p50/p99 latency and pages/s at each batch size, and the peak RSS so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from homegen.configs.demo import get_config
+from homegen.model.decoding import beam_search
+from homegen.model.grammar import PageGrammar
+from homegen.model.transformer import Transformer, TransformerConfig
+from homegen.serving.engine import stack_rules
+
+SHELVES, DYNAMIC, NON_ITEM_TOKENS = 30, 2, 300
+PAGE_SHELVES, PAGE_ITEMS, HISTORY, POOL, EXCLUDED, PROMPT = 6, 10, 50, 200, 10, 64
+
+
+def request_rules(rng: np.random.Generator, items: int) -> dict[str, np.ndarray]:
+    """One request's rules as the engine builds them: the history-dependent pairs and exclusions."""
+    history = rng.choice(items, HISTORY, replace=False).astype(np.int32)
+    pool = rng.choice(items, POOL, replace=False).astype(np.int32)
+    return {"extra_items": np.concatenate([history, pool]),
+            "extra_shelves": np.repeat(np.arange(DYNAMIC, dtype=np.int32), [HISTORY, POOL]),
+            "excluded": np.sort(rng.choice(items, EXCLUDED, replace=False)).astype(np.int32),
+            "allowed_shelves": np.ones(SHELVES, bool), "min_items": np.int32(PAGE_ITEMS),
+            "max_items": np.int32(PAGE_ITEMS), "max_shelves": np.int32(PAGE_SHELVES)}
+
+
+def measure(items: int, batches: list[int], beam: int, calls: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    shelf_offset = NON_ITEM_TOKENS - SHELVES
+    grammar = PageGrammar(vocab_size=NON_ITEM_TOKENS + items, shelf_offset=shelf_offset, num_shelves=SHELVES,
+                          item_offset=NON_ITEM_TOKENS, num_items=items)
+    model_cfg = TransformerConfig(vocab_size=grammar.vocab_size, **{**get_config().model.to_dict(), "value_head": False})
+    graphdef, state = nnx.split(Transformer(model_cfg, nnx.Rngs(seed)))
+    params = nnx.to_pure_dict(state)
+    density = rng.uniform(0.02, 0.3, SHELVES)[:, None]
+    static = rng.random((SHELVES, items), dtype=np.float32) < density
+    static[:DYNAMIC] = False  # the history-dependent shelves hold only their request's pairs
+    shelf_items = jnp.asarray(static)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    one = request_rules(rng, items)
+    request_bytes = sum(np.asarray(v).nbytes for v in one.values())
+    print(f"\n{items:,} items: {param_bytes / 2**20:,.1f} MiB of parameters, static mask {static.nbytes / 2**20:,.1f} "
+          f"MiB on the device once; per request {request_bytes:,} bytes of index lists and flags "
+          f"(a dense mask would be {SHELVES * items:,} bytes)")
+    max_new = grammar.max_length(PAGE_SHELVES, PAGE_ITEMS)
+    for batch in batches:
+        latencies = []
+        for call in range(calls + 1):  # the first call compiles and is not timed
+            rules = stack_rules([request_rules(rng, items) for _ in range(batch)], batch)
+            prompts = jnp.asarray(rng.integers(5, shelf_offset, (batch, PROMPT)), jnp.int32)
+            lengths = jnp.full((batch,), PROMPT, jnp.int32)
+            start = time.perf_counter()
+            out = beam_search(graphdef, params, prompts, lengths, rules, shelf_items, grammar=grammar,
+                              beam_size=beam, max_new=max_new)
+            valid = np.asarray(out.valid[:, 0])
+            if call:
+                latencies.append(time.perf_counter() - start)
+            if not valid.all():
+                raise RuntimeError("a request got no valid page")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"  batch {batch:>3}, beam {beam}: p50 {np.percentile(latencies, 50) * 1e3:,.0f} ms, "
+              f"p99 {np.percentile(latencies, 99) * 1e3:,.0f} ms, {batch * calls / sum(latencies):,.2f} pages/s "
+              f"({calls} calls); peak RSS so far {peak:,.2f} GiB", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", default="10000,100000,1000000", help="comma-separated catalog sizes")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per figure")
+    args = parser.parse_args(argv)
+    print(f"demo-shaped model, random weights; {SHELVES} shelf types; pages of exactly {PAGE_SHELVES} x "
+          f"{PAGE_ITEMS} items; {jax.devices()[0].device_kind}")
+    for items in (int(n) for n in args.items.split(",")):
+        measure(items, [int(b) for b in args.batches.split(",")], args.beam, args.calls)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
