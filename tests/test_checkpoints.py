@@ -116,6 +116,9 @@ def test_train_cli_resume_step_and_missing_paths(straight_run, tfds_dir, tmp_pat
                             timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: no checkpoint for step 6 in ")
-    missing = subprocess.run([sys.executable, "serve.py", "--checkpoint", "/no/such/path", "--user", "u1"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "serve.py: error: /no/such/path does not exist" in missing.stderr
+    for script in ("serve.py", "scripts/evaluate.py"):
+        missing = subprocess.run([sys.executable, script, "--checkpoint", "/no/such/path"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
+        name = os.path.basename(script)
+        assert missing.returncode == 2, missing.stderr
+        assert missing.stderr.strip().splitlines()[-1] == f"{name}: error: /no/such/path does not exist"

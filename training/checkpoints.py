@@ -76,9 +76,6 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def best_step(self, metric: str, mode: str) -> int | None:
         """The kept step with the best value of `metric` ('min' or 'max'), None if no step has it."""
         scored = [(m[metric], s) for s in self.steps() if (m := self.manager.metrics(s)) and metric in m]
