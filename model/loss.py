@@ -41,8 +41,28 @@ class SampledSoftmax:
         return jnp.minimum(index, len(self.item_cdf) - 1)
 
 
-def full_softmax_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array):
-    """(sum of weight x cross-entropy, sum of weights) over all positions."""
+def chunked_logsumexp(model: Transformer, hidden: jax.Array, chunk: int) -> jax.Array:
+    """logsumexp over the whole vocabulary of the logits of hidden (..., D), `chunk` tokens at a time, so
+    that memory holds positions x chunk logits instead of positions x vocabulary (no gradient is kept
+    bounded by this: it is for evaluation)."""
+    vocab = model.cfg.vocab_size
+
+    def add_chunk(total, start):
+        ids = start + jnp.arange(chunk)
+        logits = jnp.where(ids < vocab, model.logits(hidden, jnp.minimum(ids, vocab - 1)), -jnp.inf)
+        return jnp.logaddexp(total, jax.nn.logsumexp(logits, axis=-1)), None
+
+    total, _ = jax.lax.scan(add_chunk, jnp.full(hidden.shape[:-1], -jnp.inf), jnp.arange(0, vocab, chunk))
+    return total
+
+
+def full_softmax_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+                      chunk: int | None = None):
+    """(sum of weight x cross-entropy, sum of weights) over all positions; with `chunk` smaller than the
+    vocabulary, the normaliser is summed chunk by chunk (`chunked_logsumexp`)."""
+    if chunk is not None and chunk < model.cfg.vocab_size:
+        ce = chunked_logsumexp(model, hidden, chunk) - model.pointwise_logits(hidden, targets)
+        return jnp.sum(ce * weights), jnp.sum(weights)
     logits = model.logits(hidden)
     ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(ce * weights), jnp.sum(weights)

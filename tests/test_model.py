@@ -99,6 +99,19 @@ def test_sampled_softmax_approaches_full_softmax():
     assert np.isfinite(float(small)) and float(small) < float(full)
 
 
+def test_chunked_full_softmax_equals_the_full_softmax():
+    model = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))
+    tokens, positions, segments = inputs(batch=3, length=10)
+    hidden, _ = model.hidden(tokens, positions, segments)
+    targets = jnp.roll(tokens, -1, axis=1)
+    weights = jnp.asarray(np.random.default_rng(0).random(targets.shape), jnp.float32)
+    full = full_softmax_loss(model, hidden, targets, weights)
+    for chunk in (7, 16, CFG["vocab_size"] - 1):  # ragged last chunks, and a last chunk of one token
+        chunked = full_softmax_loss(model, hidden, targets, weights, chunk=chunk)
+        np.testing.assert_allclose(chunked[0], full[0], rtol=1e-5)
+        assert chunked[1] == full[1]
+
+
 def test_negatives_follow_the_sampling_distribution():
     counts = np.array([0, 1, 10, 100, 1000, 5], np.float64)
     sampler = SampledSoftmax.create(item_offset=3, item_counts=counts, num_negatives=2_000_000, sampler="popularity")

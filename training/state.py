@@ -22,6 +22,7 @@ from homegen.model.transformer import Transformer, TransformerConfig, abstract_m
 from homegen.training.optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("tokens", "weights", "outcomes", "segment_ids", "positions")
+EVAL_VOCAB_CHUNK = 32_768  # validation logits held at once per position (a 10^6-item vocabulary: 31 chunks)
 
 
 @dataclasses.dataclass
@@ -88,8 +89,9 @@ class Trainer:
         dropout_key, sample_key = (None, None) if key is None else tuple(jax.random.split(key))
         hidden, _ = model.hidden(inputs, batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
                                  dropout_key=dropout_key if train else None)
-        if not train:
-            loss, weight = full_softmax_loss(model, hidden, targets, (weights > 0).astype(jnp.float32))
+        if not train:  # the exact loss, its normaliser summed in vocabulary chunks to bound memory
+            loss, weight = full_softmax_loss(model, hidden, targets, (weights > 0).astype(jnp.float32),
+                                             chunk=EVAL_VOCAB_CHUNK)
         elif self.sampled is not None:
             loss, weight = sampled_softmax_loss(model, hidden, targets, weights, self.sampled, sample_key)
         else:
