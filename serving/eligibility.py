@@ -33,7 +33,7 @@ class Eligibility:
         elif self.kind == "world":
             self.world = World(WorldConfig(**spec["world"]))
             self.rules = ShelfRules(self.world)
-            world_index = np.array([self._world_item(i) for i in vocab.items.item_ids])
+            world_index = np.array([self.world.lookup_item(i) for i in vocab.items.item_ids])
             known = world_index >= 0
             self._vocab_index = np.full(self.world.catalog.num_items, -1, np.int64)  # world item -> vocab item
             self._vocab_index[world_index[known]] = np.flatnonzero(known)
@@ -49,18 +49,12 @@ class Eligibility:
                     self._dynamic.append((row, t))
         self.static_counts = self.static.sum(axis=1)
 
-    def _world_item(self, item_id: str) -> int:
-        try:
-            return self.world.item_index(item_id)
-        except ValueError:
-            return -1
-
     def dynamic_pairs(self, history: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(shelves, items) int32: the distinct (shelf, item) pairs eligible for a user with `history` on the
         history-dependent shelves; their size follows the history, not the catalog."""
         shelves, items = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
         if self._dynamic:
-            hist = np.array([self._world_item(i) for i in history], np.int64)
+            hist = np.array([self.world.lookup_item(i) for i in history], np.int64)
             hist = hist[hist >= 0]
             for row, t in self._dynamic:
                 pool = np.unique(self._vocab_index[self.rules.pool(t, hist)])

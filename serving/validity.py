@@ -28,12 +28,6 @@ class PageValidator:
         elif self.kind != "all":
             raise ValueError(f"unknown eligibility kind {self.kind!r}")
 
-    def _world_index(self, item_id: str) -> int | None:
-        try:
-            return self.world.item_index(item_id)
-        except ValueError:
-            return None
-
     def eligible(self, shelf: str, items: list[str], history: list[str]) -> list[bool]:
         """Whether each item may stand on `shelf` for a user with `history` (item ids, oldest first)."""
         if self.kind == "all":
@@ -43,9 +37,9 @@ class PageValidator:
             return [item in allowed for item in items]
         if shelf not in self.rules.index:
             return [False] * len(items)
-        known = [k for k in map(self._world_index, history) if k is not None]
+        known = [k for k in map(self.world.lookup_item, history) if k >= 0]
         pool = set(self.rules.pool(self.rules.index[shelf], np.array(known, np.int64)).tolist())
-        return [self._world_index(item) in pool for item in items]
+        return [self.world.lookup_item(item) in pool for item in items]  # -1 is never in a pool
 
     def violations(self, request: PageRequest, page: list[dict]) -> list[str]:
         """The rules `page` breaks (empty when valid): shelf count, shelf allow-list, repeated shelves, items

@@ -118,7 +118,8 @@ class Checkpoints:
                                   + (f" (and {len(problems) - 3} more files)" if len(problems) > 3 else ""))
         self._verified.add(step)
 
-    def _check_step(self, step: int | None) -> int:
+    def check_step(self, step: int | None) -> int:
+        """`step`, or the latest step when None; CheckpointError when there is no such step."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -146,12 +147,12 @@ class Checkpoints:
         """(step, load(step)): at `step`, or when None at the newest step that verifies and loads. Each newer
         step that does not is logged as a warning naming what is wrong and kept in `damaged`."""
         if step is not None:
-            self._check_step(step)
+            self.check_step(step)
             try:
                 return step, load(step)
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; {self._usable_besides(step)}") from e
-        self._check_step(None)
+        self.check_step(None)
         for candidate in reversed(self.steps()):
             if candidate in self.damaged:
                 continue

@@ -188,9 +188,8 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,
                               cfg.train.async_checkpoints, best_metric=cfg.train.best_metric,
                               best_mode=cfg.train.best_mode)
-    if resume_step is not None and resume_step not in checkpoints.steps():
-        raise CheckpointError(f"no checkpoint for step {resume_step} in {checkpoints.directory}; steps there: "
-                              f"{checkpoints.steps()}")
+    if resume_step is not None:  # before the data is prepared: a wrong step fails at once
+        checkpoints.check_step(resume_step)
 
     # Data and vocabulary.
     prepared = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)

@@ -222,7 +222,15 @@ class World:
             return int(user_id[1:])
         raise ValueError(f"unknown user {user_id!r}")
 
-    def item_index(self, item_id: str) -> int:
+    def lookup_item(self, item_id: str) -> int:
+        """Index of an item id of this world, -1 for any other id."""
         if item_id.startswith("t") and item_id[1:].isdigit() and int(item_id[1:]) < self.catalog.num_items:
             return int(item_id[1:])
-        raise ValueError(f"unknown item {item_id!r}")
+        return -1
+
+    def item_index(self, item_id: str) -> int:
+        """Index of an item id of this world; ValueError for unknown ids."""
+        index = self.lookup_item(item_id)
+        if index < 0:
+            raise ValueError(f"unknown item {item_id!r}")
+        return index
