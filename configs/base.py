@@ -26,10 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_history = 30
     c.data.sentencepiece_vocab = 1000
     c.data.min_context_count = 1
-    c.data.item_tokens = "atomic"  # atomic (one token per item) | semantic (code tuples; interaction data)
+    c.data.item_tokens = "atomic"  # atomic (one token per item) | semantic (a tuple of codes per item)
     c.data.semantic_levels = 3  # residual k-means levels, plus one collision code
     c.data.semantic_codes = 256  # codes per level
     c.data.semantic_dim = 64  # item embedding size the codes quantise
+    c.data.semantic_max_sequences = 200_000  # pages whose items semantic IDs learn co-occurrence from
     c.data.item_features = ""  # optional {item_id: [attribute ids]} JSON (S3-Rec *_item2attributes.json)
 
     c.model = ml_collections.ConfigDict()

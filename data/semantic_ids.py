@@ -10,21 +10,28 @@ ids of S3-Rec's `*_item2attributes.json`), reduced by a randomised truncated SVD
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+
+from homegen.data.formats import CatalogItem
 
 
 class SemanticItems:
     """Items as tuples of codes; code c at level l is local token `level_offsets[l] + c`."""
 
     def __init__(self, item_ids: Sequence[str], codes: np.ndarray):
-        self.item_ids = list(item_ids)
+        codes = np.asarray(codes, np.int32)
+        if codes.ndim != 2 or len(codes) != len(item_ids):
+            raise ValueError(f"codes must be (items, levels), got {codes.shape} for {len(item_ids)} items")
+        # Rows in code-tuple order: every node of the trie of tuples is then a contiguous range of rows,
+        # which is how constrained page decoding walks it (model/grammar.py).
+        order = np.lexsort(codes.T[::-1]) if len(codes) else np.zeros(0, np.int64)
+        self.item_ids = [item_ids[k] for k in order]
+        self.codes = codes[order]
+        self.num_items = len(self.item_ids)
         self.index = {item: k for k, item in enumerate(self.item_ids)}
-        self.codes = np.asarray(codes, np.int32)
-        if self.codes.ndim != 2 or len(self.codes) != len(self.item_ids):
-            raise ValueError(f"codes must be (items, levels), got {self.codes.shape} for {len(self.item_ids)} items")
         self.tokens_per_item = self.codes.shape[1]
         self.level_sizes = [int(s) for s in self.codes.max(axis=0) + 1] if len(self.codes) else [1] * self.tokens_per_item
         self.level_offsets = [int(o) for o in np.cumsum([0] + self.level_sizes[:-1])]
@@ -48,20 +55,33 @@ class SemanticItems:
         return {"kind": "semantic", "item_ids": self.item_ids, "codes": self.codes.tolist()}
 
 
-def cooccurrence_features(sequences: Sequence[Sequence[int]], num_items: int, window: int = 3) -> sp.csr_matrix:
-    """Positive PMI of item pairs that occur within `window` steps of each other in a sequence."""
-    rows, cols = [], []
-    for seq in sequences:
+def cooccurrence_features(sequences: Iterable[Sequence[int]], num_items: int, window: int = 3,
+                          chunk: int = 20_000) -> sp.csr_matrix:
+    """Positive PMI of item pairs that occur within `window` steps of each other in a sequence. Pairs are
+    counted `chunk` sequences at a time, so memory follows the distinct pairs, not every occurrence."""
+    counts = sp.csr_matrix((num_items, num_items), dtype=np.float32)
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+
+    def flush():
+        nonlocal counts, rows, cols
+        if rows:
+            r, c = np.concatenate(rows), np.concatenate(cols)
+            counts = counts + sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(num_items, num_items))
+        rows, cols = [], []
+
+    for k, seq in enumerate(sequences):
         seq = np.asarray(seq, np.int64)
         for d in range(1, window + 1):
             if len(seq) > d:
                 rows += [seq[:-d], seq[d:]]
                 cols += [seq[d:], seq[:-d]]
-    if not rows:
-        return sp.csr_matrix((num_items, num_items), dtype=np.float32)
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    counts = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(num_items, num_items))
+        if (k + 1) % chunk == 0:
+            flush()
+    flush()
     counts.sum_duplicates()
+    if counts.nnz == 0:
+        return counts
     total = counts.sum()
     row_sum = np.asarray(counts.sum(axis=1)).ravel()
     coo = counts.tocoo()
@@ -70,19 +90,39 @@ def cooccurrence_features(sequences: Sequence[Sequence[int]], num_items: int, wi
     return sp.csr_matrix((pmi[keep].astype(np.float32), (coo.row[keep], coo.col[keep])), shape=counts.shape)
 
 
-def attribute_features(attributes: Mapping[int, Sequence[int]], num_items: int) -> sp.csr_matrix:
-    """One column per attribute id, weighted by its inverse document frequency."""
+def attribute_features(attributes: Mapping[int, Sequence[Hashable]], num_items: int) -> sp.csr_matrix:
+    """One column per distinct attribute value (ids, or strings such as "artist=a12"), weighted by its
+    inverse document frequency."""
+    names: dict[Hashable, int] = {}
     rows, cols = [], []
     for item, attrs in attributes.items():
         for a in attrs:
             rows.append(item)
-            cols.append(a)
+            cols.append(names.setdefault(a, len(names)))
     if not rows:
         return sp.csr_matrix((num_items, 0), dtype=np.float32)
-    names, cols = np.unique(np.asarray(cols), return_inverse=True)
     matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(num_items, len(names)))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
     idf = np.log(num_items / (1.0 + np.asarray((matrix > 0).sum(axis=0)).ravel())).astype(np.float32)
     return matrix @ sp.diags(np.maximum(idf, 0.0))
+
+
+def catalog_attributes(catalog: Mapping[str, CatalogItem], pieces: Callable[[str], list[str]] | None = None
+                       ) -> dict[str, list[str]]:
+    """Each catalog item's metadata as attribute values for `attribute_features`: artist, genres, release
+    month and, with `pieces` (e.g. a sentencepiece model's `encode_as_pieces`), the pieces of its title."""
+    out = {}
+    for item_id, item in catalog.items():
+        attrs = [f"genre={g}" for g in item.genres]
+        if item.artist:
+            attrs.append(f"artist={item.artist}")
+        if item.release_date:
+            attrs.append(f"released={item.release_date[:7]}")
+        if pieces and item.title:
+            attrs += [f"piece={p}" for p in pieces(item.title.lower())]
+        out[item_id] = attrs
+    return out
 
 
 def truncated_svd_embeddings(features: sp.csr_matrix, dim: int, seed: int = 0, power_iterations: int = 4) -> np.ndarray:
@@ -120,8 +160,7 @@ def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> tuple[
         dist = sq[:, None] - 2 * x @ centroids.T + (centroids ** 2).sum(1)[None]
         assign = dist.argmin(1)
         counts = np.bincount(assign, minlength=k)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, x)
+        sums = sp.csr_matrix((np.ones(n, x.dtype), (assign, np.arange(n))), shape=(k, n)) @ x
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
         if (~filled).any():
@@ -135,27 +174,34 @@ def residual_codes(embeddings: np.ndarray, levels: int, codes: int, seed: int = 
     """(items, levels + 1) codes: `levels` rounds of k-means on the residuals, then a collision code that
     numbers the items sharing the same first `levels` codes."""
     residual = embeddings.astype(np.float32).copy()
-    out = np.zeros((len(embeddings), levels + 1), np.int32)
+    out = np.zeros((len(embeddings), levels), np.int32)
     for level in range(levels):
         centroids, assign = kmeans(residual, codes, seed=seed + level)
         out[:, level] = assign
         residual -= centroids[assign]
-    _, group = np.unique(out[:, :levels], axis=0, return_inverse=True)
+    return with_collision_code(out)
+
+
+def with_collision_code(codes: np.ndarray) -> np.ndarray:
+    """(items, levels + 1): `codes` plus a last code that numbers the items sharing the same tuple."""
+    _, group = np.unique(codes, axis=0, return_inverse=True)
     group = group.ravel()
     order = np.argsort(group, kind="stable")
     starts = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    out[order, levels] = rank
+    out = np.concatenate([codes, np.zeros((len(codes), 1), np.int32)], axis=1).astype(np.int32)
+    out[order, -1] = rank
     return out
 
 
-def build_semantic_items(item_ids: Sequence[str], train_sequences: Sequence[Sequence[str]],
-                         attributes: Mapping[str, Sequence[int]] | None = None, *, levels: int = 3,
+def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequence[str]],
+                         attributes: Mapping[str, Sequence[Hashable]] | None = None, *, levels: int = 3,
                          codes: int = 256, dim: int = 64, seed: int = 0) -> SemanticItems:
     """Semantic IDs for `item_ids` from co-occurrence in `train_sequences` (which must not contain
-    validation or test targets) and optional attribute ids per item."""
+    validation or test targets) and optional attribute values per item (ids, or strings as
+    `catalog_attributes` gives them)."""
     index = {item: k for k, item in enumerate(item_ids)}
-    sequences = [[index[i] for i in seq if i in index] for seq in train_sequences]
+    sequences = ([index[i] for i in seq if i in index] for seq in train_sequences)
     blocks = [cooccurrence_features(sequences, len(item_ids))]
     if attributes:
         blocks.append(attribute_features({index[i]: a for i, a in attributes.items() if i in index}, len(item_ids)))

@@ -41,6 +41,7 @@ class ItemTokenizer(Protocol):
 
     item_ids: list[str]
     index: dict[str, int]  # item id -> row of item_ids
+    num_items: int
     tokens_per_item: int
     num_tokens: int
     level_sizes: list[int]
@@ -62,7 +63,7 @@ class AtomicItems:
         self.index = {item: k for k, item in enumerate(self.item_ids)}
         if len(self.index) != len(self.item_ids):
             raise ValueError("duplicate item ids")
-        self.num_tokens = len(self.item_ids)
+        self.num_items = self.num_tokens = len(self.item_ids)
         self.level_sizes, self.level_offsets = [self.num_tokens], [0]
 
     def encode(self, item_id: str) -> tuple[int, ...] | None:
@@ -281,11 +282,16 @@ class VocabularyBuilder:
         for item in user.items:
             self.items.setdefault(item)
 
-    def build(self, max_history: int = 50, sentencepiece_vocab: int = 1000,
-              items: ItemTokenizer | None = None) -> Vocabulary:
-        """The vocabulary; `items` replaces the default atomic tokenizer over every item seen."""
+    def sentencepiece(self, vocab_size: int = 1000) -> bytes:
+        """A sentencepiece model of the text seen (catalog, intents, shelf names)."""
+        return train_sentencepiece(self.text, vocab_size)
+
+    def build(self, max_history: int = 50, sentencepiece_vocab: int = 1000, items: ItemTokenizer | None = None,
+              sentencepiece_model: bytes | None = None) -> Vocabulary:
+        """The vocabulary; `items` replaces the default atomic tokenizer over every item seen, and
+        `sentencepiece_model` the one trained here."""
         fields = sorted({token.split("=", 1)[0] for token in self.context})
         context = sorted(t for t, n in self.context.items() if n >= self.min_context_count)
         context += [f"{field}={UNKNOWN_VALUE}" for field in fields]
-        model = train_sentencepiece(self.text, sentencepiece_vocab)
+        model = sentencepiece_model or self.sentencepiece(sentencepiece_vocab)
         return Vocabulary(context, list(self.shelves), items or AtomicItems(list(self.items)), model, max_history)

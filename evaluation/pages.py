@@ -140,16 +140,21 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     beam = engine.generate(beam_requests)
     sampled = engine.generate([parse_request({**r, "temperature": 1.0, "seed": k}) for k, r in enumerate(requests)])
     beam_shelves = [[s["shelf"] for s in b["page"]] for b in beam]
+    # The pointwise baseline ranks every item by its first-slot score: one token per item. With semantic IDs an
+    # item's score is a path through the code trie (a forward pass per prefix), so the baseline is left out.
+    pointwise = engine.grammar.levels == 1
     pages = {
         f"homegen beam search ({engine.objective})": [b["page"] for b in beam],
         "homegen sampling": [s["page"] for s in sampled],
-        "pointwise (same model)": pointwise_pages(engine, parsed, beam_shelves),
         "logging policy": [log["page"] for log in logged],
     }
+    if pointwise:
+        pages["pointwise (same model)"] = pointwise_pages(engine, parsed, beam_shelves)
     if has_value_head:  # what the value head adds: likelihood beam search, and its values slotted pointwise
         likelihood = engine.generate(beam_requests, objective="likelihood")
         pages["homegen beam search (likelihood)"] = [b["page"] for b in likelihood]
-        pages["pointwise (value head)"] = pointwise_pages(engine, parsed, beam_shelves, head="values")
+        if pointwise:
+            pages["pointwise (value head)"] = pointwise_pages(engine, parsed, beam_shelves, head="values")
     users = np.array([world.user_index(r["user_id"]) for r in requests])
     contexts = [parse_context(world.users, u, r.get("context", {})) for u, r in zip(users, requests)]
     ctx = contexts[0].__class__(**{f: np.concatenate([getattr(c, f) for c in contexts])
@@ -178,7 +183,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     table = {}
     for name, v in values.items():
         row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean}
-        if name.startswith("homegen beam search"):  # paired over requests: is the gain more than noise?
+        if name.startswith("homegen beam search") and pointwise:  # paired over requests: more than noise?
             gain = v - values["pointwise (same model)"]
             row.update(vs_pointwise=float(gain.mean()), vs_pointwise_se=float(gain.std(ddof=1) / np.sqrt(len(gain))))
         if name in pages:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from homegen.data.vocab import EOS, PAD
-from homegen.model.grammar import PageGrammar, PageRules, PageState
+from homegen.model.grammar import ItemTables, PageGrammar, PageRules, PageState
 from homegen.model.transformer import KVCache, Transformer
 
 NEG_INF = -1e30
@@ -122,23 +122,24 @@ def kth_largest(x: jax.Array, k: int, iterations: int = 40) -> jax.Array:
     return jnp.min(jnp.where(x >= lo, x, jnp.inf), axis=-1, keepdims=True)
 
 
-def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_offset: int, *, objective: str,
+def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, value_offset: int, *, objective: str,
                  candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array]:
     """(score increment of every next token (R, V), NEG_INF where not allowed; its log-probability).
 
     `likelihood`: the increment is the model's log-probability (not renormalised over the allowed tokens:
-    that favours hypotheses whose constraints leave few choices, and gave worse pages). `streams`: an item
-    among the `candidates` most likely allowed ones adds its predicted stream probability, any token adds
-    `prior_weight` x its log-probability (which alone orders shelves and EOS, and breaks ties), and items
-    outside the candidates are pruned."""
+    that favours hypotheses whose constraints leave few choices, and gave worse pages). `streams`: a token
+    that completes an item (from `value_offset` on: the item token, or the last code of a semantic ID),
+    among the `candidates` most likely allowed ones, adds the value head's stream probability of that item;
+    any token adds `prior_weight` x its log-probability (which alone orders shelves, EOS and the first codes
+    of a semantic ID, and breaks ties), and completing tokens outside the candidates are pruned."""
     logp = jnp.where(mask, jax.nn.log_softmax(model.logits(hidden), axis=-1), NEG_INF)
     if objective == "likelihood":
         return logp, logp
-    item_logp = logp[:, item_offset:]
+    item_logp = logp[:, value_offset:]
     kth = kth_largest(item_logp, candidates)
-    streams = jax.nn.sigmoid(model.values(hidden)[:, item_offset:])
+    streams = jax.nn.sigmoid(model.values(hidden)[:, value_offset:])
     item_score = jnp.where((item_logp >= kth) & (item_logp > NEG_INF / 2), streams + prior_weight * item_logp, NEG_INF)
-    other = jnp.where(logp[:, :item_offset] > NEG_INF / 2, prior_weight * logp[:, :item_offset], NEG_INF)
+    other = jnp.where(logp[:, :value_offset] > NEG_INF / 2, prior_weight * logp[:, :value_offset], NEG_INF)
     return jnp.concatenate([other, item_score], axis=1), logp
 
 
@@ -162,7 +163,7 @@ class BeamState:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache",
                                              "objective", "candidates", "prior_weight"))
-def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, shelf_items: jax.Array, *,
+def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, tables: ItemTables, *,
                 grammar: PageGrammar,
                 beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True,
                 objective: str = "likelihood", candidates: int = STREAM_CANDIDATES,
@@ -184,7 +185,7 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
     empty_tokens, empty_logps = jnp.full((b, k, max_new), PAD, jnp.int32), jnp.zeros((b, k, max_new))
     state = BeamState(
         step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, k, axis=0),
-        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(rows_rules, shelf_items),
+        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(rows_rules, tables),
         alive_tokens=empty_tokens, alive_logps=empty_logps,
         alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
         done_tokens=empty_tokens, done_logps=empty_logps, done_score=jnp.full((b, k), NEG_INF))
@@ -198,8 +199,9 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         return (s.step < max_new) & jnp.any((best_alive > s.done_score[:, -1]) & live)
 
     def body(s: BeamState) -> BeamState:
-        mask = grammar.allowed(s.fsm, rows_rules, shelf_items)
-        increments, logp = _step_scores(model, s.hidden, mask, grammar.item_offset, objective=objective,
+        mask = grammar.allowed(s.fsm, rows_rules, tables)
+        value_offset = grammar.item_offset + grammar.level_offsets[-1]
+        increments, logp = _step_scores(model, s.hidden, mask, value_offset, objective=objective,
                                         candidates=candidates, prior_weight=prior_weight)
         vocab = logp.shape[-1]
         candidates_score = (s.alive_score[:, :, None] + increments.reshape(b, k, vocab)).reshape(b, k * vocab)
@@ -229,7 +231,7 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
             hidden, cache = decode_hidden(model, chosen_token, row_lengths + s.step, cache.take(rows))
         else:
             hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), s.step)
-        fsm = grammar.advance(s.fsm.take(rows), chosen_token, rows_rules, shelf_items)
+        fsm = grammar.advance(s.fsm.take(rows), chosen_token, rows_rules, tables)
         return BeamState(step=s.step + 1, hidden=hidden, cache=cache, fsm=fsm,
                          alive_tokens=alive_tokens, alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1),
                          alive_score=alive_score, done_tokens=done_tokens, done_logps=done_logps,
@@ -253,7 +255,7 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "max_new"))
-def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, shelf_items: jax.Array, seeds,
+def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, tables: ItemTables, seeds,
            temperature, top_k, top_p, *, grammar: PageGrammar, max_new: int) -> Decoded:
     """One sampled page per row, reproducible by each row's seed."""
     model = nnx.merge(graphdef, params)
@@ -266,20 +268,20 @@ def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, s
 
     def body(s):
         step = s["step"]
-        mask = grammar.allowed(s["fsm"], rules, shelf_items)
+        mask = grammar.allowed(s["fsm"], rules, tables)
         filtered = filter_logits(jnp.where(mask, s["logits"], NEG_INF), temperature, top_k, top_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         token = jax.vmap(jax.random.categorical)(step_keys, jnp.where(mask, filtered, NEG_INF))
         token = jnp.where(s["fsm"].done, PAD, token)
         logp = jnp.take_along_axis(constrained_logp(s["logits"], mask), token[:, None], 1)[:, 0]
         logp = jnp.where(s["fsm"].done, 0.0, logp)
-        fsm = grammar.advance(s["fsm"], token, rules, shelf_items)
+        fsm = grammar.advance(s["fsm"], token, rules, tables)
         logits, cache = decode_step(model, token, lengths + step, s["cache"])
         return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm,
                     tokens=s["tokens"].at[:, step].set(token), logps=s["logps"].at[:, step].set(logp))
 
     s = jax.lax.while_loop(running, body, dict(
-        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(rules, shelf_items),
+        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(rules, tables),
         tokens=jnp.full((b, max_new), PAD, jnp.int32), logps=jnp.zeros((b, max_new))))
     valid = s["fsm"].done
     return Decoded(s["tokens"][:, None], s["logps"][:, None], s["logps"].sum(-1)[:, None], valid[:, None])

@@ -1,6 +1,8 @@
-"""How serving cost grows with the catalog: constrained beam search over 10^4 to 10^6 (or 10^7) item tokens.
+"""How serving cost grows with the catalog: constrained beam search over 10^4 to 10^6 (or 10^7) items, with
+atomic item tokens (one per item) or semantic IDs (3 levels of 256 codes and a collision code per item).
 
-    python scripts/benchmark_scale.py [--items 10000,100000,1000000] [--batches 1,16] [--beam 4] [--calls 20]
+    python scripts/benchmark_scale.py [--items 10000,100000,1000000] [--item_tokens atomic,semantic]
+        [--batches 1,16] [--beam 4] [--calls 20]
 
 For each catalog size: a model of the demo's shapes with random weights (the shapes, not the weights, set
 the cost), 30 shelf types whose static eligibility is a random 2-30% of the catalog each, two
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from homegen.configs.demo import get_config
+from homegen.data.semantic_ids import SemanticItems, with_collision_code
 from homegen.model.decoding import beam_search
 from homegen.model.grammar import PageGrammar
 from homegen.model.transformer import Transformer, TransformerConfig
@@ -44,23 +47,32 @@ def request_rules(rng: np.random.Generator, items: int) -> dict[str, np.ndarray]
             "max_items": np.int32(PAGE_ITEMS), "max_shelves": np.int32(PAGE_SHELVES)}
 
 
-def measure(items: int, batches: list[int], beam: int, calls: int, seed: int = 0) -> None:
+def semantic_codes(rng: np.random.Generator, items: int) -> SemanticItems:
+    """Random semantic IDs of the default shape: 3 levels of 256 codes and a collision code."""
+    return SemanticItems([str(k) for k in range(items)], with_collision_code(rng.integers(0, 256, (items, 3))))
+
+
+def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     shelf_offset = NON_ITEM_TOKENS - SHELVES
-    grammar = PageGrammar(vocab_size=NON_ITEM_TOKENS + items, shelf_offset=shelf_offset, num_shelves=SHELVES,
-                          item_offset=NON_ITEM_TOKENS, num_items=items)
+    semantic = semantic_codes(rng, items) if item_tokens == "semantic" else None
+    tokens = semantic.num_tokens if semantic else items
+    grammar = PageGrammar(vocab_size=NON_ITEM_TOKENS + tokens, shelf_offset=shelf_offset, num_shelves=SHELVES,
+                          item_offset=NON_ITEM_TOKENS, num_items=items,
+                          level_sizes=tuple(semantic.level_sizes) if semantic else ())
     model_cfg = TransformerConfig(vocab_size=grammar.vocab_size, **{**get_config().model.to_dict(), "value_head": False})
     graphdef, state = nnx.split(Transformer(model_cfg, nnx.Rngs(seed)))
     params = nnx.to_pure_dict(state)
     density = rng.uniform(0.02, 0.3, SHELVES)[:, None]
     static = rng.random((SHELVES, items), dtype=np.float32) < density
     static[:DYNAMIC] = False  # the history-dependent shelves hold only their request's pairs
-    shelf_items = jnp.asarray(static)
+    shelf_items = grammar.tables(static, semantic.code_table() if semantic else None)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     one = request_rules(rng, items)
     request_bytes = sum(np.asarray(v).nbytes for v in one.values())
-    print(f"\n{items:,} items: {param_bytes / 2**20:,.1f} MiB of parameters, static mask {static.nbytes / 2**20:,.1f} "
-          f"MiB on the device once; per request {request_bytes:,} bytes of index lists and flags "
+    print(f"\n{items:,} items, {item_tokens} ({grammar.levels} token(s) per item, {tokens:,} item tokens): "
+          f"{param_bytes / 2**20:,.1f} MiB of parameters, static mask and codes "
+          f"{(static.nbytes + shelf_items.codes.nbytes) / 2**20:,.1f} MiB on the device once; per request {request_bytes:,} bytes of index lists and flags "
           f"(a dense mask would be {SHELVES * items:,} bytes)")
     max_new = grammar.max_length(PAGE_SHELVES, PAGE_ITEMS)
     for batch in batches:
@@ -86,6 +98,7 @@ def measure(items: int, batches: list[int], beam: int, calls: int, seed: int = 0
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", default="10000,100000,1000000", help="comma-separated catalog sizes")
+    parser.add_argument("--item_tokens", default="atomic,semantic", help="atomic, semantic or both")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--calls", type=int, default=20, help="timed calls per figure")
@@ -93,7 +106,8 @@ def main(argv=None) -> int:
     print(f"demo-shaped model, random weights; {SHELVES} shelf types; pages of exactly {PAGE_SHELVES} x "
           f"{PAGE_ITEMS} items; {jax.devices()[0].device_kind}")
     for items in (int(n) for n in args.items.split(",")):
-        measure(items, [int(b) for b in args.batches.split(",")], args.beam, args.calls)
+        for item_tokens in args.item_tokens.split(","):
+            measure(items, item_tokens, [int(b) for b in args.batches.split(",")], args.beam, args.calls)
     return 0
 
 

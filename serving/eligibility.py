@@ -20,16 +20,15 @@ class Eligibility:
 
     def __init__(self, spec: dict, vocab: Vocabulary):
         self.vocab, self.kind = vocab, spec.get("kind", "all")
-        s, n = len(vocab.shelves), vocab.items.num_tokens
+        s, n = len(vocab.shelves), vocab.items.num_items
         self.static = np.ones((s, n), bool)
         self._dynamic: list[tuple[int, int]] = []  # (vocab shelf, world shelf) whose rule reads the history
         if self.kind == "observed":
             self.static[:] = False
             for shelf, items in spec["shelf_items"].items():
                 row = vocab.shelves.index(shelf) if shelf in vocab.shelves else None
-                codes = [vocab.items.encode(i) for i in items]
                 if row is not None:
-                    self.static[row, [c[0] for c in codes if c is not None]] = True
+                    self.static[row, [vocab.items.index[i] for i in items if i in vocab.items.index]] = True
         elif self.kind == "world":
             self.world = World(WorldConfig(**spec["world"]))
             self.rules = ShelfRules(self.world)

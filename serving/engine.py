@@ -66,9 +66,6 @@ class PageEngine:
         self.step, (meta, self.graphdef, self.params) = checkpoints.first_readable(
             lambda s: _restore_model(checkpoints, s), step)
         self.vocab = Vocabulary.from_json(meta["vocab"])
-        if self.vocab.items.tokens_per_item != 1:
-            raise CheckpointError(f"{path} uses semantic item IDs; page serving needs atomic item tokens "
-                                  "(the page grammar does not constrain multi-token items yet)")
         self.model_cfg = TransformerConfig(**meta["model"])
         self.path = path
         self.objective = self._check_objective(objective)
@@ -76,7 +73,9 @@ class PageEngine:
         self.grammar = PageGrammar.for_vocabulary(self.vocab)
         self.eligibility_spec = meta.get("eligibility") or {"kind": "all"}
         self.eligibility = Eligibility(self.eligibility_spec, self.vocab)
-        self.shelf_items = jnp.asarray(self.eligibility.static)  # on the device once; requests add index lists
+        # On the device once; requests add index lists.
+        codes = self.vocab.items.code_table() if self.grammar.levels > 1 else None
+        self.tables = self.grammar.tables(self.eligibility.static, codes)
         self.catalog = (meta.get("catalog") or {}).get("items", {})
 
     def _check_objective(self, objective: str) -> str:
@@ -99,8 +98,8 @@ class PageEngine:
                 raise RequestError(f"unknown shelves {unknown}; known: {vocab.shelves}")
             shelves[:] = False
             shelves[[vocab.shelves.index(s) for s in request.allowed_shelves]] = True
-        codes = (vocab.items.encode(item) for item in request.exclude_items)
-        excluded = np.array(sorted({code[0] for code in codes if code is not None}), np.int32)
+        index = vocab.items.index
+        excluded = np.array(sorted({index[item] for item in request.exclude_items if item in index}), np.int32)
         extra_shelves, extra_items = self.eligibility.dynamic_pairs(request.history)
         left = self.eligibility.static_counts - self.eligibility.static[:, excluded].sum(axis=1)
         left += np.bincount(extra_shelves[~np.isin(extra_items, excluded)], minlength=len(vocab.shelves))
@@ -159,7 +158,7 @@ class PageEngine:
         max_new = self.grammar.max_length(num_shelves, max_items)
         tokens, lengths, rules = self._batch(requests, request_rules)
         if mode == "beam":
-            out = beam_search(self.graphdef, self.params, tokens, lengths, rules, self.shelf_items, grammar=self.grammar,
+            out = beam_search(self.graphdef, self.params, tokens, lengths, rules, self.tables, grammar=self.grammar,
                               beam_size=width, max_new=max_new, use_cache=self.use_cache, objective=objective,
                               candidates=self.candidates, prior_weight=self.prior_weight)
         else:
@@ -170,7 +169,7 @@ class PageEngine:
             params = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(1.0, 0, 1.0)] * pad
             temperature, top_k, top_p = (jnp.asarray(np.repeat([p[i] for p in params], width)) for i in range(3))
             out = sample(self.graphdef, self.params, repeat(tokens), repeat(lengths), jax.tree.map(repeat, rules),
-                         self.shelf_items, jnp.asarray(seeds, jnp.int32), temperature.astype(jnp.float32), top_k.astype(jnp.int32),
+                         self.tables, jnp.asarray(seeds, jnp.int32), temperature.astype(jnp.float32), top_k.astype(jnp.int32),
                          top_p.astype(jnp.float32), grammar=self.grammar, max_new=max_new)
             out = jax.tree.map(lambda x: x.reshape(rows, width, *x.shape[2:]), out)
             order = jnp.argsort(-out.scores, axis=1)
@@ -198,7 +197,9 @@ class PageEngine:
         return results
 
     def _page(self, tokens: np.ndarray, logps: np.ndarray) -> dict:
-        page, total = [], 0.0
+        """A decoded page: shelves with their items, each item's log-probability (the sum over its tokens)
+        and the page's."""
+        page, total, codes, item_logp = [], 0.0, [], 0.0
         for token, logp in zip(tokens.tolist(), logps.tolist()):
             if token in (PAD, EOS):
                 total += logp if token == EOS else 0.0
@@ -208,9 +209,13 @@ class PageEngine:
             total += logp
             if self.vocab.is_shelf(token):
                 page.append({"shelf": self.vocab.shelves[token - self.vocab.shelf_offset], "items": [], "item_scores": []})
-            else:
-                page[-1]["items"].append(self.vocab.items.decode([token - self.vocab.item_offset]))
-                page[-1]["item_scores"].append(round(float(logp), 4))
+                continue
+            codes.append(token - self.vocab.item_offset)
+            item_logp += logp
+            if len(codes) == self.vocab.items.tokens_per_item:
+                page[-1]["items"].append(self.vocab.items.decode(codes))
+                page[-1]["item_scores"].append(round(item_logp, 4))
+                codes, item_logp = [], 0.0
         return {"page": page, "log_prob": round(total, 4)}
 
     # --- scoring given pages ----------------------------------------------------------------------------
@@ -243,7 +248,9 @@ class PageEngine:
     def _scored_page(self, tokens: list[int], logps: np.ndarray, streams: np.ndarray | None) -> dict:
         out = self._page(np.asarray(tokens), logps)
         if streams is not None:
-            item_probs = [float(p) for token, p in zip(tokens, streams) if self.vocab.is_item(token)]
+            # An item's stream probability is the value head's at its last token (where training put its label).
+            last = self.vocab.item_offset + self.grammar.level_offsets[-1]
+            item_probs = [float(p) for token, p in zip(tokens, streams) if token >= last]
             out["predicted_streams"] = round(sum(item_probs), 4)
             remaining = iter(item_probs)
             for shelf in out["page"]:

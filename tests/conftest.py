@@ -58,6 +58,24 @@ def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.fixture(scope="session")
+def tiny_semantic_checkpoint(tfds_dir, tmp_path_factory) -> str:
+    """`tiny_checkpoint` with semantic item IDs (2 levels of 16 codes and a collision code per item)."""
+    from homegen.configs.demo import get_config
+    from homegen.training.loop import run
+
+    cfg = get_config()
+    cfg.data.update(dict(data_dir=tfds_dir, seq_len=320, item_tokens="semantic", semantic_levels=2,
+                         semantic_codes=16, semantic_dim=16))
+    cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
+                          value_head=True))
+    cfg.train.update(dict(steps=30, log_every=10, eval_every=30, checkpoint_every=30, eval_batches=1,
+                          warmup_steps=5, learning_rate=3e-3))
+    workdir = str(tmp_path_factory.mktemp("tiny_semantic_run"))
+    run(cfg, workdir)
+    return workdir
+
+
 TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 
 

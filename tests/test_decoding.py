@@ -27,7 +27,7 @@ CFG = TransformerConfig(vocab_size=GRAMMAR.vocab_size, d_model=32, num_layers=2,
                         head_dim=8, mlp_dim=64)
 
 
-ALL = jnp.ones((S, N), bool)  # every item may stand on every shelf
+ALL = GRAMMAR.tables(np.ones((S, N), bool))  # every item may stand on every shelf
 
 
 def rules(batch=1, min_items=1, max_items=2, max_shelves=2, excluded=()):
@@ -270,7 +270,7 @@ def test_counted_sparse_grammar_equals_dense_rules():
         r = PageRules(jnp.asarray(pad([i for _, i in extra])), jnp.asarray(pad([sh for sh, _ in extra])),
                       jnp.asarray(pad(excluded)), jnp.asarray(allowed_shelves[None]), jnp.array([min_items]),
                       jnp.array([max_items]), jnp.array([max_shelves]))
-        shelf_items = jnp.asarray(static)
+        shelf_items = grammar.tables(static)
         state, tokens = grammar.init(r, shelf_items), []
         for _ in range(grammar.max_length(max_shelves, max_items)):
             mask = np.asarray(grammar.allowed(state, r, shelf_items))[0]

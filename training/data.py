@@ -12,7 +12,8 @@ from collections import Counter
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
 from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
 from homegen.data.relabel import with_outcome
-from homegen.data.semantic_ids import SemanticItems, build_semantic_items
+from homegen.data.semantic_ids import SemanticItems, build_semantic_items, catalog_attributes
+from homegen.data.text import load_sentencepiece
 from homegen.data.vocab import Vocabulary, VocabularyBuilder
 
 SOURCES = ("synthetic", "page_logs", "interactions")
@@ -92,9 +93,12 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     builder = VocabularyBuilder(min_context_count=data_cfg.min_context_count)
     counts: Counter = Counter()
     shelf_items: dict[str, dict[str, None]] = {}
-    if prepared.catalog_path:
-        builder.add_catalog(read_catalog(prepared.catalog_path).values())
-    train_sequences: list[list[str]] = []  # without the validation and test items
+    catalog = read_catalog(prepared.catalog_path) if prepared.catalog_path else {}
+    builder.add_catalog(catalog.values())
+    # Item sequences semantic IDs learn co-occurrence from: the training part of each user's sequence, or a
+    # logged page's history and items in page order (the first `semantic_max_sequences` pages).
+    train_sequences: list[list[str]] = []
+    semantic = data_cfg.item_tokens == "semantic"
     for path in raw_files(data_cfg, prepared):
         if prepared.kind == "sequences":
             for user in read_interactions(path, data_cfg.interactions_format):
@@ -107,13 +111,24 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                 for shelf in log.page:
                     counts.update(shelf.items)
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
-    items = semantic_items(data_cfg, list(builder.items), train_sequences) if data_cfg.item_tokens == "semantic" else None
-    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items)
+                if semantic and len(train_sequences) < data_cfg.semantic_max_sequences:
+                    train_sequences.append(log.history[-data_cfg.max_history:] + [i for s in log.page for i in s.items])
+    sentencepiece_model = builder.sentencepiece(data_cfg.sentencepiece_vocab)
+    items = None
+    if semantic:
+        items = semantic_items(data_cfg, list(builder.items), train_sequences, catalog,
+                               load_sentencepiece(sentencepiece_model))
+    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items, sentencepiece_model)
     return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
 
 
-def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]]) -> SemanticItems:
-    """Semantic IDs learned from the training part of the sequences and the optional item features."""
-    attributes = read_item_attributes(data_cfg.item_features) if data_cfg.item_features else None
+def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]], catalog: dict,
+                   sentencepiece) -> SemanticItems:
+    """Semantic IDs learned from co-occurrence in the training sequences, plus the item features of
+    `data.item_features` or the catalog's metadata (artist, genres, release month, title pieces)."""
+    if data_cfg.item_features:
+        attributes = read_item_attributes(data_cfg.item_features)
+    else:
+        attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces) if catalog else None
     return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
                                 codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim)

@@ -13,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from homegen.data.formats import DataFormatError, read_catalog
-from homegen.data.pipeline import PipelineConfig, make_dataset
+from homegen.data.pipeline import PipelineConfig, encoder, make_dataset
 from homegen.data.vocab import Vocabulary
 from homegen.model.loss import SampledSoftmax
 from homegen.model.sharding import make_mesh
@@ -48,9 +48,6 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
         raise ValueError(f"loss.kind must be 'full' or 'sampled', got {cfg.loss.kind!r}")
     if cfg.data.item_tokens not in ("atomic", "semantic"):
         raise ValueError(f"data.item_tokens must be 'atomic' or 'semantic', got {cfg.data.item_tokens!r}")
-    if cfg.data.item_tokens == "semantic" and cfg.data.source != "interactions":
-        raise ValueError("data.item_tokens='semantic' works with data.source='interactions' only: the page "
-                         "grammar does not yet constrain multi-token items")
     if cfg.data.item_tokens == "semantic" and cfg.loss.kind != "full":
         raise ValueError("data.item_tokens='semantic' needs loss.kind='full' (its vocabulary is small)")
     if cfg.eval.ranking not in ("auto",) + RANKING_METHODS:
@@ -96,7 +93,10 @@ def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from, re
     else:
         vocab = None
     if jax.process_index() == 0 and not os.path.exists(counts_path):
+        start = time.perf_counter()
         built, counts, shelf_items = build_vocabulary(cfg.data, prepared)
+        print(f"vocabulary of {built.size:,} tokens ({len(built.items.item_ids):,} items, {cfg.data.item_tokens} "
+              f"item tokens) built in {time.perf_counter() - start:.0f} s", flush=True)
         vocab = vocab or built
         vocab.save(vocab_dir)
         with open(shelves_path, "w") as f:
@@ -175,6 +175,19 @@ def _initial_state(trainer: Trainer, checkpoints: Checkpoints, train_iter, workd
     return 0, trainer.init_state(), progress
 
 
+def _report_cut_examples(source, vocab: Vocabulary, kind: str, pipeline_cfg: PipelineConfig, reporter: Reporter,
+                         sample: int = 500) -> None:
+    """Says how many of the first `sample` training examples are longer than a training row and are cut
+    (a page of multi-token items easily is): the user then raises data.seq_len or lowers data.max_history."""
+    encode = encoder(vocab, kind, pipeline_cfg)
+    lengths = np.array([len(encode(source[k]).tokens) for k in range(min(sample, len(source)))])
+    cut = lengths > pipeline_cfg.seq_len + 1
+    if cut.any():
+        reporter.message(f"warning: {cut.mean():.0%} of the first {len(lengths)} training examples are longer than "
+                         f"data.seq_len={pipeline_cfg.seq_len} (+1) tokens (longest {lengths.max()}) and are cut at "
+                         "the end: raise --config.data.seq_len or lower --config.data.max_history")
+
+
 def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> RunResult:
     # Where: the workdir, the mesh, the data source; the config checked against them.
     workdir = os.path.abspath(workdir)
@@ -201,6 +214,8 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
                                   streamed_first=cfg.data.streamed_first)
     train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
                                    jax.process_index(), nproc))
+
+    _report_cut_examples(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg, reporter)
 
     # Model, trainer and the state to start from.
     model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict())
