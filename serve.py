@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--port", type=int, default=None, help="serve HTTP on this port")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--catalog", default=None,
+                        help="catalog JSON Lines whose new items (e.g. releases since training) are added before "
+                             "serving, without retraining (semantic-ID checkpoints; POST /v1/catalog does it live)")
     args = parser.parse_args(argv)
     if args.requests and not args.output:
         parser.error("--requests needs --output")
@@ -111,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
+    if args.catalog:
+        try:
+            refreshed = engine.refresh_catalog(args.catalog)
+        except (ValueError, OSError) as e:  # DataFormatError is a ValueError naming the file and line
+            print(f"serve.py: error: {e}", file=sys.stderr)
+            return 2
+        print(f"catalog refresh: {refreshed['added']:,} new items ({refreshed['placeable']:,} admitted by a shelf), "
+              f"{refreshed['items']:,} in all", flush=True)
     if args.requests:
         if not os.path.isfile(args.requests):
             print(f"serve.py: error: {args.requests} does not exist", file=sys.stderr)

@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.semantic_levels = 3  # residual k-means levels, plus one collision code
     c.data.semantic_codes = 256  # codes per level
     c.data.semantic_dim = 64  # item embedding size the codes quantise
+    c.data.hold_out_release_days = 0  # synthetic world: leave out the items of the last N days (released after training)
     c.data.semantic_max_sequences = 200_000  # pages whose items semantic IDs learn co-occurrence from
     c.data.item_features = ""  # optional {item_id: [attribute ids]} JSON (S3-Rec *_item2attributes.json)
 

@@ -62,6 +62,10 @@ class CatalogItem:
     popularity: float | None = None
     extra: dict = dataclasses.field(default_factory=dict)
 
+    def display(self) -> dict:
+        """The fields a page shows beside the item id."""
+        return {"title": self.title, "artist": self.artist, "genres": self.genres}
+
     def text(self) -> str:
         """The item's words for the sentencepiece model."""
         return " ".join(t for t in [self.title, self.artist, *self.genres] if t)

@@ -10,6 +10,8 @@ ids of S3-Rec's `*_item2attributes.json`), reduced by a randomised truncated SVD
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +23,8 @@ from homegen.data.formats import CatalogItem
 class SemanticItems:
     """Items as tuples of codes; code c at level l is local token `level_offsets[l] + c`."""
 
-    def __init__(self, item_ids: Sequence[str], codes: np.ndarray):
+    def __init__(self, item_ids: Sequence[str], codes: np.ndarray, encoder: NewItemEncoder | None = None):
+        self.encoder = encoder  # codes items first seen after training, from their attributes
         codes = np.asarray(codes, np.int32)
         if codes.ndim != 2 or len(codes) != len(item_ids):
             raise ValueError(f"codes must be (items, levels), got {codes.shape} for {len(item_ids)} items")
@@ -51,8 +54,107 @@ class SemanticItems:
     def code_table(self) -> np.ndarray:
         return self.codes
 
+    def add(self, item_ids: Sequence[str], attributes: Sequence[Sequence[str]]) -> SemanticItems:
+        """These items plus new ones, coded from their attributes (`catalog_attributes` values) by the
+        encoder kept from training, within the existing level sizes: the token layout, and so the model,
+        stays as it is. Items already known are left as they are."""
+        if self.encoder is None:
+            raise ValueError("these semantic IDs were built without item metadata, so they cannot code new items")
+        fresh = [(i, a) for i, a in zip(item_ids, attributes) if i not in self.index]
+        if not fresh:
+            return self
+        new_codes = self.encoder.codes([a for _, a in fresh], self.codes, self.level_sizes)
+        return SemanticItems(self.item_ids + [i for i, _ in fresh], np.concatenate([self.codes, new_codes]),
+                             self.encoder)
+
     def to_json(self) -> dict:
-        return {"kind": "semantic", "item_ids": self.item_ids, "codes": self.codes.tolist()}
+        out = {"kind": "semantic", "item_ids": self.item_ids, "codes": self.codes.tolist()}
+        if self.encoder is not None:
+            out["encoder"] = self.encoder.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> SemanticItems:
+        encoder = NewItemEncoder.from_json(data["encoder"]) if data.get("encoder") else None
+        return cls(data["item_ids"], np.asarray(data["codes"], np.int32), encoder)
+
+
+def _array_to_json(x: np.ndarray) -> dict:
+    return {"shape": list(x.shape), "float32": base64.b64encode(np.ascontiguousarray(x, np.float32)).decode("ascii")}
+
+
+def _array_from_json(data: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data["float32"]), np.float32).reshape(data["shape"]).copy()
+
+
+@dataclasses.dataclass
+class NewItemEncoder:
+    """Codes for items first seen after training, from their attributes alone: IDF-weighted as the training
+    items' were, embedded by the attribute rows of the training SVD projection, quantised by the training
+    centroids, and given the first collision code still free under that prefix (or, when the prefix is
+    full, the nearest prefix with a free one)."""
+
+    attributes: list[str]  # attribute values, one per column
+    idf: np.ndarray  # (A,)
+    projection: np.ndarray  # (A, dim)
+    centroids: np.ndarray  # (levels, codes, dim)
+
+    def embed(self, attributes: Sequence[Sequence[str]]) -> np.ndarray:
+        """(items, dim) unit-length embeddings (zero for items with no known attribute)."""
+        column = {a: k for k, a in enumerate(self.attributes)}
+        rows, cols = [], []
+        for row, attrs in enumerate(attributes):
+            for a in attrs:
+                if a in column:
+                    rows.append(row)
+                    cols.append(column[a])
+        features = _binary_rows(rows, cols, (len(attributes), len(self.attributes))) @ sp.diags(self.idf)
+        emb = np.asarray(features @ self.projection, np.float32)
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.maximum(norms, 1e-12)
+
+    def codes(self, attributes: Sequence[Sequence[str]], existing: np.ndarray, level_sizes: Sequence[int]) -> np.ndarray:
+        """(items, levels + 1) codes of new items, distinct from the `existing` code tuples and from each
+        other, every code within `level_sizes`."""
+        levels = self.centroids.shape[0]
+        residual = self.embed(attributes)
+        prefixes = np.zeros((len(residual), levels), np.int32)
+        for level in range(levels):
+            centroids = self.centroids[level, :level_sizes[level]]
+            prefixes[:, level] = (-2 * residual @ centroids.T + (centroids ** 2).sum(1)).argmin(1)
+            residual -= centroids[prefixes[:, level]]
+        taken: dict[tuple, set] = {}
+        for row in existing:
+            taken.setdefault(tuple(row[:-1].tolist()), set()).add(int(row[-1]))
+        slots = level_sizes[-1]
+        out = np.zeros((len(prefixes), levels + 1), np.int32)
+        for k, prefix in enumerate(map(tuple, prefixes.tolist())):
+            if len(taken.get(prefix, ())) >= slots:
+                prefix = self._nearest_open_prefix(prefix, taken, slots)
+            used = taken.setdefault(prefix, set())
+            code = next(c for c in range(slots) if c not in used)
+            used.add(code)
+            out[k] = (*prefix, code)
+        return out
+
+    def _nearest_open_prefix(self, prefix: tuple, taken: dict[tuple, set], slots: int) -> tuple:
+        """The prefix with a free collision code whose centroid sum is nearest to `prefix`'s."""
+        open_prefixes = np.array([p for p, used in taken.items() if len(used) < slots], np.int64)
+        if not len(open_prefixes):
+            raise ValueError("every code tuple of the vocabulary is taken: no room for new items")
+        levels = np.arange(self.centroids.shape[0])
+        target = self.centroids[levels, np.array(prefix)].sum(0)
+        sums = self.centroids[levels[None], open_prefixes].sum(1)
+        return tuple(int(c) for c in open_prefixes[((sums - target) ** 2).sum(1).argmin()])
+
+    def to_json(self) -> dict:
+        return {"attributes": self.attributes, "idf": _array_to_json(self.idf),
+                "projection": _array_to_json(self.projection), "centroids": _array_to_json(self.centroids)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> NewItemEncoder:
+        return cls(list(data["attributes"]), _array_from_json(data["idf"]), _array_from_json(data["projection"]),
+                   _array_from_json(data["centroids"]))
 
 
 def cooccurrence_features(sequences: Iterable[Sequence[int]], num_items: int, window: int = 3,
@@ -90,22 +192,26 @@ def cooccurrence_features(sequences: Iterable[Sequence[int]], num_items: int, wi
     return sp.csr_matrix((pmi[keep].astype(np.float32), (coo.row[keep], coo.col[keep])), shape=counts.shape)
 
 
-def attribute_features(attributes: Mapping[int, Sequence[Hashable]], num_items: int) -> sp.csr_matrix:
+def attribute_features(attributes: Mapping[int, Sequence[Hashable]], num_items: int
+                       ) -> tuple[sp.csr_matrix, list[Hashable], np.ndarray]:
     """One column per distinct attribute value (ids, or strings such as "artist=a12"), weighted by its
-    inverse document frequency."""
+    inverse document frequency. Returns the matrix, the column names and their weights."""
     names: dict[Hashable, int] = {}
     rows, cols = [], []
     for item, attrs in attributes.items():
         for a in attrs:
             rows.append(item)
             cols.append(names.setdefault(a, len(names)))
-    if not rows:
-        return sp.csr_matrix((num_items, 0), dtype=np.float32)
-    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(num_items, len(names)))
+    matrix = _binary_rows(rows, cols, (num_items, len(names)))
+    idf = np.maximum(np.log(num_items / (1.0 + np.asarray(matrix.sum(axis=0)).ravel())), 0.0).astype(np.float32)
+    return matrix @ sp.diags(idf), list(names), idf
+
+
+def _binary_rows(rows: list[int], cols: list[int], shape: tuple[int, int]) -> sp.csr_matrix:
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
-    idf = np.log(num_items / (1.0 + np.asarray((matrix > 0).sum(axis=0)).ravel())).astype(np.float32)
-    return matrix @ sp.diags(np.maximum(idf, 0.0))
+    return matrix
 
 
 def catalog_attributes(catalog: Mapping[str, CatalogItem], pieces: Callable[[str], list[str]] | None = None
@@ -125,21 +231,24 @@ def catalog_attributes(catalog: Mapping[str, CatalogItem], pieces: Callable[[str
     return out
 
 
-def truncated_svd_embeddings(features: sp.csr_matrix, dim: int, seed: int = 0, power_iterations: int = 4) -> np.ndarray:
-    """Rows of `features` reduced to `dim` dimensions (randomised SVD, U sqrt(S)), unit length."""
+def truncated_svd_embeddings(features: sp.csr_matrix, dim: int, seed: int = 0, power_iterations: int = 4
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `features` reduced to `dim` dimensions (randomised SVD, U sqrt(S)), unit length, and the
+    (features, dim) projection P with U sqrt(S) = features @ P, which embeds rows seen later the same way."""
     rng = np.random.default_rng(seed)
     n, m = features.shape
     dim = max(1, min(dim, n, m))
     q = np.linalg.qr(features @ rng.standard_normal((m, dim + 10)).astype(np.float32))[0]
     for _ in range(power_iterations):
         q = np.linalg.qr(features @ (features.T @ q))[0]
-    u, s, _ = np.linalg.svd(np.asarray((features.T @ q).T), full_matrices=False)
+    u, s, vt = np.linalg.svd(np.asarray((features.T @ q).T), full_matrices=False)
     emb = (q @ u[:, :dim]) * np.sqrt(s[:dim])
+    projection = (vt[:dim].T / np.sqrt(np.maximum(s[:dim], 1e-12))).astype(np.float32)
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     # Items without any feature get a random direction, so they spread over the codes.
     empty = norms[:, 0] == 0
     emb[empty] = rng.standard_normal((int(empty.sum()), emb.shape[1]))
-    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), projection
 
 
 def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -170,16 +279,25 @@ def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> tuple[
     return centroids, dist.argmin(1)
 
 
-def residual_codes(embeddings: np.ndarray, levels: int, codes: int, seed: int = 0) -> np.ndarray:
-    """(items, levels + 1) codes: `levels` rounds of k-means on the residuals, then a collision code that
-    numbers the items sharing the same first `levels` codes."""
+def residual_quantize(embeddings: np.ndarray, levels: int, codes: int, seed: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(items, levels) codes from `levels` rounds of k-means on the residuals, and the (levels, codes, dim)
+    centroids (levels with fewer items than codes repeat their last centroid)."""
     residual = embeddings.astype(np.float32).copy()
     out = np.zeros((len(embeddings), levels), np.int32)
+    all_centroids = np.zeros((levels, codes, embeddings.shape[1]), np.float32)
     for level in range(levels):
         centroids, assign = kmeans(residual, codes, seed=seed + level)
         out[:, level] = assign
         residual -= centroids[assign]
-    return with_collision_code(out)
+        all_centroids[level] = centroids[np.minimum(np.arange(codes), len(centroids) - 1)]
+    return out, all_centroids
+
+
+def residual_codes(embeddings: np.ndarray, levels: int, codes: int, seed: int = 0) -> np.ndarray:
+    """(items, levels + 1) codes: `residual_quantize`'s, then a collision code that numbers the items
+    sharing the same first `levels` codes."""
+    return with_collision_code(residual_quantize(embeddings, levels, codes, seed)[0])
 
 
 def with_collision_code(codes: np.ndarray) -> np.ndarray:
@@ -199,15 +317,23 @@ def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequ
                          codes: int = 256, dim: int = 64, seed: int = 0) -> SemanticItems:
     """Semantic IDs for `item_ids` from co-occurrence in `train_sequences` (which must not contain
     validation or test targets) and optional attribute values per item (ids, or strings as
-    `catalog_attributes` gives them)."""
+    `catalog_attributes` gives them). With string attributes the result can also code items first seen
+    later, from their attributes alone (`SemanticItems.add`)."""
     index = {item: k for k, item in enumerate(item_ids)}
     sequences = ([index[i] for i in seq if i in index] for seq in train_sequences)
-    blocks = [cooccurrence_features(sequences, len(item_ids))]
+    cooccurrence = cooccurrence_features(sequences, len(item_ids))
+    names, idf = [], np.zeros(0, np.float32)
+    features = cooccurrence
     if attributes:
-        blocks.append(attribute_features({index[i]: a for i, a in attributes.items() if i in index}, len(item_ids)))
-    features = sp.hstack(blocks).tocsr()
-    embeddings = truncated_svd_embeddings(features, dim, seed)
-    return SemanticItems(item_ids, residual_codes(embeddings, levels, codes, seed))
+        matrix, names, idf = attribute_features({index[i]: a for i, a in attributes.items() if i in index},
+                                                len(item_ids))
+        features = sp.hstack([cooccurrence, matrix]).tocsr()
+    embeddings, projection = truncated_svd_embeddings(features, dim, seed)
+    prefixes, centroids = residual_quantize(embeddings, levels, codes, seed)
+    encoder = None
+    if names and all(isinstance(n, str) for n in names):
+        encoder = NewItemEncoder(names, idf, projection[cooccurrence.shape[1]:], centroids)
+    return SemanticItems(item_ids, with_collision_code(prefixes), encoder)
 
 
 def item_trie(code_table: np.ndarray) -> np.ndarray:

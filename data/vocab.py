@@ -84,7 +84,7 @@ def item_tokenizer_from_json(data: dict) -> ItemTokenizer:
     if data.get("kind") == "atomic":
         return AtomicItems(data["item_ids"])
     if data.get("kind") == "semantic":
-        return SemanticItems(data["item_ids"], np.asarray(data["codes"], np.int32))
+        return SemanticItems.from_json(data)
     raise ValueError(f"unknown item tokenizer kind {data.get('kind')!r}")
 
 
@@ -220,6 +220,12 @@ class Vocabulary:
         return {"context_tokens": self.context_tokens, "shelves": self.shelves, "items": self.items.to_json(),
                 "max_history": self.max_history,
                 "sentencepiece_model": base64.b64encode(self.sentencepiece_model).decode("ascii")}
+
+    def with_items(self, items: ItemTokenizer) -> Vocabulary:
+        """The same vocabulary over another item tokenizer with the same token layout (a catalog refresh)."""
+        if items.num_tokens != self.items.num_tokens or items.tokens_per_item != self.items.tokens_per_item:
+            raise ValueError("the new items change the token layout; the model would not fit them")
+        return Vocabulary(self.context_tokens, self.shelves, items, self.sentencepiece_model, self.max_history)
 
     @classmethod
     def from_json(cls, data: dict) -> Vocabulary:

@@ -101,6 +101,33 @@ def predicted_streams(engine: PageEngine, requests: list, pages: list[list[dict]
     return np.array([scored["predicted_streams"] for scored in engine.score(requests, pages)])
 
 
+NEW_ITEM_COLUMNS = ("new_items_per_page", "new_on_new_releases", "new_release_slots_new", "new_item_streams")
+
+
+def new_items_placed(pages: list[list[dict]], slot_streams: np.ndarray, known: set[str], num_shelves: int,
+                     max_items: int) -> dict[str, float]:
+    """Where items unknown at training land, per page: how many are placed, how many on "new_releases",
+    the share of "new_releases" slots they fill, and their expected streams (slot probabilities)."""
+    placed, on_shelf, shelf_slots, new_slots, streams = [], [], 0, 0, []
+    for page, slots in zip(pages, slot_streams):
+        count = shelf_count = 0
+        total = 0.0
+        for s, shelf in enumerate(page[:num_shelves]):
+            new = [item not in known for item in shelf["items"][:max_items]]
+            count += sum(new)
+            total += float(slots[s, :len(new)][np.array(new, bool)].sum()) if new else 0.0
+            if shelf["shelf"] == "new_releases":
+                shelf_count += sum(new)
+                shelf_slots += len(new)
+                new_slots += sum(new)
+        placed.append(count)
+        on_shelf.append(shelf_count)
+        streams.append(total)
+    return {"new_items_per_page": float(np.mean(placed)), "new_on_new_releases": float(np.mean(on_shelf)),
+            "new_release_slots_new": new_slots / shelf_slots if shelf_slots else 0.0,
+            "new_item_streams": float(np.mean(streams))}
+
+
 def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
     """Recall and NDCG of the logged streamed items within the page (items ranked in page order)."""
     if not streamed:
@@ -113,15 +140,25 @@ def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
 
 
 def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int,
-                   full_shelves: bool = True, beam_size: int = 4) -> dict:
+                   full_shelves: bool = True, beam_size: int = 4, catalog: str | None = None) -> dict:
     """The page-quality table on the world's first `num_requests` held-out requests. With `full_shelves`
     the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
     request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
-    shelves to the maximum)."""
+    shelves to the maximum). With `catalog`, the catalog's items the checkpoint does not know are added first
+    (`PageEngine.refresh_catalog`; an atomic checkpoint cannot add them) and the table reports, per page,
+    how many of them each method places, how many on "new_releases", and their expected streams."""
     if meta["eligibility"]["kind"] != "world":
         raise ValueError(f"{checkpoint} was trained on page logs; page quality is measured under the synthetic "
                          "world's true response model, so it needs a checkpoint trained on the synthetic world")
     engine = PageEngine(checkpoint, step)
+    known_before = set(engine.vocab.items.item_ids)
+    refresh = {}
+    if catalog:
+        try:
+            refresh = engine.refresh_catalog(catalog)
+        except ValueError as e:  # an atomic checkpoint: the new items stay unplaceable
+            refresh = {"added": 0, "error": str(e)}
+        print(f"catalog refresh: {refresh}")
     has_value_head = engine.model_cfg.value_head
     world, rules = engine.eligibility.world, engine.eligibility.rules
     validator = PageValidator(engine.vocab, engine.eligibility_spec)
@@ -165,12 +202,13 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         if ids:
             history[row, -len(ids):] = ids
 
-    def engagement(page_list) -> np.ndarray:
+    def slot_streams(page_list) -> np.ndarray:
         converted = [arrays.convert(p) for p in page_list]
         batch = PageBatch(users, ctx, history, np.stack([c[0] for c in converted]), np.stack([c[1] for c in converted]))
-        return response_model.expected_engagement(batch)
+        return response_model.slot_probabilities(batch)  # (R, shelves, items)
 
-    values = {name: engagement(p) for name, p in pages.items()}
+    slots = {name: slot_streams(p) for name, p in pages.items()}
+    values = {name: v.sum(axis=(1, 2)) for name, v in slots.items()}
     pop_shelves, pop_items = popularity_pages(world, rules, len(requests), cfg.num_shelves, cfg.max_items)
     values["popularity"] = response_model.expected_engagement(PageBatch(users, ctx, history, pop_shelves, pop_items))
     oracle_shelves, oracle_items = OraclePolicy(response_model).build(users, ctx, history, cfg.num_shelves,
@@ -202,6 +240,8 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                                              for f, r in zip(flat, requests)])))
             if has_value_head:
                 row["predicted_streams"] = float(predicted_streams(engine, parsed, plist).mean())
+            if catalog:
+                row.update(new_items_placed(plist, slots[name], known_before, cfg.num_shelves, cfg.max_items))
             if name != "logging policy":
                 logm = np.array([_log_metrics(page, s) for page, s in zip(plist, streamed)], dtype=float)
                 row.update(log_recall=float(np.nanmean(logm[:, 0])), log_ndcg=float(np.nanmean(logm[:, 1])))
@@ -209,6 +249,8 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     print(f"page quality on {len(requests)} held-out requests (exact expected streams under the true model)")
     columns = ["expected_streams", "of_oracle", "predicted_streams", "valid_rate", "items_per_page", "artists_per_page", "genres_per_page",
                "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
+    if catalog:
+        columns += list(NEW_ITEM_COLUMNS)
     print(f"{'':<36}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in table.items():
         print(f"{name:<36}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
@@ -216,4 +258,5 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         if "vs_pointwise" in row:
             print(f"{name} - pointwise (same model): {row['vs_pointwise']:+.3f} +- {row['vs_pointwise_se']:.3f} "
                   "expected streams per page (mean paired difference +- its standard error)")
-    return {"requests": len(requests), "full_shelves": full_shelves, "beam_size": beam_size, "pages": table}
+    return {"requests": len(requests), "full_shelves": full_shelves, "beam_size": beam_size, "pages": table,
+            **({"catalog_refresh": refresh} if catalog else {})}

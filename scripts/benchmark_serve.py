@@ -222,6 +222,10 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     engine = PageEngine(args.checkpoint, objective="likelihood")
     skip = set(args.skip.split(","))
+    if engine.grammar.levels > 1 and not {"hf_host", "hf_vectorised"} <= skip:
+        print(f"{args.checkpoint} uses semantic item IDs; the transformers baselines mask one token per item: "
+              "pass --skip hf_host,hf_vectorised", file=sys.stderr)
+        return 2
     requests = make_requests(engine, args.requests, args.shelves, args.items)
     print(f"model {engine.model_cfg.num_params():,} parameters, vocabulary {engine.vocab.size:,}; pages of exactly "
           f"{args.shelves} shelves x {args.items} items; {args.calls} timed calls per row")

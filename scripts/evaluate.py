@@ -36,6 +36,9 @@ def main(argv=None) -> int:
                         help="beam size: pages (default 4); next-item beam ranking (default: the run's eval.beam_size)")
     parser.add_argument("--shelves_as_requested", action="store_true",
                         help="pages: keep each request's min/max items per shelf (default: full shelves, as the oracle)")
+    parser.add_argument("--catalog", default=None,
+                        help="pages: add this catalog's new items (serve.py --catalog) before decoding, and report "
+                             "where they land (a run trained with data.hold_out_release_days)")
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
     args = parser.parse_args(argv)
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
             print(f"step {step} ({selected}), {summary['parameters']:,} parameters{trained}")
             summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
                                           full_shelves=not args.shelves_as_requested,
-                                          beam_size=args.beam_size or 4))
+                                          beam_size=args.beam_size or 4, catalog=args.catalog))
     except ValueError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import jax
@@ -9,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from homegen.data.formats import Shelf
+from homegen.data.formats import Shelf, read_catalog
 from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
+from homegen.data.semantic_ids import catalog_attributes
 from homegen.data.vocab import EOS, PAD, Vocabulary
 from homegen.model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
 from homegen.model.grammar import PageGrammar, PageRules
@@ -65,18 +67,44 @@ class PageEngine:
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
         self.step, (meta, self.graphdef, self.params) = checkpoints.first_readable(
             lambda s: _restore_model(checkpoints, s), step)
-        self.vocab = Vocabulary.from_json(meta["vocab"])
         self.model_cfg = TransformerConfig(**meta["model"])
         self.path = path
         self.objective = self._check_objective(objective)
         self.candidates, self.prior_weight = STREAM_CANDIDATES, PRIOR_WEIGHT  # `streams` beam search
-        self.grammar = PageGrammar.for_vocabulary(self.vocab)
         self.eligibility_spec = meta.get("eligibility") or {"kind": "all"}
-        self.eligibility = Eligibility(self.eligibility_spec, self.vocab)
-        # On the device once; requests add index lists.
-        codes = self.vocab.items.code_table() if self.grammar.levels > 1 else None
-        self.tables = self.grammar.tables(self.eligibility.static, codes)
         self.catalog = (meta.get("catalog") or {}).get("items", {})
+        self._lock = threading.RLock()  # a catalog refresh waits for the batch being decoded
+        self._use_vocabulary(Vocabulary.from_json(meta["vocab"]))
+
+    def _use_vocabulary(self, vocab: Vocabulary) -> None:
+        """The vocabulary and everything decoding derives from it: grammar, eligibility and device tables."""
+        grammar = PageGrammar.for_vocabulary(vocab)
+        eligibility = Eligibility(self.eligibility_spec, vocab)
+        codes = vocab.items.code_table() if grammar.levels > 1 else None
+        tables = grammar.tables(eligibility.static, codes)  # on the device once; requests add index lists
+        self.vocab, self.grammar, self.eligibility, self.tables = vocab, grammar, eligibility, tables
+
+    def refresh_catalog(self, path: str) -> dict:
+        """Adds the items of catalog file `path` (FORMATS.md §2) that the checkpoint does not know, without
+        retraining: semantic IDs code them from their metadata (artist, genres, release month, title) and
+        they may then stand on every shelf whose rule admits them. Returns {"added", "items",
+        "placeable"} (how many new items some shelf admits). Raises ValueError for an atomic checkpoint
+        (a new item has no token) or a catalog the checkpoint's semantic IDs cannot code."""
+        catalog = read_catalog(path)
+        new = [item for item in catalog if item not in self.vocab.items.index]
+        if new and self.grammar.levels == 1:
+            raise ValueError(f"{len(new)} new items in {path}, but this checkpoint has one token per item "
+                             "(atomic item IDs): new items need retraining, or a model trained with semantic IDs")
+        if not new:
+            return {"added": 0, "items": self.vocab.items.num_items, "placeable": 0}
+        attributes = catalog_attributes({item: catalog[item] for item in new}, self.vocab.sp.encode_as_pieces)
+        items = self.vocab.items.add(new, [attributes[item] for item in new])
+        with self._lock:
+            self._use_vocabulary(self.vocab.with_items(items))
+            self.catalog.update({item: catalog[item].display() for item in new})
+        rows = [self.vocab.items.index[item] for item in new]
+        placeable = int(self.eligibility.static[:, rows].any(axis=0).sum())
+        return {"added": len(new), "items": self.vocab.items.num_items, "placeable": placeable}
 
     def _check_objective(self, objective: str) -> str:
         if objective == "auto":
@@ -132,6 +160,10 @@ class PageEngine:
         """One response (FORMATS.md §4) per request, in order; a request that cannot be served gets
         {"error": reason}. Requests are grouped by decoding mode and page shape, so each group decodes as
         one batch. Beam search uses `objective` (default: the engine's)."""
+        with self._lock:
+            return self._generate(requests, objective)
+
+    def _generate(self, requests: list[PageRequest], objective: str | None) -> list[dict]:
         objective = self._check_objective(objective) if objective else self.objective
         responses: list[dict | None] = [None] * len(requests)
         rules: dict[int, dict[str, np.ndarray]] = {}

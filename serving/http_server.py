@@ -1,4 +1,5 @@
-"""The HTTP JSON API and HTML view: POST /v1/pages, GET /healthz, GET / (form + page)."""
+"""The HTTP JSON API and HTML view: POST /v1/pages, POST /v1/catalog (add new items from a catalog file),
+GET /healthz, GET / (form + page)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def make_server(engine, host: str, port: int, max_batch: int = 16, max_wait_s: f
             self._send(200, render(form, response, engine.describe), "text/html")
 
         def do_POST(self):
-            if urlparse(self.path).path != "/v1/pages":
+            path = urlparse(self.path).path
+            if path not in ("/v1/pages", "/v1/catalog"):
                 return self._json(404, {"error": f"no such path {self.path}"})
             try:
                 length = int(self.headers.get("Content-Length", "0"))
@@ -87,11 +89,24 @@ def make_server(engine, host: str, port: int, max_batch: int = 16, max_wait_s: f
                 obj = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 return self._json(400, {"error": f"body is not valid JSON: {e}"})
+            if path == "/v1/catalog":
+                return self._refresh_catalog(obj)
             try:
                 response = serve_one(obj)
             except RequestError as e:
                 return self._json(400, {"error": str(e)})
             self._json(400 if "error" in response else 200, response)
+
+        def _refresh_catalog(self, obj) -> None:
+            """POST /v1/catalog {"catalog": PATH}: adds the new items of a catalog file on the server."""
+            if not isinstance(obj, dict) or not isinstance(obj.get("catalog"), str):
+                return self._json(400, {"error": 'expected {"catalog": "path of a catalog JSON Lines file"}'})
+            try:
+                result = engine.refresh_catalog(obj["catalog"])
+            except (ValueError, OSError) as e:
+                return self._json(400, {"error": str(e)})
+            log.info("catalog refresh from %s: %s", obj["catalog"], result)
+            self._json(200, result)
 
         def do_PUT(self):
             self._json(405, {"error": "use POST /v1/pages or GET /"})

@@ -60,13 +60,14 @@ def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_semantic_checkpoint(tfds_dir, tmp_path_factory) -> str:
-    """`tiny_checkpoint` with semantic item IDs (2 levels of 16 codes and a collision code per item)."""
+    """`tiny_checkpoint` with semantic item IDs (2 levels of 16 codes and a collision code per item), trained
+    without the items released in the world's last 10 days (new releases for a catalog refresh)."""
     from homegen.configs.demo import get_config
     from homegen.training.loop import run
 
     cfg = get_config()
     cfg.data.update(dict(data_dir=tfds_dir, seq_len=320, item_tokens="semantic", semantic_levels=2,
-                         semantic_codes=16, semantic_dim=16))
+                         semantic_codes=16, semantic_dim=16, hold_out_release_days=10))
     cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                           value_head=True))
     cfg.train.update(dict(steps=30, log_every=10, eval_every=30, checkpoint_every=30, eval_batches=1,

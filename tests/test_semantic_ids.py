@@ -2,6 +2,7 @@
 against brute-force enumeration."""
 
 import itertools
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +80,35 @@ def walk(children, codes):
             return -1
         node = int(children[node, c])
     return node
+
+
+def test_new_items_are_coded_from_their_metadata():
+    """Items first seen after training get codes from their attributes alone: a new item with an existing
+    item's metadata gets that item's prefix, every new tuple is new and within the level sizes (so the token
+    layout is unchanged), full prefixes spill to the nearest open one, and the encoder survives JSON."""
+    rng = np.random.default_rng(0)
+    ids = [f"t{k}" for k in range(400)]
+    attributes = {i: [f"artist=a{k % 40}", f"genre=g{k % 6}", f"released=2025-{k % 12 + 1:02d}"]
+                  for k, i in enumerate(ids)}
+    items = build_semantic_items(ids, [], attributes, levels=2, codes=8, dim=16)
+    twins = ["t5", "t77", "t123"]
+    new = items.add([f"new_{t}" for t in twins] + ["unknown_artist", "t9"],
+                    [attributes[t] for t in twins] + [["artist=nobody"], attributes["t9"]])
+    assert new.num_items == 404 and new.level_sizes == items.level_sizes and new.num_tokens == items.num_tokens
+    for t in twins:
+        assert new.encode(f"new_{t}")[:2] == items.encode(t)[:2]
+    assert new.encode("t9") == items.encode("t9")  # known items keep their codes
+    assert len({tuple(row) for row in new.code_table()}) == 404
+    assert (new.code_table() < np.array(new.level_sizes)).all()
+    # 60 copies of one item's metadata: more than its prefix has collision codes, so some spill over.
+    crowd = items.add([f"c{k}" for k in range(60)], [attributes["t5"]] * 60)
+    codes = np.array([crowd.encode(f"c{k}") for k in range(60)])
+    assert len({tuple(c) for c in codes}) == 60 and len({tuple(c[:2]) for c in codes}) > 1
+    back = item_tokenizer_from_json(json.loads(json.dumps(new.to_json())))
+    assert back.add(["x"], [attributes["t5"]]).encode("x") == new.add(["x"], [attributes["t5"]]).encode("x")
+    with pytest.raises(ValueError, match="without item metadata"):
+        build_semantic_items(ids, [list(rng.choice(ids, 10)) for _ in range(50)], None, levels=2, codes=8).add(
+            ["x"], [["artist=a1"]])
 
 
 def test_trie_walks_to_every_item_and_nowhere_else():

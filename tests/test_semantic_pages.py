@@ -1,13 +1,17 @@
 """Constrained page decoding with semantic item IDs (items as code tuples along a trie): the grammar accepts
 exactly the valid pages of a tiny catalog (checked against brute-force enumeration), beam search finds the
 brute-force best page, decoded pages never repeat or misplace an item under random requests, and a
-checkpoint trained with semantic IDs on the synthetic world is served in every mode and evaluated."""
+checkpoint trained with semantic IDs on the synthetic world is served in every mode, evaluated, and places
+items released after training once a catalog refresh adds them."""
 
 import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_serve import assert_valid, request_strategy
 
+from homegen.data.builders import SyntheticWorldDataset
 from homegen.data.semantic_ids import SemanticItems
 from homegen.data.vocab import EOS, PAD
 from homegen.model.decoding import beam_search, length_penalty, sample
 from homegen.model.grammar import PageGrammar, PageRules
 from homegen.model.transformer import Transformer, TransformerConfig
 from homegen.serving.engine import PageEngine
+from homegen.serving.http_server import make_server
 from homegen.serving.requests import parse_request
 from homegen.serving.validity import PageValidator
 
@@ -290,3 +296,57 @@ def test_page_table_of_a_semantic_checkpoint(tiny_semantic_checkpoint):
     for name in ("homegen beam search (streams)", "homegen beam search (likelihood)", "homegen sampling"):
         assert pages[name]["valid_rate"] == 1.0 and pages[name]["items_per_page"] == 60
         assert 0 < pages[name]["expected_streams"] < pages["oracle"]["expected_streams"]
+
+
+def _post(port: int, path: str, obj) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(obj).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_catalog_refresh_places_new_releases_without_retraining(tiny_semantic_checkpoint, tiny_checkpoint,
+                                                                tfds_dir, tmp_path):
+    """The checkpoint was trained without the world's newest releases. A request that only new items can
+    fill fails before the refresh; after POST /v1/catalog with the world's catalog they get semantic IDs
+    from their metadata (same token layout, same model) and fill the "new_releases" shelf, every rule kept.
+    An atomic checkpoint cannot add them, and a bad catalog is a 400 naming the file."""
+    catalog = os.path.join(SyntheticWorldDataset(config="tiny", data_dir=tfds_dir).world_dir(), "catalog.jsonl")
+    engine = PageEngine(tiny_semantic_checkpoint)
+    with open(catalog) as f:
+        world_items = [json.loads(line)["item_id"] for line in f]
+    new = [item for item in world_items if item not in engine.vocab.items.index]
+    assert 4 <= len(new) <= 40, len(new)
+    vocab_size = engine.vocab.size
+    obj = {"user_id": "u1", "num_shelves": 1, "allowed_shelves": ["new_releases"], "min_items_per_shelf": 4,
+           "max_items_per_shelf": 4, "beam_size": 2, "exclude_items": list(engine.vocab.items.item_ids)}
+    request = parse_request(obj)
+    assert "eligible items left" in engine.generate([request])[0]["error"]
+
+    server = make_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_port
+        code, body = _post(port, "/v1/catalog", {"catalog": str(tmp_path / "missing.jsonl")})
+        assert code == 400 and "missing.jsonl" in body["error"]
+        (tmp_path / "bad.jsonl").write_text('{"item_id": "x1"}\n{"title": "no id"}\n')
+        code, body = _post(port, "/v1/catalog", {"catalog": str(tmp_path / "bad.jsonl")})
+        assert code == 400 and "bad.jsonl:2" in body["error"], body
+        code, body = _post(port, "/v1/catalog", {"catalog": catalog})
+        assert code == 200 and body["added"] == len(new) and body["placeable"] >= 4, body
+        assert _post(port, "/v1/catalog", {"catalog": catalog})[1]["added"] == 0
+        code, response = _post(port, "/v1/pages", obj)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 200, response
+    assert engine.vocab.size == vocab_size and set(new) <= set(engine.vocab.items.item_ids)
+    assert_valid(PageValidator(engine.vocab, engine.eligibility_spec), request, response)
+    assert set(response["page"][0]["items"]) <= set(new)
+
+    atomic = PageEngine(tiny_checkpoint)
+    (tmp_path / "one_new.jsonl").write_text('{"item_id": "brand_new", "title": "Fresh", "artist": "Someone"}\n')
+    with pytest.raises(ValueError, match="atomic"):
+        atomic.refresh_catalog(str(tmp_path / "one_new.jsonl"))

@@ -6,6 +6,8 @@ The leading process builds (array_record files, vocabulary); the others wait at 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import os
 from collections import Counter
 
@@ -13,6 +15,7 @@ from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticW
 from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
 from homegen.data.relabel import with_outcome
 from homegen.data.semantic_ids import SemanticItems, build_semantic_items, catalog_attributes
+from homegen.data.simulator.world import EPOCH
 from homegen.data.text import load_sentencepiece
 from homegen.data.vocab import Vocabulary, VocabularyBuilder
 
@@ -113,6 +116,8 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
                 if semantic and len(train_sequences) < data_cfg.semantic_max_sequences:
                     train_sequences.append(log.history[-data_cfg.max_history:] + [i for s in log.page for i in s.items])
+    for item in held_out_items(data_cfg, prepared, catalog):
+        builder.items.pop(item, None)
     sentencepiece_model = builder.sentencepiece(data_cfg.sentencepiece_vocab)
     items = None
     if semantic:
@@ -120,6 +125,20 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                                load_sentencepiece(sentencepiece_model))
     vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items, sentencepiece_model)
     return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
+
+
+def held_out_items(data_cfg, prepared: PreparedData, catalog: dict) -> set[str]:
+    """The synthetic world's items released in the last `data.hold_out_release_days` days, which the
+    vocabulary leaves out as if they were released after training (to measure serving new releases after a
+    catalog refresh); training drops them from pages and histories."""
+    days = data_cfg.hold_out_release_days
+    if not days:
+        return set()
+    if not prepared.world_dir:
+        raise ValueError("data.hold_out_release_days needs the synthetic world (release days are known there)")
+    with open(os.path.join(prepared.world_dir, "world.json")) as f:
+        cutoff = (EPOCH + datetime.timedelta(days=json.load(f)["now_day"] - days)).isoformat()
+    return {item_id for item_id, item in catalog.items() if item.release_date and item.release_date[:10] > cutoff}
 
 
 def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]], catalog: dict,

@@ -76,7 +76,7 @@ def _catalog_for_checkpoint(path: str | None) -> dict | None:
     catalog = read_catalog(path)
     if len(catalog) > MAX_CATALOG_IN_CHECKPOINT:
         return {"path": os.path.abspath(path)}
-    return {"items": {k: {"title": v.title, "artist": v.artist, "genres": v.genres} for k, v in catalog.items()}}
+    return {"items": {k: v.display() for k, v in catalog.items()}}
 
 
 def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from, resume_step
