@@ -2,7 +2,7 @@
 atomic item tokens (one per item) or semantic IDs (3 levels of 256 codes and a collision code per item).
 
     python scripts/benchmark_scale.py [--items 10000,100000,1000000] [--item_tokens atomic,semantic]
-        [--batches 1,16] [--beam 4] [--calls 20]
+        [--batches 1,16] [--beam 4] [--calls 20] [--train_steps 5] [--train_batch 8]
 
 For each catalog size: a model of the demo's shapes with random weights (the shapes, not the weights, set
 the cost), 30 shelf types whose static eligibility is a random 2-30% of the catalog each, two
@@ -10,7 +10,8 @@ history-dependent shelves (the request's 50 history items; a pool of 200 items),
 and pages of exactly 6 shelves x 10 items, decoded as serving decodes them (`beam_search` with the static
 mask on the device and each request's index lists). Prints per catalog: parameter and static-mask bytes,
 the host bytes a request sends (its index lists) beside the dense (shelves x items) mask it would
-otherwise need, p50/p99 latency and pages/s at each batch size, and the peak RSS so far.
+otherwise need, p50/p99 latency and pages/s at each batch size, and the peak RSS so far; then the train
+step's tokens/s and pages/s and the checkpoint size (`measure_training`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from homegen.configs.demo import get_config
 from homegen.data.semantic_ids import SemanticItems, with_collision_code
 from homegen.model.decoding import beam_search
 from homegen.model.grammar import PageGrammar
+from homegen.model.loss import SampledSoftmax
+from homegen.model.sharding import make_mesh
 from homegen.model.transformer import Transformer, TransformerConfig
 from homegen.serving.engine import stack_rules
+from homegen.training.state import Trainer, count_params
 
 SHELVES, DYNAMIC, NON_ITEM_TOKENS = 30, 2, 300
 PAGE_SHELVES, PAGE_ITEMS, HISTORY, POOL, EXCLUDED, PROMPT = 6, 10, 50, 200, 10, 64
@@ -95,6 +99,42 @@ def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: 
               f"({calls} calls); peak RSS so far {peak:,.2f} GiB", flush=True)
 
 
+def measure_training(items: int, item_tokens: str, batch: int, steps: int, seed: int = 0) -> None:
+    """Train-step throughput of the demo-shaped model at this catalog size (random batches of pages as long
+    as a 6 x 10 page with 30 history items is in these tokens; atomic with sampled softmax over 1,024
+    negatives, semantic with the full softmax over its small vocabulary) and the checkpoint's size
+    (parameters + Adam moments, float32)."""
+    rng = np.random.default_rng(seed)
+    cfg = get_config()
+    levels = 4 if item_tokens == "semantic" else 1
+    item_vocab = 3 * 256 + 8 if item_tokens == "semantic" else items
+    seq_len = PROMPT + PAGE_SHELVES * (PAGE_ITEMS * levels + 1) + 30 * levels
+    model_cfg = TransformerConfig(vocab_size=NON_ITEM_TOKENS + item_vocab, **{**cfg.model.to_dict(), "value_head": False})
+    sampled = None
+    if item_tokens == "atomic":
+        sampled = SampledSoftmax.create(NON_ITEM_TOKENS, 1e6 / np.arange(1, items + 1), 1024, "popularity")
+    trainer = Trainer(model_cfg, cfg.train, make_mesh((-1, 1, 1)), [tuple(r) for r in cfg.rules], sampled, seed)
+    state = trainer.init_state()
+    tokens = rng.integers(1, model_cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    data = trainer.global_batch({"tokens": tokens, "weights": np.ones(tokens.shape, np.float32),
+                                 "outcomes": np.zeros(tokens.shape, np.int32),
+                                 "segment_ids": np.ones(tokens.shape, np.int32),
+                                 "positions": np.tile(np.arange(seq_len + 1, dtype=np.int32), (batch, 1))})
+    for _ in range(2):
+        state, metrics = trainer.train_step(state, data)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = trainer.train_step(state, data)
+    jax.block_until_ready(metrics)
+    step_time = (time.perf_counter() - start) / steps
+    checkpoint = sum(x.nbytes for x in jax.tree.leaves(state["params"])) * 3  # parameters and two Adam moments
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"  training: {count_params(state['params']):,} parameters, batch {batch} x {seq_len} tokens: "
+          f"{step_time * 1e3:,.0f} ms/step, {batch * seq_len / step_time:,.0f} tokens/s, {batch / step_time:,.1f} "
+          f"pages/s; checkpoint {checkpoint / 2**20:,.1f} MiB; peak RSS so far {peak:,.2f} GiB", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", default="10000,100000,1000000", help="comma-separated catalog sizes")
@@ -102,12 +142,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--calls", type=int, default=20, help="timed calls per figure")
+    parser.add_argument("--train_steps", type=int, default=5, help="timed training steps (0: no training figures)")
+    parser.add_argument("--train_batch", type=int, default=8)
     args = parser.parse_args(argv)
     print(f"demo-shaped model, random weights; {SHELVES} shelf types; pages of exactly {PAGE_SHELVES} x "
           f"{PAGE_ITEMS} items; {jax.devices()[0].device_kind}")
     for items in (int(n) for n in args.items.split(",")):
         for item_tokens in args.item_tokens.split(","):
             measure(items, item_tokens, [int(b) for b in args.batches.split(",")], args.beam, args.calls)
+            if args.train_steps:
+                measure_training(items, item_tokens, args.train_batch, args.train_steps)
     return 0
 
 
