@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from homegen.data.formats import PageLog, Shelf, UserSequence, iter_page_logs, read_interactions
 from homegen.data.simulator.simulate import write_world
@@ -34,6 +35,23 @@ SEQUENCE_FEATURES = {"user_id": tfds.features.Text(), "items": _TEXTS,
                      "timestamps_us": tfds.features.Sequence(np.int64)}
 NO_TIME = np.iinfo(np.int64).min  # Example protos hold float32 or int64: times are stored as int64 µs
 NO_STREAMS = -1.0  # stored for every item of a shelf logged without streams (unknown, not zero)
+
+
+class _InMemoryShuffle(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """TFDS shuffles each split while writing it and, past 1 GB, spills the shuffle buffer to disk through
+    `tf.io.gfile`, which needs TensorFlow (homegen does not install it: it reads with `as_data_source`). A
+    10^6-page log crossed that and failed with "No module named 'tensorflow'". The builders therefore keep
+    a split's shuffle buffer in memory, up to half this machine's RAM (a split's serialized size is about
+    its JSON Lines size)."""
+
+    def download_and_prepare(self, *args, **kwargs):
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        saved = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+        tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(saved, limit)
+        try:
+            return super().download_and_prepare(*args, **kwargs)
+        finally:
+            tfds_shuffle.MAX_MEM_BUFFER_SIZE = saved
 
 
 def _to_us(stamp: float | None) -> int:
@@ -118,7 +136,7 @@ class PageLogConfig(tfds.core.BuilderConfig):
     test_fraction: float = 0.0
 
 
-class PageLogDataset(tfds.core.GeneratorBasedBuilder):
+class PageLogDataset(_InMemoryShuffle):
     """Page logs from JSON Lines files; the last fractions by timestamp become validation and test."""
 
     VERSION = tfds.core.Version("1.1.0")
@@ -164,7 +182,7 @@ class WorldBuilderConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-class SyntheticWorldDataset(tfds.core.GeneratorBasedBuilder):
+class SyntheticWorldDataset(_InMemoryShuffle):
     """The synthetic Home-page world: train = logged pages, validation = the last 5% of them by time,
     test = the logged pages of the held-out requests."""
 
@@ -203,7 +221,7 @@ class InteractionConfig(tfds.core.BuilderConfig):
     format: str = "auto"
 
 
-class InteractionDataset(tfds.core.GeneratorBasedBuilder):
+class InteractionDataset(_InMemoryShuffle):
     """Interaction sequences, split leave-one-out (train: all but the last two items; validation: all but
     the last; test: all)."""
 

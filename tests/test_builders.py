@@ -30,6 +30,21 @@ def test_page_log_builder_round_trips(tiny_world_dir, tmp_path):
         assert got == logs[got.request_id]
 
 
+def test_splits_larger_than_tfds_shuffle_buffer_build_without_tensorflow(tiny_world_dir, tmp_path, monkeypatch):
+    """TFDS spills a split's shuffle buffer to disk (through TensorFlow, not installed) once it passes
+    MAX_MEM_BUFFER_SIZE: with that limit shrunk to 1 kB, as a 10^6-page log exceeds the real 1 GB, the
+    builder still writes every page (and restores the limit)."""
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
+    path = os.path.join(tiny_world_dir, "pages.jsonl")
+    builder = PageLogDataset.for_files([path], str(tmp_path), validation_fraction=0.1)
+    builder.download_and_prepare()
+    source = builder.as_data_source()
+    assert len(source["train"]) + len(source["validation"]) == sum(1 for _ in iter_page_logs(path))
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1000
+
+
 def test_unknown_streams_stay_unknown():
     log = PageLog("u1", [Shelf("a", ["t1", "t2"]), Shelf("b", ["t3"], [0.0])], request_id="r1")
     assert example_to_page_log(page_log_to_example(log)).page == log.page
