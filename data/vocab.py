@@ -91,7 +91,8 @@ def item_tokenizer_from_json(data: dict) -> ItemTokenizer:
 @dataclasses.dataclass
 class Encoded:
     """A token sequence with its per-token loss weights (0 for context, > 0 for targets) and stream
-    outcomes (the last token of each logged item with known streams: SKIPPED or STREAMED)."""
+    outcomes (every token of each logged item with known streams: SKIPPED or STREAMED; for a semantic ID
+    the value head thus learns the stream probability of the item each code prefix leads to)."""
 
     tokens: np.ndarray  # int32 (T,)
     weights: np.ndarray  # float32 (T,): weight of predicting tokens[t] from tokens[:t]
@@ -174,7 +175,7 @@ class Vocabulary:
                 outcome = NO_OUTCOME if shelf.streams is None else STREAMED if stream > 0 else SKIPPED
                 body += codes
                 body_weights += [1.0 + stream_weight * float(stream)] * len(codes)
-                body_outcomes += [NO_OUTCOME] * (len(codes) - 1) + [outcome]
+                body_outcomes += [outcome] * len(codes)
             if body:
                 tokens += [shelf_token, *body]
                 weights += [1.0, *body_weights]

@@ -122,25 +122,29 @@ def kth_largest(x: jax.Array, k: int, iterations: int = 40) -> jax.Array:
     return jnp.min(jnp.where(x >= lo, x, jnp.inf), axis=-1, keepdims=True)
 
 
-def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, value_offset: int, *, objective: str,
-                 candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array]:
-    """(score increment of every next token (R, V), NEG_INF where not allowed; its log-probability).
+def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_offset: int, item_value: jax.Array, *,
+                 objective: str, candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(score increment of every next token (R, V), NEG_INF where not allowed; its log-probability; the value
+    head's stream probability of every token (R, V), or None for `likelihood`).
 
     `likelihood`: the increment is the model's log-probability (not renormalised over the allowed tokens:
-    that favours hypotheses whose constraints leave few choices, and gave worse pages). `streams`: a token
-    that completes an item (from `value_offset` on: the item token, or the last code of a semantic ID),
-    among the `candidates` most likely allowed ones, adds the value head's stream probability of that item;
-    any token adds `prior_weight` x its log-probability (which alone orders shelves, EOS and the first codes
-    of a semantic ID, and breaks ties), and completing tokens outside the candidates are pruned."""
+    that favours hypotheses whose constraints leave few choices, and gave worse pages). `streams`: an item
+    token among the `candidates` most likely allowed ones adds the value head's stream probability minus
+    `item_value`, the probability already counted for the codes of the item in progress (0 at an item's
+    first token): an atomic item adds its stream probability; a semantic ID's codes add the successive
+    refinements of its prefix's, so the page's score counts each item's last-code probability once while
+    every code choice already sees the value. Any token adds `prior_weight` x its log-probability (which
+    alone orders shelves and EOS, and breaks ties); item tokens outside the candidates are pruned."""
     logp = jnp.where(mask, jax.nn.log_softmax(model.logits(hidden), axis=-1), NEG_INF)
     if objective == "likelihood":
-        return logp, logp
-    item_logp = logp[:, value_offset:]
+        return logp, logp, None
+    item_logp = logp[:, item_offset:]
     kth = kth_largest(item_logp, candidates)
-    streams = jax.nn.sigmoid(model.values(hidden)[:, value_offset:])
-    item_score = jnp.where((item_logp >= kth) & (item_logp > NEG_INF / 2), streams + prior_weight * item_logp, NEG_INF)
-    other = jnp.where(logp[:, :value_offset] > NEG_INF / 2, prior_weight * logp[:, :value_offset], NEG_INF)
-    return jnp.concatenate([other, item_score], axis=1), logp
+    streams = jax.nn.sigmoid(model.values(hidden))
+    gain = streams[:, item_offset:] - item_value[:, None]
+    item_score = jnp.where((item_logp >= kth) & (item_logp > NEG_INF / 2), gain + prior_weight * item_logp, NEG_INF)
+    other = jnp.where(logp[:, :item_offset] > NEG_INF / 2, prior_weight * logp[:, :item_offset], NEG_INF)
+    return jnp.concatenate([other, item_score], axis=1), logp, streams
 
 
 @jax.tree_util.register_dataclass
@@ -159,6 +163,7 @@ class BeamState:
     done_tokens: jax.Array  # (B, K, T)
     done_logps: jax.Array  # (B, K, T)
     done_score: jax.Array  # (B, K) normalised score, NEG_INF for empty slots
+    item_value: jax.Array  # (B * K,) `streams`: stream probability counted for the item in progress
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache",
@@ -188,7 +193,8 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(rows_rules, tables),
         alive_tokens=empty_tokens, alive_logps=empty_logps,
         alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
-        done_tokens=empty_tokens, done_logps=empty_logps, done_score=jnp.full((b, k), NEG_INF))
+        done_tokens=empty_tokens, done_logps=empty_logps, done_score=jnp.full((b, k), NEG_INF),
+        item_value=jnp.zeros((b * k,)))
 
     def running(s: BeamState) -> jax.Array:
         live = s.alive_score[:, 0] > NEG_INF / 2
@@ -200,9 +206,9 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
 
     def body(s: BeamState) -> BeamState:
         mask = grammar.allowed(s.fsm, rows_rules, tables)
-        value_offset = grammar.item_offset + grammar.level_offsets[-1]
-        increments, logp = _step_scores(model, s.hidden, mask, value_offset, objective=objective,
-                                        candidates=candidates, prior_weight=prior_weight)
+        increments, logp, streams = _step_scores(model, s.hidden, mask, grammar.item_offset, s.item_value,
+                                                 objective=objective, candidates=candidates,
+                                                 prior_weight=prior_weight)
         vocab = logp.shape[-1]
         candidates_score = (s.alive_score[:, :, None] + increments.reshape(b, k, vocab)).reshape(b, k * vocab)
         top_score, top_index = jax.lax.top_k(candidates_score, 2 * k)
@@ -232,10 +238,13 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         else:
             hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), s.step)
         fsm = grammar.advance(s.fsm.take(rows), chosen_token, rows_rules, tables)
+        item_value = s.item_value
+        if streams is not None:  # the value counted so far for an item still in progress (semantic IDs)
+            item_value = jnp.where(fsm.depth > 0, streams[rows, chosen_token], 0.0)
         return BeamState(step=s.step + 1, hidden=hidden, cache=cache, fsm=fsm,
                          alive_tokens=alive_tokens, alive_logps=jnp.take_along_axis(logps, pick[:, :, None], 1),
                          alive_score=alive_score, done_tokens=done_tokens, done_logps=done_logps,
-                         done_score=done_score)
+                         done_score=done_score, item_value=item_value)
 
     s = jax.lax.while_loop(running, body, state)
     valid = s.done_score > NEG_INF / 2

@@ -280,7 +280,7 @@ class PageEngine:
     def _scored_page(self, tokens: list[int], logps: np.ndarray, streams: np.ndarray | None) -> dict:
         out = self._page(np.asarray(tokens), logps)
         if streams is not None:
-            # An item's stream probability is the value head's at its last token (where training put its label).
+            # An item's stream probability is the value head's at its last token (the full code tuple).
             last = self.vocab.item_offset + self.grammar.level_offsets[-1]
             item_probs = [float(p) for token, p in zip(tokens, streams) if token >= last]
             out["predicted_streams"] = round(sum(item_probs), 4)
