@@ -27,9 +27,17 @@ def _world_dir(meta: dict, workdir: str) -> str:
     return builder.world_dir()
 
 
-def _read_jsonl(path: str, limit: int) -> list[dict]:
+def _read_jsonl(path: str, limit: int, split: str = "test") -> list[dict]:
+    """The first `limit` records (split "test"), or the last `limit` (split "validation", where settings are
+    chosen), which must not overlap the first."""
     with open(path) as f:
-        return [json.loads(line) for _, line in zip(range(limit), f)]
+        lines = f.readlines()
+    if split == "test":
+        return [json.loads(line) for line in lines[:limit]]
+    if 2 * limit > len(lines):
+        raise ValueError(f"{path} has {len(lines)} requests: too few for {limit} validation requests disjoint from "
+                         f"the first {limit} (the test requests)")
+    return [json.loads(line) for line in lines[-limit:]]
 
 
 class PageArrays:
@@ -140,8 +148,10 @@ def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
 
 
 def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int,
-                   full_shelves: bool = True, beam_size: int = 4, catalog: str | None = None) -> dict:
-    """The page-quality table on the world's first `num_requests` held-out requests. With `full_shelves`
+                   full_shelves: bool = True, beam_size: int = 4, catalog: str | None = None,
+                   split: str = "test") -> dict:
+    """The page-quality table on the world's first `num_requests` held-out requests (split "test"; the last
+    `num_requests` for split "validation", where settings are chosen). With `full_shelves`
     the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
     request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
     shelves to the maximum). With `catalog`, the catalog's items the checkpoint does not know are added first
@@ -164,11 +174,11 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     validator = PageValidator(engine.vocab, engine.eligibility_spec)
     response_model = ResponseModel(world, rules)
     folder = _world_dir(meta, workdir)
-    issued = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests)
+    issued = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests, split)
     requests = issued
     if full_shelves:
         requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in issued]
-    logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests)
+    logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests, split)
     cfg = world.config
     arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
     parsed = [parse_request(r) for r in requests]
@@ -246,7 +256,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                 logm = np.array([_log_metrics(page, s) for page, s in zip(plist, streamed)], dtype=float)
                 row.update(log_recall=float(np.nanmean(logm[:, 0])), log_ndcg=float(np.nanmean(logm[:, 1])))
         table[name] = row
-    print(f"page quality on {len(requests)} held-out requests (exact expected streams under the true model)")
+    print(f"page quality on {len(requests)} held-out {split} requests (exact expected streams under the true model)")
     columns = ["expected_streams", "of_oracle", "predicted_streams", "valid_rate", "items_per_page", "artists_per_page", "genres_per_page",
                "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
     if catalog:
@@ -258,5 +268,5 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         if "vs_pointwise" in row:
             print(f"{name} - pointwise (same model): {row['vs_pointwise']:+.3f} +- {row['vs_pointwise_se']:.3f} "
                   "expected streams per page (mean paired difference +- its standard error)")
-    return {"requests": len(requests), "full_shelves": full_shelves, "beam_size": beam_size, "pages": table,
+    return {"requests": len(requests), "request_split": split, "full_shelves": full_shelves, "beam_size": beam_size, "pages": table,
             **({"catalog_refresh": refresh} if catalog else {})}

@@ -27,7 +27,8 @@ from homegen.evaluation.pages import evaluate_pages
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--split", default="test", choices=["validation", "test"])
+    parser.add_argument("--split", default="test", choices=["validation", "test"],
+                        help="pages: the world's first --max_users requests (test) or its last (validation)")
     parser.add_argument("--step", type=int, default=None, help="default: best by the run's validation metric")
     parser.add_argument("--max_users", type=int, default=0, help="0: every user of the split")
     parser.add_argument("--ranking", default="all", choices=["all", "score", "beam"],
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
             print(f"step {step} ({selected}), {summary['parameters']:,} parameters{trained}")
             summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
                                           full_shelves=not args.shelves_as_requested,
-                                          beam_size=args.beam_size or 4, catalog=args.catalog))
+                                          beam_size=args.beam_size or 4, catalog=args.catalog, split=args.split))
     except ValueError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -211,3 +211,14 @@ def test_next_item_training_and_evaluation_end_to_end(walks_file, tmp_path, item
             for k in ("hr@5", "ndcg@10", "hr@20"):
                 assert beam[k] == pytest.approx(score[k], abs=1e-6)
     assert "TIGER" not in result.stdout and f"{item_tokens} item tokens" in result.stdout
+
+
+def test_page_requests_split_into_disjoint_test_and_validation_blocks(tmp_path):
+    from homegen.evaluation.pages import _read_jsonl
+
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps({"k": k}) + "\n" for k in range(10)))
+    assert [r["k"] for r in _read_jsonl(str(path), 3)] == [0, 1, 2]
+    assert [r["k"] for r in _read_jsonl(str(path), 3, "validation")] == [7, 8, 9]
+    with pytest.raises(ValueError, match="too few"):
+        _read_jsonl(str(path), 6, "validation")
