@@ -314,26 +314,33 @@ def with_collision_code(codes: np.ndarray) -> np.ndarray:
 
 def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequence[str]],
                          attributes: Mapping[str, Sequence[Hashable]] | None = None, *, levels: int = 3,
-                         codes: int = 256, dim: int = 64, seed: int = 0) -> SemanticItems:
+                         codes: int = 256, dim: int = 64, seed: int = 0,
+                         progress: Callable[[str], None] = lambda phase: None) -> SemanticItems:
     """Semantic IDs for `item_ids` from co-occurrence in `train_sequences` (which must not contain
     validation or test targets) and optional attribute values per item (ids, or strings as
     `catalog_attributes` gives them). With string attributes the result can also code items first seen
-    later, from their attributes alone (`SemanticItems.add`)."""
+    later, from their attributes alone (`SemanticItems.add`). `progress` is told each phase as it ends."""
     index = {item: k for k, item in enumerate(item_ids)}
     sequences = ([index[i] for i in seq if i in index] for seq in train_sequences)
     cooccurrence = cooccurrence_features(sequences, len(item_ids))
+    progress(f"co-occurrence PMI ({cooccurrence.nnz:,} pairs)")
     names, idf = [], np.zeros(0, np.float32)
     features = cooccurrence
     if attributes:
         matrix, names, idf = attribute_features({index[i]: a for i, a in attributes.items() if i in index},
                                                 len(item_ids))
         features = sp.hstack([cooccurrence, matrix]).tocsr()
+        progress(f"attribute features ({len(names):,} values)")
     embeddings, projection = truncated_svd_embeddings(features, dim, seed)
+    progress(f"randomised SVD to {dim} dimensions")
     prefixes, centroids = residual_quantize(embeddings, levels, codes, seed)
+    progress(f"residual k-means, {levels} levels x {codes} codes")
     encoder = None
     if names and all(isinstance(n, str) for n in names):
         encoder = NewItemEncoder(names, idf, projection[cooccurrence.shape[1]:], centroids)
-    return SemanticItems(item_ids, with_collision_code(prefixes), encoder)
+    items = SemanticItems(item_ids, with_collision_code(prefixes), encoder)
+    progress(f"tokenizer (level sizes {items.level_sizes})")
+    return items
 
 
 def item_trie(code_table: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import os
+import time
 from collections import Counter
 
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
@@ -149,5 +150,8 @@ def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str
         attributes = read_item_attributes(data_cfg.item_features)
     else:
         attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces) if catalog else None
+    start = time.perf_counter()
     return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
-                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim)
+                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim,
+                                progress=lambda phase: print(f"semantic IDs: {phase} "
+                                                             f"({time.perf_counter() - start:.0f} s)", flush=True))
