@@ -105,8 +105,9 @@ def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[s
 def predicted_streams(engine: PageEngine, requests: list, pages: list[list[dict]]) -> np.ndarray:
     """(R,) the value head's predicted streams of given pages (teacher-forced): the sum over the page's
     items of the predicted stream probability of each item where it stands. An off-policy estimate, as a
-    team without a simulator would have it; against the exact value it shows the head's bias."""
-    return np.array([scored["predicted_streams"] for scored in engine.score(requests, pages)])
+    team without a simulator would have it; against the exact value it shows the head's bias. NaN for a page
+    with an item the vocabulary lacks (a logged page with items released after training)."""
+    return np.array([scored.get("predicted_streams", np.nan) for scored in engine.score(requests, pages)])
 
 
 NEW_ITEM_COLUMNS = ("new_items_per_page", "new_on_new_releases", "new_release_slots_new", "new_item_streams")
@@ -249,7 +250,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                 history_share=float(np.mean([np.mean([i in set(r["history"]) for i in f]) if f else 0
                                              for f, r in zip(flat, requests)])))
             if has_value_head:
-                row["predicted_streams"] = float(predicted_streams(engine, parsed, plist).mean())
+                row["predicted_streams"] = float(np.nanmean(predicted_streams(engine, parsed, plist)))
             if catalog:
                 row.update(new_items_placed(plist, slots[name], known_before, cfg.num_shelves, cfg.max_items))
             if name != "logging policy":
