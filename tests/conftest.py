@@ -40,41 +40,35 @@ def tfds_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
-    """A run folder with a small model (with a value head) trained briefly on the tiny synthetic world."""
+def _train_tiny_run(tfds_dir, tmp_path_factory, name: str, **data) -> str:
+    """A run folder with a small model (with a value head) trained for 30 steps on the tiny synthetic world,
+    with `data` overriding the data config."""
     from homegen.configs.demo import get_config
     from homegen.training.loop import run
 
     cfg = get_config()
-    cfg.data.data_dir = tfds_dir
-    cfg.data.seq_len = 96
+    cfg.data.update({"data_dir": tfds_dir, "seq_len": 96, **data})
     cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                           value_head=True))
     cfg.train.update(dict(steps=30, log_every=10, eval_every=30, checkpoint_every=30, eval_batches=1,
                           warmup_steps=5, learning_rate=3e-3))
-    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    workdir = str(tmp_path_factory.mktemp(name))
     run(cfg, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
+    """A run folder with a small model (with a value head) trained briefly on the tiny synthetic world."""
+    return _train_tiny_run(tfds_dir, tmp_path_factory, "tiny_run")
 
 
 @pytest.fixture(scope="session")
 def tiny_semantic_checkpoint(tfds_dir, tmp_path_factory) -> str:
     """`tiny_checkpoint` with semantic item IDs (2 levels of 16 codes and a collision code per item), trained
     without the items released in the world's last 10 days (new releases for a catalog refresh)."""
-    from homegen.configs.demo import get_config
-    from homegen.training.loop import run
-
-    cfg = get_config()
-    cfg.data.update(dict(data_dir=tfds_dir, seq_len=320, item_tokens="semantic", semantic_levels=2,
-                         semantic_codes=16, semantic_dim=16, hold_out_release_days=10))
-    cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                          value_head=True))
-    cfg.train.update(dict(steps=30, log_every=10, eval_every=30, checkpoint_every=30, eval_batches=1,
-                          warmup_steps=5, learning_rate=3e-3))
-    workdir = str(tmp_path_factory.mktemp("tiny_semantic_run"))
-    run(cfg, workdir)
-    return workdir
+    return _train_tiny_run(tfds_dir, tmp_path_factory, "tiny_semantic_run", seq_len=320, item_tokens="semantic",
+                           semantic_levels=2, semantic_codes=16, semantic_dim=16, hold_out_release_days=10)
 
 
 TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
