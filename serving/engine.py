@@ -91,6 +91,10 @@ class PageEngine:
         "placeable"} (how many new items some shelf admits). Raises ValueError for an atomic checkpoint
         (a new item has no token) or a catalog the checkpoint's semantic IDs cannot code."""
         catalog = read_catalog(path)
+        with self._lock:  # one refresh at a time, never beside a batch being decoded or scored
+            return self._add_items(catalog, path)
+
+    def _add_items(self, catalog: dict, path: str) -> dict:
         new = [item for item in catalog if item not in self.vocab.items.index]
         if new and self.grammar.levels == 1:
             raise ValueError(f"{len(new)} new items in {path}, but this checkpoint has one token per item "
@@ -99,9 +103,8 @@ class PageEngine:
             return {"added": 0, "items": self.vocab.items.num_items, "placeable": 0}
         attributes = catalog_attributes({item: catalog[item] for item in new}, self.vocab.sp.encode_as_pieces)
         items = self.vocab.items.add(new, [attributes[item] for item in new])
-        with self._lock:
-            self._use_vocabulary(self.vocab.with_items(items))
-            self.catalog.update({item: catalog[item].display() for item in new})
+        self._use_vocabulary(self.vocab.with_items(items))
+        self.catalog.update({item: catalog[item].display() for item in new})
         rows = [self.vocab.items.index[item] for item in new]
         placeable = int(self.eligibility.static[:, rows].any(axis=0).sum())
         return {"added": len(new), "items": self.vocab.items.num_items, "placeable": placeable}
@@ -257,6 +260,10 @@ class PageEngine:
         under the model, as beam search reports it) and, with a value head, each item's predicted stream
         probability (`stream_probs`) and their sum `predicted_streams`. A page with a shelf or item the
         vocabulary lacks gets {"error": reason}. Pages are scored as given, valid or not."""
+        with self._lock:
+            return self._score(requests, pages, batch_size)
+
+    def _score(self, requests: list[PageRequest], pages: list[list[dict]], batch_size: int) -> list[dict]:
         results: list[dict | None] = [None] * len(requests)
         rows = []  # (request index, prompt, page tokens)
         for k, (request, page) in enumerate(zip(requests, pages, strict=True)):
