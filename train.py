@@ -8,15 +8,19 @@
 A restart with the same workdir resumes from its newest readable checkpoint (parameters, optimizer, data
 position); a damaged step is skipped with a warning. --resume_step N resumes from an earlier step instead; the
 steps after it are moved to WORKDIR/checkpoints_set_aside (nothing is deleted).
-Multi-host: pass --coordinator_address/--num_processes/--process_id (or set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID); each process reads its own shard of the data.
+Multi-host: under SLURM (srun), Open MPI (mpirun), a Kubernetes Indexed Job or a multi-host Cloud TPU slice the
+processes find each other on their own (scripts/launch/ has a file for each); elsewhere pass
+--coordinator_address/--num_processes/--process_id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID), which also win over what a cluster says. Each process reads its own shard of the data.
+
+SIGTERM (a scheduler's preemption notice) or SIGINT (Ctrl-C) saves a checkpoint at the current step and exits
+with code 75; the same command resumes from it exactly.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 from absl import app, flags, logging
@@ -28,21 +32,10 @@ flags.DEFINE_integer("resume_step", None, "Resume from this checkpoint step inst
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_bool("distributed", None, "Always (true) or never (false) join a multi-process job; unset: when flags, "
+                  "JAX_* variables or a detected cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) say so.")
 config_flags.DEFINE_config_file("config", None, "A configs/<name>.py file.", lock_config=True)
 FLAGS = flags.FLAGS
-
-
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """jax.distributed.initialize() when flags or the JAX_* environment ask for several processes."""
-    import jax
-
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not coordinator:
-        return
-    num = num_processes if num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    pid = process_id if process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by the CPU backend
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 
 def main(argv: list[str]) -> None:
@@ -54,11 +47,29 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from homegen.training.loop import TrainingError, run
+    from homegen.training import cluster
+
+    try:
+        plan = cluster.launch_plan(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                   FLAGS.distributed)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    try:
+        cluster.initialize(plan)
+    except (ValueError, RuntimeError) as e:
+        print(f"train.py: error: could not join the {plan.where} job: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if plan is not None:
+        import jax
+
+        print(f"process {jax.process_index()} of {jax.process_count()} ({plan.where})", flush=True)
+    from homegen.training.loop import TrainingError, TrainingStopped, run
 
     try:
         result = run(FLAGS.config, FLAGS.workdir, init_from=FLAGS.init_from, resume_step=FLAGS.resume_step)
+    except TrainingStopped as e:
+        print(f"train.py: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except TrainingError as e:
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

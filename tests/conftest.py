@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -99,6 +101,19 @@ def overrides(cfg) -> list[str]:
             if base[section][key] != value:
                 out.append(f"--config.{section}.{key}={value}")
     return out
+
+
+def train_cli(workdir, cfg, extra=(), env=None, **kwargs):
+    """train.py on configs/demo.py turned into `cfg` by flags, as a subprocess (stdout and stderr piped together)."""
+    cmd = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir), *overrides(cfg), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, assert_trees_equal, overrides, params_of, tiny_config
+from conftest import ROOT, assert_trees_equal, free_port, params_of, tiny_config, train_cli
 from jax.sharding import PartitionSpec
 
 from homegen.training.checkpoints import Checkpoints
@@ -53,12 +53,6 @@ def test_one_device_and_eight_devices_agree(data_dir, tmp_path):
                        jax.tree.map(np.asarray, sharded.state["params"]))
 
 
-def train_cli(workdir, cfg, extra=(), env=None, **kwargs):
-    cmd = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir), *overrides(cfg), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
 def test_sigkill_and_resume_is_bitwise_identical(data_dir, tmp_path):
     cfg = tiny_config(data_dir, steps=24, checkpoint_every=4, eval_every=100)
     cfg.mesh.devices = 2
@@ -80,23 +74,42 @@ def test_sigkill_and_resume_is_bitwise_identical(data_dir, tmp_path):
     assert_trees_equal(params_of(tmp_path / "killed"), params_of(tmp_path / "straight"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def slurm_job_id() -> int:
+    """A SLURM job id whose coordinator port (JAX: 61440 + id % 4096) is free on this machine."""
+    for _ in range(100):
+        port = free_port()
+        if port >= 61440:
+            return port - 61440 + 4096 * 7
+    with socket.socket() as s:  # the kernel's ephemeral range did not reach that high: try the range itself
+        for port in range(61440, 65536):
+            try:
+                s.bind(("127.0.0.1", port))
+                return port - 61440 + 4096 * 7
+            except OSError:
+                continue
+    pytest.skip("no free port in 61440-65535 for a SLURM coordinator")
 
 
-def test_two_processes_agree_with_one(data_dir, tmp_path):
+@pytest.mark.parametrize("launch", ["flags", "slurm"])
+def test_two_processes_agree_with_one(data_dir, tmp_path, launch):
+    """Two processes started by hand (flags) or by SLURM (its environment variables alone) train one job."""
     cfg = tiny_config(data_dir, steps=6, log_every=1, eval_every=100, checkpoint_every=6)
     cfg.data.pack = False
     cfg.mesh.devices = 1
-    port = free_port()
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [train_cli(tmp_path / "multi", cfg, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                                 f"--process_id={i}"], env=env) for i in range(2)]
+    if launch == "flags":
+        port = free_port()
+        procs = [train_cli(tmp_path / "multi", cfg, [f"--coordinator_address=127.0.0.1:{port}",
+                                                     "--num_processes=2", f"--process_id={i}"], env=env)
+                 for i in range(2)]
+    else:
+        slurm = {"SLURM_JOB_ID": str(slurm_job_id()), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2"}
+        procs = [train_cli(tmp_path / "multi", cfg, env={**env, **slurm, "SLURM_PROCID": str(i),
+                                                         "SLURM_LOCALID": str(i)}) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert "2 process(es)" in outputs[0] and "'data': 2" in outputs[0]
+    assert f"process 1 of 2 ({launch})" in outputs[1], outputs[1]
     cfg.mesh.devices = 2
     single = run(cfg, str(tmp_path / "single"))
     multi_losses = [float(line.split("loss ")[1].split(" ")[0]) for line in outputs[0].splitlines() if "] step" in line]
@@ -104,6 +117,38 @@ def test_two_processes_agree_with_one(data_dir, tmp_path):
     multi, one = params_of(tmp_path / "multi"), params_of(tmp_path / "single")
     for x, y in zip(jax.tree.leaves(multi), jax.tree.leaves(one)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def signal_mid_run(workdir, cfg, sig: int, after_step: int) -> tuple[int, str]:
+    """Starts train.py, sends `sig` once it has logged `after_step`, and returns (exit code, output)."""
+    proc = train_cli(workdir, cfg)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if f"] step {after_step}/" in line:
+            proc.send_signal(sig)
+            break
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, "".join(lines) + out
+
+
+def test_sigterm_and_sigint_save_and_resume_bitwise_identical(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, steps=150, log_every=1, eval_every=1000, checkpoint_every=1000)
+    cfg.mesh.devices = 2
+    straight = train_cli(tmp_path / "straight", cfg)
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        workdir = tmp_path / sig.name
+        code, out = signal_mid_run(workdir, cfg, sig, after_step=10)
+        steps = Checkpoints(str(workdir / "checkpoints"), read_only=True).steps()
+        assert code == 75 and len(steps) == 1 and 10 <= steps[0] < 150, (steps, out)
+        assert f"stopped by {sig.name} at step {steps[0]} of 150: saved checkpoint {steps[0]}" in out, out
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+        resumed = train_cli(workdir, cfg)
+        out, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0 and f"resumed from step {steps[0]}" in out, out
+        assert_trees_equal(params_of(workdir), params_of(tmp_path / "straight"))
 
 
 def test_fine_tuning_with_frozen_groups(data_dir, tmp_path):

@@ -20,6 +20,7 @@ from homegen.model.sharding import make_mesh
 from homegen.model.transformer import TransformerConfig
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
 from homegen.training.data import build_vocabulary, prepare_data, resolve_source
+from homegen.training.preemption import StopSignals
 from homegen.training.reporting import Reporter
 from homegen.training.state import Trainer, count_params
 from homegen.training.validation import RANKING_METHODS, make_ranker, ranking_metrics, validation_loss, validation_users
@@ -33,6 +34,15 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrainingStopped(TrainingError):
+    """SIGTERM or SIGINT stopped the run after saving a checkpoint at `step`; the same command resumes it.
+    Exit code 75 (EX_TEMPFAIL: try again)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message, exit_code=75)
+        self.step = step
 
 
 def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
@@ -258,36 +268,43 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
     reporter.begin(start)
     train_size, resumed_at, seconds_before = len(prepared.sources["train"]), time.time(), progress["seconds"]
-    for step in range(start + 1, end + 1):
-        local = next(train_iter)
-        if step == 1 and model_cfg.value_head and not np.any(local["outcomes"]):
-            raise ValueError("model.value_head=True, but the first training batch has no item with known streams: "
-                             "the page logs carry no `streams` (FORMATS.md §3), so the value head cannot learn")
-        progress["examples"] += examples_in(local) * nproc
-        state, step_metrics = trainer.train_step(state, trainer.global_batch(local))
-        reporter.add_tokens(tokens_per_batch)
-        at_log = step % cfg.train.log_every == 0 or step == end
-        at_eval = step % cfg.train.eval_every == 0 or step == end
-        at_save = step % cfg.train.checkpoint_every == 0 or step == end
-        if not (at_log or at_eval or at_save):
-            continue
-        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
-            checkpoints.wait()
-            where = (f"the last good checkpoint is step {last_good} in {checkpoints.directory}"
-                     if last_good is not None else "no checkpoint was written")
-            raise TrainingError(f"loss became {host['loss']} (gradient norm {host['grad_norm']}) at step "
-                                f"{step}; stopping; {where}", exit_code=3)
-        losses.append(host["loss"])
-        if at_log:
-            reporter.log(step, host)
-        eval_metrics = evaluate(step) if at_eval else {}
-        metrics = {**host, **eval_metrics}
-        if at_save:
-            progress.update(seconds=seconds_before + time.time() - resumed_at,
-                            epochs=progress["examples"] / max(train_size, 1))
-            checkpoints.save(step, state, train_iter, {**meta, "progress": progress}, eval_metrics or None)
-            last_good = step
+    with StopSignals() as signals:
+        for step in range(start + 1, end + 1):
+            local = next(train_iter)
+            if step == 1 and model_cfg.value_head and not np.any(local["outcomes"]):
+                raise ValueError("model.value_head=True, but the first training batch has no item with known streams: "
+                                 "the page logs carry no `streams` (FORMATS.md §3), so the value head cannot learn")
+            progress["examples"] += examples_in(local) * nproc
+            state, step_metrics = trainer.train_step(state, trainer.global_batch(local))
+            reporter.add_tokens(tokens_per_batch)
+            at_log = step % cfg.train.log_every == 0 or step == end
+            at_eval = step % cfg.train.eval_every == 0 or step == end
+            stopping = signals.should_stop(step) and step < end
+            at_save = step % cfg.train.checkpoint_every == 0 or step == end or stopping
+            if not (at_log or at_eval or at_save):
+                continue
+            host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+                checkpoints.wait()
+                where = (f"the last good checkpoint is step {last_good} in {checkpoints.directory}"
+                         if last_good is not None else "no checkpoint was written")
+                raise TrainingError(f"loss became {host['loss']} (gradient norm {host['grad_norm']}) at step "
+                                    f"{step}; stopping; {where}", exit_code=3)
+            losses.append(host["loss"])
+            if at_log:
+                reporter.log(step, host)
+            eval_metrics = evaluate(step) if at_eval else {}
+            metrics = {**host, **eval_metrics}
+            if at_save:
+                progress.update(seconds=seconds_before + time.time() - resumed_at,
+                                epochs=progress["examples"] / max(train_size, 1))
+                checkpoints.save(step, state, train_iter, {**meta, "progress": progress}, eval_metrics or None)
+                last_good = step
+            if stopping:
+                checkpoints.close()
+                reporter.close()
+                raise TrainingStopped(f"stopped by {signals.received} at step {step} of {end}: saved checkpoint "
+                                      f"{step} in {checkpoints.directory}; the same command resumes from it", step)
     checkpoints.close()
     reporter.close()
     return RunResult(end, metrics, losses, state, trainer, vocab)
