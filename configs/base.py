@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.best_mode = "min"
     c.train.async_checkpoints = True
 
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.lora_rank = 0  # > 0: train LoRA adapters of this rank on --init_from's parameters, nothing else
+    c.finetune.lora_alpha = 16.0  # adapters' updates are scaled by lora_alpha / lora_rank
+    c.finetune.lora_targets = "blocks/attn,blocks/mlp"  # regexps of parameter paths, as train.freeze
+
     c.eval = ml_collections.ConfigDict()
     c.eval.next_item = False  # HR@10 / NDCG@10 over all items on validation users (interaction data)
     c.eval.max_users = 2000

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         selected = ("--step" if args.step else f"best {best_metric} on validation" if best
                     else "newest readable (no validation metric stored)")
         step, meta = checkpoints.read_meta(step)
-        _, params = checkpoints.restore_params(step)
+        _, params = checkpoints.restore_model_params(step)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ def _restore_model(checkpoints: Checkpoints, step: int) -> tuple[dict, nnx.Graph
     graphdef, abstract, _ = abstract_model(TransformerConfig(**meta["model"]))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    return meta, graphdef, checkpoints.restore_params(step, target)[1]
+    return meta, graphdef, checkpoints.restore_model_params(step, target)[1]
 
 
 INDEX_LISTS = ("extra_items", "extra_shelves", "excluded")  # PageRules fields padded with -1

@@ -18,6 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from homegen.model import lora
 from homegen.training.checksums import has_manifest, manifest_problems, write_manifest
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,25 @@ class Checkpoints:
             return self._restore(s, params=ocp.args.StandardRestore(target))["params"]
 
         return self.first_readable(load, step)
+
+    def restore_model_params(self, step: int | None, abstract_params=None) -> tuple[int, dict]:
+        """The parameters a model runs with at `step`: the saved ones, or for a LoRA run (its checkpoints
+        hold only the adapters) its base run's parameters with the adapters merged in."""
+        step, meta = self.read_meta(step)
+        base = meta.get("lora")
+        if not base:
+            return self.restore_params(step, abstract_params)
+        _, adapters = self.restore_params(step)
+        try:
+            _, params = Checkpoints(base["base"], read_only=True).restore_params(base["base_step"], abstract_params)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.directory} step {step} holds LoRA adapters of {base['base']} step "
+                                  f"{base['base_step']}, which cannot be read: {e}") from e
+        sharding = jax.tree.leaves(params)[0].sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):  # the adapters are small: replicate them
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        merge = jax.jit(lora.merge, static_argnums=2)
+        return step, merge(params, jax.device_put(adapters, sharding), base["alpha"] / base["rank"])
 
     def restore(self, step: int | None, abstract_state: dict, data_iterator) -> tuple[int, dict]:
         """The full state at `step` (None: the newest readable step) onto the shardings of `abstract_state`;

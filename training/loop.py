@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from homegen.data.formats import DataFormatError, read_catalog
 from homegen.data.pipeline import PipelineConfig, encoder, make_dataset
 from homegen.data.vocab import Vocabulary
+from homegen.model.lora import LoraConfig
 from homegen.model.loss import SampledSoftmax
 from homegen.model.sharding import make_mesh
 from homegen.model.transformer import TransformerConfig
@@ -161,10 +162,40 @@ def _mesh(cfg, nproc: int):
     return make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
 
 
+def lora_config(cfg) -> LoraConfig | None:
+    """The run's LoRA settings (None: it trains the parameters themselves)."""
+    f = cfg.finetune
+    if f.lora_rank < 0:
+        raise ValueError(f"finetune.lora_rank must be >= 0, got {f.lora_rank}")
+    return LoraConfig(f.lora_rank, f.lora_alpha, f.lora_targets) if f.lora_rank else None
+
+
+def _load_lora_base(trainer: Trainer, checkpoints: Checkpoints, init_from: str | None, resume_step: int | None,
+                    reporter: Reporter) -> dict:
+    """Sets `trainer.base` to the parameters the adapters train on: the base recorded in the run's own
+    checkpoint, else `init_from`'s newest readable step; returns what the checkpoints record of it."""
+    if checkpoints.steps():
+        base = checkpoints.read_meta(resume_step)[1].get("lora")
+        if base is None:
+            raise ValueError(f"{checkpoints.directory} holds a run without LoRA adapters: finetune.lora_rank "
+                             "must stay 0 to resume it (or start a new --workdir)")
+        directory, step = base["base"], base["base_step"]
+    elif init_from:
+        directory, step = checkpoint_dir(init_from), None
+    else:
+        raise ValueError("finetune.lora_rank trains adapters on a trained model: pass --init_from RUN")
+    step, trainer.base = Checkpoints(directory, read_only=True).restore_params(step, trainer.abstract_model_params())
+    reporter.message(f"LoRA rank {trainer.lora.rank} on {', '.join(trainer.lora_paths)} of {directory} step {step}")
+    lora = trainer.lora
+    return {"base": os.path.abspath(directory), "base_step": step, "rank": lora.rank, "alpha": lora.alpha,
+            "targets": lora.targets}
+
+
 def _initial_state(trainer: Trainer, checkpoints: Checkpoints, train_iter, workdir: str, init_from: str | None,
                    resume_step: int | None, reporter: Reporter) -> tuple[int, dict, dict]:
     """(step, state, progress) to start from: the run's own checkpoint (restoring the data iterator too),
-    else the parameters of `init_from`'s newest readable step, else a fresh initialisation."""
+    else the parameters of `init_from`'s newest readable step (fresh adapters with LoRA), else a fresh
+    initialisation."""
     progress = {"examples": 0, "seconds": 0.0}  # training examples read and wall time, across resumes
     if checkpoints.steps():
         start, state = checkpoints.restore(resume_step, trainer.abstract_state(), train_iter)
@@ -177,6 +208,8 @@ def _initial_state(trainer: Trainer, checkpoints: Checkpoints, train_iter, workd
         progress.update(checkpoints.read_meta(start)[1].get("progress", {}))
         reporter.message(f"resumed from step {start} in {checkpoints.directory}")
         return start, state, progress
+    if trainer.lora:
+        return 0, trainer.init_state(), progress
     if init_from:
         step, params = Checkpoints(checkpoint_dir(init_from), read_only=True).restore_params(
             None, trainer.abstract_state()["params"])
@@ -233,28 +266,30 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     if cfg.loss.kind == "sampled":
         sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
     trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
-                      cfg.loss.value_weight)
+                      cfg.loss.value_weight, lora_config(cfg))
+    lora_base = _load_lora_base(trainer, checkpoints, init_from, resume_step, reporter) if trainer.lora else None
     start, state, progress = _initial_state(trainer, checkpoints, train_iter, workdir, init_from, resume_step,
                                             reporter)
-    reporter.message(f"model: {count_params(state['params']):,} parameters; vocabulary {vocab.size:,} tokens; "
+    trained = f" ({count_params(state['params']):,} of them LoRA adapters)" if trainer.lora else ""
+    reporter.message(f"model: {count_params(trainer.abstract_params):,} parameters{trained}; vocabulary {vocab.size:,} tokens; "
                      f"mesh {dict(mesh.shape)}; {nproc} process(es)")
     meta = {"config": json.loads(cfg.to_json()), "model": dataclasses.asdict(model_cfg),
             "vocab": vocab.to_json(), "kind": prepared.kind,
             "catalog": _catalog_for_checkpoint(prepared.catalog_path),
-            "eligibility": _eligibility(prepared, shelf_items)}
+            "eligibility": _eligibility(prepared, shelf_items), "lora": lora_base}
 
     # Validation.
     ranker = (make_ranker(trainer, vocab, cfg) if cfg.eval.next_item and prepared.kind == "sequences" else None)
     eval_users = validation_users(prepared.sources["validation"], cfg.eval.max_users) if ranker else None
 
     def evaluate(step: int) -> dict[str, float]:
-        out = {}
+        out, params = {}, trainer.model_params(state["params"])
         if "validation" in prepared.sources and len(prepared.sources["validation"]):
-            out.update(validation_loss(trainer, state["params"], prepared.sources["validation"], vocab,
+            out.update(validation_loss(trainer, params, prepared.sources["validation"], vocab,
                                        prepared.kind, pipeline_cfg, cfg.train.eval_batches,
                                        jax.process_index(), nproc))
         if ranker:
-            metrics = ranking_metrics(ranker.rank(state["params"], eval_users), ks=(10,))
+            metrics = ranking_metrics(ranker.rank(params, eval_users), ks=(10,))
             out.update({f"validation_{k}": v for k, v in metrics.items() if k != "mrr"})
         reporter.scalars(step, out)
         reporter.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))

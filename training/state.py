@@ -2,7 +2,8 @@
 
 State is a plain pytree {"params", "opt_state", "step"}; parameters are nested dicts (nnx pure dicts)
 whose shardings come from each parameter's `logical_axes` metadata and the config's rules. The state is
-created inside `jit` with `out_shardings`, so it is never whole on one device.
+created inside `jit` with `out_shardings`, so it is never whole on one device. With LoRA the state's
+"params" are the adapters alone; the model's own parameters (`Trainer.base`) are an input of every step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from homegen.model import lora
 from homegen.model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
 from homegen.model.sharding import logical_to_spec, use_mesh
 from homegen.model.transformer import Transformer, TransformerConfig, abstract_model
@@ -36,48 +38,85 @@ class Trainer:
     sampled: SampledSoftmax | None = None
     seed: int = 0
     value_weight: float = 1.0  # weight of the value head's loss against the next-token loss
+    lora: lora.LoraConfig | None = None  # train adapters on `base` instead of the parameters themselves
 
     def __post_init__(self):
         self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
-        self.param_shardings = jax.tree.map(
-            lambda axes: NamedSharding(self.mesh, logical_to_spec(axes, self.rules)), self.param_axes,
-            is_leaf=lambda x: isinstance(x, tuple))
-        self.tx = make_optimizer(self.train_cfg, abstract_params)
+        self.param_shardings = self._shardings(self.param_axes)
+        self.abstract_params = abstract_params
+        self.base = None  # the model's parameters under LoRA adapters (set before training)
+        if self.lora:
+            if self.train_cfg.freeze:
+                raise ValueError("finetune.lora_rank trains only the adapters: leave train.freeze empty")
+            self.lora_paths = lora.target_paths(self.param_axes, self.lora.targets)
+            self._make_trained = lambda key: lora.init_adapters(  # noqa: E731
+                abstract_params, self.param_axes, self.lora_paths, self.lora.rank, key)
+            abstract_trained = jax.eval_shape(self._make_trained, jax.random.key(0))
+            self.trained_shardings = self._shardings(lora.adapter_axes(self.param_axes, self.lora_paths))
+        else:
+            self._make_trained = lambda key: nnx.to_pure_dict(  # noqa: E731
+                nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key))))
+            abstract_trained, self.trained_shardings = abstract_params, self.param_shardings
+        self.abstract_trained = abstract_trained
+        self.tx = make_optimizer(self.train_cfg, abstract_trained)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         # Optimizer moments follow their parameters: let XLA propagate the shardings through `init`.
         sharded_params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                                      abstract_params, self.param_shardings)
+                                      abstract_trained, self.trained_shardings)
         propagated = jax.jit(self.tx.init).lower(sharded_params).compile().output_shardings
         opt_shardings = jax.tree.map(  # scalars (step counts) come back on one device: replicate them
             lambda s: s if isinstance(s, NamedSharding) and s.mesh == self.mesh else self.replicated, propagated)
-        self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
+        self.state_shardings = {"params": self.trained_shardings, "opt_state": opt_shardings,
                                 "step": self.replicated}
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules))
         self.schedule = learning_rate_schedule(self.train_cfg)
-        self._train_step = jax.jit(self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
+        base_shardings = self.param_shardings if self.lora else None
+        self._train_step = jax.jit(self._train_step_impl,
+                                   in_shardings=(self.state_shardings, base_shardings, self.batch_sharding),
                                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
         self._eval_step = jax.jit(self._eval_step_impl, in_shardings=(self.param_shardings, self.batch_sharding),
                                   out_shardings=self.replicated)
+        self._merge = jax.jit(self._model_params, in_shardings=(self.trained_shardings, base_shardings),
+                              out_shardings=self.param_shardings)
+
+    def _shardings(self, axes_tree):
+        return jax.tree.map(lambda axes: NamedSharding(self.mesh, logical_to_spec(axes, self.rules)), axes_tree,
+                            is_leaf=lambda x: isinstance(x, tuple))
 
     # --- state ---------------------------------------------------------------------------------------
-    def _state_from(self, params) -> dict:
-        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    def _state_from(self, trained) -> dict:
+        return {"params": trained, "opt_state": self.tx.init(trained), "step": jnp.zeros((), jnp.int32)}
 
     def init_state(self, params=None) -> dict:
-        """A fresh sharded state: new parameters from the seed, or the given ones (fine-tuning)."""
+        """A fresh sharded state: new parameters (or adapters) from the seed, or the given parameters
+        (fine-tuning without adapters)."""
         with use_mesh(self.mesh, self.rules):
             if params is not None:
-                return jax.jit(self._state_from, in_shardings=(self.param_shardings,),
+                return jax.jit(self._state_from, in_shardings=(self.trained_shardings,),
                                out_shardings=self.state_shardings)(params)
-            create = lambda key: self._state_from(  # noqa: E731
-                nnx.to_pure_dict(nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key)))))
+            create = lambda key: self._state_from(self._make_trained(key))  # noqa: E731
             return jax.jit(create, out_shardings=self.state_shardings)(jax.random.key(self.seed))
 
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs with this mesh's shardings (the target of a restore)."""
-        shapes = jax.eval_shape(lambda: self._state_from(abstract_model(self.model_cfg)[1]))
+        shapes = jax.eval_shape(lambda: self._state_from(self.abstract_trained))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
+
+    def abstract_model_params(self) -> dict:
+        """The model's parameters as ShapeDtypeStructs with this mesh's shardings (a base run's restore target)."""
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self.abstract_params, self.param_shardings)
+
+    def _model_params(self, trained, base):
+        return lora.merge(base, trained, self.lora.scale) if self.lora else trained
+
+    def model_params(self, trained) -> dict:
+        """The parameters the model runs with: the trained ones, or `base` with the adapters merged in."""
+        if not self.lora:
+            return trained
+        with use_mesh(self.mesh, self.rules):
+            return self._merge(trained, self.base)
 
     # --- steps ---------------------------------------------------------------------------------------
     def _loss(self, params, batch, key, train: bool):
@@ -102,13 +141,13 @@ class Trainer:
         total = loss + self.value_weight * value_sum * weight / jnp.maximum(labelled, 1.0) if train else loss
         return total, weight, {"value_sum": value_sum, "value_count": labelled}
 
-    def _train_step_impl(self, state, batch):
+    def _train_step_impl(self, state, base, batch):
         accum = self.train_cfg.grad_accum
         key = jax.random.fold_in(jax.random.key(self.seed + 1), state["step"])
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
-        def loss_fn(params, b, k):
-            loss, weight, value = self._loss(params, b, k, True)
+        def loss_fn(trained, b, k):
+            loss, weight, value = self._loss(self._model_params(trained, base), b, k, True)
             return loss, (weight, value)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -140,7 +179,7 @@ class Trainer:
 
     def train_step(self, state, batch):
         with use_mesh(self.mesh, self.rules):
-            return self._train_step(state, batch)
+            return self._train_step(state, self.base, batch)
 
     def eval_step(self, params, batch):
         with use_mesh(self.mesh, self.rules):

@@ -1,0 +1,102 @@
+"""Fine-tuning for researchers: LoRA adapters (only they train and are saved; served merged), the Python API."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_trees_equal, params_of, tiny_config
+from flax import nnx
+
+import homegen
+from homegen.model import lora
+from homegen.training.checkpoints import Checkpoints
+from homegen.training.loop import TrainingError, run
+from homegen.training.state import count_params
+
+
+def leaves_by_path(tree) -> dict[str, np.ndarray]:
+    return {lora.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def logits_of(result, params, tokens):
+    model = nnx.merge(result.trainer.graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return np.asarray(model(tokens, positions, jnp.ones_like(tokens))[0])
+
+
+@pytest.fixture(scope="module")
+def base_run(tfds_dir, tmp_path_factory) -> str:
+    workdir = str(tmp_path_factory.mktemp("lora_base"))
+    run(tiny_config(tfds_dir, steps=6), workdir)
+    return workdir
+
+
+def test_lora_trains_only_adapters_saves_them_alone_and_serves_merged(base_run, data_dir, tmp_path):
+    cfg = tiny_config(data_dir, steps=8, learning_rate=1e-2)
+    cfg.finetune.update(dict(lora_rank=4, lora_alpha=8.0, lora_targets="blocks/attn/(q|v),blocks/mlp"))
+    workdir = str(tmp_path / "lora")
+    result = run(cfg, workdir, init_from=base_run)
+
+    # Only the adapters are trained state; the base parameters are bit-identical to the base run's.
+    adapters = leaves_by_path(result.state["params"])
+    assert sorted(adapters) == sorted(f"blocks/{m}/{ab}" for m in ("attn/q", "attn/v", "mlp/down", "mlp/gate",
+                                                                   "mlp/up") for ab in ("a", "b"))
+    assert all(np.any(v != 0) for k, v in adapters.items() if k.endswith("/b")), "B starts at 0 and must train"
+    base = params_of(base_run)
+    assert_trees_equal(jax.tree.map(np.asarray, result.trainer.base), base)
+
+    # The run's checkpoints hold the adapters alone (and name the base).
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+    _, saved = checkpoints.restore_params(None)
+    assert count_params(saved) == count_params(result.state["params"]) < count_params(base) / 5
+    assert checkpoints.read_meta()[1]["lora"]["base_step"] == 6
+
+    # Merged for serving: W + (alpha / rank) A @ B where adapted, the base elsewhere, and the same logits as
+    # the model trained with the adapters.
+    _, merged = checkpoints.restore_model_params(None)
+    merged, trained = leaves_by_path(merged), leaves_by_path(base)
+    for path, w in trained.items():
+        if f"{path}/a" in adapters:
+            a, b = adapters[f"{path}/a"], adapters[f"{path}/b"]
+            expected = w + (2.0 * np.einsum("lir,lro->lio", a, b)).reshape(w.shape)
+            np.testing.assert_allclose(merged[path], expected, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(merged[path], w)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, result.vocab.size, (2, 24)), jnp.int32)
+    served = homegen.load(workdir).engine
+    with_adapters = logits_of(result, result.trainer.model_params(result.state["params"]), tokens)
+    np.testing.assert_allclose(logits_of(result, served.params, tokens), with_adapters, rtol=1e-5, atol=1e-5)
+    assert np.abs(logits_of(result, result.trainer.base, tokens) - with_adapters).max() > 1e-3
+
+    # It resumes from its own checkpoint (the base is found from it) and serves pages.
+    cfg.train.steps = 10
+    assert run(cfg, workdir).step == 10  # no --init_from: the base is named in the checkpoint
+    assert Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).steps()[-1] == 10
+    [response] = homegen.load(workdir).generate([{"user_id": "u1", "history": result.vocab.items.item_ids[:3]}])
+    assert response["page"] and all(shelf["items"] for shelf in response["page"])
+
+
+def test_lora_needs_a_base_and_no_freezing(data_dir, tmp_path, base_run):
+    cfg = tiny_config(data_dir, steps=2)
+    cfg.finetune.lora_rank = 4
+    with pytest.raises(TrainingError, match="pass --init_from RUN"):
+        run(cfg, str(tmp_path / "a"))
+    cfg.train.freeze = "embed"
+    with pytest.raises(TrainingError, match="leave train.freeze empty"):
+        run(cfg, str(tmp_path / "b"), init_from=base_run)
+    cfg.train.freeze, cfg.finetune.lora_targets = "", "embed"
+    with pytest.raises(TrainingError, match="matches no layer matrix"):
+        run(cfg, str(tmp_path / "c"), init_from=base_run)
+
+
+def test_python_config_and_train(base_run, tmp_path):
+    cfg = homegen.config(base_run)  # the run's own config
+    assert cfg.model.d_model == 32 and cfg.finetune.lora_rank == 0
+    assert homegen.config("pages_small:semantic").data.item_tokens == "semantic"
+    with pytest.raises(ValueError, match="no config 'nonsense'"):
+        homegen.config("nonsense")
+    cfg.train.steps = 3
+    result = homegen.train(cfg, str(tmp_path / "tuned"), init_from=base_run)
+    assert result.step == 3 and np.isfinite(result.losses[-1])
