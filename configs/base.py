@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.semantic_levels = 3  # residual k-means levels, plus one collision code
     c.data.semantic_codes = 256  # codes per level
     c.data.semantic_dim = 64  # item embedding size the codes quantise
+    c.data.hold_out_shelves = ""  # comma-separated shelf types the vocabulary leaves out (introduced later)
     c.data.hold_out_release_days = 0  # synthetic world: leave out the items of the last N days (released after training)
     c.data.semantic_max_sequences = 200_000  # pages whose items semantic IDs learn co-occurrence from
     c.data.item_features = ""  # optional {item_id: [attribute ids]} JSON (S3-Rec *_item2attributes.json)
@@ -81,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.lora_rank = 0  # > 0: train LoRA adapters of this rank on --init_from's parameters, nothing else
     c.finetune.lora_alpha = 16.0  # adapters' updates are scaled by lora_alpha / lora_rank
     c.finetune.lora_targets = "blocks/attn,blocks/mlp"  # regexps of parameter paths, as train.freeze
+    # With --init_from: add the data's new context values, shelf types and items to the trained vocabulary
+    # (old rows kept bit for bit, new rows started from metadata: training/extend.py).
+    c.finetune.extend_vocabulary = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.next_item = False  # HR@10 / NDCG@10 over all items on validation users (interaction data)

@@ -228,6 +228,33 @@ class Vocabulary:
             raise ValueError("the new items change the token layout; the model would not fit them")
         return Vocabulary(self.context_tokens, self.shelves, items, self.sentencepiece_model, self.max_history)
 
+    def extended_with(self, newer: Vocabulary) -> Vocabulary:
+        """This vocabulary plus the context tokens, shelves and (atomic) items of `newer` that it lacks, each
+        appended to its own range; the sentencepiece model stays this one's, so every old token keeps its
+        meaning (token ids after the first new context token move: see `token_map`). Semantic item IDs
+        keep their codes: new items get codes from their metadata by a catalog refresh instead."""
+        if self.items.to_json()["kind"] != newer.items.to_json()["kind"]:
+            raise ValueError("the newer data uses another kind of item tokens than the trained model")
+
+        def union(old: list[str], new: list[str]) -> list[str]:
+            known = set(old)
+            return old + [t for t in new if t not in known]
+
+        items = self.items
+        if isinstance(items, AtomicItems):
+            items = AtomicItems(union(items.item_ids, newer.items.item_ids))
+        return Vocabulary(union(self.context_tokens, newer.context_tokens), union(self.shelves, newer.shelves),
+                          items, self.sentencepiece_model, self.max_history)
+
+    def token_map(self, extended: Vocabulary) -> np.ndarray:
+        """(self.size,) int: the id in `extended` (from `extended_with`) of every token of this vocabulary."""
+        out = np.arange(self.size)
+        out[self.context_offset:self.text_offset] = [extended._context_index[t] for t in self.context_tokens]
+        out[self.text_offset:self.shelf_offset] += extended.text_offset - self.text_offset
+        out[self.shelf_offset:self.item_offset] = [extended._shelf_index[s] for s in self.shelves]
+        out[self.item_offset:] += extended.item_offset - self.item_offset
+        return out
+
     @classmethod
     def from_json(cls, data: dict) -> Vocabulary:
         """Inverse of `to_json`."""

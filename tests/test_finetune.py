@@ -100,3 +100,45 @@ def test_python_config_and_train(base_run, tmp_path):
     cfg.train.steps = 3
     result = homegen.train(cfg, str(tmp_path / "tuned"), init_from=base_run)
     assert result.step == 3 and np.isfinite(result.losses[-1])
+
+
+def test_vocabulary_extension_keeps_old_rows_and_starts_new_ones_from_metadata(data_dir, tmp_path):
+    from homegen.data.builders import SyntheticWorldDataset
+    from homegen.data.formats import read_catalog
+    from homegen.data.vocab import Vocabulary
+
+    cfg = tiny_config(data_dir, steps=4)
+    cfg.data.update(dict(hold_out_shelves="new_releases", hold_out_release_days=30))
+    old = run(cfg, str(tmp_path / "old"))
+    assert "new_releases" not in old.vocab.shelves
+    cfg.data.update(dict(hold_out_shelves="", hold_out_release_days=0))
+    cfg.finetune.extend_vocabulary = True
+    cfg.train.update(dict(steps=1, learning_rate=0.0))  # one step that changes nothing: the starting point
+    new = run(cfg, str(tmp_path / "new"), init_from=str(tmp_path / "old"))
+    old_vocab, vocab = old.vocab, new.vocab
+    assert vocab.shelves[:len(old_vocab.shelves)] == old_vocab.shelves and vocab.shelves[-1] == "new_releases"
+    added = [i for i in vocab.items.item_ids if i not in old_vocab.items.index]
+    assert vocab.items.item_ids[:old_vocab.items.num_items] == old_vocab.items.item_ids and len(added) > 5
+    assert Vocabulary.load(str(tmp_path / "new" / "vocab")).size == vocab.size  # what a restart reads
+
+    before = jax.tree.map(np.asarray, old.state["params"])
+    after = jax.tree.map(np.asarray, new.state["params"])
+    token_map = old_vocab.token_map(vocab)
+    for name in ("embed", "value_bias"):
+        np.testing.assert_array_equal(after[name][token_map], before[name])  # old rows bit for bit
+    assert_trees_equal(after["blocks"], before["blocks"])
+
+    # New rows come from metadata: an item from its artist's old items, the shelf by analogy of names.
+    embed = before["embed"]
+    world = SyntheticWorldDataset(config="tiny", data_dir=data_dir, file_format="array_record").world_dir()
+    world_catalog = read_catalog(os.path.join(world, "catalog.jsonl"))
+    item = next(i for i in added if any(world_catalog[o].artist == world_catalog[i].artist
+                                        for o in old_vocab.items.item_ids))
+    same_artist = [old_vocab.item_tokens(o)[0] for o in old_vocab.items.item_ids
+                   if world_catalog[o].artist == world_catalog[item].artist]
+    np.testing.assert_allclose(after["embed"][vocab.item_tokens(item)[0]], embed[same_artist].mean(0), rtol=1e-5)
+    pieces = lambda v, s: [v.text_offset + p for p in v.sp.encode(s.replace("_", " ").lower())]  # noqa: E731
+    old_shelves = [old_vocab.shelf_token(s) for s in old_vocab.shelves]
+    expected = (embed[old_shelves].mean(0) + embed[pieces(old_vocab, "new_releases")].mean(0)
+                - np.mean([embed[pieces(old_vocab, s)].mean(0) for s in old_vocab.shelves], axis=0))
+    np.testing.assert_allclose(after["embed"][vocab.shelf_token("new_releases")], expected, rtol=1e-4, atol=1e-6)

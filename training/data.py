@@ -119,6 +119,10 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                     train_sequences.append(log.history[-data_cfg.max_history:] + [i for s in log.page for i in s.items])
     for item in held_out_items(data_cfg, prepared, catalog):
         builder.items.pop(item, None)
+    for shelf in filter(None, (s.strip() for s in data_cfg.hold_out_shelves.split(","))):
+        if builder.shelves.pop(shelf, False) is False:
+            raise ValueError(f"data.hold_out_shelves names {shelf!r}, which no page of the data has")
+        shelf_items.pop(shelf, None)
     sentencepiece_model = builder.sentencepiece(data_cfg.sentencepiece_vocab)
     items = None
     if semantic:

@@ -21,6 +21,7 @@ from homegen.model.sharding import make_mesh
 from homegen.model.transformer import TransformerConfig
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
 from homegen.training.data import build_vocabulary, prepare_data, resolve_source
+from homegen.training.extend import grow_parameters
 from homegen.training.preemption import StopSignals
 from homegen.training.reporting import Reporter
 from homegen.training.state import Trainer, count_params
@@ -90,24 +91,29 @@ def _catalog_for_checkpoint(path: str | None) -> dict | None:
     return {"items": {k: v.display() for k, v in catalog.items()}}
 
 
-def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from, resume_step
+def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from, resume_step, reporter: Reporter
                               ) -> tuple[Vocabulary, np.ndarray, dict]:
-    """The run's vocabulary (from its checkpoint, the --init_from run, or built), item counts and the
-    shelf -> items seen in the logs."""
+    """The run's vocabulary (from its checkpoint, the --init_from run, that run's extended with the data's
+    new tokens, or built), item counts and the shelf -> items seen in the logs."""
     vocab_dir = os.path.join(workdir, "vocab")
     counts_path = os.path.join(vocab_dir, "item_counts.npy")
     shelves_path = os.path.join(vocab_dir, "shelf_items.json")
+    vocab = base = None
     if checkpoints.steps():
         vocab = Vocabulary.from_json(checkpoints.read_meta(resume_step)[1]["vocab"])
     elif init_from:
-        vocab = Vocabulary.from_json(Checkpoints(checkpoint_dir(init_from), read_only=True).read_meta()[1]["vocab"])
-    else:
-        vocab = None
+        base = Vocabulary.from_json(Checkpoints(checkpoint_dir(init_from), read_only=True).read_meta()[1]["vocab"])
+        vocab = None if cfg.finetune.extend_vocabulary else base
+    elif cfg.finetune.extend_vocabulary:
+        raise ValueError("finetune.extend_vocabulary extends a trained model's vocabulary: pass --init_from RUN")
     if jax.process_index() == 0 and not os.path.exists(counts_path):
         start = time.perf_counter()
         built, counts, shelf_items = build_vocabulary(cfg.data, prepared)
         print(f"vocabulary of {built.size:,} tokens ({len(built.items.item_ids):,} items, {cfg.data.item_tokens} "
               f"item tokens) built in {time.perf_counter() - start:.0f} s", flush=True)
+        if vocab is None and base is not None:
+            vocab = base.extended_with(built)
+            reporter.message(f"extended the vocabulary of {init_from}: {_additions(base, vocab, built)}")
         vocab = vocab or built
         vocab.save(vocab_dir)
         with open(shelves_path, "w") as f:
@@ -118,6 +124,18 @@ def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from, re
     with open(shelves_path) as f:
         shelf_items = json.load(f)
     return vocab, np.load(counts_path), shelf_items
+
+
+def _additions(base: Vocabulary, extended: Vocabulary, built: Vocabulary) -> str:
+    """What extending `base` added (and which of the data's items a semantic vocabulary does not hold)."""
+    new_shelves = extended.shelves[len(base.shelves):]
+    text = (f"+{len(extended.context_tokens) - len(base.context_tokens)} context values, +{len(new_shelves)} shelf "
+            f"types ({', '.join(new_shelves) or 'none'}), +{extended.items.num_items - base.items.num_items} items")
+    missing = sum(1 for i in built.items.item_ids if i not in extended.items.index)
+    if missing:
+        text += (f"; {missing} of the data's items have no semantic ID in it and are left out of training "
+                 "(serve.py --catalog gives new items codes from their metadata)")
+    return text
 
 
 def _eligibility(prepared, shelf_items: dict) -> dict:
@@ -167,6 +185,9 @@ def lora_config(cfg) -> LoraConfig | None:
     f = cfg.finetune
     if f.lora_rank < 0:
         raise ValueError(f"finetune.lora_rank must be >= 0, got {f.lora_rank}")
+    if f.lora_rank and f.extend_vocabulary:
+        raise ValueError("finetune.extend_vocabulary changes the embedding that LoRA adapters leave frozen: extend "
+                         "in one run, then train adapters with --init_from that run")
     return LoraConfig(f.lora_rank, f.lora_alpha, f.lora_targets) if f.lora_rank else None
 
 
@@ -192,10 +213,11 @@ def _load_lora_base(trainer: Trainer, checkpoints: Checkpoints, init_from: str |
 
 
 def _initial_state(trainer: Trainer, checkpoints: Checkpoints, train_iter, workdir: str, init_from: str | None,
-                   resume_step: int | None, reporter: Reporter) -> tuple[int, dict, dict]:
+                   resume_step: int | None, reporter: Reporter, vocab: Vocabulary, catalog_path: str | None
+                   ) -> tuple[int, dict, dict]:
     """(step, state, progress) to start from: the run's own checkpoint (restoring the data iterator too),
-    else the parameters of `init_from`'s newest readable step (fresh adapters with LoRA), else a fresh
-    initialisation."""
+    else the parameters of `init_from`'s newest readable step (grown to an extended vocabulary; fresh
+    adapters with LoRA), else a fresh initialisation."""
     progress = {"examples": 0, "seconds": 0.0}  # training examples read and wall time, across resumes
     if checkpoints.steps():
         start, state = checkpoints.restore(resume_step, trainer.abstract_state(), train_iter)
@@ -211,8 +233,15 @@ def _initial_state(trainer: Trainer, checkpoints: Checkpoints, train_iter, workd
     if trainer.lora:
         return 0, trainer.init_state(), progress
     if init_from:
-        step, params = Checkpoints(checkpoint_dir(init_from), read_only=True).restore_params(
-            None, trainer.abstract_state()["params"])
+        source = Checkpoints(checkpoint_dir(init_from), read_only=True)
+        step, meta = source.read_meta()
+        base_vocab = Vocabulary.from_json(meta["vocab"])
+        if base_vocab.size == vocab.size:
+            step, params = source.restore_params(step, trainer.abstract_state()["params"])
+        else:  # an extended vocabulary: old rows copied, new ones started from metadata
+            step, params = source.restore_params(step)
+            params = grow_parameters(params, trainer.param_axes, base_vocab, vocab,
+                                     read_catalog(catalog_path) if catalog_path else {})
         reporter.message(f"initialised from {init_from} step {step}; frozen: {trainer.train_cfg.freeze or 'nothing'}")
         return 0, trainer.init_state(params), progress
     return 0, trainer.init_state(), progress
@@ -250,7 +279,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     # Data and vocabulary.
     prepared = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
     vocab, item_counts, shelf_items = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from,
-                                                                resume_step)
+                                                                resume_step, reporter)
     pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
                                   pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
                                   outcome_conditioning=cfg.data.outcome_conditioning,
@@ -269,7 +298,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
                       cfg.loss.value_weight, lora_config(cfg))
     lora_base = _load_lora_base(trainer, checkpoints, init_from, resume_step, reporter) if trainer.lora else None
     start, state, progress = _initial_state(trainer, checkpoints, train_iter, workdir, init_from, resume_step,
-                                            reporter)
+                                            reporter, vocab, prepared.catalog_path)
     trained = f" ({count_params(state['params']):,} of them LoRA adapters)" if trainer.lora else ""
     reporter.message(f"model: {count_params(trainer.abstract_params):,} parameters{trained}; vocabulary {vocab.size:,} tokens; "
                      f"mesh {dict(mesh.shape)}; {nproc} process(es)")
