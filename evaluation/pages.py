@@ -137,6 +137,16 @@ def new_items_placed(pages: list[list[dict]], slot_streams: np.ndarray, known: s
             "new_item_streams": float(np.mean(streams))}
 
 
+SHELF_COLUMNS = ("shelf_on_pages", "shelf_streams")
+
+
+def shelf_use(pages: list[list[dict]], slot_streams: np.ndarray, shelf: str) -> dict[str, float]:
+    """The share of pages that show `shelf` and the expected streams of its slots per page."""
+    shown = [[k for k, s in enumerate(page[:slot_streams.shape[1]]) if s["shelf"] == shelf] for page in pages]
+    streams = [float(slot_streams[row, rows].sum()) if rows else 0.0 for row, rows in enumerate(shown)]
+    return {"shelf_on_pages": float(np.mean([bool(rows) for rows in shown])), "shelf_streams": float(np.mean(streams))}
+
+
 def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
     """Recall and NDCG of the logged streamed items within the page (items ranked in page order)."""
     if not streamed:
@@ -150,14 +160,16 @@ def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
 
 def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int,
                    full_shelves: bool = True, beam_size: int = 4, catalog: str | None = None,
-                   split: str = "test") -> dict:
+                   split: str = "test", watch_shelf: str | None = None) -> dict:
     """The page-quality table on the world's first `num_requests` held-out requests (split "test"; the last
     `num_requests` for split "validation", where settings are chosen). With `full_shelves`
     the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
     request keeps its own bounds and homegen decides shelf lengths (the pointwise baseline always fills
     shelves to the maximum). With `catalog`, the catalog's items the checkpoint does not know are added first
     (`PageEngine.refresh_catalog`; an atomic checkpoint cannot add them) and the table reports, per page,
-    how many of them each method places, how many on "new_releases", and their expected streams."""
+    how many of them each method places, how many on "new_releases", and their expected streams. With
+    `watch_shelf` it reports the share of pages that show that shelf type and the expected streams of its
+    slots per page (a shelf type added by vocabulary extension, say)."""
     if meta["eligibility"]["kind"] != "world":
         raise ValueError(f"{checkpoint} was trained on page logs; page quality is measured under the synthetic "
                          "world's true response model, so it needs a checkpoint trained on the synthetic world")
@@ -253,6 +265,8 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                 row["predicted_streams"] = float(np.nanmean(predicted_streams(engine, parsed, plist)))
             if catalog:
                 row.update(new_items_placed(plist, slots[name], known_before, cfg.num_shelves, cfg.max_items))
+            if watch_shelf:
+                row.update(shelf_use(plist, slots[name], watch_shelf))
             if name != "logging policy":
                 logm = np.array([_log_metrics(page, s) for page, s in zip(plist, streamed)], dtype=float)
                 row.update(log_recall=float(np.nanmean(logm[:, 0])), log_ndcg=float(np.nanmean(logm[:, 1])))
@@ -262,6 +276,9 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                "catalog_coverage", "history_share", "log_recall", "log_ndcg"]
     if catalog:
         columns += list(NEW_ITEM_COLUMNS)
+    if watch_shelf:
+        columns += list(SHELF_COLUMNS)
+        print(f"watched shelf type: {watch_shelf}")
     print(f"{'':<36}" + "".join(f"{c[:12]:>13}" for c in columns))
     for name, row in table.items():
         print(f"{name:<36}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                         help="beam size: pages (default 4); next-item beam ranking (default: the run's eval.beam_size)")
     parser.add_argument("--shelves_as_requested", action="store_true",
                         help="pages: keep each request's min/max items per shelf (default: full shelves, as the oracle)")
+    parser.add_argument("--watch_shelf", default=None,
+                        help="pages: report how many pages show this shelf type and the expected streams of its slots")
     parser.add_argument("--catalog", default=None,
                         help="pages: add this catalog's new items (serve.py --catalog) before decoding, and report "
                              "where they land (a run trained with data.hold_out_release_days)")
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
             print(f"step {step} ({selected}), {summary['parameters']:,} parameters{trained}")
             summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
                                           full_shelves=not args.shelves_as_requested,
-                                          beam_size=args.beam_size or 4, catalog=args.catalog, split=args.split))
+                                          beam_size=args.beam_size or 4, catalog=args.catalog, split=args.split,
+                                          watch_shelf=args.watch_shelf))
     except ValueError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
