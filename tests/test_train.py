@@ -233,3 +233,32 @@ def test_keeps_last_and_best_checkpoints(data_dir, tmp_path):
     assert set(ckpt.steps()) == {best, 12}
     assert ckpt.best_step("validation_loss", "min") == best
     assert ckpt.manager.metrics(best)["validation_loss"] == pytest.approx(curve[best], rel=1e-5)
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(data_dir, tmp_path):
+    """Ctrl-C reaches process 1 only: JAX's preemption service has both save the same step and exit 75."""
+    cfg = tiny_config(data_dir, steps=150, log_every=1, eval_every=1000, checkpoint_every=1000)
+    cfg.data.pack = False
+    cfg.mesh.devices = 1
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+    def start():
+        port = free_port()
+        return [train_cli(tmp_path / "run", cfg, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                                  f"--process_id={i}"], env=env) for i in range(2)]
+
+    procs, lines = start(), []
+    for line in procs[0].stdout:
+        lines.append(line)
+        if "] step 10/" in line:
+            procs[1].send_signal(signal.SIGINT)
+            break
+    outputs = ["".join(lines) + procs[0].communicate(timeout=600)[0], procs[1].communicate(timeout=600)[0]]
+    steps = Checkpoints(str(tmp_path / "run" / "checkpoints"), read_only=True).steps()
+    assert [p.returncode for p in procs] == [75, 75] and len(steps) == 1 and 10 <= steps[0] < 150, outputs
+    assert f"stopped by SIGINT at step {steps[0]} of 150" in outputs[1]
+    assert f"stopped by SIGTERM at step {steps[0]} of 150" in outputs[0]  # told by the preemption service
+    assert not any("Traceback" in out for out in outputs), outputs
+    procs = start()
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and f"resumed from step {steps[0]}" in outputs[0], outputs
