@@ -243,7 +243,8 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     oracle_mean = float(values["oracle"].mean())
     table = {}
     for name, v in values.items():
-        row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean}
+        row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean,
+               "per_request": [round(float(x), 5) for x in v]}  # for paired comparisons between checkpoints
         if name.startswith("homegen beam search") and pointwise:  # paired over requests: more than noise?
             gain = v - values["pointwise (same model)"]
             row.update(vs_pointwise=float(gain.mean()), vs_pointwise_se=float(gain.std(ddof=1) / np.sqrt(len(gain))))

@@ -1,7 +1,7 @@
 """Training throughput of a config: step time, tokens/s and model FLOPs utilisation (MFU).
 
     python scripts/benchmark_train.py --config configs/demo.py [--config.train.batch_size=64] \
-        [--steps 20] [--peak_tflops 989]
+        [--steps 20] [--peak_tflops 989] [--config.finetune.lora_rank=8]
 
 Random token batches of the config's shape go through the real sharded train step with the config's loss
 (full softmax, or sampled softmax over a Zipf-popular catalog, plus the value head's loss when the model has
@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from homegen.model.loss import SampledSoftmax
 from homegen.model.sharding import make_mesh
 from homegen.model.transformer import TransformerConfig
+from homegen.training.loop import lora_config
 from homegen.training.state import Trainer, count_params
 
 config_flags.DEFINE_config_file("config", None, "A configs/<name>.py file.", lock_config=True)
@@ -81,7 +82,9 @@ def main(argv):
         sampled = SampledSoftmax.create(non_items, counts, cfg.loss.num_negatives, cfg.loss.sampler)
         output_rows = non_items + cfg.loss.num_negatives + 1
     trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
-                      cfg.loss.value_weight)
+                      cfg.loss.value_weight, lora_config(cfg))
+    if trainer.lora:  # adapters on freshly initialised parameters: the step's cost does not depend on them
+        trainer.base = trainer.fresh_params()
     state = trainer.init_state()
     b, t = cfg.train.batch_size, cfg.data.seq_len + 1
     rng = np.random.default_rng(0)
@@ -102,7 +105,9 @@ def main(argv):
     flops = model_flops_per_token(model_cfg, cfg.data.seq_len, output_rows) * tokens / step_time
     peak, source = device_peak_tflops(cfg.model.dtype)
     devices = jax.device_count()
-    print(f"{'parameters':<24}{count_params(state['params']):>16,}")
+    print(f"{'parameters':<24}{count_params(trainer.abstract_params):>16,}")
+    if trainer.lora:
+        print(f"{'trained (LoRA)':<24}{count_params(state['params']):>16,}  (rank {trainer.lora.rank})")
     print(f"{'devices':<24}{devices:>16} ({jax.devices()[0].device_kind})")
     print(f"{'batch x seq_len':<24}{f'{b} x {cfg.data.seq_len}':>16}")
     loss = (f"sampled softmax, {cfg.loss.num_negatives:,} negatives" if sampled else "full softmax")
@@ -113,6 +118,9 @@ def main(argv):
     print(f"{'model TFLOP/s':<24}{flops / 1e12:>16.3f}")
     print(f"{'peak TFLOP/s/device':<24}{peak:>16.3f}  ({source})")
     print(f"{'MFU':<24}{flops / 1e12 / (peak * devices):>16.1%}")
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        print(f"{'peak device memory':<24}{stats['peak_bytes_in_use'] / 2**30:>16.2f} GiB")
 
 
 if __name__ == "__main__":

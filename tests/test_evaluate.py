@@ -91,9 +91,11 @@ def oracle_streams_of_requests(tfds_dir: str, count: int) -> float:
 
 def test_page_evaluator_end_to_end(tiny_checkpoint, tfds_dir):
     result = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", tiny_checkpoint,
-                             "--max_users", "8"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                             "--max_users", "8", "--watch_shelf", "new_releases"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(tiny_checkpoint, "eval", "results.json")) as f:
+    results_path = os.path.join(tiny_checkpoint, "eval", "results.json")
+    with open(results_path) as f:
         out = json.load(f)
     pages = out["pages"]
     # The oracle builds each request's page under the true response model: no method's pages beat it, the
@@ -117,6 +119,38 @@ def test_page_evaluator_end_to_end(tiny_checkpoint, tfds_dir):
     assert "homegen beam search (streams)" in result.stdout
     for png in ("metrics.png", "training.png"):
         assert os.path.getsize(os.path.join(tiny_checkpoint, "eval", png)) > 5000
+    # Per-request values (for paired comparisons) and the watched shelf's use.
+    for name in ("homegen beam search (streams)", "logging policy", "oracle"):
+        assert len(pages[name]["per_request"]) == 8
+        assert np.mean(pages[name]["per_request"]) == pytest.approx(pages[name]["expected_streams"], abs=1e-4)
+    assert 0 <= pages["logging policy"]["shelf_on_pages"] <= 1 and "watched shelf type: new_releases" in result.stdout
+    assert pages["logging policy"]["shelf_streams"] <= pages["logging policy"]["expected_streams"]
+    compare_pages_between(results_path, out)
+
+
+def compare_pages_between(results_path: str, out: dict) -> None:
+    """scripts/compare_pages.py: B - A per method, paired over the requests, with its standard error."""
+    other = json.loads(json.dumps(out))
+    row = other["pages"]["homegen sampling"]
+    row["per_request"] = [v + (0.5 if k % 2 else 0.1) for k, v in enumerate(row["per_request"])]
+    row["expected_streams"] = float(np.mean(row["per_request"]))
+    b_path = results_path.replace("results.json", "results_b.json")
+    with open(b_path, "w") as f:
+        json.dump(other, f)
+    result = subprocess.run([sys.executable, "scripts/compare_pages.py", results_path, b_path, "--method",
+                             "homegen sampling", "--method", "logging policy"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    sampling = next(line for line in result.stdout.splitlines() if line.startswith("homegen sampling")).split()
+    se = np.std([0.1, 0.5] * 4, ddof=1) / np.sqrt(8)
+    assert float(sampling[-2]) == pytest.approx(0.3, abs=1e-3) and float(sampling[-1]) == pytest.approx(se, abs=1e-3)
+    assert "+0.000" in next(line for line in result.stdout.splitlines() if line.startswith("logging policy"))
+    other["requests"] = 9
+    with open(b_path, "w") as f:
+        json.dump(other, f)
+    result = subprocess.run([sys.executable, "scripts/compare_pages.py", results_path, b_path], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "different requests" in result.stderr
 
 
 def test_predicted_streams_match_the_beam_search_score(tiny_checkpoint):

@@ -54,8 +54,7 @@ class Trainer:
             abstract_trained = jax.eval_shape(self._make_trained, jax.random.key(0))
             self.trained_shardings = self._shardings(lora.adapter_axes(self.param_axes, self.lora_paths))
         else:
-            self._make_trained = lambda key: nnx.to_pure_dict(  # noqa: E731
-                nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key))))
+            self._make_trained = self._make_params
             abstract_trained, self.trained_shardings = abstract_params, self.param_shardings
         self.abstract_trained = abstract_trained
         self.tx = make_optimizer(self.train_cfg, abstract_trained)
@@ -78,6 +77,14 @@ class Trainer:
                                   out_shardings=self.replicated)
         self._merge = jax.jit(self._model_params, in_shardings=(self.trained_shardings, base_shardings),
                               out_shardings=self.param_shardings)
+
+    def _make_params(self, key: jax.Array) -> dict:
+        return nnx.to_pure_dict(nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key))))
+
+    def fresh_params(self) -> dict:
+        """New model parameters from the seed, sharded (what a LoRA benchmark trains adapters on)."""
+        with use_mesh(self.mesh, self.rules):
+            return jax.jit(self._make_params, out_shardings=self.param_shardings)(jax.random.key(self.seed))
 
     def _shardings(self, axes_tree):
         return jax.tree.map(lambda axes: NamedSharding(self.mesh, logical_to_spec(axes, self.rules)), axes_tree,
