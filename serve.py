@@ -2,7 +2,8 @@
 
     python serve.py --checkpoint RUN --user u42 [--history t1,t2] [--context hour=8,device=mobile]
     python serve.py --checkpoint RUN --requests IN.jsonl --output OUT.jsonl
-    python serve.py --checkpoint RUN --port 8080        # POST /v1/pages, GET /healthz, GET / (HTML)
+    python serve.py --checkpoint RUN --port 8080 [--watch_s 10]   # HTTP: POST /v1/pages, GET / (HTML),
+        # /healthz, /metrics, /openapi.json, POST /admin/reload
 
 --step picks a checkpoint step (default: the newest readable one; a damaged newer step is skipped with a
 warning). Requests follow FORMATS.md §4.
@@ -25,30 +26,39 @@ def _read_requests(path: str):
     """(line number, parsed request or error text) for every non-empty line."""
     from homegen.serving.requests import RequestError, parse_request
 
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                yield number, parse_request(json.loads(line))
+                yield number, parse_request(json.loads(raw.decode("utf-8")))
+            except UnicodeDecodeError as e:
+                yield number, f"not UTF-8 text (byte {e.start + 1})"
             except json.JSONDecodeError as e:
                 yield number, f"invalid JSON ({e.msg} at column {e.colno})"
+            except RecursionError:
+                yield number, "invalid JSON (nested too deeply)"
             except RequestError as e:
                 yield number, str(e)
 
 
 def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int, str]]:
-    """Writes one response per request line, in order; bad lines get {"error", "line"}. Returns the
-    (line, error) of every failed line."""
+    """Writes one response per request line, in order; bad lines get {"error", "line"}, and so does a line
+    whose request raises while decoding (the rest of its batch is decoded without it). Returns the (line,
+    error) of every failed line."""
+    from homegen.serving.batcher import generate_isolated
+
     errors: list[tuple[int, str]] = []
     with open(output, "w", encoding="utf-8") as out:
         pending: list[tuple[int, object]] = []
 
         def flush():
             good = [(n, r) for n, r in pending if not isinstance(r, str)]
-            responses = iter(engine.generate([r for _, r in good]) if good else [])
+            responses = iter(generate_isolated(engine.generate, [r for _, r in good]) if good else [])
             for number, request in pending:
                 response = {"error": request} if isinstance(request, str) else next(responses)
+                if isinstance(response, Exception):  # a bug met by this line alone: report it, go on
+                    response = {"error": f"internal error while serving this request: {type(response).__name__}"}
                 response.pop("_stats", None)
                 if "error" in response:
                     response["line"] = number
@@ -62,6 +72,41 @@ def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int
                 flush()
         flush()
     return errors
+
+
+def serve_http(engine, args) -> int:
+    """Compiles the server's decoding shapes, then serves HTTP until SIGTERM/Ctrl-C (in-flight requests are
+    finished first)."""
+    import socket
+    import time
+
+    import uvicorn
+
+    from homegen.serving.app import ServerSettings, create_app
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.worker import EngineSlot
+
+    def warmed(engine):
+        shapes = engine.warm_up()
+        print(f"compiled {shapes['shapes']} decoding shapes of step {engine.step} in {shapes['seconds']:.1f} s",
+              flush=True)
+        return engine
+
+    start = time.perf_counter()
+    warmed(engine)
+    slot = EngineSlot(engine, lambda step: warmed(PageEngine(args.checkpoint, step, objective=args.objective,
+                                                             buckets=engine.buckets)))
+    settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
+                              admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None)
+    app = create_app(slot, settings)
+    config = uvicorn.Config(app, log_level="warning", http="h11", timeout_keep_alive=5,
+                            timeout_graceful_shutdown=args.deadline_s, limit_concurrency=args.max_connections,
+                            h11_max_incomplete_event_size=64 * 1024)
+    listener = socket.create_server((args.host, args.port), backlog=2048)  # bound before we say we serve
+    print(f"serving checkpoint step {engine.step} on http://{args.host}:{listener.getsockname()[1]} "
+          f"(ready {time.perf_counter() - start:.1f} s after loading)", flush=True)
+    uvicorn.Server(config).run(sockets=[listener])
+    return 0
 
 
 def print_page(engine, response: dict) -> None:
@@ -96,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--port", type=int, default=None, help="serve HTTP on this port")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--batch_sizes", default="1,4,16",
+                        help="HTTP: batch sizes compiled at start-up (the last is the largest batch)")
+    parser.add_argument("--beam_sizes", default="1,2,4,8", help="HTTP: beam sizes compiled at start-up (rounded up to)")
+    parser.add_argument("--sample_widths", default="1,4", help="HTTP: pages sampled per request (num_pages rounded up)")
+    parser.add_argument("--max_queue", type=int, default=256, help="HTTP: requests waiting beyond it get 503")
+    parser.add_argument("--deadline_s", type=float, default=30.0, help="HTTP: a request not answered by then gets 504")
+    parser.add_argument("--max_connections", type=int, default=2048, help="HTTP: more get 503")
+    parser.add_argument("--watch_s", type=float, default=0.0,
+                        help="HTTP: look for a newer checkpoint in the run folder this often and swap it in (0: off; "
+                             "POST /admin/reload does it on demand, with HOMEGEN_ADMIN_TOKEN as its bearer token "
+                             "when that is set)")
     parser.add_argument("--catalog", default=None,
                         help="catalog JSON Lines whose new items (e.g. releases since training) are added before "
                              "serving, without retraining (semantic-ID checkpoints; POST /v1/catalog does it live)")
@@ -105,12 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
 
+    from homegen.serving.buckets import ShapeBuckets
     from homegen.serving.engine import PageEngine
     from homegen.serving.requests import RequestError, parse_request
     from homegen.training.checkpoints import CheckpointError
 
+    buckets = None
+    if args.port is not None:
+        try:
+            buckets = ShapeBuckets(*(tuple(int(x) for x in text.split(",")) for text in
+                                     (args.batch_sizes, args.beam_sizes, args.sample_widths)))
+        except ValueError as e:
+            parser.error(f"--batch_sizes/--beam_sizes/--sample_widths: {e}")
     try:
-        engine = PageEngine(args.checkpoint, args.step, objective=args.objective)
+        engine = PageEngine(args.checkpoint, args.step, objective=args.objective, buckets=buckets)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
@@ -135,15 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.port is not None:
-        from homegen.serving.http_server import make_server
-
-        server = make_server(engine, args.host, args.port)
-        print(f"serving checkpoint step {engine.step} on http://{args.host}:{server.server_port}", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        return 0
+        return serve_http(engine, args)
     context = dict(pair.split("=", 1) for pair in args.context.split(",") if "=" in pair)
     if args.intent:
         context["intent"] = args.intent

@@ -147,11 +147,13 @@ class Vocabulary:
         return out
 
     # --- sequences -----------------------------------------------------------------------------------
-    def encode_prompt(self, context: dict[str, str], intent: str | None, history: Sequence[str]) -> list[int]:
-        """BOS ctx SEP intent SEP history PAGE: everything before the generated page."""
+    def encode_prompt(self, context: dict[str, str], intent: str | None, history: Sequence[str],
+                      max_intent_tokens: int | None = None) -> list[int]:
+        """BOS ctx SEP intent SEP history PAGE: everything before the generated page (the intent's first
+        `max_intent_tokens` pieces when given)."""
         tokens = [BOS, *self.context_token_ids(context), SEP]
         if intent:
-            tokens += [self.text_offset + p for p in self.sp.encode(intent.lower())]
+            tokens += [self.text_offset + p for p in self.sp.encode(intent.lower())][:max_intent_tokens]
         tokens.append(SEP)
         for item in list(history)[-self.max_history:] if self.max_history else []:
             tokens += self.item_tokens(item) or []

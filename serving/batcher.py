@@ -1,4 +1,5 @@
-"""Dynamic batching: concurrent requests wait up to `max_wait_s` to be decoded together."""
+"""Dynamic batching: concurrent requests wait up to `max_wait_s` to be decoded together; a batch that fails
+is retried request by request, so an exception fails only the request that causes it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ from concurrent.futures import Future
 from homegen.serving.requests import PageRequest
 
 log = logging.getLogger("homegen.serve")
+
+
+def generate_isolated(generate, requests: list) -> list:
+    """`generate(requests)`, or where that raises, each request alone: a request that fails by itself gets its
+    exception in its place, and the others their responses (one bad request never fails its batch)."""
+    try:
+        return generate(requests)
+    except Exception as e:
+        if len(requests) == 1:
+            log.exception("request failed")
+            return [e]
+        log.warning("batch of %d failed (%s); retrying its requests one by one", len(requests), e)
+        return [generate_isolated(generate, [request])[0] for request in requests]
 
 
 class Batcher:
@@ -34,12 +48,8 @@ class Batcher:
                     batch.append(self._queue.get(timeout=self.max_wait_s))
                 except queue.Empty:
                     break
-            try:
-                results = self.generate([request for request, _ in batch])
-            except Exception as e:  # a bug must not kill the worker: fail this batch, keep serving
-                log.exception("batch of %d failed", len(batch))
-                for _, future in batch:
-                    future.set_exception(e)
-                continue
-            for (_, future), result in zip(batch, results):
-                future.set_result(result)
+            for (_, future), outcome in zip(batch, generate_isolated(self.generate, [r for r, _ in batch])):
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)

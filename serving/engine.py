@@ -18,6 +18,7 @@ from homegen.model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, 
 from homegen.model.grammar import PageGrammar, PageRules
 from homegen.model.scoring import score_tokens
 from homegen.model.transformer import TransformerConfig, abstract_model
+from homegen.serving.buckets import ShapeBuckets, smallest_at_least
 from homegen.serving.eligibility import Eligibility
 from homegen.serving.requests import PageRequest, RequestError
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
@@ -43,15 +44,17 @@ def _bucket(n: int, minimum: int, factor: int = 2) -> int:
     return size
 
 
-def stack_rules(rules: list[dict[str, np.ndarray]], rows: int) -> PageRules:
+def stack_rules(rules: list[dict[str, np.ndarray]], rows: int, width: int | None = None) -> PageRules:
     """One PageRules for `rows` rows from per-request rules (`PageEngine._rules`): index lists padded with -1
-    to a bucketed common length, unused rows repeating the first request."""
+    to a bucketed common length (or to `width`, history-dependent pairs beyond it dropped: a smaller eligible
+    set, still valid pages), unused rows repeating the first request."""
     rules = rules + [rules[0]] * (rows - len(rules))
     stacked = {}
     for key in rules[0]:
         if key in INDEX_LISTS:
-            width = _bucket(max(len(r[key]) for r in rules), 64, factor=4)  # 64, 256, 1024, ...
-            stacked[key] = np.stack([np.pad(r[key], (0, width - len(r[key])), constant_values=-1) for r in rules])
+            size = width or _bucket(max(len(r[key]) for r in rules), 64, factor=4)  # 64, 256, 1024, ...
+            stacked[key] = np.stack([np.pad(r[key][:size], (0, size - len(r[key][:size])), constant_values=-1)
+                                     for r in rules])
         else:
             stacked[key] = np.stack([r[key] for r in rules])
     return PageRules(**{k: jnp.asarray(v) for k, v in stacked.items()})
@@ -60,14 +63,18 @@ def stack_rules(rules: list[dict[str, np.ndarray]], rows: int) -> PageRules:
 class PageEngine:
     """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog."""
 
-    def __init__(self, path: str, step: int | None = None, use_cache: bool = True, objective: str = "auto"):
+    def __init__(self, path: str, step: int | None = None, use_cache: bool = True, objective: str = "auto",
+                 buckets: ShapeBuckets | None = None):
         """`objective` of beam search: `likelihood`, `streams` (needs a value head) or `auto` (`streams`
-        when the checkpoint has a value head)."""
+        when the checkpoint has a value head). With `buckets` every request decodes in one of their shapes
+        (compile them first with `warm_up`); without, shapes follow the requests."""
+        self.buckets = buckets
         self.use_cache = use_cache  # False: recompute every step (only to measure what the cache buys)
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
         self.step, (meta, self.graphdef, self.params) = checkpoints.first_readable(
             lambda s: _restore_model(checkpoints, s), step)
         self.model_cfg = TransformerConfig(**meta["model"])
+        self.seq_len = int(meta["config"]["data"]["seq_len"])  # the training rows' length: prompts stay within
         self.path = path
         self.objective = self._check_objective(objective)
         self.candidates, self.prior_weight = STREAM_CANDIDATES, PRIOR_WEIGHT  # `streams` beam search
@@ -143,20 +150,51 @@ class PageEngine:
 
     def prompt(self, request: PageRequest) -> list[int]:
         """The request's prompt tokens; a model trained with outcome conditioning is asked for the best
-        outcome bucket unless the request's context names one."""
+        outcome bucket unless the request's context names one. The intent keeps as many pieces as fit in a
+        training row beside the rest of the prompt and the longest page the request allows (none when
+        nothing fits), so a prompt never outgrows what the model was trained on."""
         context = request.context
         if self.vocab.conditions_on_outcome() and OUTCOME_FIELD not in context:
             context = {**context, OUTCOME_FIELD: BEST_OUTCOME}
-        return self.vocab.encode_prompt(context, request.intent, request.history)
+        without_intent = self.vocab.encode_prompt(context, None, request.history)
+        if not request.intent:
+            return without_intent
+        page = self.grammar.max_length(request.num_shelves, request.max_items_per_shelf)
+        room = max(self.seq_len - len(without_intent) - page, 0)
+        return self.vocab.encode_prompt(context, request.intent, request.history, max_intent_tokens=room)
 
     def _batch(self, requests: list[PageRequest], rules: list[dict[str, np.ndarray]]):
         """Prompts and rules of a group, padded to bucketed shapes (rows, prompt length) so that few shapes
-        compile."""
+        compile (with `buckets`, to theirs)."""
         prompts = [self.prompt(r) for r in requests]
-        rows = _bucket(len(requests), 1)
-        length = _bucket(max(len(p) for p in prompts), 16)
+        if self.buckets:
+            rows, length = smallest_at_least(self.buckets.rows, len(requests)), self.prompt_length
+            width = self.buckets.index_width
+        else:
+            rows, length, width = _bucket(len(requests), 1), _bucket(max(len(p) for p in prompts), 16), None
         tokens, lengths = pad_prompts(prompts, rows, length)
-        return jnp.asarray(tokens), jnp.asarray(lengths), stack_rules(rules, rows)
+        return jnp.asarray(tokens), jnp.asarray(lengths), stack_rules(rules, rows, width)
+
+    @property
+    def prompt_length(self) -> int:
+        """The one padded prompt length with `buckets`: a training row, or the longest prompt without an
+        intent if that is longer (see `prompt`), in multiples of 16."""
+        longest = 4 + len({t.split("=", 1)[0] for t in self.vocab.context_tokens}) + \
+            self.vocab.max_history * self.vocab.items.tokens_per_item
+        return -(-max(self.seq_len, longest) // 16) * 16
+
+    def warm_up(self) -> dict[str, float]:
+        """Compiles every shape of `buckets` (decoding a throwaway batch of each); returns how many and the
+        seconds it took."""
+        start = time.perf_counter()
+        shapes = self.buckets.shapes()
+        for mode, width, rows in shapes:
+            fields = {"beam_size": width} if mode == "beam" else {"temperature": 1.0, "num_pages": width,
+                                                                   "beam_size": width}
+            request = PageRequest(user_id="warm-up", num_shelves=1, min_items_per_shelf=1, max_items_per_shelf=1,
+                                  **fields)
+            self.generate([request] * rows)
+        return {"shapes": len(shapes), "seconds": time.perf_counter() - start}
 
     # --- decoding -------------------------------------------------------------------------------------
     def generate(self, requests: list[PageRequest], objective: str | None = None) -> list[dict]:
@@ -168,18 +206,24 @@ class PageEngine:
 
     def _generate(self, requests: list[PageRequest], objective: str | None) -> list[dict]:
         objective = self._check_objective(objective) if objective else self.objective
+        requests = list(requests)
         responses: list[dict | None] = [None] * len(requests)
         rules: dict[int, dict[str, np.ndarray]] = {}
         groups: dict[tuple, list[int]] = {}
         for k, r in enumerate(requests):
             try:
+                if self.buckets:
+                    requests[k] = r = self.buckets.fit(r)
                 rules[k] = self._rules(r)
             except RequestError as e:
                 responses[k] = {"error": str(e)}
                 continue
-            shape = (r.num_shelves, r.max_items_per_shelf)
-            key = (("beam", r.beam_size, *shape, objective) if r.temperature == 0
-                   else ("sample", r.num_pages, *shape, None))
+            if self.buckets:  # one page buffer for every request: the longest page the server allows
+                shape = (self.buckets.max_shelves, self.buckets.max_items_per_shelf)
+                width = self.buckets.width(r)
+            else:
+                shape, width = (r.num_shelves, r.max_items_per_shelf), r.beam_size if r.temperature == 0 else r.num_pages
+            key = ("beam", width, *shape, objective) if r.temperature == 0 else ("sample", width, *shape, None)
             groups.setdefault(key, []).append(k)
         for key, members in groups.items():
             group = self._generate_group(key, [requests[k] for k in members], [rules[k] for k in members])

@@ -7,6 +7,12 @@ import dataclasses
 MAX_SHELVES = 20
 MAX_ITEMS_PER_SHELF = 50
 MAX_BEAM = 16
+# Bounds on what a client may send (longer input is refused with a reason, never decoded): the prompt
+# keeps the newest `max_history` history items and as many intent pieces as the model's rows hold.
+MAX_TEXT = 256  # characters of an id, a context key or value
+MAX_INTENT = 1_000  # characters of a free-text intent
+MAX_IDS = 10_000  # entries of history, exclude_items
+MAX_CONTEXT_FIELDS = 64
 
 
 class RequestError(ValueError):
@@ -50,11 +56,24 @@ def _float(obj: dict, key: str, default: float, low: float, high: float) -> floa
     return float(value)
 
 
-def _ids(obj: dict, key: str) -> list[str]:
+def _text(value: str, what: str, limit: int = MAX_TEXT) -> str:
+    """`value` if it is valid Unicode text of at most `limit` characters."""
+    if len(value) > limit:
+        raise RequestError(f"{what} has {len(value):,} characters; at most {limit:,} are accepted")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+def _ids(obj: dict, key: str, limit: int = MAX_IDS) -> list[str]:
     value = obj.get(key) or []
     if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
         raise RequestError(f"'{key}' must be a list of ids")
-    return [str(v) for v in value]
+    if len(value) > limit:
+        raise RequestError(f"'{key}' has {len(value):,} entries; at most {limit:,} are accepted")
+    return [_text(str(v), f"an id in '{key}'") for v in value]
 
 
 def parse_request(obj) -> PageRequest:
@@ -66,24 +85,34 @@ def parse_request(obj) -> PageRequest:
     user = obj.get("user_id")
     if user is not None and (isinstance(user, bool) or not isinstance(user, (str, int))):
         raise RequestError("'user_id' must be a string")
+    if user is not None:
+        user = _text(str(user), "'user_id'")
     context = obj.get("context") or {}
     if not isinstance(context, dict):
         raise RequestError("'context' must be an object")
+    if len(context) > MAX_CONTEXT_FIELDS:
+        raise RequestError(f"'context' has {len(context)} fields; at most {MAX_CONTEXT_FIELDS} are accepted")
     intent = context.get("intent")
     if intent is not None and not isinstance(intent, str):
         raise RequestError("'context.intent' must be a string")
+    if intent is not None:
+        intent = _text(intent, "'context.intent'", MAX_INTENT)
     fields = {}
     for key, value in context.items():
         if key == "intent" or value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise RequestError(f"context field {key!r} must be a string or number")
-        fields[key] = str(value)
+        fields[_text(key, "a context field name")] = _text(str(value), f"context field {key!r}")
     allowed = obj.get("allowed_shelves")
     if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(s, str) for s in allowed)):
         raise RequestError("'allowed_shelves' must be a list of shelf names")
+    if allowed is not None:
+        if len(allowed) > MAX_IDS:
+            raise RequestError(f"'allowed_shelves' has {len(allowed):,} entries; at most {MAX_IDS:,} are accepted")
+        allowed = [_text(s, "a name in 'allowed_shelves'") for s in allowed]
     request = PageRequest(
-        user_id=None if user is None else str(user), history=_ids(obj, "history"), context=fields,
+        user_id=user, history=_ids(obj, "history"), context=fields,
         intent=intent or None,
         num_shelves=_int(obj, "num_shelves", 6, 1, MAX_SHELVES),
         min_items_per_shelf=_int(obj, "min_items_per_shelf", 4, 1, MAX_ITEMS_PER_SHELF),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,6 +116,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(engine, settings=None, make_engine=None):
+    """serving/app.py's server for `engine` (warmed up if it has buckets) on a free port, in a thread: yields
+    (base URL, app)."""
+    import threading
+
+    import uvicorn
+
+    from homegen.serving.app import ServerSettings, create_app
+    from homegen.serving.worker import EngineSlot
+
+    if engine.buckets:
+        engine.warm_up()
+    app = create_app(EngineSlot(engine, make_engine or (lambda step: engine)), settings or ServerSettings())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           http="h11", timeout_keep_alive=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, running_server
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,7 +29,6 @@ from homegen.model.decoding import beam_search, length_penalty, sample
 from homegen.model.grammar import PageGrammar, PageRules
 from homegen.model.transformer import Transformer, TransformerConfig
 from homegen.serving.engine import PageEngine
-from homegen.serving.http_server import make_server
 from homegen.serving.requests import parse_request
 from homegen.serving.validity import PageValidator
 
@@ -298,8 +296,8 @@ def test_page_table_of_a_semantic_checkpoint(tiny_semantic_checkpoint):
         assert 0 < pages[name]["expected_streams"] < pages["oracle"]["expected_streams"]
 
 
-def _post(port: int, path: str, obj) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(obj).encode(), method="POST")
+def _post(url: str, path: str, obj) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", json.dumps(obj).encode(), method="POST")
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
             return r.status, json.loads(r.read())
@@ -325,22 +323,16 @@ def test_catalog_refresh_places_new_releases_without_retraining(tiny_semantic_ch
     request = parse_request(obj)
     assert "eligible items left" in engine.generate([request])[0]["error"]
 
-    server = make_server(engine, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_port
-        code, body = _post(port, "/v1/catalog", {"catalog": str(tmp_path / "missing.jsonl")})
+    with running_server(engine) as (url, _):
+        code, body = _post(url, "/v1/catalog", {"catalog": str(tmp_path / "missing.jsonl")})
         assert code == 400 and "missing.jsonl" in body["error"]
         (tmp_path / "bad.jsonl").write_text('{"item_id": "x1"}\n{"title": "no id"}\n')
-        code, body = _post(port, "/v1/catalog", {"catalog": str(tmp_path / "bad.jsonl")})
+        code, body = _post(url, "/v1/catalog", {"catalog": str(tmp_path / "bad.jsonl")})
         assert code == 400 and "bad.jsonl:2" in body["error"], body
-        code, body = _post(port, "/v1/catalog", {"catalog": catalog})
+        code, body = _post(url, "/v1/catalog", {"catalog": catalog})
         assert code == 200 and body["added"] == len(new) and body["placeable"] >= 4, body
-        assert _post(port, "/v1/catalog", {"catalog": catalog})[1]["added"] == 0
-        code, response = _post(port, "/v1/pages", obj)
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert _post(url, "/v1/catalog", {"catalog": catalog})[1]["added"] == 0
+        code, response = _post(url, "/v1/pages", obj)
     assert code == 200, response
     assert engine.vocab.size == vocab_size and set(new) <= set(engine.vocab.items.item_ids)
     assert_valid(PageValidator(engine.vocab, engine.eligibility_spec), request, response)

@@ -3,6 +3,7 @@ HTTP API under concurrency, and the HTML view in headless Chromium."""
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -12,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from homegen.serving.app import ServerSettings
 from homegen.serving.engine import PageEngine
-from homegen.serving.http_server import make_server
 from homegen.serving.requests import parse_request
 from homegen.serving.validity import PageValidator
 
@@ -212,8 +213,15 @@ def test_a_page_that_cannot_be_served_exits_nonzero(tiny_checkpoint, monkeypatch
     assert capsys.readouterr().err.strip() == f"serve.py: error: {failed['error']}"
 
 
+SMALL_BUCKETS = dict(rows=(1, 8), beam_sizes=(1, 4), sample_widths=(2,))  # 6 shapes: a quick warm-up
+
+
 @pytest.fixture(scope="module")
-def server(engine):
+def server(tiny_checkpoint):
+    """The HTTP server on its own bucketed engine; `calls` records the size of every decoded batch."""
+    from homegen.serving.buckets import ShapeBuckets
+
+    engine = PageEngine(tiny_checkpoint, buckets=ShapeBuckets(**SMALL_BUCKETS))
     calls = []
     original = engine.generate
 
@@ -222,12 +230,9 @@ def server(engine):
         return original(requests)
 
     engine.generate = counting
-    httpd = make_server(engine, "127.0.0.1", 0, max_batch=8, max_wait_s=0.05)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}", calls
-    httpd.shutdown()
-    engine.generate = original
+    with running_server(engine, ServerSettings(max_wait_s=0.05)) as (url, _):
+        calls.clear()  # the warm-up's batches
+        yield url, calls
 
 
 def post(url, body, raw=False):
@@ -243,7 +248,7 @@ def post(url, body, raw=False):
 def test_http_api_under_concurrency(validator, server):
     url, calls = server
     with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
-        assert json.loads(r.read()) == {"status": "ok", "checkpoint_step": 30}
+        assert json.loads(r.read()) == {"status": "ok", "checkpoint_step": 30, "reloading": False}
     post(url, {"user_id": "warm", "num_shelves": 2, "max_items_per_shelf": 5})  # compile once
     calls.clear()
     good = [{"user_id": f"u{k}", "num_shelves": 2, "max_items_per_shelf": 5, "exclude_items": [f"t{k}"]}
@@ -296,3 +301,123 @@ def test_scale_benchmark_decodes_every_request(tmp_path):
              if "per request" in line]
     assert len(sizes) == 4 and len(set(sizes)) == 1, result.stdout
     assert result.stdout.count("batch   2, beam 4: p50") == 4 and result.stdout.count("tokens/s") == 4
+
+
+# --- hostile input (issue 12's defects, each reproduced before its fix) -----------------------------------
+
+def test_one_failing_request_fails_alone():
+    from homegen.serving.batcher import Batcher, generate_isolated
+
+    def generate(requests):
+        if "bad" in requests:
+            raise RuntimeError("boom")
+        return [f"page for {r}" for r in requests]
+
+    outcomes = generate_isolated(generate, ["a", "bad", "c"])
+    assert outcomes[0] == "page for a" and outcomes[2] == "page for c" and isinstance(outcomes[1], RuntimeError)
+    batcher = Batcher(generate, max_batch=8, max_wait_s=0.2)
+    futures = [batcher.submit(r) for r in ["x", "bad", "y", "z"]]
+    assert [futures[k].result(timeout=30) for k in (0, 2, 3)] == ["page for x", "page for y", "page for z"]
+    with pytest.raises(RuntimeError, match="boom"):
+        futures[1].result(timeout=30)
+
+
+@pytest.mark.parametrize("body,reason", [
+    ({"user_id": "u", "context": {"intent": "\ud800"}}, "'context.intent' is not valid Unicode text"),
+    ({"user_id": "u\udfff"}, "'user_id' is not valid Unicode text"),
+    ({"user_id": "u", "context": {"intent": "x" * 10_000}}, "10,000 characters; at most 1,000"),
+    ({"user_id": "u", "history": ["t1"] * 10_001}, "'history' has 10,001 entries"),
+    ({"user_id": "u", "exclude_items": ["t" * 300]}, "an id in 'exclude_items' has 300 characters"),
+    ({"user_id": "u", "context": {f"k{i}": i for i in range(65)}}, "'context' has 65 fields"),
+])
+def test_hostile_fields_are_refused_with_a_reason(body, reason):
+    from homegen.serving.requests import RequestError
+
+    with pytest.raises(RequestError, match=reason.replace("(", r"\(")):
+        parse_request(body)
+
+
+def test_long_intents_are_cut_to_what_a_training_row_holds(engine):
+    for intent in ("chill evening jazz " * 50, "x" * 1_000):
+        request = parse_request({"user_id": "u", "history": engine.vocab.items.item_ids[:40],
+                                 "context": {"intent": intent}, "num_shelves": 2, "max_items_per_shelf": 5})
+        page_tokens = engine.grammar.max_length(2, 5)
+        assert len(engine.prompt(request)) + page_tokens <= engine.seq_len
+    [response] = engine.generate([request])
+    assert response["page"]
+
+
+def raw_exchange(url: str, data: bytes, wait_s: float = 10.0) -> bytes:
+    """Sends raw bytes to the server and returns everything it answers until it closes or goes quiet."""
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def test_http_hostile_requests(server):
+    url, _ = server
+    # A lone surrogate among valid requests: it gets a 400, every other request its page.
+    bodies = [{"user_id": f"u{k}", "num_shelves": 2, "max_items_per_shelf": 5} for k in range(7)]
+    bodies.insert(3, {"user_id": "u", "context": {"intent": "\ud800"}, "num_shelves": 2})
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: post(url, json.dumps(b).encode(), raw=True), bodies))
+    assert [status for status, _ in results] == [200] * 3 + [400] + [200] * 4, results
+    assert "not valid Unicode" in results[3][1]["error"]
+    # Deeply nested JSON is a 400, not an uncaught RecursionError.
+    status, response = post(url, b"[" * 100_000 + b"]" * 100_000, raw=True)
+    assert status == 400 and "nested too deeply" in response["error"]
+    # A body over the limit gets a 413 and the connection closes: a request hidden in it is never served.
+    hidden = b"POST /v1/pages HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n\r\n{\"user_id\": \"h\"}"
+    answer = raw_exchange(url, b"POST /v1/pages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (2 << 20) + hidden)
+    assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1") == 1 and b'"user_id"' not in answer
+    # Content-Length: -1 is a 400 that closes the connection (it used to hold a thread forever).
+    answer = raw_exchange(url, b"POST /v1/pages HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1") == 1
+    # "²" is a digit to str.isdigit but not to int(): the HTML view answers with the reason.
+    with urllib.request.urlopen(url + "/?user_id=u&num_shelves=%C2%B2", timeout=60) as r:
+        assert r.status == 200 and "num_shelves" in r.read().decode()
+    # HEAD and OPTIONS are answered (they were 501).
+    for method, code in (("HEAD", 200), ("OPTIONS", 204)):
+        with urllib.request.urlopen(urllib.request.Request(url + "/healthz", method=method), timeout=30) as r:
+            assert r.status == code
+            assert method == "HEAD" or "POST" in r.headers["Allow"]
+
+
+def test_http_slow_clients_time_out(tiny_checkpoint):
+    engine = PageEngine(tiny_checkpoint)
+    with running_server(engine, ServerSettings(client_timeout_s=1.0)) as (url, _):
+        answer = raw_exchange(url, b"POST /v1/pages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"us")
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer, answer
+        # 1,000 idle connections cost no thread each (the server is one event loop), and it still answers.
+        threads = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(1000)]
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
+                assert r.status == 200
+            assert threading.active_count() < threads + 5
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_batch_file_survives_hostile_lines(tiny_checkpoint, tmp_path):
+    good = json.dumps({"user_id": "u1", "num_shelves": 2}).encode()
+    lines = [good, b'{"user_id": "u", "context": {"intent": "\\ud800"}}', b"[" * 50_000 + b"]" * 50_000,
+             b'{"user_id": "caf\xe9"}', good]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    result = subprocess.run([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint, "--requests",
+                             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o.get("line") for o in out] == [None, 2, 3, 4, None]
+    assert "not valid Unicode" in out[1]["error"] and "nested too deeply" in out[2]["error"]
+    assert "not UTF-8" in out[3]["error"] and out[0]["page"] and out[4]["page"]

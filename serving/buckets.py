@@ -1,0 +1,68 @@
+"""The decoding shapes a server compiles at start-up, so that no request waits for a compile.
+
+A request is served in one of a few fixed shapes: its beam size (or, when sampling, its number of pages) is
+rounded up to the next of `beam_sizes` (`sample_widths`), its batch is padded to the next of `rows`, every
+prompt to one length and every page buffer to the longest page the server allows. What cannot be rounded
+(more shelves, longer shelves or more exclusions than the server allows, a beam wider than the widest) is
+refused with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from homegen.serving.requests import PageRequest, RequestError
+
+
+def smallest_at_least(sizes: tuple[int, ...], n: int) -> int:
+    """The first of `sizes` (ascending) that is >= n."""
+    return next(size for size in sizes if size >= n)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeBuckets:
+    rows: tuple[int, ...] = (1, 4, 16)  # batch sizes; the last is the server's largest batch
+    beam_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    sample_widths: tuple[int, ...] = (1, 4)  # pages sampled per request (num_pages rounded up)
+    max_shelves: int = 10
+    max_items_per_shelf: int = 20
+    index_width: int = 1024  # exclusions a request may list; history-dependent eligibility pairs kept
+
+    def __post_init__(self):
+        for name in ("rows", "beam_sizes", "sample_widths"):
+            sizes = getattr(self, name)
+            if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+                raise ValueError(f"{name} must be increasing positive sizes, got {sizes}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.rows[-1]
+
+    def fit(self, request: PageRequest) -> PageRequest:
+        """The request in this server's shapes (beam size rounded up), or RequestError saying what is over."""
+        limits = (("num_shelves", request.num_shelves, self.max_shelves),
+                  ("max_items_per_shelf", request.max_items_per_shelf, self.max_items_per_shelf),
+                  ("exclude_items", len(request.exclude_items), self.index_width))
+        for name, value, limit in limits:
+            if value > limit:
+                raise RequestError(f"'{name}' is {value}; this server allows at most {limit}")
+        if request.temperature == 0:
+            if request.beam_size > self.beam_sizes[-1]:
+                raise RequestError(f"'beam_size' is {request.beam_size}; this server allows at most "
+                                   f"{self.beam_sizes[-1]}")
+            return dataclasses.replace(request, beam_size=smallest_at_least(self.beam_sizes, request.beam_size))
+        if request.num_pages > self.sample_widths[-1]:
+            raise RequestError(f"'num_pages' is {request.num_pages}; this server samples at most "
+                               f"{self.sample_widths[-1]}")
+        return request
+
+    def width(self, request: PageRequest) -> int:
+        """Beams, or sampled pages, that a (fitted) request decodes."""
+        if request.temperature == 0:
+            return request.beam_size
+        return smallest_at_least(self.sample_widths, request.num_pages)
+
+    def shapes(self) -> list[tuple[str, int, int]]:
+        """Every (mode, width, rows) the server compiles at start-up."""
+        return ([("beam", w, r) for w in self.beam_sizes for r in self.rows]
+                + [("sample", w, r) for w in self.sample_widths for r in self.rows])
