@@ -10,7 +10,8 @@ warning). Requests follow FORMATS.md §4.
 
 Exit status: 0 when every page was served; 1 when a request failed (batch mode: any line got an error
 object; every line still gets its response and a one-line summary goes to stderr); 2 for bad arguments or a
-checkpoint that cannot be read.
+checkpoint that cannot be read. The HTTP server runs until SIGTERM or Ctrl-C, answers the requests it has
+received, then ends as terminated by that signal.
 """
 
 from __future__ import annotations

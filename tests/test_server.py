@@ -188,3 +188,38 @@ def test_sigterm_drains_requests_in_flight(tiny_checkpoint):
     assert server.returncode == -signal.SIGTERM and "Traceback" not in out, out
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_no_request_compiles_after_warm_up(tiny_checkpoint):
+    """Every shape a request can take is compiled by warm_up: mixed beam sizes, page sizes, sampling, intents,
+    exclusions and batch sizes then decode with no XLA compile at all (beam sizes are rounded up)."""
+    import jax
+
+    from homegen.serving.batcher import generate_isolated
+    from homegen.serving.buckets import ShapeBuckets
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import parse_request
+
+    engine = PageEngine(tiny_checkpoint, buckets=ShapeBuckets(rows=(1, 4), beam_sizes=(1, 4), sample_widths=(2,)))
+    assert engine.warm_up()["shapes"] == 6
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        items = engine.vocab.items.item_ids
+        bodies = [{"user_id": "u1", "beam_size": 3, "num_shelves": 5, "max_items_per_shelf": 7},
+                  {"user_id": "u2", "beam_size": 1, "num_shelves": 1, "context": {"intent": "late night jazz " * 40}},
+                  {"history": items[:30], "temperature": 0.7, "num_pages": 2, "seed": 3, "num_shelves": 3},
+                  {"user_id": "u3", "exclude_items": items[:300], "beam_size": 2, "min_items_per_shelf": 2}]
+        requests = [parse_request(b) for b in bodies]
+        for batch in ([requests[0]], requests, requests[:3]):
+            responses = generate_isolated(engine.generate, batch)
+            assert all("page" in r for r in responses), responses
+        assert compiles == []
+        assert "at most 4" in engine.generate([parse_request({"user_id": "u", "beam_size": 8})])[0]["error"]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
