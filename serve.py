@@ -47,7 +47,7 @@ def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int
     """Writes one response per request line, in order; bad lines get {"error", "line"}, and so does a line
     whose request raises while decoding (the rest of its batch is decoded without it). Returns the (line,
     error) of every failed line."""
-    from homegen.serving.batcher import generate_isolated
+    from homegen.serving.worker import generate_isolated
 
     errors: list[tuple[int, str]] = []
     with open(output, "w", encoding="utf-8") as out:

@@ -163,11 +163,9 @@ def _documented(*codes: int) -> dict:
 def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) -> FastAPI:
     """The ASGI app serving `slot`'s engine; its decoding worker starts now and stops (after finishing what
     is queued) when the app shuts down."""
-    worker_ref: dict = {}
-    metrics = Metrics(lambda: worker_ref["worker"].depth() if "worker" in worker_ref else 0, lambda: slot.step)
+    metrics = Metrics(lambda: worker.depth(), lambda: slot.step)  # read at scrape time, when worker exists
     worker = DecodeWorker(slot, slot.engine.buckets.max_batch if slot.engine.buckets else 16, settings.max_wait_s,
                           settings.max_queue, on_batch=metrics.batch)
-    worker_ref["worker"] = worker
     stop_watching = threading.Event()
 
     def watch() -> None:
@@ -207,9 +205,6 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
             future.cancel()
             metrics.errors.labels("deadline").inc()
             return 504, {"error": f"no page within the {settings.deadline_s:g} s deadline"}, None
-        except RequestError as e:
-            metrics.errors.labels("bad_request").inc()
-            return 400, {"error": str(e)}, None
         except Exception as e:  # a bug met by this request alone (its batch was decoded without it)
             log.exception("request failed")
             metrics.errors.labels("internal").inc()

@@ -1,5 +1,6 @@
-"""The decoding worker behind the HTTP server: a bounded queue, dynamic batches, per-request deadlines, and
-the engine slot that a newer checkpoint is swapped into without failing a request in flight."""
+"""The decoding worker behind the HTTP server: a bounded queue, dynamic batches, per-request deadlines,
+isolation of a failing request from its batch (`generate_isolated`, which batch-file mode uses too), and the
+engine slot that a newer checkpoint is swapped into without failing a request in flight."""
 
 from __future__ import annotations
 
@@ -11,11 +12,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from homegen.serving.batcher import generate_isolated
 from homegen.serving.requests import PageRequest
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
 
 log = logging.getLogger("homegen.serve")
+
+
+def generate_isolated(generate, requests: list) -> list:
+    """`generate(requests)`, or where that raises, each request alone: a request that fails by itself gets its
+    exception in its place, and the others their responses (one bad request never fails its batch)."""
+    try:
+        return generate(requests)
+    except Exception as e:
+        if len(requests) == 1:
+            log.exception("request failed")
+            return [e]
+        log.warning("batch of %d failed (%s); retrying its requests one by one", len(requests), e)
+        return [generate_isolated(generate, [request])[0] for request in requests]
 
 
 class QueueFull(RuntimeError):

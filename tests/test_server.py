@@ -195,10 +195,10 @@ def test_no_request_compiles_after_warm_up(tiny_checkpoint):
     exclusions and batch sizes then decode with no XLA compile at all (beam sizes are rounded up)."""
     import jax
 
-    from homegen.serving.batcher import generate_isolated
     from homegen.serving.buckets import ShapeBuckets
     from homegen.serving.engine import PageEngine
     from homegen.serving.requests import parse_request
+    from homegen.serving.worker import generate_isolated
 
     engine = PageEngine(tiny_checkpoint, buckets=ShapeBuckets(rows=(1, 4), beam_sizes=(1, 4), sample_widths=(2,)))
     assert engine.warm_up()["shapes"] == 6
