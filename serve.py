@@ -100,7 +100,9 @@ def serve_http(engine, args) -> int:
     settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
                               admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None)
     app = create_app(slot, settings)
-    config = uvicorn.Config(app, log_level="warning", http="h11", timeout_keep_alive=5,
+    # Python's own asyncio loop rather than uvloop (which orbax installs): the loop is not this server's
+    # bottleneck (decoding is), and it keeps libuv's native signal handling out of a process that runs JAX.
+    config = uvicorn.Config(app, log_level="warning", http="h11", loop="asyncio", timeout_keep_alive=5,
                             timeout_graceful_shutdown=args.deadline_s, limit_concurrency=args.max_connections,
                             h11_max_incomplete_event_size=64 * 1024)
     listener = socket.create_server((args.host, args.port), backlog=2048)  # bound before we say we serve

@@ -133,7 +133,7 @@ def running_server(engine, settings=None, make_engine=None):
         engine.warm_up()
     app = create_app(EngineSlot(engine, make_engine or (lambda step: engine)), settings or ServerSettings())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
-                                           http="h11", timeout_keep_alive=5))
+                                           http="h11", loop="asyncio", timeout_keep_alive=5))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
