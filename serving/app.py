@@ -171,7 +171,8 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
     def watch() -> None:
         while not stop_watching.wait(settings.watch_s):
             newest = slot.newest_step()
-            if newest is not None and newest > slot.step and not slot.reloading:
+            failed = slot.last_reload.get("error") and slot.last_reload.get("step") == newest  # not again
+            if newest is not None and newest > slot.step and not slot.reloading and not failed:
                 log.info("found checkpoint step %d (serving %d): loading it", newest, slot.step)
                 slot.reload(newest)
 

@@ -90,7 +90,7 @@ class EngineSlot:
             log.info("swapped in checkpoint step %d (was %d) after %.1f s", engine.step, previous,
                      time.perf_counter() - start)
         except Exception as e:  # a damaged or missing step: keep serving the one we have
-            self.last_reload = {"error": f"{type(e).__name__}: {e}"}
+            self.last_reload = {"step": step, "error": f"{type(e).__name__}: {e}"}
             log.exception("reload failed; still serving step %d", self.engine.step)
         finally:
             self._reloading.release()
