@@ -28,6 +28,20 @@ def shared_file(*parts: str) -> str:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Frees each test module's compiled XLA programs when it ends. Every CPU executable maps memory of its
+    own, and one process running the whole suite otherwise passes the kernel's limit on memory maps
+    (vm.max_map_count, 65,530), after which the next compile crashes with a segmentation fault."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_world_dir(tmp_path_factory) -> str:
     from homegen.data.simulator.simulate import write_world
