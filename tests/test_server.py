@@ -162,32 +162,37 @@ def test_sigterm_drains_requests_in_flight(tiny_checkpoint):
                                "--batch_sizes", "1,8", "--beam_sizes", "4", "--sample_widths", "1"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in server.stdout:
-        lines.append(line)
-        if "serving checkpoint step" in line:
-            break
-    assert "compiled 4 decoding shapes" in "".join(lines), lines
-    body = {"num_shelves": 6, "max_items_per_shelf": 10, "beam_size": 4}
-    connections = []
-    for k in range(12):  # all received before the signal: in the queue or being decoded
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        conn.request("POST", "/v1/pages", json.dumps({**body, "user_id": f"u{k}"}),
-                     {"Content-Type": "application/json"})
-        connections.append(conn)
-    deadline = time.time() + 60
-    while "homegen_requests_in_flight 12.0" not in call(f"http://127.0.0.1:{port}", "/metrics")[1]:
-        assert time.time() < deadline, "the requests never arrived"
-        time.sleep(0.01)
-    server.send_signal(signal.SIGTERM)
-    responses = [conn.getresponse() for conn in connections]
-    assert [r.status for r in responses] == [200] * 12
-    assert all(json.loads(r.read())["page"] for r in responses)
-    out, _ = server.communicate(timeout=120)
-    # uvicorn re-raises the signal once it has drained, so the exit status says "terminated by SIGTERM".
-    assert server.returncode == -signal.SIGTERM and "Traceback" not in out, out
-    with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    try:
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if "serving checkpoint step" in line:
+                break
+        assert "compiled 4 decoding shapes" in "".join(lines), lines
+        body = {"num_shelves": 6, "max_items_per_shelf": 10, "beam_size": 4}
+        connections = []
+        for k in range(12):  # all received before the signal: in the queue or being decoded
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("POST", "/v1/pages", json.dumps({**body, "user_id": f"u{k}"}),
+                         {"Content-Type": "application/json"})
+            connections.append(conn)
+        deadline = time.time() + 60
+        while "homegen_requests_in_flight 12.0" not in call(f"http://127.0.0.1:{port}", "/metrics")[1]:
+            assert time.time() < deadline, "the requests never arrived"
+            time.sleep(0.01)
+        server.send_signal(signal.SIGTERM)
+        responses = [conn.getresponse() for conn in connections]
+        assert [r.status for r in responses] == [200] * 12
+        assert all(json.loads(r.read())["page"] for r in responses)
+        out, _ = server.communicate(timeout=120)
+        # uvicorn re-raises the signal once it has drained, so the exit status says "terminated by SIGTERM".
+        assert server.returncode == -signal.SIGTERM and "Traceback" not in out, out
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        if server.poll() is None:  # a failed check must not leave the server running
+            server.kill()
+            server.wait()
 
 
 def test_no_request_compiles_after_warm_up(tiny_checkpoint):
