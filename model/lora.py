@@ -79,11 +79,6 @@ def _nest(flat: dict[str, dict]) -> dict:
     return out
 
 
-def adapted_paths(adapters: dict) -> list[str]:
-    """The paths of the matrices that `adapters` adapt."""
-    return sorted({name.rsplit("/", 1)[0] for name in _flat(adapters)})
-
-
 def _shapes(shape: tuple, axes: tuple) -> tuple[int, int, int]:
     """(layers, fan_in, fan_out) of a layer-stacked matrix."""
     split = _fan_split(axes) + 1

@@ -7,6 +7,8 @@ import re
 import jax
 import optax
 
+from homegen.model.lora import path_name
+
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
@@ -14,15 +16,11 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
         decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1), end_value=train_cfg.learning_rate * train_cfg.final_lr_fraction)
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def frozen_mask(params, freeze: str):
     """True for parameters whose path ('blocks/attn/q', 'embed', ...) matches one of the comma-separated
     regular expressions in `freeze` (matched at the start of the path)."""
     patterns = [re.compile(p.strip()) for p in freeze.split(",") if p.strip()]
-    return jax.tree_util.tree_map_with_path(lambda path, _: any(p.match(_path_name(path)) for p in patterns),
+    return jax.tree_util.tree_map_with_path(lambda path, _: any(p.match(path_name(path)) for p in patterns),
                                             params)
 
 
