@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_best = 1
     c.train.best_metric = "validation_loss"  # checkpoints kept as best, and the one evaluate.py picks
     c.train.best_mode = "min"
+    c.train.patience = 0  # > 0: stop when best_metric has not improved for this many evaluations (0: never)
     c.train.async_checkpoints = True
 
     c.finetune = ml_collections.ConfigDict()
@@ -89,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.next_item = False  # HR@10 / NDCG@10 over all items on validation users (interaction data)
     c.eval.max_users = 2000
+    c.eval.filter_seen = False  # next-item validation: remove the user's earlier items from the ranking
     c.eval.batch_size = 64
     c.eval.ranking = "auto"  # score (all items at the last position) | beam | auto: score if atomic
     c.eval.beam_size = 50  # items found by beam ranking (metrics@K need K <= beam_size)

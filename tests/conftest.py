@@ -89,6 +89,23 @@ def tiny_semantic_checkpoint(tfds_dir, tmp_path_factory) -> str:
                            semantic_levels=2, semantic_codes=16, semantic_dim=16, hold_out_release_days=10)
 
 
+@pytest.fixture(scope="session")
+def walks_file(tmp_path_factory) -> str:
+    """Sequence text where each user walks forward through one of three rings of 20 items: the next item
+    is predictable from the last one."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for user in range(240):
+        ring, start, length = user % 3, rng.integers(20), rng.integers(6, 12)
+        items = [ring * 20 + (start + k) % 20 + 1 for k in range(length)]
+        lines.append(" ".join(map(str, [user + 1, *items])))
+    path = tmp_path_factory.mktemp("walks") / "walks.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 
 

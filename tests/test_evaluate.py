@@ -188,21 +188,6 @@ def test_page_engagement_equals_the_worlds_own(tiny_checkpoint):
     np.testing.assert_allclose(response.expected_engagement(again), response.expected_engagement(batch))
 
 
-@pytest.fixture(scope="module")
-def walks_file(tmp_path_factory) -> str:
-    """Sequence text where each user walks forward through one of three rings of 20 items: the next item
-    is predictable from the last one."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for user in range(240):
-        ring, start, length = user % 3, rng.integers(20), rng.integers(6, 12)
-        items = [ring * 20 + (start + k) % 20 + 1 for k in range(length)]
-        lines.append(" ".join(map(str, [user + 1, *items])))
-    path = tmp_path_factory.mktemp("walks") / "walks.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def train_next_item(walks_file, workdir, item_tokens):
     from homegen.configs.amazon_next_item import amazon_config
     from homegen.training.loop import run

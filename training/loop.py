@@ -21,6 +21,7 @@ from homegen.model.sharding import make_mesh
 from homegen.model.transformer import TransformerConfig
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
 from homegen.training.data import build_vocabulary, prepare_data, resolve_source
+from homegen.training.early_stopping import EarlyStopping
 from homegen.training.extend import grow_parameters
 from homegen.training.preemption import StopSignals
 from homegen.training.reporting import Reporter
@@ -66,6 +67,8 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
         raise ValueError(f"eval.ranking must be one of auto, {', '.join(RANKING_METHODS)}; got {cfg.eval.ranking!r}")
     if cfg.model.value_head and cfg.data.source == "interactions":
         raise ValueError("model.value_head learns from the streams of logged pages; interaction data has none")
+    if t.patience and t.eval_every > t.steps:
+        raise ValueError(f"train.patience counts evaluations, but train.eval_every={t.eval_every} > train.steps={t.steps}")
     if cfg.data.seq_len < 16:
         raise ValueError("data.seq_len must be >= 16")
     if cfg.model.num_heads % cfg.mesh.tensor and cfg.mesh.tensor > 0:
@@ -318,7 +321,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
                                        prepared.kind, pipeline_cfg, cfg.train.eval_batches,
                                        jax.process_index(), nproc))
         if ranker:
-            metrics = ranking_metrics(ranker.rank(params, eval_users), ks=(10,))
+            metrics = ranking_metrics(ranker.rank(params, eval_users, cfg.eval.filter_seen), ks=(10,))
             out.update({f"validation_{k}": v for k, v in metrics.items() if k != "mrr"})
         reporter.scalars(step, out)
         reporter.message(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
@@ -329,6 +332,12 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     end = cfg.train.steps
     losses: list[float] = []
     metrics: dict[str, float] = {}
+    stopper = EarlyStopping.restore(cfg.train.best_metric, cfg.train.best_mode, cfg.train.patience,
+                                    progress.get("early_stopping"))
+    if stopper.should_stop and start < end:
+        reporter.message(f"stopped early at step {start} before: {stopper.reason()}; nothing to do "
+                         "(raise train.patience to train on)")
+        end = start
     tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
     reporter.begin(start)
     train_size, resumed_at, seconds_before = len(prepared.sources["train"]), time.time(), progress["seconds"]
@@ -344,8 +353,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
             at_log = step % cfg.train.log_every == 0 or step == end
             at_eval = step % cfg.train.eval_every == 0 or step == end
             stopping = signals.should_stop(step) and step < end
-            at_save = step % cfg.train.checkpoint_every == 0 or step == end or stopping
-            if not (at_log or at_eval or at_save):
+            if not (at_log or at_eval or stopping or step % cfg.train.checkpoint_every == 0):
                 continue
             host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
@@ -358,10 +366,15 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
             if at_log:
                 reporter.log(step, host)
             eval_metrics = evaluate(step) if at_eval else {}
+            if at_eval:
+                stopper.update(step, eval_metrics)
+            early = stopper.should_stop and step < end
             metrics = {**host, **eval_metrics}
+            new_best = at_eval and stopper.patience > 0 and stopper.best_step == step  # keep every best step
+            at_save = step % cfg.train.checkpoint_every == 0 or step == end or stopping or early or new_best
             if at_save:
                 progress.update(seconds=seconds_before + time.time() - resumed_at,
-                                epochs=progress["examples"] / max(train_size, 1))
+                                epochs=progress["examples"] / max(train_size, 1), early_stopping=stopper.state())
                 checkpoints.save(step, state, train_iter, {**meta, "progress": progress}, eval_metrics or None)
                 last_good = step
             if stopping:
@@ -369,6 +382,10 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
                 reporter.close()
                 raise TrainingStopped(f"stopped by {signals.received} at step {step} of {end}: saved checkpoint "
                                       f"{step} in {checkpoints.directory}; the same command resumes from it", step)
+            if early:
+                reporter.message(f"early stop at step {step} of {end}: {stopper.reason()}")
+                end = step
+                break
     checkpoints.close()
     reporter.close()
     return RunResult(end, metrics, losses, state, trainer, vocab)
