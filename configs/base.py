@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_kv_heads = 2
     c.model.head_dim = 32
     c.model.mlp_dim = 512
-    c.model.dropout = 0.0
+    c.model.dropout = 0.0  # residual branches of every block
+    c.model.embed_dropout = 0.0  # input token embeddings
     c.model.tie_embeddings = True
     c.model.scan_layers = True
     c.model.remat = "none"  # none | full | dots

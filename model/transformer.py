@@ -34,7 +34,8 @@ class TransformerConfig:
     num_kv_heads: int = 4
     head_dim: int = 32
     mlp_dim: int = 512
-    dropout: float = 0.0
+    dropout: float = 0.0  # on each block's residual branches, in training
+    embed_dropout: float = 0.0  # on the input token embeddings, in training (SASRec's embedding dropout)
     tie_embeddings: bool = True
     rope_base: float = 10_000.0
     scan_layers: bool = True
@@ -211,6 +212,9 @@ class Transformer(nnx.Module):
         """Final (normed) hidden states (B, T, D) and the updated cache (None without one)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = self.embed[...][tokens].astype(dt) * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        if dropout_key is not None and cfg.embed_dropout > 0:
+            dropout_key, embed_key = jax.random.split(dropout_key)
+            x = _dropout(x, cfg.embed_dropout, embed_key)
         x = constrain(x, ("batch", "length", "embed"))
         graphdef, layers = nnx.split(self.blocks)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)

@@ -119,3 +119,15 @@ def test_negatives_follow_the_sampling_distribution():
     expected = np.exp(sampler.item_log_probs) * sampler.num_negatives
     assert drawn.sum() == sampler.num_negatives
     np.testing.assert_allclose(drawn, expected, rtol=0.05)  # the rarest item: 8,870 expected, 1.1% s.d.
+
+
+def test_embedding_dropout_acts_in_training_only():
+    """embed_dropout changes a training forward and leaves evaluation, which passes no dropout key, equal to
+    the model without it."""
+    tokens, positions, segments = inputs(batch=4, length=12)
+    plain = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))
+    dropped = Transformer(TransformerConfig(**CFG, embed_dropout=0.5), nnx.Rngs(0))
+    np.testing.assert_array_equal(dropped(tokens, positions, segments)[0], plain(tokens, positions, segments)[0])
+    key = jax.random.key(3)
+    trained, _ = dropped(tokens, positions, segments, dropout_key=key)
+    assert not np.allclose(trained, plain(tokens, positions, segments, dropout_key=key)[0], atol=1e-3)
