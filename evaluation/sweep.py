@@ -51,8 +51,9 @@ def grid_runs(fixed: list[str], grid: list[str]) -> list[SweepRun]:
 
 
 def run_summary(workdir: str) -> dict:
-    """What a run folder's checkpoints say: parameters, steps, epochs, minutes, whether it stopped early,
-    and the validation figures of its best step by the run's own `train.best_metric`."""
+    """What a run folder's checkpoints say: parameters, steps, epochs and minutes trained, whether it stopped
+    early, and its best step by the run's own `train.best_metric` with that step's epoch and validation
+    figures."""
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
     if not checkpoints.steps():
         return {"run": os.path.basename(workdir), "status": "no checkpoint"}
@@ -69,6 +70,7 @@ def run_summary(workdir: str) -> dict:
            "last_step": last, "epochs": progress.get("epochs"), "minutes": progress.get("seconds", 0.0) / 60,
            "best_step": best, "best_metric": metric, "best_mode": mode}
     if best is not None:
+        row["best_epoch"] = checkpoints.read_meta(best)[1].get("progress", {}).get("epochs")
         row.update({k: v for k, v in checkpoints.manager.metrics(best).items() if k.startswith("validation_")})
     return row
 
@@ -86,10 +88,10 @@ def format_table(rows: list[dict], columns=("validation_hr@10", "validation_ndcg
         value = row.get(row.get("best_metric", ""), math.nan)
         return -value if row.get("best_mode") == "max" else value
 
-    head = ["run", "status", "parameters", "epochs", "minutes", "best step", *columns]
+    head = ["run", "status", "parameters", "epochs", "minutes", "best step", "its epoch", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in sorted(rows, key=lambda r: (math.isnan(order(r)), order(r))):
         values = [(row["run"], 0), (row["status"], 0), (row.get("parameters"), 0), (row.get("epochs"), 1),
-                  (row.get("minutes"), 1), (row.get("best_step"), 0), *[(row.get(c), 4) for c in columns]]
+                  (row.get("minutes"), 1), (row.get("best_step"), 0), (row.get("best_epoch"), 1), *[(row.get(c), 4) for c in columns]]
         lines.append("| " + " | ".join(cell(v, d) for v, d in values) + " |")
     return "\n".join(lines)
