@@ -11,6 +11,7 @@ import re
 
 from homegen.model.transformer import TransformerConfig
 from homegen.training.checkpoints import Checkpoints
+from homegen.training.early_stopping import EarlyStopping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +63,11 @@ def run_summary(workdir: str) -> dict:
     metric, mode = train.get("best_metric", "validation_loss"), train.get("best_mode", "min")
     best = checkpoints.best_step(metric, mode)
     progress = meta.get("progress", {})
-    stopper = progress.get("early_stopping") or {}
-    patience = train.get("patience", 0)
-    stopped_early = bool(patience and stopper.get("evals_since_best", 0) >= patience)
-    status = "stopped early" if stopped_early else "finished" if last >= train["steps"] else "running or cut"
-    row = {"run": os.path.basename(workdir), "status": status, "parameters": TransformerConfig(**meta["model"]).num_params(),
-           "last_step": last, "epochs": progress.get("epochs"), "minutes": progress.get("seconds", 0.0) / 60,
+    stopper = EarlyStopping.restore(metric, mode, train.get("patience", 0), progress.get("early_stopping"))
+    status = "stopped early" if stopper.should_stop else "finished" if last >= train["steps"] else "running or cut"
+    row = {"run": os.path.basename(workdir), "status": status,
+           "parameters": TransformerConfig(**meta["model"]).num_params(), "last_step": last,
+           "epochs": progress.get("epochs"), "minutes": progress.get("seconds", 0.0) / 60,
            "best_step": best, "best_metric": metric, "best_mode": mode}
     if best is not None:
         row["best_epoch"] = checkpoints.read_meta(best)[1].get("progress", {}).get("epochs")
@@ -92,6 +92,7 @@ def format_table(rows: list[dict], columns=("validation_hr@10", "validation_ndcg
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in sorted(rows, key=lambda r: (math.isnan(order(r)), order(r))):
         values = [(row["run"], 0), (row["status"], 0), (row.get("parameters"), 0), (row.get("epochs"), 1),
-                  (row.get("minutes"), 1), (row.get("best_step"), 0), (row.get("best_epoch"), 1), *[(row.get(c), 4) for c in columns]]
+                  (row.get("minutes"), 1), (row.get("best_step"), 0), (row.get("best_epoch"), 1),
+                  *[(row.get(c), 4) for c in columns]]
         lines.append("| " + " | ".join(cell(v, d) for v, d in values) + " |")
     return "\n".join(lines)

@@ -68,7 +68,8 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
     if cfg.model.value_head and cfg.data.source == "interactions":
         raise ValueError("model.value_head learns from the streams of logged pages; interaction data has none")
     if t.patience and t.eval_every > t.steps:
-        raise ValueError(f"train.patience counts evaluations, but train.eval_every={t.eval_every} > train.steps={t.steps}")
+        raise ValueError(f"train.patience counts evaluations, but train.eval_every={t.eval_every} > "
+                         f"train.steps={t.steps}")
     if cfg.data.seq_len < 16:
         raise ValueError("data.seq_len must be >= 16")
     if cfg.model.num_heads % cfg.mesh.tensor and cfg.mesh.tensor > 0:
