@@ -354,7 +354,8 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
             at_log = step % cfg.train.log_every == 0 or step == end
             at_eval = step % cfg.train.eval_every == 0 or step == end
             stopping = signals.should_stop(step) and step < end
-            if not (at_log or at_eval or stopping or step % cfg.train.checkpoint_every == 0):
+            at_checkpoint = step % cfg.train.checkpoint_every == 0 or step == end or stopping
+            if not (at_log or at_eval or at_checkpoint):
                 continue
             host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
@@ -372,8 +373,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
             early = stopper.should_stop and step < end
             metrics = {**host, **eval_metrics}
             new_best = at_eval and stopper.patience > 0 and stopper.best_step == step  # keep every best step
-            at_save = step % cfg.train.checkpoint_every == 0 or step == end or stopping or early or new_best
-            if at_save:
+            if at_checkpoint or early or new_best:
                 progress.update(seconds=seconds_before + time.time() - resumed_at,
                                 epochs=progress["examples"] / max(train_size, 1), early_stopping=stopper.state())
                 checkpoints.save(step, state, train_iter, {**meta, "progress": progress}, eval_metrics or None)
