@@ -37,6 +37,7 @@ class Shelf:
     shelf: str
     items: list[str]
     streams: list[float] | None = None
+    propensities: list[float] | None = None  # the logging policy's, per item (FORMATS.md §3)
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class PageLog:
     context: dict[str, str] = dataclasses.field(default_factory=dict)
     intent: str | None = None
     history: list[str] = dataclasses.field(default_factory=list)
+    log_propensity: float | None = None  # log probability of the whole page under the logging policy
 
 
 @dataclasses.dataclass
@@ -310,9 +312,15 @@ def parse_page_log(record: dict, path: str, line: int) -> PageLog:
             if not isinstance(streams, list) or len(streams) != len(items):
                 raise DataFormatError(path, line, f"{where}.streams must have one number per item "
                                       f"({len(items)})")
-            if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 for s in streams):
+            if not all(_is_number(s) and s >= 0 for s in streams):
                 raise DataFormatError(path, line, f"{where}.streams must be non-negative numbers")
-        shelves.append(Shelf(shelf["shelf"], items, streams))
+        propensities = shelf.get("propensities")
+        if propensities is not None:
+            if not isinstance(propensities, list) or len(propensities) != len(items):
+                raise DataFormatError(path, line, f"{where}.propensities must have one number per item ({len(items)})")
+            if not all(_is_number(p) and 0 < p <= 1 for p in propensities):
+                raise DataFormatError(path, line, f"{where}.propensities must be probabilities in (0, 1]")
+        shelves.append(Shelf(shelf["shelf"], items, streams, propensities))
     history = record.get("history", []) or []
     if not isinstance(history, list):
         raise DataFormatError(path, line, "'history' must be a list of item ids")
@@ -325,7 +333,17 @@ def parse_page_log(record: dict, path: str, line: int) -> PageLog:
         except ValueError:
             raise DataFormatError(path, line, f"bad timestamp {stamp!r}") from None
     request_id = record.get("request_id")
-    return PageLog(user, shelves, None if request_id is None else str(request_id), stamp, context, intent, history)
+    log_propensity = record.get("log_propensity")
+    if log_propensity is not None and not (_is_number(log_propensity) and log_propensity <= 0
+                                           and math.isfinite(log_propensity)):
+        raise DataFormatError(path, line, f"'log_propensity' must be a finite log-probability (<= 0), "
+                              f"got {log_propensity!r}")
+    return PageLog(user, shelves, None if request_id is None else str(request_id), stamp, context, intent, history,
+                   log_propensity)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def iter_page_logs(path: str) -> Iterator[PageLog]:

@@ -3,6 +3,7 @@ homegen's pages and the baselines, validity, diversity, coverage and offline log
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,7 +15,8 @@ from flax import nnx
 from homegen.data.builders import SyntheticWorldDataset
 from homegen.data.simulator.policies import OraclePolicy, popularity_pages
 from homegen.data.simulator.response import PageBatch, ResponseModel
-from homegen.data.simulator.world import parse_context
+from homegen.data.simulator.shelves import ShelfRules
+from homegen.data.simulator.world import Contexts, World, parse_context
 from homegen.model.decoding import pad_prompts, prefill_hidden
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
@@ -40,21 +42,43 @@ def _read_jsonl(path: str, limit: int, split: str = "test") -> list[dict]:
     return [json.loads(line) for line in lines[-limit:]]
 
 
-class PageArrays:
-    """Pages as world indices, padded to (num_shelves, max_items)."""
+class WorldJudge:
+    """Exact expected streams of pages (lists of {"shelf", "items"}) for given requests (FORMATS.md §4
+    objects), under the synthetic world's true response model."""
 
-    def __init__(self, engine: PageEngine, num_shelves: int, max_items: int):
-        self.world, self.rules = engine.eligibility.world, engine.eligibility.rules
-        self.num_shelves, self.max_items = num_shelves, max_items
+    def __init__(self, world: World, requests: list[dict], rules: ShelfRules | None = None):
+        self.world, cfg = world, world.config
+        self.response = ResponseModel(world, rules)
+        self.rules = self.response.rules
+        self.users = np.array([world.user_index(r["user_id"]) for r in requests])
+        contexts = [parse_context(world.users, u, r.get("context", {})) for u, r in zip(self.users, requests)]
+        self.contexts = Contexts(**{f.name: np.concatenate([getattr(c, f.name) for c in contexts])
+                                    for f in dataclasses.fields(Contexts)})
+        self.history = np.full((len(requests), cfg.history_len), -1, np.int32)
+        for row, r in enumerate(requests):
+            ids = [world.item_index(i) for i in r.get("history", [])][-cfg.history_len:]
+            if ids:
+                self.history[row, -len(ids):] = ids
 
     def convert(self, page: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        shelves = np.full(self.num_shelves, -1, np.int32)
-        items = np.full((self.num_shelves, self.max_items), -1, np.int32)
-        for s, shelf in enumerate(page[:self.num_shelves]):
+        """A page as world indices, padded to (num_shelves, max_items) with -1."""
+        cfg = self.world.config
+        shelves = np.full(cfg.num_shelves, -1, np.int32)
+        items = np.full((cfg.num_shelves, cfg.max_items), -1, np.int32)
+        for s, shelf in enumerate(page[:cfg.num_shelves]):
             shelves[s] = self.rules.index.get(shelf["shelf"], -1)
-            ids = [self.world.item_index(i) for i in shelf["items"][:self.max_items]]
+            ids = [self.world.item_index(i) for i in shelf["items"][:cfg.max_items]]
             items[s, :len(ids)] = ids
         return shelves, items
+
+    def batch(self, shelves: np.ndarray, items: np.ndarray) -> PageBatch:
+        return PageBatch(self.users, self.contexts, self.history, shelves, items)
+
+    def slot_probabilities(self, pages: list[list[dict]]) -> np.ndarray:
+        """(R, shelves, items) each slot's probability of being streamed, one page per request."""
+        converted = [self.convert(p) for p in pages]
+        return self.response.slot_probabilities(self.batch(np.stack([c[0] for c in converted]),
+                                                           np.stack([c[1] for c in converted])))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "head"))
@@ -185,7 +209,6 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     has_value_head = engine.model_cfg.value_head
     world, rules = engine.eligibility.world, engine.eligibility.rules
     validator = PageValidator(engine.vocab, engine.eligibility_spec)
-    response_model = ResponseModel(world, rules)
     folder = _world_dir(meta, workdir)
     issued = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests, split)
     requests = issued
@@ -193,7 +216,6 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in issued]
     logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests, split)
     cfg = world.config
-    arrays = PageArrays(engine, cfg.num_shelves, cfg.max_items)
     parsed = [parse_request(r) for r in requests]
     as_issued = [parse_request(r) for r in issued]
     beam_requests = [parse_request({**r, "beam_size": beam_size}) for r in requests]
@@ -215,28 +237,15 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         pages["homegen beam search (likelihood)"] = [b["page"] for b in likelihood]
         if pointwise:
             pages["pointwise (value head)"] = pointwise_pages(engine, parsed, beam_shelves, head="values")
-    users = np.array([world.user_index(r["user_id"]) for r in requests])
-    contexts = [parse_context(world.users, u, r.get("context", {})) for u, r in zip(users, requests)]
-    ctx = contexts[0].__class__(**{f: np.concatenate([getattr(c, f) for c in contexts])
-                                   for f in contexts[0].__dataclass_fields__})
-    history = np.full((len(requests), cfg.history_len), -1, np.int32)
-    for row, r in enumerate(requests):
-        ids = [world.item_index(i) for i in r["history"]][-cfg.history_len:]
-        if ids:
-            history[row, -len(ids):] = ids
-
-    def slot_streams(page_list) -> np.ndarray:
-        converted = [arrays.convert(p) for p in page_list]
-        batch = PageBatch(users, ctx, history, np.stack([c[0] for c in converted]), np.stack([c[1] for c in converted]))
-        return response_model.slot_probabilities(batch)  # (R, shelves, items)
-
-    slots = {name: slot_streams(p) for name, p in pages.items()}
+    judge = WorldJudge(world, requests, rules)
+    slots = {name: judge.slot_probabilities(p) for name, p in pages.items()}
     values = {name: v.sum(axis=(1, 2)) for name, v in slots.items()}
+    users, ctx, history, response_model = judge.users, judge.contexts, judge.history, judge.response
     pop_shelves, pop_items = popularity_pages(world, rules, len(requests), cfg.num_shelves, cfg.max_items)
-    values["popularity"] = response_model.expected_engagement(PageBatch(users, ctx, history, pop_shelves, pop_items))
+    values["popularity"] = response_model.expected_engagement(judge.batch(pop_shelves, pop_items))
     oracle_shelves, oracle_items = OraclePolicy(response_model).build(users, ctx, history, cfg.num_shelves,
                                                                       cfg.max_items)
-    values["oracle"] = response_model.expected_engagement(PageBatch(users, ctx, history, oracle_shelves, oracle_items))
+    values["oracle"] = response_model.expected_engagement(judge.batch(oracle_shelves, oracle_items))
 
     streamed = [[i for shelf in log["page"] for i, s in zip(shelf["items"], shelf.get("streams") or []) if s > 0]
                 for log in logged]

@@ -2,7 +2,10 @@
 and prints the expected engagement of the logging policy, a popularity page, random pages and the
 oracle on held-out requests.
 
-    python scripts/simulate.py --out DIR [--items N] [--users U] [--pages P] [--seed S]
+    python scripts/simulate.py --out DIR [--items N] [--users U] [--pages P] [--seed S] [--propensities]
+
+With --propensities the logging policy is the Plackett-Luce one (full shelves) and every page log carries
+its propensities (FORMATS.md §3), for off-policy evaluation (scripts/ope.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-requests", type=int, default=200,
                         help="held-out requests on which to compare policies (0 to skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--propensities", action="store_true",
+                        help="log with the Plackett-Luce policy and write its propensities")
     args = parser.parse_args(argv)
     users = args.users if args.users is not None else max(100, args.pages // 20)
     try:
@@ -40,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.time()
     result = write_world(config, args.out, args.pages, args.requests,
-                         progress=lambda n: print(f"  {n:,} pages ({time.time() - start:.0f}s)", flush=True))
+                         progress=lambda n: print(f"  {n:,} pages ({time.time() - start:.0f}s)", flush=True),
+                         propensities=args.propensities)
     elapsed = time.time() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {args.items:,} items, {users:,} users, {args.pages:,} pages, {args.requests:,} requests "

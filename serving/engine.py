@@ -300,7 +300,8 @@ class PageEngine:
     # --- scoring given pages ----------------------------------------------------------------------------
     def score(self, requests: list[PageRequest], pages: list[list[dict]], batch_size: int = 32) -> list[dict]:
         """Teacher-forced scores of given pages (lists of {"shelf", "items"}), one per request: the page with
-        each item's log-probability (`item_scores`), the page's log-probability `log_prob` (EOS included,
+        each item's log-probability (`item_scores`), each shelf token's (`shelf_score`), the page's
+        log-probability `log_prob` (EOS included,
         under the model, as beam search reports it) and, with a value head, each item's predicted stream
         probability (`stream_probs`) and their sum `predicted_streams`. A page with a shelf or item the
         vocabulary lacks gets {"error": reason}. Pages are scored as given, valid or not."""
@@ -330,6 +331,9 @@ class PageEngine:
 
     def _scored_page(self, tokens: list[int], logps: np.ndarray, streams: np.ndarray | None) -> dict:
         out = self._page(np.asarray(tokens), logps)
+        shelf_scores = [float(p) for token, p in zip(tokens, logps) if self.vocab.is_shelf(token)]
+        for shelf, score in zip(out["page"], shelf_scores, strict=True):
+            shelf["shelf_score"] = round(score, 4)
         if streams is not None:
             # An item's stream probability is the value head's at its last token (the full code tuple).
             last = self.vocab.item_offset + self.grammar.level_offsets[-1]

@@ -169,23 +169,20 @@ def test_predicted_streams_match_the_beam_search_score(tiny_checkpoint):
 
 def test_page_engagement_equals_the_worlds_own(tiny_checkpoint):
     """The evaluator's conversion of a served page gives the world's own expected engagement."""
-    from homegen.data.simulator.response import PageBatch, ResponseModel
-    from homegen.data.simulator.simulate import Simulator
-    from homegen.evaluation.pages import PageArrays
+    from homegen.data.simulator.response import ResponseModel
+    from homegen.data.simulator.simulate import Simulator, page_record
+    from homegen.evaluation.pages import WorldJudge
     from homegen.serving.engine import PageEngine
 
     engine = PageEngine(tiny_checkpoint)
     world = engine.eligibility.world
     sim = Simulator(world)
     users, ctx, history = sim.requests(3, np.full(3, world.config.now_day))
-    batch, _ = sim.logged_pages(users, ctx, history)
-    arrays = PageArrays(engine, world.config.num_shelves, world.config.max_items)
-    from homegen.data.simulator.simulate import page_record
-
-    converted = [arrays.convert(page_record(world, batch, r, None, "x", 0)["page"]) for r in range(3)]
-    again = PageBatch(users, ctx, history, np.stack([c[0] for c in converted]), np.stack([c[1] for c in converted]))
-    response = ResponseModel(world)
-    np.testing.assert_allclose(response.expected_engagement(again), response.expected_engagement(batch))
+    batch, _, _ = sim.logged_pages(users, ctx, history)
+    records = [page_record(world, batch, r, None, "x", 0) for r in range(3)]
+    judge = WorldJudge(world, records)
+    values = judge.slot_probabilities([r["page"] for r in records]).sum(axis=(1, 2))
+    np.testing.assert_allclose(values, ResponseModel(world).expected_engagement(batch))
 
 
 def train_next_item(walks_file, workdir, item_tokens):

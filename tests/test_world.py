@@ -33,7 +33,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_expected_engagement_matches_monte_carlo(sim):
     users, ctx, history = sim.requests(40, np.full(40, CONFIG.now_day))
-    batch, _ = sim.logged_pages(users, ctx, history)
+    batch, _, _ = sim.logged_pages(users, ctx, history)
     exact = sim.response.expected_engagement(batch)
     rng = np.random.default_rng(0)
     draws = np.stack([sim.response.sample_streams(batch, rng).sum(axis=(1, 2)) for _ in range(3000)])
@@ -63,7 +63,7 @@ def test_repetition_and_examination_lower_engagement(sim):
 def test_oracle_beats_logging_beats_random(sim):
     n = 40
     users, ctx, history = sim.requests(n, np.full(n, CONFIG.now_day))
-    batch, _ = sim.logged_pages(users, ctx, history)
+    batch, _, _ = sim.logged_pages(users, ctx, history)
     values = policy_engagement(sim.response, users, ctx, history, (batch.shelves, batch.items),
                                np.random.default_rng(1), CONFIG.num_shelves, CONFIG.min_items, CONFIG.max_items)
     means = {k: v.mean() for k, v in values.items()}
@@ -73,7 +73,7 @@ def test_oracle_beats_logging_beats_random(sim):
 
 def test_logged_pages_obey_shelf_rules_and_shape(sim):
     users, ctx, history = sim.requests(200, np.full(200, CONFIG.now_day))
-    batch, streams = sim.logged_pages(users, ctx, history)
+    batch, streams, _ = sim.logged_pages(users, ctx, history)
     rules = sim.rules
     for row in range(200):
         seen = set()

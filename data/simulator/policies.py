@@ -127,6 +127,52 @@ class SamplingPolicy:
         return compact_pages(shelves, items, min_items)
 
 
+class PlackettLucePolicy(SamplingPolicy):
+    """A logging policy whose every choice has a known probability, for off-policy evaluation (FORMATS.md §3
+    propensities). Row by row it draws a shelf type in proportion to the same history-based weights as
+    `SamplingPolicy` (among types not yet shown that still have `max_items` unused eligible items), then fills
+    the row with `max_items` items drawn one by one without replacement from the type's unused eligible items,
+    with probability proportional to exp(heuristic / noise): a Plackett-Luce ranking, sampled exactly with the
+    Gumbel top-k trick. Every shelf is full (the page size of the models' full-shelf requests)."""
+
+    def build_with_propensities(self, users: np.ndarray, ctx: Contexts, history: np.ndarray,
+                                rng: np.random.Generator, num_shelves: int, max_items: int
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pages as (shelves (B, S), items (B, S, L), propensities (B, S, L)): each item's probability given
+        everything placed before it on the page, the first item of a row including the row's shelf-type
+        draw, so that the log-propensities of a page sum to the log-probability of the whole page."""
+        b, c, num_types = len(users), self.world.catalog, len(self.rules.names)
+        share = _history_genre_share(self.world, history)
+        weights = self._shelf_weights(ctx, history, share)
+        heuristic = np.log(c.popularity + 0.05)[None, :] + (4.0 * share[:, c.genre] if self.personalised else 0.0)
+        logits = heuristic / self.noise  # (B, items)
+        pools = [[self.rules.pool(t, history[row]) for t in range(num_types)] for row in range(b)]
+        used = np.zeros((b, c.num_items), bool)
+        shelves = np.full((b, num_shelves), -1, np.int32)
+        items = np.full((b, num_shelves, max_items), -1, np.int32)
+        props = np.zeros((b, num_shelves, max_items))
+        for s in range(num_shelves):
+            left = np.array([[len(pool) - used[row, pool].sum() for pool in pools[row]] for row in range(b)])
+            w = np.where((left >= max_items) & ~(np.arange(num_types) == shelves[:, :s, None]).any(axis=1),
+                         weights, 0.0)
+            total = w.sum(axis=1)
+            for row in np.flatnonzero(total > 0):
+                t = int(np.searchsorted(np.cumsum(w[row]), rng.random() * total[row], side="right"))
+                t = min(t, num_types - 1)
+                while w[row, t] <= 0:  # rounding at the top of the cumulative sum
+                    t -= 1
+                pool = pools[row][t][~used[row, pools[row][t]]]
+                scores = logits[row, pool]
+                chosen = np.argsort(-(scores + _gumbel(rng, len(pool))))[:max_items]
+                mass = np.exp(scores - scores.max())
+                remaining = mass.sum() - np.concatenate([[0.0], np.cumsum(mass[chosen])[:-1]])
+                shelves[row, s], items[row, s] = t, pool[chosen]
+                props[row, s] = np.minimum(mass[chosen] / remaining, 1.0)  # rounding when one item is left
+                props[row, s, 0] *= w[row, t] / total[row]
+                used[row, pool[chosen]] = True
+        return shelves, items, props
+
+
 def popularity_pages(world: World, rules: ShelfRules, batch_size: int, num_shelves: int,
                      max_items: int) -> tuple[np.ndarray, np.ndarray]:
     """The same page for everyone: fixed shelf order, each filled with the most popular unused items."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from homegen.data.simulator.policies import SamplingPolicy
+from homegen.data.simulator.policies import PlackettLucePolicy, SamplingPolicy
 from homegen.data.simulator.response import PageBatch, ResponseModel
 from homegen.data.simulator.shelves import SHELF_NAMES, ShelfRules
 from homegen.data.simulator.world import EPOCH, Contexts, World, WorldConfig, sample_contexts
@@ -46,13 +46,15 @@ class HistoryBuffer:
 
 
 class Simulator:
-    """Draws requests, builds logged pages with the logging policy and samples the users' streams."""
+    """Draws requests, builds logged pages with the logging policy and samples the users' streams. With
+    `propensities` the logging policy is `PlackettLucePolicy` (full shelves, every choice's probability
+    known and logged); otherwise the heuristic `SamplingPolicy` (4 to 10 items per shelf, no propensities)."""
 
-    def __init__(self, world: World, seed: int | None = None):
+    def __init__(self, world: World, seed: int | None = None, propensities: bool = False):
         self.world = world
         self.rules = ShelfRules(world)
         self.response = ResponseModel(world, self.rules)
-        self.policy = SamplingPolicy(world, self.rules)
+        self.policy = (PlackettLucePolicy if propensities else SamplingPolicy)(world, self.rules)
         self.rng = np.random.default_rng((world.config.seed, 1) if seed is None else seed)
         self.history = HistoryBuffer(world.users.num_users, world.config.history_len)
         self._user_cdf = np.cumsum(world.users.activity)
@@ -76,12 +78,19 @@ class Simulator:
                            self.world.users.num_users - 1)
         return users, sample_contexts(self.world.users, users, day, self.rng), self.history.get(users)
 
-    def logged_pages(self, users, ctx, history) -> tuple[PageBatch, np.ndarray]:
+    def logged_pages(self, users, ctx, history) -> tuple[PageBatch, np.ndarray, np.ndarray | None]:
+        """The logging policy's pages for a batch of requests, the users' sampled streams and the pages'
+        propensities (B, S, L) (None for a policy that does not log them)."""
         cfg = self.world.config
-        shelves, items = self.policy.build(users, ctx, history, self.rng, cfg.num_shelves, cfg.min_items,
-                                           cfg.max_items)
+        props = None
+        if isinstance(self.policy, PlackettLucePolicy):
+            shelves, items, props = self.policy.build_with_propensities(users, ctx, history, self.rng,
+                                                                        cfg.num_shelves, cfg.max_items)
+        else:
+            shelves, items = self.policy.build(users, ctx, history, self.rng, cfg.num_shelves, cfg.min_items,
+                                               cfg.max_items)
         batch = PageBatch(users, ctx, history, shelves, items)
-        return batch, self.response.sample_streams(batch, self.rng)
+        return batch, self.response.sample_streams(batch, self.rng), props
 
     def run(self, num_pages: int, chunk: int = 1024) -> Iterator[dict]:
         """Yields page-log records (FORMATS.md §3) in time order; users' histories grow with their streams."""
@@ -92,11 +101,11 @@ class Simulator:
             index = begin + np.arange(size)
             day = start_day + (index * LOG_DAYS) // max(num_pages, 1)
             users, ctx, history = self.requests(size, day)
-            batch, streams = self.logged_pages(users, ctx, history)
+            batch, streams, props = self.logged_pages(users, ctx, history)
             seconds = self.rng.integers(0, 3600, size)
             for row in range(size):
                 timestamp = _EPOCH_SECONDS + int(day[row]) * SECONDS_PER_DAY + int(ctx.hour[row]) * 3600 + int(seconds[row])
-                record = page_record(self.world, batch, row, streams, f"r-{begin + row:09d}", timestamp)
+                record = page_record(self.world, batch, row, streams, f"r-{begin + row:09d}", timestamp, props)
                 streamed = batch.items[row][streams[row] > 0]
                 if len(streamed):
                     self.history.append(int(users[row]), streamed)
@@ -108,9 +117,10 @@ def _ids(world: World, items: np.ndarray) -> list[str]:
 
 
 def page_record(world: World, batch: PageBatch, row: int, streams: np.ndarray | None, request_id: str,
-                timestamp: int) -> dict:
-    """A FORMATS.md §3 page-log record of one row of a batch (streams omitted when None)."""
-    page = []
+                timestamp: int, propensities: np.ndarray | None = None) -> dict:
+    """A FORMATS.md §3 page-log record of one row of a batch (streams omitted when None; with
+    `propensities`, each shelf's `propensities` and the page's `log_propensity`, their log-sum)."""
+    page, log_propensity = [], 0.0
     for s, shelf in enumerate(batch.shelves[row]):
         if shelf < 0:
             continue
@@ -118,14 +128,22 @@ def page_record(world: World, batch: PageBatch, row: int, streams: np.ndarray | 
         entry = {"shelf": SHELF_NAMES[shelf], "items": _ids(world, items)}
         if streams is not None:
             entry["streams"] = [int(v) for v, i in zip(streams[row, s], items) if i >= 0]
+        if propensities is not None:
+            probs = [float(p) for p, i in zip(propensities[row, s], items) if i >= 0]
+            entry["propensities"] = [float(f"{p:.6g}") for p in probs]
+            log_propensity += float(np.log(probs).sum())
         page.append(entry)
-    return {"request_id": request_id, "user_id": world.user_id(int(batch.users[row])), "timestamp": timestamp,
-            "context": batch.contexts.record(row), "history": _ids(world, batch.history[row]), "page": page}
+    record = {"request_id": request_id, "user_id": world.user_id(int(batch.users[row])), "timestamp": timestamp,
+              "context": batch.contexts.record(row), "history": _ids(world, batch.history[row]), "page": page}
+    if propensities is not None:
+        record["log_propensity"] = round(log_propensity, 6)
+    return record
 
 
 def write_world(config: WorldConfig, out_dir: str, num_pages: int, num_requests: int,
-                progress=None) -> dict:
-    """Writes catalog.jsonl, pages.jsonl, requests.jsonl (+ heldout_pages.jsonl, world.json) to out_dir."""
+                progress=None, propensities: bool = False) -> dict:
+    """Writes catalog.jsonl, pages.jsonl, requests.jsonl (+ heldout_pages.jsonl, world.json) to out_dir; with
+    `propensities` the logging policy is `PlackettLucePolicy` and the page logs carry its propensities."""
     os.makedirs(out_dir, exist_ok=True)
     world = World(config)
     with open(os.path.join(out_dir, "world.json"), "w") as f:
@@ -133,19 +151,20 @@ def write_world(config: WorldConfig, out_dir: str, num_pages: int, num_requests:
     with open(os.path.join(out_dir, "catalog.jsonl"), "w") as f:
         for i in range(world.catalog.num_items):
             f.write(json.dumps(world.catalog.record(i)) + "\n")
-    sim = Simulator(world)
+    sim = Simulator(world, propensities=propensities)
     with open(os.path.join(out_dir, "pages.jsonl"), "w") as f:
         for k, record in enumerate(sim.run(num_pages)):
             f.write(json.dumps(record) + "\n")
             if progress and (k + 1) % 100_000 == 0:
                 progress(k + 1)
     users, ctx, history = sim.requests(num_requests, np.full(num_requests, config.now_day))
-    batch, streams = sim.logged_pages(users, ctx, history)
+    batch, streams, props = sim.logged_pages(users, ctx, history)
     timestamp = _EPOCH_SECONDS + config.now_day * SECONDS_PER_DAY
     with open(os.path.join(out_dir, "requests.jsonl"), "w") as req, \
             open(os.path.join(out_dir, "heldout_pages.jsonl"), "w") as held:
         for row in range(num_requests):
-            record = page_record(world, batch, row, streams, f"q-{row:07d}", timestamp + int(ctx.hour[row]) * 3600)
+            record = page_record(world, batch, row, streams, f"q-{row:07d}", timestamp + int(ctx.hour[row]) * 3600,
+                                 props)
             held.write(json.dumps(record) + "\n")
             request = {k: record[k] for k in ("request_id", "user_id", "history", "context")}
             request.update(num_shelves=config.num_shelves, min_items_per_shelf=config.min_items,

@@ -1,0 +1,277 @@
+"""Off-policy evaluation: a page policy's expected streams per page estimated from page logs that carry the
+logging policy's propensities (FORMATS.md §3), checked against the synthetic world's exact values.
+
+A page is read as a sequence of decisions, one per item in page order; the first item of a row carries the
+row's shelf type with it (its propensity includes the shelf-type draw). For logged page i with decisions
+t = 1..T, streams r_t and logging probabilities mu_t (each given everything placed before it), and a target
+policy pi with probabilities pi_t of the same decisions given the same prefixes, rho_{1:t} = prod_{k<=t}
+pi_k / mu_k. Three estimators of pi's expected streams per page:
+
+- direct (DM): the value model's predicted streams of pi's own pages (its teacher-forced stream probability
+  of every item where it stands), no logs needed but biased where the model is wrong;
+- per-decision importance sampling (IPS, the cascade slate estimator): sum_t rho_{1:t} r_t. Unbiased when an
+  item's stream depends on what is above it on the page, not below (the cascade assumption; this world's
+  shelf coherence bends it a little) and every prefix pi can produce has a positive logging probability.
+  A slate's ratio is a product over decisions, so for a deterministic target it is zero from the first
+  decision where the log and the target differ;
+- doubly robust (DR): DM + sum_t rho_{1:t} (r_t - r_hat_t), with r_hat_t the value model's prediction for
+  pi's t-th decision (the mean over pi's pages for a stochastic pi). With these baselines the correction has
+  mean zero whatever the value model, so DR is unbiased where IPS is, and equals DM where no logged prefix
+  agrees with the target.
+
+The pseudoinverse estimator needs the logging policy's marginal probability of every item at every slot,
+which per-decision propensities do not give; see docs/BENCHMARKS.md for the measured table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from homegen.data.formats import DataFormatError, parse_page_log
+
+Decision = tuple[int, str, str]  # (row on the page, shelf type, item)
+
+
+def decisions(page: list[dict]) -> list[Decision]:
+    """The decisions of a page ({"shelf", "items"} rows) in page order."""
+    return [(row, shelf["shelf"], item) for row, shelf in enumerate(page) for item in shelf["items"]]
+
+
+@dataclasses.dataclass
+class LoggedPages:
+    """Page logs as decision arrays, zero-padded to the longest page (T decisions)."""
+
+    records: list[dict]
+    rewards: np.ndarray  # (N, T) streams of each decision's item
+    log_propensities: np.ndarray  # (N, T) log mu_t
+    mask: np.ndarray  # (N, T) real decisions
+
+    @property
+    def pages(self) -> list[list[dict]]:
+        return [r["page"] for r in self.records]
+
+
+def read_logged_pages(path: str, limit: int | None = None) -> LoggedPages:
+    """The first `limit` page logs of a JSON Lines file; every shelf must carry streams and propensities."""
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if limit is not None and len(records) == limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(path, number, f"not valid JSON: {e.msg}") from None
+            log = parse_page_log(record, path, number)
+            if any(s.streams is None or s.propensities is None for s in log.page):
+                raise DataFormatError(path, number, "off-policy evaluation needs 'streams' and 'propensities' on "
+                                      "every shelf (write such logs with scripts/simulate.py --propensities)")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no page logs")
+    width = max(len(decisions(r["page"])) for r in records)
+    rewards, logp = np.zeros((len(records), width)), np.zeros((len(records), width))
+    mask = np.zeros((len(records), width), bool)
+    for i, record in enumerate(records):
+        streams = [v for s in record["page"] for v in s["streams"]]
+        props = [p for s in record["page"] for p in s["propensities"]]
+        rewards[i, :len(streams)], logp[i, :len(props)], mask[i, :len(props)] = streams, np.log(props), True
+    return LoggedPages(records, rewards, logp, mask)
+
+
+def matched_log_probs(logged: list[Decision], target: list[Decision], width: int) -> np.ndarray:
+    """(width,) log-probabilities of the logged decisions under a deterministic target that produced `target`:
+    0 while the log agrees with the target decision by decision, -inf from the first disagreement."""
+    out = np.full(width, -np.inf)
+    for t, (a, b) in enumerate(zip(logged, target)):
+        if a != b:
+            break
+        out[t] = 0.0
+    return out
+
+
+def cumulative_ratios(target_log_probs: np.ndarray, logged: LoggedPages) -> np.ndarray:
+    """(N, T) rho_{1:t}: the product of target / logging probability ratios of the logged decisions up to t."""
+    step = np.where(logged.mask, target_log_probs - logged.log_propensities, 0.0)
+    with np.errstate(invalid="ignore"):  # -inf - finite stays -inf; the padding is 0
+        return np.where(logged.mask, np.exp(np.cumsum(step, axis=1)), 0.0)
+
+
+def ips(logged: LoggedPages, ratios: np.ndarray) -> np.ndarray:
+    """(N,) per-page per-decision importance-sampling estimates sum_t rho_{1:t} r_t."""
+    return (ratios * logged.rewards).sum(axis=1)
+
+
+def doubly_robust(logged: LoggedPages, ratios: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """(N,) per-page doubly robust estimates: the direct estimate sum_t r_hat_t plus sum_t rho_{1:t} (r_t - r_hat_t),
+    with `predicted` (N, T') the value model's r_hat_t for the target's t-th decision (0 past its page)."""
+    width = logged.rewards.shape[1]
+    r_hat = np.zeros_like(logged.rewards)
+    r_hat[:, :min(width, predicted.shape[1])] = predicted[:, :width]
+    return predicted.sum(axis=1) + (ratios * (logged.rewards - r_hat)).sum(axis=1)
+
+
+def bootstrap_spread(per_page: np.ndarray, rounds: int = 1000, seed: int = 0) -> float:
+    """The standard deviation of the mean of per-page estimates over bootstrap resamples of the pages."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(per_page), size=(rounds, len(per_page)))
+    return float(per_page[draws].mean(axis=1).std(ddof=1))
+
+
+def stream_predictions(scored: list[dict], width: int) -> np.ndarray:
+    """(N, width) the value model's per-decision stream probabilities from `PageEngine.score` results."""
+    out = np.zeros((len(scored), width))
+    for i, result in enumerate(scored):
+        if "error" in result:
+            raise ValueError(f"the value model cannot score page {i}: {result['error']}")
+        probs = [p for s in result["page"] for p in s["stream_probs"]][:width]
+        out[i, :len(probs)] = probs
+    return out
+
+
+def sampling_log_probs(engine, requests: list, logged: LoggedPages) -> np.ndarray:
+    """(N, T) log-probabilities of the logged decisions under the model's own next-token distribution (the
+    shelf token's and the item's for a row's first item), teacher-forced on the logged pages. A decision
+    with a shelf or item the model's vocabulary lacks has probability 0, as has everything after it."""
+    width = logged.rewards.shape[1]
+    truncated = []
+    for page in logged.pages:
+        keep = []
+        for shelf in page:
+            if engine.vocab.shelf_token(shelf["shelf"]) is None:
+                break
+            known = []
+            for item in shelf["items"]:
+                if engine.vocab.item_tokens(item) is None:
+                    break
+                known.append(item)
+            if known:
+                keep.append({"shelf": shelf["shelf"], "items": known})
+            if len(known) < len(shelf["items"]):
+                break
+        truncated.append(keep)
+    scored = engine.score(requests, truncated)
+    out = np.full((len(truncated), width), -np.inf)
+    for i, result in enumerate(scored):
+        if "error" in result:  # an empty page: the log's first decision is already impossible
+            continue
+        values = [s["shelf_score"] * (k == 0) + score for s in result["page"] for k, score in enumerate(s["item_scores"])]
+        out[i, :len(values)] = values
+    return out
+
+
+@dataclasses.dataclass
+class Target:
+    """A policy to evaluate on the logged requests: its pages (several per request for a stochastic policy),
+    and the log-probabilities it gives the logged decisions."""
+
+    pages: list[list[list[dict]]]  # per request, one or more pages
+    log_probs: np.ndarray  # (N, T)
+
+
+def estimate(target: Target, logged: LoggedPages, judge, value_engine, requests: list, rounds: int = 1000
+             ) -> dict[str, dict[str, float]]:
+    """DM, IPS and DR estimates of a target's expected streams per page, with its exact value (the judge's
+    mean over its pages), each estimate's bias and bootstrap spread over the logged pages."""
+    copies = len(target.pages[0])
+    exact = np.mean([judge.slot_probabilities([p[k] for p in target.pages]).sum(axis=(1, 2))
+                     for k in range(copies)], axis=0)
+    width = max(len(decisions(p)) for pages in target.pages for p in pages)
+    predicted = np.mean([stream_predictions(value_engine.score(requests, [p[k] for p in target.pages]), width)
+                         for k in range(copies)], axis=0)
+    ratios = cumulative_ratios(target.log_probs, logged)
+    per_page = {"direct": predicted.sum(axis=1), "ips": ips(logged, ratios),
+                "doubly robust": doubly_robust(logged, ratios, predicted)}
+    truth = float(exact.mean())
+    out = {"exact": {"value": truth, "spread": bootstrap_spread(exact, rounds)}}
+    for name, values in per_page.items():
+        value = float(values.mean())
+        out[name] = {"value": value, "bias": value - truth, "relative_bias": (value - truth) / truth,
+                     "spread": bootstrap_spread(values, rounds)}
+    out["matched_first_decision"] = {"value": float((ratios[:, 0] > 0).mean())}
+    return out
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A Markdown table: one row per policy and estimator."""
+    lines = ["| policy | estimator | estimate | exact | bias | relative bias | spread (bootstrap sd) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for policy, row in results.items():
+        truth = row["exact"]["value"]
+        for name in ("direct", "ips", "doubly robust"):
+            e = row[name]
+            lines.append(f"| {policy} | {name} | {e['value']:.3f} | {truth:.3f} | {e['bias']:+.3f} | "
+                         f"{e['relative_bias']:+.1%} | {e['spread']:.3f} |")
+    return "\n".join(lines)
+
+
+def world_requests(logged: LoggedPages, num_shelves: int, max_items: int) -> list[dict]:
+    """FORMATS.md §4 requests for the logged pages' users and contexts, asking for full shelves."""
+    return [{"user_id": r["user_id"], "history": r.get("history", []), "context": r.get("context", {}),
+             "num_shelves": num_shelves, "min_items_per_shelf": max_items, "max_items_per_shelf": max_items}
+            for r in logged.records]
+
+
+def world_of(folder: str):
+    """The synthetic world a simulate.py folder was written from (its world.json)."""
+    from homegen.data.simulator.world import World, WorldConfig
+
+    path = os.path.join(folder, "world.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: --logs must be a folder written by scripts/simulate.py")
+    with open(path) as f:
+        return World(WorldConfig(**json.load(f)))
+
+
+def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int | None = None,
+                          value_model: str | None = None, samples: int = 4, beam_size: int = 4,
+                          rounds: int = 1000) -> dict[str, dict]:
+    """The off-policy table for a synthetic-world checkpoint: its beam search, sampling (temperature 1,
+    `samples` pages per request) and pointwise pages, and the logging policy itself, on the first `num_pages`
+    held-out page logs of `logs` (a `scripts/simulate.py --propensities` folder of the checkpoint's world).
+    DM and DR use the value head of `value_model` (default: the checkpoint's own)."""
+    from homegen.evaluation.pages import WorldJudge, pointwise_pages
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import parse_request
+
+    engine = PageEngine(checkpoint, step)
+    if getattr(engine.eligibility, "world", None) is None:
+        raise ValueError(f"{checkpoint} was not trained on the synthetic world: exact values need its world")
+    world = world_of(logs)
+    if dataclasses.asdict(world.config) != dataclasses.asdict(engine.eligibility.world.config):
+        raise ValueError(f"{logs} was written from another world ({dataclasses.asdict(world.config)}) than "
+                         f"{checkpoint} was trained on ({dataclasses.asdict(engine.eligibility.world.config)})")
+    value_engine = PageEngine(value_model) if value_model else engine
+    if not value_engine.model_cfg.value_head:
+        raise ValueError(f"{value_model or checkpoint} has no value head: DM and DR need one")
+    logged = read_logged_pages(os.path.join(logs, "heldout_pages.jsonl"), num_pages)
+    requests = world_requests(logged, world.config.num_shelves, world.config.max_items)
+    parsed = [parse_request(r) for r in requests]
+    judge = WorldJudge(world, requests)
+    width = logged.rewards.shape[1]
+
+    def deterministic(pages: list[list[dict]]) -> Target:
+        log_probs = np.stack([matched_log_probs(decisions(log), decisions(page), width)
+                              for log, page in zip(logged.pages, pages)])
+        return Target([[p] for p in pages], log_probs)
+
+    beam = engine.generate([parse_request({**r, "beam_size": beam_size}) for r in requests])
+    beam_pages = [b["page"] for b in beam]
+    sampled = [engine.generate([parse_request({**r, "temperature": 1.0, "seed": k * samples + j})
+                                for k, r in enumerate(requests)]) for j in range(samples)]
+    targets = {
+        "logging policy": Target([[p] for p in logged.pages], np.where(logged.mask, logged.log_propensities, 0.0)),
+        f"homegen beam search ({engine.objective})": deterministic(beam_pages),
+        "homegen sampling": Target([[s[k]["page"] for s in sampled] for k in range(len(requests))],
+                                   sampling_log_probs(engine, parsed, logged)),
+    }
+    if engine.grammar.levels == 1:
+        shelves = [[s["shelf"] for s in page] for page in beam_pages]
+        targets["pointwise (same model)"] = deterministic(pointwise_pages(engine, parsed, shelves))
+    return {name: estimate(target, logged, judge, value_engine, parsed, rounds) for name, target in targets.items()}
