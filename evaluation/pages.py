@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from homegen.data.builders import SyntheticWorldDataset
-from homegen.data.simulator.policies import OraclePolicy, popularity_pages
+from homegen.data.simulator.policies import OraclePolicy, SamplingPolicy, popularity_pages
 from homegen.data.simulator.response import PageBatch, ResponseModel
 from homegen.data.simulator.shelves import ShelfRules
 from homegen.data.simulator.world import Contexts, World, parse_context
@@ -230,13 +230,18 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         "homegen sampling": [s["page"] for s in sampled],
         "logging policy": [log["page"] for log in logged],
     }
+    # Each beam search is compared with the pointwise baseline filling its own shelves (paired differences).
+    partners = {f"homegen beam search ({engine.objective})": "pointwise (same model)"}
     if pointwise:
         pages["pointwise (same model)"] = pointwise_pages(engine, parsed, beam_shelves)
     if has_value_head:  # what the value head adds: likelihood beam search, and its values slotted pointwise
-        likelihood = engine.generate(beam_requests, objective="likelihood")
-        pages["homegen beam search (likelihood)"] = [b["page"] for b in likelihood]
+        likelihood = [b["page"] for b in engine.generate(beam_requests, objective="likelihood")]
+        pages["homegen beam search (likelihood)"] = likelihood
         if pointwise:
             pages["pointwise (value head)"] = pointwise_pages(engine, parsed, beam_shelves, head="values")
+            pages["pointwise (likelihood shelves)"] = pointwise_pages(
+                engine, parsed, [[s["shelf"] for s in page] for page in likelihood])
+            partners["homegen beam search (likelihood)"] = "pointwise (likelihood shelves)"
     judge = WorldJudge(world, requests, rules)
     slots = {name: judge.slot_probabilities(p) for name, p in pages.items()}
     values = {name: v.sum(axis=(1, 2)) for name, v in slots.items()}
@@ -246,6 +251,10 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     oracle_shelves, oracle_items = OraclePolicy(response_model).build(users, ctx, history, cfg.num_shelves,
                                                                       cfg.max_items)
     values["oracle"] = response_model.expected_engagement(judge.batch(oracle_shelves, oracle_items))
+    # The logging policy asked for the models' page size: every shelf full.
+    full_logging = SamplingPolicy(world, rules).build(users, ctx, history, np.random.default_rng(0), cfg.num_shelves,
+                                                      cfg.max_items, cfg.max_items)
+    values["logging policy (full shelves)"] = response_model.expected_engagement(judge.batch(*full_logging))
 
     streamed = [[i for shelf in log["page"] for i, s in zip(shelf["items"], shelf.get("streams") or []) if s > 0]
                 for log in logged]
@@ -254,8 +263,8 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     for name, v in values.items():
         row = {"expected_streams": float(v.mean()), "of_oracle": float(v.mean()) / oracle_mean,
                "per_request": [round(float(x), 5) for x in v]}  # for paired comparisons between checkpoints
-        if name.startswith("homegen beam search") and pointwise:  # paired over requests: more than noise?
-            gain = v - values["pointwise (same model)"]
+        if name in partners and partners[name] in values:  # paired over requests: more than noise?
+            gain = v - values[partners[name]]
             row.update(vs_pointwise=float(gain.mean()), vs_pointwise_se=float(gain.std(ddof=1) / np.sqrt(len(gain))))
         if name in pages:
             plist = pages[name]
@@ -294,7 +303,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         print(f"{name:<36}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in columns))
     for name, row in table.items():
         if "vs_pointwise" in row:
-            print(f"{name} - pointwise (same model): {row['vs_pointwise']:+.3f} +- {row['vs_pointwise_se']:.3f} "
+            print(f"{name} - {partners[name]}: {row['vs_pointwise']:+.3f} +- {row['vs_pointwise_se']:.3f} "
                   "expected streams per page (mean paired difference +- its standard error)")
     return {"requests": len(requests), "request_split": split, "full_shelves": full_shelves, "beam_size": beam_size, "pages": table,
             **({"catalog_refresh": refresh} if catalog else {})}

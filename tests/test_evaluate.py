@@ -116,6 +116,14 @@ def test_page_evaluator_end_to_end(tiny_checkpoint, tfds_dir):
     assert out["full_shelves"] and pages["homegen beam search (streams)"]["items_per_page"] == 6 * 10
     assert pages["logging policy"]["items_per_page"] < 6 * 10
     assert all(pages[name]["predicted_streams"] > 0 for name in ("logging policy", "pointwise (value head)"))
+    # The logging policy asked for full shelves is a row; each beam search is paired with the pointwise
+    # baseline that fills its own shelves.
+    assert 0 < pages["logging policy (full shelves)"]["of_oracle"] < 1
+    assert pages["pointwise (likelihood shelves)"]["valid_rate"] == 1.0
+    for beam, partner in (("homegen beam search (streams)", "pointwise (same model)"),
+                          ("homegen beam search (likelihood)", "pointwise (likelihood shelves)")):
+        gain = np.subtract(pages[beam]["per_request"], pages[partner]["per_request"]).mean()
+        assert pages[beam]["vs_pointwise"] == pytest.approx(gain, abs=1e-4)
     assert "homegen beam search (streams)" in result.stdout
     for png in ("metrics.png", "training.png"):
         assert os.path.getsize(os.path.join(tiny_checkpoint, "eval", png)) > 5000
