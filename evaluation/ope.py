@@ -5,22 +5,25 @@ A page is read as a sequence of decisions, one per item in page order; the first
 row's shelf type with it (its propensity includes the shelf-type draw). For logged page i with decisions
 t = 1..T, streams r_t and logging probabilities mu_t (each given everything placed before it), and a target
 policy pi with probabilities pi_t of the same decisions given the same prefixes, rho_{1:t} = prod_{k<=t}
-pi_k / mu_k. Three estimators of pi's expected streams per page:
+pi_k / mu_k. The estimators of pi's expected streams per page (ESTIMATORS):
 
-- direct (DM): the value model's predicted streams of pi's own pages (its teacher-forced stream probability
-  of every item where it stands), no logs needed but biased where the model is wrong;
+- direct (DM): a value model's predicted streams of pi's own pages (its teacher-forced stream probability of
+  every item where it stands), no logs needed but biased where the model is wrong. The value model is the
+  mean of one or more checkpoints' value heads (`ValueModel`);
+- direct (calibrated): the same, each prediction mapped through an isotonic regression of the logged streams
+  on the value model's predictions at the logged slots (`IsotonicCalibration`);
 - per-decision importance sampling (IPS, the cascade slate estimator): sum_t rho_{1:t} r_t. Unbiased when an
   item's stream depends on what is above it on the page, not below (the cascade assumption; this world's
   shelf coherence bends it a little) and every prefix pi can produce has a positive logging probability.
   A slate's ratio is a product over decisions, so for a deterministic target it is zero from the first
   decision where the log and the target differ;
-- doubly robust (DR): DM + sum_t rho_{1:t} (r_t - r_hat_t), with r_hat_t the value model's prediction for
-  pi's t-th decision (the mean over pi's pages for a stochastic pi). With these baselines the correction has
-  mean zero whatever the value model, so DR is unbiased where IPS is, and equals DM where no logged prefix
-  agrees with the target.
+- doubly robust (DR, plain or calibrated): DM + sum_t rho_{1:t} (r_t - r_hat_t), with r_hat_t the value
+  model's prediction for pi's t-th decision (the mean over pi's pages for a stochastic pi). With these
+  baselines the correction has mean zero whatever the value model, so DR is unbiased where IPS is, and
+  equals DM where no logged prefix agrees with the target.
 
 The pseudoinverse estimator needs the logging policy's marginal probability of every item at every slot,
-which per-decision propensities do not give; see docs/BENCHMARKS.md for the measured table.
+which per-decision propensities do not give. docs/BENCHMARKS.md has the measured table.
 """
 
 from __future__ import annotations
@@ -117,6 +120,34 @@ def doubly_robust(logged: LoggedPages, ratios: np.ndarray, predicted: np.ndarray
     return predicted.sum(axis=1) + (ratios * (logged.rewards - r_hat)).sum(axis=1)
 
 
+class IsotonicCalibration:
+    """A non-decreasing map from the value model's predicted stream probability to the stream rate observed
+    in the logs at that prediction (pool-adjacent-violators). Beam search picks items because their predicted
+    value is high, so its pages collect the items whose value the model overestimates; the logs, whose items
+    the logging policy chose without looking at the model's errors, say what a prediction is worth. Beyond the
+    logged predictions the map is flat."""
+
+    def __init__(self, predicted: np.ndarray, observed: np.ndarray):
+        order = np.argsort(predicted, kind="stable")
+        x, y = predicted[order], observed[order].astype(float)
+        means, weights, starts, ends = [], [], [], []
+        for k in range(len(x)):
+            means.append(y[k])
+            weights.append(1.0)
+            starts.append(x[k])
+            ends.append(x[k])
+            while len(means) > 1 and means[-2] >= means[-1]:
+                w = weights[-2] + weights[-1]
+                means[-2] = (means[-2] * weights[-2] + means[-1] * weights[-1]) / w
+                weights[-2], ends[-2] = w, ends[-1]
+                del means[-1], weights[-1], starts[-1], ends[-1]
+        self.x = np.ravel(np.column_stack([starts, ends]))  # each block's range, its mean on both ends
+        self.y = np.repeat(means, 2)
+
+    def __call__(self, predicted: np.ndarray) -> np.ndarray:
+        return np.interp(predicted, self.x, self.y)
+
+
 def bootstrap_spread(per_page: np.ndarray, rounds: int = 1000, seed: int = 0) -> float:
     """The standard deviation of the mean of per-page estimates over bootstrap resamples of the pages."""
     rng = np.random.default_rng(seed)
@@ -175,19 +206,38 @@ class Target:
     log_probs: np.ndarray  # (N, T)
 
 
-def estimate(target: Target, logged: LoggedPages, judge, value_engine, requests: list, rounds: int = 1000
-             ) -> dict[str, dict[str, float]]:
-    """DM, IPS and DR estimates of a target's expected streams per page, with its exact value (the judge's
-    mean over its pages), each estimate's bias and bootstrap spread over the logged pages."""
+ESTIMATORS = ("direct", "direct (calibrated)", "ips", "doubly robust", "doubly robust (calibrated)")
+
+
+class ValueModel:
+    """Per-decision stream predictions of pages: the mean over one or more checkpoints' value heads (an
+    ensemble of models trained apart is less fooled by the errors a policy's own value head steered it to)."""
+
+    def __init__(self, engines: list):
+        self.engines = engines
+
+    def predict(self, requests: list, pages: list[list[dict]], width: int) -> np.ndarray:
+        """(N, width) the mean predicted stream probability of each page's decisions."""
+        return np.mean([stream_predictions(e.score(requests, pages), width) for e in self.engines], axis=0)
+
+
+def estimate(target: Target, logged: LoggedPages, judge, value_model: ValueModel, requests: list,
+             calibration: IsotonicCalibration, rounds: int = 1000) -> dict[str, dict[str, float]]:
+    """The estimates (ESTIMATORS) of a target's expected streams per page, with its exact value (the judge's
+    mean over its pages), each estimate's bias and bootstrap spread over the logged pages. The calibrated
+    variants pass the value model's predictions through `calibration` first."""
     copies = len(target.pages[0])
     exact = np.mean([judge.slot_probabilities([p[k] for p in target.pages]).sum(axis=(1, 2))
                      for k in range(copies)], axis=0)
     width = max(len(decisions(p)) for pages in target.pages for p in pages)
-    predicted = np.mean([stream_predictions(value_engine.score(requests, [p[k] for p in target.pages]), width)
-                         for k in range(copies)], axis=0)
+    scored = [value_model.predict(requests, [p[k] for p in target.pages], width) for k in range(copies)]
+    mask = [np.arange(width) < np.array([len(decisions(p[k])) for p in target.pages])[:, None] for k in range(copies)]
+    predicted = np.mean(scored, axis=0)
+    calibrated = np.mean([np.where(m, calibration(x), 0.0) for x, m in zip(scored, mask)], axis=0)
     ratios = cumulative_ratios(target.log_probs, logged)
-    per_page = {"direct": predicted.sum(axis=1), "ips": ips(logged, ratios),
-                "doubly robust": doubly_robust(logged, ratios, predicted)}
+    per_page = {"direct": predicted.sum(axis=1), "direct (calibrated)": calibrated.sum(axis=1),
+                "ips": ips(logged, ratios), "doubly robust": doubly_robust(logged, ratios, predicted),
+                "doubly robust (calibrated)": doubly_robust(logged, ratios, calibrated)}
     truth = float(exact.mean())
     out = {"exact": {"value": truth, "spread": bootstrap_spread(exact, rounds)}}
     for name, values in per_page.items():
@@ -204,7 +254,7 @@ def format_table(results: dict[str, dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for policy, row in results.items():
         truth = row["exact"]["value"]
-        for name in ("direct", "ips", "doubly robust"):
+        for name in ESTIMATORS:
             e = row[name]
             lines.append(f"| {policy} | {name} | {e['value']:.3f} | {truth:.3f} | {e['bias']:+.3f} | "
                          f"{e['relative_bias']:+.1%} | {e['spread']:.3f} |")
@@ -230,12 +280,12 @@ def world_of(folder: str):
 
 
 def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int | None = None,
-                          value_model: str | None = None, samples: int = 4, beam_size: int = 4,
+                          value_models: list[str] | None = None, samples: int = 4, beam_size: int = 4,
                           rounds: int = 1000) -> dict[str, dict]:
     """The off-policy table for a synthetic-world checkpoint: its beam search, sampling (temperature 1,
     `samples` pages per request) and pointwise pages, and the logging policy itself, on the first `num_pages`
     held-out page logs of `logs` (a `scripts/simulate.py --propensities` folder of the checkpoint's world).
-    DM and DR use the value head of `value_model` (default: the checkpoint's own)."""
+    DM and DR use the mean of the value heads of `value_models` (default: the checkpoint's own)."""
     from homegen.evaluation.pages import WorldJudge, pointwise_pages
     from homegen.serving.engine import PageEngine
     from homegen.serving.requests import parse_request
@@ -247,9 +297,11 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     if dataclasses.asdict(world.config) != dataclasses.asdict(engine.eligibility.world.config):
         raise ValueError(f"{logs} was written from another world ({dataclasses.asdict(world.config)}) than "
                          f"{checkpoint} was trained on ({dataclasses.asdict(engine.eligibility.world.config)})")
-    value_engine = PageEngine(value_model) if value_model else engine
-    if not value_engine.model_cfg.value_head:
-        raise ValueError(f"{value_model or checkpoint} has no value head: DM and DR need one")
+    value_engines = [PageEngine(path) for path in value_models] if value_models else [engine]
+    for path, value_engine in zip(value_models or [checkpoint], value_engines):
+        if not value_engine.model_cfg.value_head:
+            raise ValueError(f"{path} has no value head: DM and DR need one")
+    value_model = ValueModel(value_engines)
     logged = read_logged_pages(os.path.join(logs, "heldout_pages.jsonl"), num_pages)
     requests = world_requests(logged, world.config.num_shelves, world.config.max_items)
     parsed = [parse_request(r) for r in requests]
@@ -265,6 +317,8 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     beam_pages = [b["page"] for b in beam]
     sampled = [engine.generate([parse_request({**r, "temperature": 1.0, "seed": k * samples + j})
                                 for k, r in enumerate(requests)]) for j in range(samples)]
+    logged_predictions = value_model.predict(parsed, logged.pages, width)
+    calibration = IsotonicCalibration(logged_predictions[logged.mask], logged.rewards[logged.mask])
     targets = {
         "logging policy": Target([[p] for p in logged.pages], np.where(logged.mask, logged.log_propensities, 0.0)),
         f"homegen beam search ({engine.objective})": deterministic(beam_pages),
@@ -274,4 +328,5 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     if engine.grammar.levels == 1:
         shelves = [[s["shelf"] for s in page] for page in beam_pages]
         targets["pointwise (same model)"] = deterministic(pointwise_pages(engine, parsed, shelves))
-    return {name: estimate(target, logged, judge, value_engine, parsed, rounds) for name, target in targets.items()}
+    return {name: estimate(target, logged, judge, value_model, parsed, calibration, rounds)
+            for name, target in targets.items()}

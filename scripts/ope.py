@@ -3,7 +3,7 @@ the logging policy's propensities (direct, per-decision importance sampling, dou
 synthetic world's exact value, with each estimate's bias and bootstrap spread.
 
     python scripts/simulate.py --out LOGS --items 1000 --users 200 --pages 5000 --requests 1000 --propensities
-    python scripts/ope.py --checkpoint RUN --logs LOGS [--pages 500] [--value_model OTHER_RUN] [--out OUT]
+    python scripts/ope.py --checkpoint RUN --logs LOGS [--pages 500] [--value_model OTHER_RUN ...] [--out OUT]
 
 LOGS must be written from the checkpoint's world (same --items, --users and --seed as its data preset: tiny is
 1000 items and 200 users, small 10000 and 5000). The table goes to stdout and, with --out, OUT/ope.md and
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="default: the best (or latest) step")
     parser.add_argument("--logs", required=True, help="folder written by scripts/simulate.py --propensities")
     parser.add_argument("--pages", type=int, default=500, help="held-out page logs to estimate from")
-    parser.add_argument("--value_model", default=None, help="run folder whose value head DM and DR use "
+    parser.add_argument("--value_model", action="append", default=None,
+                        help="run folder whose value head DM and DR use; repeat for the mean of several "
                         "(default: the checkpoint's own)")
     parser.add_argument("--samples", type=int, default=4, help="sampled pages per request for the sampling policy")
     parser.add_argument("--beam_size", type=int, default=4)

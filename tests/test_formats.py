@@ -109,6 +109,16 @@ def test_page_log(tmp_path):
     assert [(s.shelf, s.items, s.streams) for s in first.page] == [
         ("made_for_you", ["t1", "t2", "t3"], [1, 0, 0]), ("new_releases", ["t8", "t5"], [0, 1])]
     assert logs[1].page[0].streams is None and logs[1].timestamp is None
+    assert logs[1].page[0].propensities is None and logs[1].log_propensity is None
+
+
+def test_page_log_with_propensities(tmp_path):
+    record = json.loads(json.dumps(PAGE))
+    record["page"][0]["propensities"] = [0.5, 0.25, 1]
+    record["page"][1]["propensities"] = [0.1, 0.2]
+    record["log_propensity"] = -7.5
+    log = next(iter_page_logs(write(tmp_path, "p.jsonl", json.dumps(record) + "\n")))
+    assert [s.propensities for s in log.page] == [[0.5, 0.25, 1], [0.1, 0.2]] and log.log_propensity == -7.5
 
 
 @pytest.mark.parametrize("change,reason", [
@@ -123,6 +133,12 @@ def test_page_log(tmp_path):
     (lambda r: r.update(context=[1]), "context"),
     (lambda r: r.update(timestamp="noon"), "timestamp"),
     (lambda r: r.update(user_id=None), "user_id"),
+    (lambda r: r["page"][0].update(propensities=[0.5, 0.5]), "one number per item"),
+    (lambda r: r["page"][0].update(propensities=[0.5, 0.0, 0.5]), r"probabilities in \(0, 1\]"),
+    (lambda r: r["page"][0].update(propensities=[0.5, 1.5, 0.5]), r"probabilities in \(0, 1\]"),
+    (lambda r: r["page"][0].update(propensities=[0.5, "x", 0.5]), r"probabilities in \(0, 1\]"),
+    (lambda r: r.update(log_propensity=0.3), "log_propensity"),
+    (lambda r: r.update(log_propensity=float("-inf")), "log_propensity"),
 ])
 def test_page_log_errors(tmp_path, change, reason):
     record = json.loads(json.dumps(PAGE))

@@ -76,6 +76,23 @@ def test_estimators_are_unbiased_by_enumeration():
     np.testing.assert_allclose(ips(logged, ratios), logged.rewards.sum(axis=1))
 
 
+def test_isotonic_calibration():
+    """Pool-adjacent-violators: a non-decreasing map through the block means, flat beyond the data, whose
+    fitted values keep the observed mean."""
+    from homegen.evaluation.ope import IsotonicCalibration
+
+    calibration = IsotonicCalibration(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(calibration(np.array([0.0, 0.1, 0.3, 0.4, 0.9])), [1 / 3, 1 / 3, 1 / 3, 1.0, 1.0])
+    rng = np.random.default_rng(0)
+    x = rng.random(3000)
+    y = (rng.random(3000) < 0.5 * x).astype(float)  # the true rate is half the prediction
+    calibration = IsotonicCalibration(x, y)
+    fitted = calibration(np.sort(x))
+    assert (np.diff(fitted) >= 0).all()
+    assert fitted.mean() == pytest.approx(y.mean(), abs=2e-3)
+    assert calibration(np.array([0.8]))[0] == pytest.approx(0.4, abs=0.08)
+
+
 def test_plackett_luce_logging_probabilities_match_frequencies():
     """The logged propensity of the first decision (shelf type and item) and of the second item given the
     first are the frequencies with which the policy makes them; pages are full, valid and without repeats."""
@@ -158,12 +175,14 @@ def test_ope_script_end_to_end(tiny_checkpoint, propensity_logs, tmp_path):
     row = results["logging policy"]
     assert row["exact"]["value"] == pytest.approx(exact)
     assert row["ips"]["value"] == pytest.approx(logged.rewards.sum(axis=1).mean())
-    assert row["doubly robust"]["value"] == pytest.approx(row["ips"]["value"])
+    for name in ("doubly robust", "doubly robust (calibrated)"):  # ratios of 1: DR is the logged streams
+        assert row[name]["value"] == pytest.approx(row["ips"]["value"])
     for name, row in results.items():
         assert row["direct"]["value"] > 0 and row["exact"]["value"] > 0
         assert row["ips"]["bias"] == pytest.approx(row["ips"]["value"] - row["exact"]["value"])
         if name != "logging policy" and row["matched_first_decision"]["value"] == 0:
             assert row["doubly robust"]["value"] == pytest.approx(row["direct"]["value"])
+            assert row["doubly robust (calibrated)"]["value"] == pytest.approx(row["direct (calibrated)"]["value"])
     assert "| homegen sampling | doubly robust |" in open(tmp_path / "ope.md").read()
 
 
