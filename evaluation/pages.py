@@ -23,13 +23,15 @@ from homegen.serving.requests import parse_request
 from homegen.serving.validity import PageValidator
 
 
-def _world_dir(meta: dict, workdir: str) -> str:
+def world_folder(meta: dict, workdir: str) -> str:
+    """The folder holding the simulated world files (requests.jsonl, heldout_pages.jsonl) of a run trained on
+    the synthetic world, from its checkpoint metadata."""
     data = meta["config"]["data"]
     builder = SyntheticWorldDataset(config=data["preset"], data_dir=data["data_dir"] or os.path.join(workdir, "tfds"))
     return builder.world_dir()
 
 
-def _read_jsonl(path: str, limit: int, split: str = "test") -> list[dict]:
+def read_split(path: str, limit: int, split: str = "test") -> list[dict]:
     """The first `limit` records (split "test"), or the last `limit` (split "validation", where settings are
     chosen), which must not overlap the first."""
     with open(path) as f:
@@ -44,9 +46,11 @@ def _read_jsonl(path: str, limit: int, split: str = "test") -> list[dict]:
 
 class WorldJudge:
     """Exact expected streams of pages (lists of {"shelf", "items"}) for given requests (FORMATS.md §4
-    objects), under the synthetic world's true response model."""
+    objects), under the synthetic world's true response model; `skipped` holds, per request, the items the
+    user skipped earlier in the session (the world lowers their stream probability)."""
 
-    def __init__(self, world: World, requests: list[dict], rules: ShelfRules | None = None):
+    def __init__(self, world: World, requests: list[dict], rules: ShelfRules | None = None,
+                 skipped: list[list[str]] | None = None):
         self.world, cfg = world, world.config
         self.response = ResponseModel(world, rules)
         self.rules = self.response.rules
@@ -59,6 +63,11 @@ class WorldJudge:
             ids = [world.item_index(i) for i in r.get("history", [])][-cfg.history_len:]
             if ids:
                 self.history[row, -len(ids):] = ids
+        self.skipped = None
+        if skipped is not None:
+            self.skipped = np.full((len(requests), max(map(len, skipped), default=0) or 1), -1, np.int32)
+            for row, items in enumerate(skipped):
+                self.skipped[row, :len(items)] = [world.item_index(i) for i in items]
 
     def convert(self, page: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """A page as world indices, padded to (num_shelves, max_items) with -1."""
@@ -72,7 +81,7 @@ class WorldJudge:
         return shelves, items
 
     def batch(self, shelves: np.ndarray, items: np.ndarray) -> PageBatch:
-        return PageBatch(self.users, self.contexts, self.history, shelves, items)
+        return PageBatch(self.users, self.contexts, self.history, shelves, items, self.skipped)
 
     def slot_probabilities(self, pages: list[list[dict]]) -> np.ndarray:
         """(R, shelves, items) each slot's probability of being streamed, one page per request."""
@@ -209,12 +218,12 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     has_value_head = engine.model_cfg.value_head
     world, rules = engine.eligibility.world, engine.eligibility.rules
     validator = PageValidator(engine.vocab, engine.eligibility_spec)
-    folder = _world_dir(meta, workdir)
-    issued = _read_jsonl(os.path.join(folder, "requests.jsonl"), num_requests, split)
+    folder = world_folder(meta, workdir)
+    issued = read_split(os.path.join(folder, "requests.jsonl"), num_requests, split)
     requests = issued
     if full_shelves:
         requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in issued]
-    logged = _read_jsonl(os.path.join(folder, "heldout_pages.jsonl"), num_requests, split)
+    logged = read_split(os.path.join(folder, "heldout_pages.jsonl"), num_requests, split)
     cfg = world.config
     parsed = [parse_request(r) for r in requests]
     as_issued = [parse_request(r) for r in issued]

@@ -211,6 +211,7 @@ class PageEngine:
         rules: dict[int, dict[str, np.ndarray]] = {}
         groups: dict[tuple, list[int]] = {}
         for k, r in enumerate(requests):
+            requests[k] = r = r.with_session()
             try:
                 if self.buckets:
                     requests[k] = r = self.buckets.fit(r)
@@ -312,6 +313,7 @@ class PageEngine:
         results: list[dict | None] = [None] * len(requests)
         rows = []  # (request index, prompt, page tokens)
         for k, (request, page) in enumerate(zip(requests, pages, strict=True)):
+            request = request.with_session()
             unknown = [s["shelf"] for s in page if self.vocab.shelf_token(s["shelf"]) is None]
             unknown += [i for s in page for i in s["items"] if self.vocab.item_tokens(i) is None]
             if unknown or not page:

@@ -13,6 +13,7 @@ MAX_TEXT = 256  # characters of an id, a context key or value
 MAX_INTENT = 1_000  # characters of a free-text intent
 MAX_IDS = 10_000  # entries of history, exclude_items
 MAX_CONTEXT_FIELDS = 64
+SESSION_EVENTS = ("stream", "skip", "save")  # FORMATS.md §4; other event names are ignored
 
 
 class RequestError(ValueError):
@@ -36,6 +37,15 @@ class PageRequest:
     top_p: float = 1.0
     seed: int = 0
     num_pages: int = 1
+    session: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (item, event), oldest first
+
+    def with_session(self) -> PageRequest:
+        """The request with its session events folded in: streamed and saved items join the history (newest
+        last), as the later pages of a session see them in training; skipped items are excluded from the page."""
+        listened = [item for item, event in self.session if event in ("stream", "save")]
+        skipped = [item for item, event in self.session if event == "skip"]
+        excluded = self.exclude_items + [item for item in dict.fromkeys(skipped) if item not in self.exclude_items]
+        return dataclasses.replace(self, history=self.history + listened, exclude_items=excluded, session=[])
 
 
 def _int(obj: dict, key: str, default: int, low: int, high: int) -> int:
@@ -74,6 +84,22 @@ def _ids(obj: dict, key: str, limit: int = MAX_IDS) -> list[str]:
     if len(value) > limit:
         raise RequestError(f"'{key}' has {len(value):,} entries; at most {limit:,} are accepted")
     return [_text(str(v), f"an id in '{key}'") for v in value]
+
+
+def _session(obj: dict) -> list[tuple[str, str]]:
+    value = obj.get("session") or []
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise RequestError("'session' must be a list of {\"item\": ..., \"event\": ...} objects")
+    if len(value) > MAX_IDS:
+        raise RequestError(f"'session' has {len(value):,} events; at most {MAX_IDS:,} are accepted")
+    events = []
+    for k, event in enumerate(value):
+        item, name = event.get("item"), event.get("event")
+        if isinstance(item, bool) or not isinstance(item, (str, int)) or not isinstance(name, str):
+            raise RequestError(f"'session' event {k} needs an 'item' id and an 'event' name")
+        if name in SESSION_EVENTS:
+            events.append((_text(str(item), f"the item of 'session' event {k}"), name))
+    return events
 
 
 def parse_request(obj) -> PageRequest:
@@ -121,7 +147,8 @@ def parse_request(obj) -> PageRequest:
         beam_size=_int(obj, "beam_size", 4, 1, MAX_BEAM),
         temperature=_float(obj, "temperature", 0.0, 0.0, 100.0),
         top_k=_int(obj, "top_k", 0, 0, 1 << 30), top_p=_float(obj, "top_p", 1.0, 1e-6, 1.0),
-        seed=_int(obj, "seed", 0, 0, 2**31 - 1), num_pages=_int(obj, "num_pages", 1, 1, MAX_BEAM))
+        seed=_int(obj, "seed", 0, 0, 2**31 - 1), num_pages=_int(obj, "num_pages", 1, 1, MAX_BEAM),
+        session=_session(obj))
     if request.min_items_per_shelf > request.max_items_per_shelf:
         raise RequestError("'min_items_per_shelf' must not exceed 'max_items_per_shelf'")
     if request.temperature == 0 and request.num_pages > request.beam_size:

@@ -8,6 +8,12 @@ from pydantic import BaseModel, Field
 from homegen.serving.requests import MAX_BEAM, MAX_IDS, MAX_INTENT, MAX_ITEMS_PER_SHELF, MAX_SHELVES, MAX_TEXT
 
 
+class SessionEvent(BaseModel):
+    item: str = Field(max_length=MAX_TEXT)
+    event: str = Field(description="stream, save (the item joins the history) or skip (the item is excluded); "
+                                   "other events are ignored")
+
+
 class PageRequestBody(BaseModel):
     """One Home page to generate. `user_id` or `history` is required."""
 
@@ -21,6 +27,8 @@ class PageRequestBody(BaseModel):
     min_items_per_shelf: int = Field(4, ge=1, le=MAX_ITEMS_PER_SHELF)
     max_items_per_shelf: int = Field(10, ge=1, le=MAX_ITEMS_PER_SHELF)
     exclude_items: list[str] = Field(default_factory=list, max_length=MAX_IDS)
+    session: list[SessionEvent] = Field(default_factory=list, max_length=MAX_IDS,
+                                        description="what the user did since the last page, oldest first")
     allowed_shelves: list[str] | None = None
     beam_size: int = Field(4, ge=1, le=MAX_BEAM, description="rounded up to the server's next beam size")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: beam search; > 0: sampling")

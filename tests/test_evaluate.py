@@ -238,11 +238,11 @@ def test_next_item_training_and_evaluation_end_to_end(walks_file, tmp_path, item
 
 
 def test_page_requests_split_into_disjoint_test_and_validation_blocks(tmp_path):
-    from homegen.evaluation.pages import _read_jsonl
+    from homegen.evaluation.pages import read_split
 
     path = tmp_path / "requests.jsonl"
     path.write_text("".join(json.dumps({"k": k}) + "\n" for k in range(10)))
-    assert [r["k"] for r in _read_jsonl(str(path), 3)] == [0, 1, 2]
-    assert [r["k"] for r in _read_jsonl(str(path), 3, "validation")] == [7, 8, 9]
+    assert [r["k"] for r in read_split(str(path), 3)] == [0, 1, 2]
+    assert [r["k"] for r in read_split(str(path), 3, "validation")] == [7, 8, 9]
     with pytest.raises(ValueError, match="too few"):
-        _read_jsonl(str(path), 6, "validation")
+        read_split(str(path), 6, "validation")

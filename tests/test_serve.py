@@ -152,6 +152,30 @@ def test_scoring_given_pages(engine):
     assert unknown == {"error": "unknown shelves or items: ['nope']"}
 
 
+def test_session_events_change_the_prompt_and_the_page(engine, validator):
+    """Streamed and saved items join the history (newest last) and so the prompt; skipped items are never
+    placed; unknown event names are ignored; the page stays valid for the request as sent."""
+    base = {"user_id": "u3", "history": ["t1", "t2"], "num_shelves": 3, "min_items_per_shelf": 5,
+            "max_items_per_shelf": 5}
+    first = engine.generate([parse_request(base)])[0]["page"]
+    shown = [i for s in first for i in s["items"]]
+    session = [{"item": shown[0], "event": "stream"}, {"item": shown[1], "event": "skip"},
+               {"item": shown[2], "event": "save"}, {"item": shown[3], "event": "hover"},
+               {"item": shown[4], "event": "skip"}]
+    request = parse_request({**base, "session": session})
+    assert request.session == [(shown[0], "stream"), (shown[1], "skip"), (shown[2], "save"), (shown[4], "skip")]
+    folded = request.with_session()
+    assert folded.history == ["t1", "t2", shown[0], shown[2]] and folded.exclude_items == [shown[1], shown[4]]
+    assert engine.prompt(folded) == engine.prompt(parse_request({**base, "history": folded.history}))
+    assert engine.prompt(folded) != engine.prompt(parse_request(base))
+    again = engine.generate([request])[0]
+    placed = {i for s in again["page"] for i in s["items"]}
+    assert shown[1] not in placed and shown[4] not in placed and again["page"] != first
+    assert validator.violations(folded, again["page"]) == []
+    scored = engine.score([request], [again["page"]])[0]  # scoring reads the same folded prompt
+    assert scored["predicted_streams"] == pytest.approx(again["predicted_streams"], abs=2e-3)
+
+
 def test_objectives(engine):
     """The fixture has a value head: beam search maximises predicted streams unless asked for likelihood."""
     request = parse_request({"user_id": "u3", "beam_size": 2, "num_shelves": 2, "max_items_per_shelf": 5,
@@ -325,6 +349,10 @@ def test_one_failing_request_fails_alone():
     ({"user_id": "u", "history": ["t1"] * 10_001}, "'history' has 10,001 entries"),
     ({"user_id": "u", "exclude_items": ["t" * 300]}, "an id in 'exclude_items' has 300 characters"),
     ({"user_id": "u", "context": {f"k{i}": i for i in range(65)}}, "'context' has 65 fields"),
+    ({"user_id": "u", "session": {"item": "t1"}}, "'session' must be a list"),
+    ({"user_id": "u", "session": [{"item": "t1"}]}, "'session' event 0 needs"),
+    ({"user_id": "u", "session": [{"item": ["t1"], "event": "stream"}]}, "'session' event 0 needs"),
+    ({"user_id": "u", "session": [{"item": "t1", "event": "skip"}] * 10_001}, "'session' has 10,001 events"),
 ])
 def test_hostile_fields_are_refused_with_a_reason(body, reason):
     from homegen.serving.requests import RequestError

@@ -20,6 +20,7 @@ from homegen.data.simulator.world import GENRES, INTENTS, MOODS, Contexts, World
 SHELF_DECAY = 0.85
 ITEM_DECAY = 0.88
 REPEAT_ARTIST = 0.6
+SKIP_PENALTY = 2.0  # stream logit lost by an item the user skipped earlier in the session
 NEW_DAYS = 60
 _HOUR_MOOD = np.array([  # mood shift per 4-hour bucket: calm happy sad energetic romantic dark dreamy party
     [0.6, 0.0, 0.2, 0.0, 0.1, 0.3, 0.8, 0.0],
@@ -44,6 +45,7 @@ class PageBatch:
     history: np.ndarray  # (B, H) item indices, oldest first, -1 padded
     shelves: np.ndarray  # (B, S)
     items: np.ndarray  # (B, S, L)
+    skipped: np.ndarray | None = None  # (B, K) items skipped earlier in the session, -1 padded
 
 
 class ResponseModel:
@@ -69,8 +71,9 @@ class ResponseModel:
         return np.clip(target, 0.0, 1.0)
 
     def item_logits(self, users: np.ndarray, ctx: Contexts, history: np.ndarray,
-                    items: np.ndarray) -> np.ndarray:
-        """(B, K) stream logits of items (B, K) (any index >= 0) for each request."""
+                    items: np.ndarray, skipped: np.ndarray | None = None) -> np.ndarray:
+        """(B, K) stream logits of items (B, K) (any index >= 0) for each request; an item in the request's
+        `skipped` (B, K') this session loses SKIP_PENALTY."""
         w, c = self.world.users, self.world.catalog
         safe = np.maximum(items, 0)
         rows = users[:, None]
@@ -82,9 +85,12 @@ class ResponseModel:
         novelty = w.novelty[users][:, None]
         in_history = (items[:, :, None] == history[:, None, :]).any(axis=2) & (items >= 0)
         intent_genre = np.where(ctx.intent >= 0, _INTENT_GENRE[ctx.intent], -1)[:, None]
-        return (-3.2 + 4.0 * taste + 3.0 * mood + 1.2 * fav - 2.5 * energy_gap + 0.8 * c.popularity[safe]
-                + 1.0 * novelty * self._is_new[safe] + in_history * (0.8 - 1.6 * novelty)
-                + 1.5 * ((genre == intent_genre) & (intent_genre >= 0)))
+        logits = (-3.2 + 4.0 * taste + 3.0 * mood + 1.2 * fav - 2.5 * energy_gap + 0.8 * c.popularity[safe]
+                  + 1.0 * novelty * self._is_new[safe] + in_history * (0.8 - 1.6 * novelty)
+                  + 1.5 * ((genre == intent_genre) & (intent_genre >= 0)))
+        if skipped is not None:
+            logits = logits - SKIP_PENALTY * ((items[:, :, None] == skipped[:, None, :]) & (items[:, :, None] >= 0)).any(axis=2)
+        return logits
 
     def shelf_appeal(self, users: np.ndarray, ctx: Contexts) -> np.ndarray:
         """(B, T) probability of engaging with each shelf type, before coherence."""
@@ -120,7 +126,7 @@ class ResponseModel:
         first = ~same_item.any(axis=2)
         repeat = np.where(first, REPEAT_ARTIST ** same_artist, 0.0).reshape(b, s, l)
 
-        p = 1.0 / (1.0 + np.exp(-self.item_logits(batch.users, batch.contexts, batch.history, flat)))
+        p = 1.0 / (1.0 + np.exp(-self.item_logits(batch.users, batch.contexts, batch.history, flat, batch.skipped)))
         item_prob = np.where(valid, p.reshape(b, s, l) * repeat, 0.0)
 
         genre = np.where(valid, c.genre[np.maximum(batch.items, 0)], -1)
@@ -144,10 +150,16 @@ class ResponseModel:
 
     def sample_streams(self, batch: PageBatch, rng: np.random.Generator) -> np.ndarray:
         """(B, S, L) 0/1 streams drawn step by step: scan down, scan along, engage, stream."""
+        return self.sample_events(batch, rng)[0]
+
+    def sample_events(self, batch: PageBatch, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(streams, skips), each (B, S, L) 0/1, drawn as `sample_streams` draws (the same streams from the
+        same generator): a skip is an item the user reached on a shelf they engaged with and did not stream."""
         _, engage, item_prob = self.components(batch)
         b, s, l = batch.items.shape
         shelf_seen = np.cumprod(np.concatenate([np.ones((b, 1)), rng.random((b, s - 1)) < SHELF_DECAY], 1), 1)
         item_seen = np.cumprod(np.concatenate([np.ones((b, s, 1)), rng.random((b, s, l - 1)) < ITEM_DECAY], 2), 2)
         engaged = rng.random((b, s)) < engage
         streamed = rng.random((b, s, l)) < item_prob
-        return (shelf_seen[:, :, None] * item_seen * engaged[:, :, None] * streamed).astype(np.int32)
+        reached = (shelf_seen[:, :, None] * item_seen * engaged[:, :, None]).astype(bool) & (batch.items >= 0)
+        return (reached & streamed).astype(np.int32), (reached & ~streamed).astype(np.int32)
