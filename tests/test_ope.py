@@ -186,24 +186,25 @@ def test_ope_script_end_to_end(tiny_checkpoint, propensity_logs, tmp_path):
     assert "| homegen sampling | doubly robust |" in open(tmp_path / "ope.md").read()
 
 
-def test_ope_script_refuses_logs_it_cannot_use(tiny_checkpoint, propensity_logs, tmp_path):
+def test_logs_it_cannot_use_are_refused(tiny_checkpoint, propensity_logs, tmp_path):
+    from homegen.data.formats import DataFormatError
     from homegen.data.simulator.simulate import write_world
     from homegen.data.simulator.world import WorldConfig
+    from homegen.evaluation.ope import off_policy_evaluation
 
     other = tmp_path / "other"
     write_world(WorldConfig(num_items=300, num_users=40, seed=2), str(other), 10, 3, propensities=True)
-    result = ope("--checkpoint", tiny_checkpoint, "--logs", str(other), "--pages", "3")
-    assert result.returncode == 2 and "another world" in result.stderr
+    with pytest.raises(ValueError, match="another world"):
+        off_policy_evaluation(tiny_checkpoint, str(other), 3)
     plain = tmp_path / "plain"
     plain.mkdir()
-    for name in ("world.json", "heldout_pages.jsonl"):
-        lines = open(os.path.join(propensity_logs, name)).read()
-        if name == "heldout_pages.jsonl":  # the second log without its propensities
-            records = [json.loads(line) for line in lines.splitlines()]
-            for shelf in records[1]["page"]:
-                del shelf["propensities"]
-            lines = "\n".join(json.dumps(r) for r in records) + "\n"
-        (plain / name).write_text(lines)
-    result = ope("--checkpoint", tiny_checkpoint, "--logs", str(plain), "--pages", "3")
-    assert result.returncode == 2
-    assert "heldout_pages.jsonl:2" in result.stderr and "propensities" in result.stderr
+    (plain / "world.json").write_text(open(os.path.join(propensity_logs, "world.json")).read())
+    records = [json.loads(line) for line in open(os.path.join(propensity_logs, "heldout_pages.jsonl"))]
+    for shelf in records[1]["page"]:  # the second log without its propensities
+        del shelf["propensities"]
+    (plain / "heldout_pages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataFormatError, match="propensities") as err:
+        off_policy_evaluation(tiny_checkpoint, str(plain), 3)
+    assert err.value.line == 2 and err.value.path.endswith("heldout_pages.jsonl")
+    with pytest.raises(FileNotFoundError, match="world.json"):
+        off_policy_evaluation(tiny_checkpoint, str(tmp_path), 3)
