@@ -104,7 +104,9 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
             raise DataFormatError(path, number + 1, f"not UTF-8 text ({e.reason})") from None
 
 
-def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
+def json_lines(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON Lines file; DataFormatError names the line of
+    anything that is not UTF-8 JSON holding an object."""
     for number, line in _lines(path):
         try:
             record = json.loads(line)
@@ -225,7 +227,7 @@ def _read_movielens(path: str) -> list[UserSequence]:
 def read_catalog(path: str) -> dict[str, CatalogItem]:
     """Catalog JSON Lines (FORMATS.md §2) keyed by item id."""
     catalog: dict[str, CatalogItem] = {}
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         if "item_id" not in record:
             raise DataFormatError(path, number, "missing required field 'item_id'")
         item_id = _id(record["item_id"], path, number, "item_id")
@@ -348,5 +350,5 @@ def _is_number(value) -> bool:
 
 def iter_page_logs(path: str) -> Iterator[PageLog]:
     """Streams page-log JSON Lines (FORMATS.md §3)."""
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         yield parse_page_log(record, path, number)

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from homegen.data.formats import DataFormatError, parse_page_log
+from homegen.data.formats import DataFormatError, json_lines, parse_page_log
 
 Decision = tuple[int, str, str]  # (row on the page, shelf type, item)
 
@@ -61,21 +61,14 @@ class LoggedPages:
 def read_logged_pages(path: str, limit: int | None = None) -> LoggedPages:
     """The first `limit` page logs of a JSON Lines file; every shelf must carry streams and propensities."""
     records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if limit is not None and len(records) == limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, number, f"not valid JSON: {e.msg}") from None
-            log = parse_page_log(record, path, number)
-            if any(s.streams is None or s.propensities is None for s in log.page):
-                raise DataFormatError(path, number, "off-policy evaluation needs 'streams' and 'propensities' on "
-                                      "every shelf (write such logs with scripts/simulate.py --propensities)")
-            records.append(record)
+    for number, record in json_lines(path):
+        if limit is not None and len(records) == limit:
+            break
+        log = parse_page_log(record, path, number)
+        if any(s.streams is None or s.propensities is None for s in log.page):
+            raise DataFormatError(path, number, "off-policy evaluation needs 'streams' and 'propensities' on "
+                                  "every shelf (write such logs with scripts/simulate.py --propensities)")
+        records.append(record)
     if not records:
         raise ValueError(f"{path} holds no page logs")
     width = max(len(decisions(r["page"])) for r in records)
