@@ -29,6 +29,10 @@ def session_events(page: list[dict], streams: np.ndarray, skips: np.ndarray) -> 
     return events
 
 
+def _standard_error(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def _latencies(engine, requests: list) -> np.ndarray:
     """Seconds of each request served alone (batch size 1), timed on its second run so that no compilation
     of a new prompt width is counted (a server compiles its shapes at start-up)."""
@@ -74,10 +78,9 @@ def regeneration_gain(engine, world, requests: list[dict], seed: int = 0, latenc
         "first_page_before_events": float(before.response.expected_engagement(batch).mean()),
         "first_page_again": float(stale.mean()),
         "regenerated_page": float(fresh.mean()),
-        "gain": float(gain.mean()), "gain_se": float(gain.std(ddof=1) / np.sqrt(len(gain))),
+        "gain": float(gain.mean()), "gain_se": _standard_error(gain),
         "skips_only_page": float(without_history.mean()),
-        "gain_from_history": float(from_history.mean()),
-        "gain_from_history_se": float(from_history.std(ddof=1) / np.sqrt(len(from_history))),
+        "gain_from_history": float(from_history.mean()), "gain_from_history_se": _standard_error(from_history),
         "skipped_items_shown_again": float(np.mean([
             len({e["item"] for e in s if e["event"] == "skip"} & {i for shelf in page for i in shelf["items"]})
             for s, page in zip(sessions, regenerated)])),
