@@ -222,9 +222,10 @@ def estimate(target: Target, logged: LoggedPages, judge, value_model: ValueModel
     copies = len(target.pages[0])
     exact = np.mean([judge.slot_probabilities([p[k] for p in target.pages]).sum(axis=(1, 2))
                      for k in range(copies)], axis=0)
-    width = max(len(decisions(p)) for pages in target.pages for p in pages)
+    lengths = np.array([[len(decisions(page)) for page in pages] for pages in target.pages])  # (N, copies)
+    width = int(lengths.max())
     scored = [value_model.predict(requests, [p[k] for p in target.pages], width) for k in range(copies)]
-    mask = [np.arange(width) < np.array([len(decisions(p[k])) for p in target.pages])[:, None] for k in range(copies)]
+    mask = [np.arange(width) < lengths[:, k, None] for k in range(copies)]
     predicted = np.mean(scored, axis=0)
     calibrated = np.mean([np.where(m, calibration(x), 0.0) for x, m in zip(scored, mask)], axis=0)
     ratios = cumulative_ratios(target.log_probs, logged)
@@ -261,15 +262,15 @@ def world_requests(logged: LoggedPages, num_shelves: int, max_items: int) -> lis
             for r in logged.records]
 
 
-def world_of(folder: str):
-    """The synthetic world a simulate.py folder was written from (its world.json)."""
-    from homegen.data.simulator.world import World, WorldConfig
+def world_config_of(folder: str):
+    """The config of the synthetic world a simulate.py folder was written from (its world.json)."""
+    from homegen.data.simulator.world import WorldConfig
 
     path = os.path.join(folder, "world.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: --logs must be a folder written by scripts/simulate.py")
     with open(path) as f:
-        return World(WorldConfig(**json.load(f)))
+        return WorldConfig(**json.load(f))
 
 
 def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int | None = None,
@@ -284,12 +285,13 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     from homegen.serving.requests import parse_request
 
     engine = PageEngine(checkpoint, step)
-    if getattr(engine.eligibility, "world", None) is None:
+    world = getattr(engine.eligibility, "world", None)
+    if world is None:
         raise ValueError(f"{checkpoint} was not trained on the synthetic world: exact values need its world")
-    world = world_of(logs)
-    if dataclasses.asdict(world.config) != dataclasses.asdict(engine.eligibility.world.config):
-        raise ValueError(f"{logs} was written from another world ({dataclasses.asdict(world.config)}) than "
-                         f"{checkpoint} was trained on ({dataclasses.asdict(engine.eligibility.world.config)})")
+    logs_config = world_config_of(logs)
+    if logs_config != world.config:  # the same config builds the same world: the checkpoint's is used
+        raise ValueError(f"{logs} was written from another world ({dataclasses.asdict(logs_config)}) than "
+                         f"{checkpoint} was trained on ({dataclasses.asdict(world.config)})")
     value_engines = [PageEngine(path) for path in value_models] if value_models else [engine]
     for path, value_engine in zip(value_models or [checkpoint], value_engines):
         if not value_engine.model_cfg.value_head:

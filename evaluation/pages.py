@@ -83,11 +83,14 @@ class WorldJudge:
     def batch(self, shelves: np.ndarray, items: np.ndarray) -> PageBatch:
         return PageBatch(self.users, self.contexts, self.history, shelves, items, self.skipped)
 
+    def page_batch(self, pages: list[list[dict]]) -> PageBatch:
+        """The world's batch of one page per request."""
+        converted = [self.convert(p) for p in pages]
+        return self.batch(np.stack([c[0] for c in converted]), np.stack([c[1] for c in converted]))
+
     def slot_probabilities(self, pages: list[list[dict]]) -> np.ndarray:
         """(R, shelves, items) each slot's probability of being streamed, one page per request."""
-        converted = [self.convert(p) for p in pages]
-        return self.response.slot_probabilities(self.batch(np.stack([c[0] for c in converted]),
-                                                           np.stack([c[1] for c in converted])))
+        return self.response.slot_probabilities(self.page_batch(pages))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "head"))

@@ -52,8 +52,7 @@ def regeneration_gain(engine, world, requests: list[dict], seed: int = 0, latenc
     cold = [parse_request(r) for r in requests]
     first = [response["page"] for response in engine.generate(cold)]
     before = WorldJudge(world, requests)
-    converted = [before.convert(page) for page in first]
-    batch = before.batch(np.stack([c[0] for c in converted]), np.stack([c[1] for c in converted]))
+    batch = before.page_batch(first)
     streams, skips = before.response.sample_events(batch, np.random.default_rng(seed))
     sessions = [session_events(page, streams[k], skips[k]) for k, page in enumerate(first)]
     after = [{**r, "history": list(r.get("history", [])) + [e["item"] for e in s if e["event"] == "stream"]}

@@ -159,7 +159,8 @@ def propensity_logs(tmp_path_factory):
 def test_ope_script_end_to_end(tiny_checkpoint, propensity_logs, tmp_path):
     """The table's exact values are the world's, the logging policy's IPS and DR are its logged streams,
     and DR differs from DM only through logged prefixes that agree with the target."""
-    from homegen.evaluation.ope import read_logged_pages, world_of, world_requests
+    from homegen.data.simulator.world import World
+    from homegen.evaluation.ope import read_logged_pages, world_config_of, world_requests
     from homegen.evaluation.pages import WorldJudge
 
     result = ope("--checkpoint", tiny_checkpoint, "--logs", propensity_logs, "--pages", "12", "--samples", "2",
@@ -169,7 +170,7 @@ def test_ope_script_end_to_end(tiny_checkpoint, propensity_logs, tmp_path):
     assert set(results) == {"logging policy", "homegen beam search (streams)", "homegen sampling",
                             "pointwise (same model)"}
     logged = read_logged_pages(os.path.join(propensity_logs, "heldout_pages.jsonl"), 12)
-    world = world_of(propensity_logs)
+    world = World(world_config_of(propensity_logs))
     judge = WorldJudge(world, world_requests(logged, world.config.num_shelves, world.config.max_items))
     exact = judge.slot_probabilities(logged.pages).sum(axis=(1, 2)).mean()
     row = results["logging policy"]
