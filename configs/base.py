@@ -23,6 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.stream_weight = 1.0
     c.data.streamed_first = False  # pages: train on shelves reordered with streamed items first
     c.data.outcome_conditioning = False  # pages: condition on the page's bucketed streams; serve the best bucket
+    c.data.user_tokens = False  # pages: a context token per user seen in training (data/relabel.py:with_user)
+    c.data.unknown_user_fraction = 0.1  # with user_tokens: training pages shown as an unknown user
     c.data.max_history = 30
     c.data.sentencepiece_vocab = 1000
     c.data.min_context_count = 1
@@ -88,6 +90,15 @@ def base_config() -> ml_collections.ConfigDict:
     # (old rows kept bit for bit, new rows started from metadata: training/extend.py).
     c.finetune.extend_vocabulary = False
 
+    # Preference stage (DPO): train on pairs of pages (scripts/preference_pairs.py) from --init_from, the
+    # run that made them; `preference_stage` below sets the rest of a stage's settings.
+    c.preference = ml_collections.ConfigDict()
+    c.preference.pairs = ""  # folder of preference pairs; set: the run trains on them instead of the logs
+    c.preference.beta = 0.1
+    c.preference.chosen_nll_weight = 0.0
+    c.preference.value_weight = 1.0  # hold the value head to the pairs' stream probabilities
+    c.preference.validation_fraction = 0.05  # pairs held out for validation_preference_* metrics
+
     c.eval = ml_collections.ConfigDict()
     c.eval.next_item = False  # HR@10 / NDCG@10 over all items on validation users (interaction data)
     c.eval.max_users = 2000
@@ -112,4 +123,20 @@ def base_config() -> ml_collections.ConfigDict:
         ("head_dim", None),
         ("layers", None),
     ]
+    return c
+
+
+def preference_stage(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A config's preference stage: a few hundred DPO steps at a low learning rate, without dropout (so the
+    policy starts equal to the reference), the checkpoint kept as best by validation pairs' DPO loss.
+    Run it with --init_from the run that made the pairs and --config.preference.pairs=FOLDER."""
+    c.model.dropout = 0.0
+    c.model.embed_dropout = 0.0
+    c.train.steps = 400
+    c.train.learning_rate = 1e-4
+    c.train.warmup_steps = 20
+    c.train.final_lr_fraction = 1.0
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100
+    c.train.best_metric = "validation_preference_loss"
     return c

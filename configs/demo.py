@@ -1,9 +1,12 @@
-"""A small model on the tiny synthetic world: trains in a few minutes on a laptop CPU."""
+"""A small model on the tiny synthetic world: trains in a few minutes on a laptop CPU.
+`configs/demo.py:preference` is its preference stage (DPO on pairs from a trained run: configs/base.py)."""
 
-from homegen.configs.base import base_config
+from homegen.configs.base import base_config, preference_stage
 
 
-def get_config():
+def get_config(stage: str = ""):
+    if stage not in ("", "preference"):
+        raise ValueError(f"the stage must be '' or 'preference', got {stage!r}")
     c = base_config()
     c.data.preset = "tiny"
     c.data.seq_len = 128
@@ -25,4 +28,4 @@ def get_config():
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.train.checkpoint_every = 100
-    return c
+    return preference_stage(c) if stage == "preference" else c

@@ -32,6 +32,8 @@ class PipelineConfig:
     packing_bins: int = 0  # 0: batch_size
     outcome_conditioning: bool = False  # pages: add each page's bucketed streams to its context
     streamed_first: bool = False  # pages: train on shelves reordered with streamed items first
+    user_tokens: bool = False  # pages: the user's id as a context token (`data.relabel.with_user`)
+    unknown_user_fraction: float = 0.1  # with user_tokens: pages shown with the unknown-user token instead
 
 
 def sequence_to_page_log(user: UserSequence, max_items: int) -> PageLog:
@@ -48,7 +50,8 @@ def sequence_capacity(vocab: Vocabulary, seq_len: int) -> int:
 def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[dict], Encoded]:
     """Stored record -> Encoded tokens, for `kind` in {'pages', 'sequences'}."""
     if kind == "pages":
-        label = relabeler(config.outcome_conditioning, config.streamed_first)
+        label = relabeler(config.outcome_conditioning, config.streamed_first, config.user_tokens,
+                          config.unknown_user_fraction)
         return lambda example: vocab.encode(label(example_to_page_log(example)), config.stream_weight)
     if kind == "sequences":
         capacity = sequence_capacity(vocab, config.seq_len)
@@ -72,7 +75,7 @@ def _from_packed(batch: dict) -> dict[str, np.ndarray]:
             "positions": batch["tokens_positions"].astype(np.int32)}
 
 
-class _ProcessRows(grain.MapDataset):
+class ProcessRows(grain.MapDataset):
     """This process's rows of each global batch: global batch b holds elements [b*B*n, (b+1)*B*n) of the
     parent, and process i reads rows [i*B, (i+1)*B) of it. The global batch is thus the same for any
     number of processes, and each process reads only its own rows."""
@@ -100,7 +103,7 @@ def make_dataset(source, vocab: Vocabulary, kind: str, config: PipelineConfig, s
     encode = encoder(vocab, kind, config)
     ds = grain.MapDataset.source(source).shuffle(seed=config.shuffle_seed).repeat(config.num_epochs)
     if shard_count > 1:
-        ds = _ProcessRows(ds, config.batch_size, shard_index, shard_count)
+        ds = ProcessRows(ds, config.batch_size, shard_index, shard_count)
     ds = ds.map(encode)
     if config.pack:
         ds = ds.map(lambda e: {"tokens": e.tokens[:length], "weights": e.weights[:length],

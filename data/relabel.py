@@ -5,11 +5,16 @@
 - `streamed_first`: each shelf's streamed items moved to its front (most streams first, otherwise in
   logged order), so every generation step learns to continue with what users stream next, rather than
   with the logging policy's order.
+- `with_user`: the user's id as the context field `user_id`, so that the model learns each known user's
+  taste from all of their logged pages (a user-ID token, as TIGER and OneRec prepend); a fixed fraction of
+  pages shows the field's unknown value instead, so that users the vocabulary does not know are served
+  from their history alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable
 
 from homegen.data.formats import PageLog, Shelf
@@ -17,6 +22,8 @@ from homegen.data.formats import PageLog, Shelf
 OUTCOME_FIELD = "outcome"  # context field holding a logged page's engagement (outcome-conditioned training)
 OUTCOME_BUCKETS = ((0, "0"), (1, "1"), (2, "2"), (3, "3-4"), (5, "5+"))  # (lowest total streams, value)
 BEST_OUTCOME = OUTCOME_BUCKETS[-1][1]
+USER_FIELD = "user_id"  # context field holding the user's id (user-ID tokens)
+NO_USER = ""  # a user id no vocabulary holds: the prompt gets the field's unknown token
 
 
 def with_outcome(log: PageLog) -> PageLog:
@@ -40,9 +47,21 @@ def streamed_first(log: PageLog) -> PageLog:
     return dataclasses.replace(log, page=shelves)
 
 
-def relabeler(outcome: bool, order_by_streams: bool) -> Callable[[PageLog], PageLog]:
+def with_user(log: PageLog, unknown_fraction: float = 0.0) -> PageLog:
+    """The log with its user's id as the context field `user_id`; for a fixed `unknown_fraction` of pages
+    (chosen by a hash of the user and the page, the same on every pass) an id no vocabulary holds, so
+    that the field's unknown token learns to stand for a user the model has not seen."""
+    key = f"{log.user_id}|{log.request_id or ''}|{log.timestamp or 0}".encode()
+    hidden = unknown_fraction > 0 and zlib.crc32(key) / 2**32 < unknown_fraction
+    return dataclasses.replace(log, context={**log.context, USER_FIELD: NO_USER if hidden else log.user_id})
+
+
+def relabeler(outcome: bool, order_by_streams: bool, user_tokens: bool = False, unknown_user_fraction: float = 0.0
+              ) -> Callable[[PageLog], PageLog]:
     """The configured relabelings, applied in turn."""
-    steps = [f for f, on in ((with_outcome, outcome), (streamed_first, order_by_streams)) if on]
+    add_user = lambda log: with_user(log, unknown_user_fraction)  # noqa: E731
+    steps = [f for f, on in ((with_outcome, outcome), (streamed_first, order_by_streams), (add_user, user_tokens))
+             if on]
 
     def apply(log: PageLog) -> PageLog:
         for step in steps:

@@ -94,3 +94,42 @@ def value_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, outcom
     streamed = (outcomes == STREAMED).astype(jnp.float32)
     bce = jnp.logaddexp(0.0, logits) - streamed * logits
     return jnp.sum(bce * labelled), jnp.sum(labelled)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """DPO (Rafailov et al., 2023) on pairs of pages of one prompt, against a frozen reference whose
+    log-probabilities come with the pairs."""
+
+    beta: float = 0.1  # how far the policy may move from the reference: the implicit reward's scale
+    chosen_nll_weight: float = 0.0  # + this x the chosen page's mean next-token loss (keeps it likely)
+    value_weight: float = 1.0  # + this x the value head's divergence from the pairs' stream probabilities
+
+
+def preference_loss(token_logp: jax.Array, page_mask: jax.Array, ref_log_probs: jax.Array, cfg: PreferenceConfig,
+                    value_logits: jax.Array | None = None, value_targets: jax.Array | None = None):
+    """(loss summed over pairs, number of pairs, sums for metrics) for rows (2N, T) that alternate chosen and
+    rejected pages: `token_logp` of each target token, `page_mask` 1 on the page's tokens, `ref_log_probs`
+    (N, 2). The DPO loss of a pair is -log sigmoid(beta x (gain of chosen - gain of rejected)), a page's
+    gain being its log-probability minus the reference's. With `value_logits`, the value head's binary
+    cross-entropy to the soft targets `value_targets` (>= 0 where labelled), less their entropy (so 0 when
+    it agrees), is added per labelled token, weighted like the main loss's value term."""
+    pairs = ref_log_probs.shape[0]
+    page_log_probs = jnp.sum(token_logp * page_mask, axis=-1).reshape(pairs, 2)
+    gain = page_log_probs - ref_log_probs
+    margin = cfg.beta * (gain[:, 0] - gain[:, 1])
+    total = jnp.sum(jax.nn.softplus(-margin))
+    aux = {"accuracy_sum": jnp.sum(margin > 0), "margin_sum": jnp.sum(margin)}
+    if cfg.chosen_nll_weight:
+        chosen_logp, chosen_mask = token_logp.reshape(pairs, 2, -1)[:, 0], page_mask.reshape(pairs, 2, -1)[:, 0]
+        nll = -jnp.sum(chosen_logp * chosen_mask, axis=-1) / jnp.maximum(jnp.sum(chosen_mask, axis=-1), 1.0)
+        total += cfg.chosen_nll_weight * jnp.sum(nll)
+    if value_logits is not None:
+        labelled = value_targets >= 0
+        p = jnp.clip(value_targets, 1e-6, 1 - 1e-6)
+        entropy = -(p * jnp.log(p) + (1 - p) * jnp.log1p(-p))
+        divergence = jnp.logaddexp(0.0, value_logits) - p * value_logits - entropy
+        value_sum, value_count = jnp.sum(jnp.where(labelled, divergence, 0.0)), jnp.sum(labelled.astype(jnp.float32))
+        total += cfg.value_weight * value_sum / jnp.maximum(value_count, 1.0) * pairs
+        aux.update(value_sum=value_sum, value_count=value_count)
+    return total, jnp.float32(pairs), aux

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from homegen.data.formats import Shelf, read_catalog
-from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
+from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD, USER_FIELD
 from homegen.data.semantic_ids import catalog_attributes
 from homegen.data.vocab import EOS, PAD, Vocabulary
 from homegen.model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
@@ -74,6 +74,7 @@ class PageEngine:
         self.step, (meta, self.graphdef, self.params) = checkpoints.first_readable(
             lambda s: _restore_model(checkpoints, s), step)
         self.model_cfg = TransformerConfig(**meta["model"])
+        self.train_config = meta["config"]  # the config the checkpoint was trained with
         self.seq_len = int(meta["config"]["data"]["seq_len"])  # the training rows' length: prompts stay within
         self.path = path
         self.objective = self._check_objective(objective)
@@ -149,11 +150,12 @@ class PageEngine:
                 "max_items": np.int32(request.max_items_per_shelf), "max_shelves": np.int32(request.num_shelves)}
 
     def prompt(self, request: PageRequest) -> list[int]:
-        """The request's prompt tokens; a model trained with outcome conditioning is asked for the best
-        outcome bucket unless the request's context names one. The intent keeps as many pieces as fit in a
+        """The request's prompt tokens; a model trained with user tokens sees the request's user (the
+        unknown-user token for a user it was not trained on); a model trained with outcome conditioning is
+        asked for the best outcome bucket unless the request's context names one. The intent keeps as many pieces as fit in a
         training row beside the rest of the prompt and the longest page the request allows (none when
         nothing fits), so a prompt never outgrows what the model was trained on."""
-        context = request.context
+        context = {**request.context, USER_FIELD: request.user_id}  # ignored by vocabularies without user tokens
         if self.vocab.conditions_on_outcome() and OUTCOME_FIELD not in context:
             context = {**context, OUTCOME_FIELD: BEST_OUTCOME}
         without_intent = self.vocab.encode_prompt(context, None, request.history)

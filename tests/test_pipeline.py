@@ -135,3 +135,37 @@ def test_streamed_first_moves_streamed_items_to_the_front_of_each_shelf():
     both = relabeler(outcome=True, order_by_streams=True)(log)
     assert both.page[0].items == ["d", "b", "a", "c"] and both.context["outcome"] == "3-4"
     assert relabeler(False, False)(log) is log
+
+
+def test_user_tokens_name_known_users_and_a_fixed_share_of_pages_hides_them():
+    from types import SimpleNamespace
+
+    from homegen.data.relabel import USER_FIELD, with_user
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import parse_request
+
+    logs = [PageLog(f"u{k % 50}", [Shelf("s", ["a", "b"], [1.0, 0.0])], context={"hour": "8"}, request_id=f"r{k}")
+            for k in range(2000)]
+    builder = VocabularyBuilder()
+    for log in logs:
+        builder.add_page(with_user(log))
+    vocab = builder.build(sentencepiece_vocab=20)
+    known, unknown = vocab.context_token_ids({USER_FIELD: "u7"}), vocab.context_token_ids({USER_FIELD: "stranger"})
+    assert len(known) == 1 and len(unknown) == 1 and known != unknown
+    assert [with_user(log, 0.1).context[USER_FIELD] for log in logs[:3]] == [
+        with_user(log, 0.1).context[USER_FIELD] for log in logs[:3]]  # the same on every pass
+    config = PipelineConfig(seq_len=16, batch_size=2000, pack=False, user_tokens=True, unknown_user_fraction=0.1)
+    batch = next(iter(make_dataset([page_log_to_example(log) for log in logs], vocab, "pages", config)))
+    hidden = float(np.mean(batch["tokens"][:, 2] == unknown[0]))
+    assert 0.08 < hidden < 0.12 and logs[0].context == {"hour": "8"}
+    # Serving puts the request's user in the prompt; a user the vocabulary lacks gets the unknown token, and a
+    # vocabulary without user tokens serves the prompt it always did.
+    engine = SimpleNamespace(vocab=vocab)
+    assert known[0] in PageEngine.prompt(engine, parse_request({"user_id": "u7", "context": {"hour": 8}}))
+    assert unknown[0] in PageEngine.prompt(engine, parse_request({"user_id": "new", "context": {"hour": 8}}))
+    plain = VocabularyBuilder()
+    plain.add_page(logs[0])
+    plain_vocab = plain.build(sentencepiece_vocab=20)
+    request = parse_request({"user_id": "u7", "context": {"hour": 8}})
+    assert PageEngine.prompt(SimpleNamespace(vocab=plain_vocab), request) == plain_vocab.encode_prompt(
+        request.context, None, [])

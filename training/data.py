@@ -14,7 +14,7 @@ from collections import Counter
 
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
 from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
-from homegen.data.relabel import with_outcome
+from homegen.data.relabel import relabeler
 from homegen.data.semantic_ids import SemanticItems, build_semantic_items, catalog_attributes
 from homegen.data.simulator.world import EPOCH
 from homegen.data.text import load_sentencepiece
@@ -103,6 +103,7 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     # logged page's history and items in page order (the first `semantic_max_sequences` pages).
     train_sequences: list[list[str]] = []
     semantic = data_cfg.item_tokens == "semantic"
+    label = relabeler(data_cfg.outcome_conditioning, False, data_cfg.user_tokens)  # what the prompts show
     for path in raw_files(data_cfg, prepared):
         if prepared.kind == "sequences":
             for user in read_interactions(path, data_cfg.interactions_format):
@@ -111,7 +112,7 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                 train_sequences.append(user.items[:-2])
         else:
             for log in iter_page_logs(path):
-                builder.add_page(with_outcome(log) if data_cfg.outcome_conditioning else log)
+                builder.add_page(label(log))
                 for shelf in log.page:
                     counts.update(shelf.items)
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))

@@ -16,7 +16,7 @@ from homegen.data.formats import DataFormatError, read_catalog
 from homegen.data.pipeline import PipelineConfig, encoder, make_dataset
 from homegen.data.vocab import Vocabulary
 from homegen.model.lora import LoraConfig
-from homegen.model.loss import SampledSoftmax
+from homegen.model.loss import PreferenceConfig, SampledSoftmax
 from homegen.model.sharding import make_mesh
 from homegen.model.transformer import TransformerConfig
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
@@ -24,6 +24,7 @@ from homegen.training.data import build_vocabulary, prepare_data, resolve_source
 from homegen.training.early_stopping import EarlyStopping
 from homegen.training.extend import grow_parameters
 from homegen.training.preemption import StopSignals
+from homegen.training.preference import PreferencePairs, pair_dataset, preference_validation
 from homegen.training.reporting import Reporter
 from homegen.training.state import Trainer, count_params
 from homegen.training.validation import RANKING_METHODS, make_ranker, ranking_metrics, validation_loss, validation_users
@@ -77,7 +78,10 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
 
 
 def examples_in(batch: dict) -> int:
-    """Training examples in a batch of rows (packed rows number their examples 1, 2, ... by segment)."""
+    """Training examples in a batch of rows (packed rows number their examples 1, 2, ... by segment), or
+    of preference pairs."""
+    if "segment_ids" not in batch:
+        return len(batch["tokens"])
     return int(batch["segment_ids"].max(axis=1).sum())
 
 
@@ -264,6 +268,26 @@ def _report_cut_examples(source, vocab: Vocabulary, kind: str, pipeline_cfg: Pip
                          "the end: raise --config.data.seq_len or lower --config.data.max_history")
 
 
+def _preference_pairs(cfg, workdir: str, init_from: str | None) -> tuple[PreferencePairs, PreferencePairs] | None:
+    """(training, validation) pairs of a preference stage (None without `preference.pairs`). The pairs must
+    come from the run the stage starts from: their reference log-probabilities are that run's. Sets
+    data.data_dir to that run's data when the config leaves it empty."""
+    if not cfg.preference.pairs:
+        return None
+    pairs = PreferencePairs.load(cfg.preference.pairs)
+    source = pairs.meta.get("checkpoint", "")
+    if not Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).steps():
+        if not init_from:
+            raise ValueError(f"the preference stage starts from the model that made the pairs: pass --init_from "
+                             f"{source or 'RUN'}")
+        if os.path.abspath(init_from) != os.path.abspath(source):
+            raise ValueError(f"{cfg.preference.pairs} holds pairs made by {source}, whose log-probabilities are "
+                             f"the stage's reference, but --init_from is {init_from}")
+    if not cfg.data.data_dir and pairs.meta.get("data_dir"):
+        cfg.data.data_dir = pairs.meta["data_dir"]
+    return pairs.split(cfg.preference.validation_fraction, cfg.seed)
+
+
 def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> RunResult:
     # Where: the workdir, the mesh, the data source; the config checked against them.
     workdir = os.path.abspath(workdir)
@@ -281,25 +305,37 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
         checkpoints.check_step(resume_step)
 
     # Data and vocabulary.
+    pairs = _preference_pairs(cfg, workdir, init_from)
     prepared = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
     vocab, item_counts, shelf_items = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from,
                                                                 resume_step, reporter)
     pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
                                   pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
                                   outcome_conditioning=cfg.data.outcome_conditioning,
-                                  streamed_first=cfg.data.streamed_first)
-    train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
-                                   jax.process_index(), nproc))
-
-    _report_cut_examples(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg, reporter)
+                                  streamed_first=cfg.data.streamed_first, user_tokens=cfg.data.user_tokens,
+                                  unknown_user_fraction=cfg.data.unknown_user_fraction)
+    if pairs:
+        train_pairs, validation_pairs = pairs
+        if int(train_pairs.tokens.max()) >= vocab.size:
+            raise ValueError(f"{cfg.preference.pairs} holds tokens beyond this run's vocabulary ({vocab.size:,})")
+        train_iter = iter(pair_dataset(train_pairs, cfg.train.batch_size // nproc, cfg.seed, jax.process_index(),
+                                       nproc))
+        reporter.message(f"preference stage: {len(train_pairs):,} training pairs, {len(validation_pairs):,} "
+                         f"validation pairs from {cfg.preference.pairs}")
+    else:
+        train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
+                                       jax.process_index(), nproc))
+        _report_cut_examples(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg, reporter)
 
     # Model, trainer and the state to start from.
     model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict())
     sampled = None
     if cfg.loss.kind == "sampled":
         sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
+    preference = (PreferenceConfig(cfg.preference.beta, cfg.preference.chosen_nll_weight,
+                                   cfg.preference.value_weight) if pairs else None)
     trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
-                      cfg.loss.value_weight, lora_config(cfg))
+                      cfg.loss.value_weight, lora_config(cfg), preference)
     lora_base = _load_lora_base(trainer, checkpoints, init_from, resume_step, reporter) if trainer.lora else None
     start, state, progress = _initial_state(trainer, checkpoints, train_iter, workdir, init_from, resume_step,
                                             reporter, vocab, prepared.catalog_path)
@@ -309,7 +345,8 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     meta = {"config": json.loads(cfg.to_json()), "model": dataclasses.asdict(model_cfg),
             "vocab": vocab.to_json(), "kind": prepared.kind,
             "catalog": _catalog_for_checkpoint(prepared.catalog_path),
-            "eligibility": _eligibility(prepared, shelf_items), "lora": lora_base}
+            "eligibility": _eligibility(prepared, shelf_items), "lora": lora_base,
+            "preference": {"pairs": os.path.abspath(cfg.preference.pairs), **pairs[0].meta} if pairs else None}
 
     # Validation.
     ranker = (make_ranker(trainer, vocab, cfg) if cfg.eval.next_item and prepared.kind == "sequences" else None)
@@ -321,6 +358,8 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
             out.update(validation_loss(trainer, params, prepared.sources["validation"], vocab,
                                        prepared.kind, pipeline_cfg, cfg.train.eval_batches,
                                        jax.process_index(), nproc))
+        if pairs:
+            out.update(preference_validation(trainer, params, pairs[1], cfg.train.batch_size))
         if ranker:
             metrics = ranking_metrics(ranker.rank(params, eval_users, cfg.eval.filter_seen), ks=(10,))
             out.update({f"validation_{k}": v for k, v in metrics.items() if k != "mrr"})
@@ -339,13 +378,14 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
         reporter.message(f"stopped early at step {start} before: {stopper.reason()}; nothing to do "
                          "(raise train.patience to train on)")
         end = start
-    tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
+    tokens_per_batch = cfg.train.batch_size * (pairs[0].tokens[0].size if pairs else cfg.data.seq_len)
     reporter.begin(start)
-    train_size, resumed_at, seconds_before = len(prepared.sources["train"]), time.time(), progress["seconds"]
+    train_size = len(pairs[0]) if pairs else len(prepared.sources["train"])
+    resumed_at, seconds_before = time.time(), progress["seconds"]
     with StopSignals() as signals:
         for step in range(start + 1, end + 1):
             local = next(train_iter)
-            if step == 1 and model_cfg.value_head and not np.any(local["outcomes"]):
+            if step == 1 and model_cfg.value_head and "outcomes" in local and not np.any(local["outcomes"]):
                 raise ValueError("model.value_head=True, but the first training batch has no item with known streams: "
                                  "the page logs carry no `streams` (FORMATS.md §3), so the value head cannot learn")
             progress["examples"] += examples_in(local) * nproc

@@ -18,12 +18,20 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from homegen.model import lora
-from homegen.model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
+from homegen.model.loss import (
+    PreferenceConfig,
+    SampledSoftmax,
+    full_softmax_loss,
+    preference_loss,
+    sampled_softmax_loss,
+    value_loss,
+)
 from homegen.model.sharding import logical_to_spec, use_mesh
 from homegen.model.transformer import Transformer, TransformerConfig, abstract_model
 from homegen.training.optimizer import learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("tokens", "weights", "outcomes", "segment_ids", "positions")
+PAIR_KEYS = ("tokens", "lengths", "page_mask", "values", "ref_log_probs")  # training.preference batches
 EVAL_VOCAB_CHUNK = 32_768  # validation logits held at once per position (a 10^6-item vocabulary: 31 chunks)
 
 
@@ -39,6 +47,7 @@ class Trainer:
     seed: int = 0
     value_weight: float = 1.0  # weight of the value head's loss against the next-token loss
     lora: lora.LoraConfig | None = None  # train adapters on `base` instead of the parameters themselves
+    preference: PreferenceConfig | None = None  # how batches of preference pairs are scored (DPO)
 
     def __post_init__(self):
         self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
@@ -67,7 +76,8 @@ class Trainer:
             lambda s: s if isinstance(s, NamedSharding) and s.mesh == self.mesh else self.replicated, propagated)
         self.state_shardings = {"params": self.trained_shardings, "opt_state": opt_shardings,
                                 "step": self.replicated}
-        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules))
+        # Rows over the batch axes; any further axes (pairs' chosen/rejected, length) whole.
+        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch",), self.rules))
         self.schedule = learning_rate_schedule(self.train_cfg)
         base_shardings = self.param_shardings if self.lora else None
         self._train_step = jax.jit(self._train_step_impl,
@@ -127,8 +137,11 @@ class Trainer:
 
     # --- steps ---------------------------------------------------------------------------------------
     def _loss(self, params, batch, key, train: bool):
-        """(loss sum, weight sum, value-head sums): next-token cross-entropy (weighted in training, every
-        target once in evaluation), plus `value_weight` x the value head's cross-entropy when there is one."""
+        """(loss sum, weight sum, sums for metrics): next-token cross-entropy (weighted in training, every
+        target once in evaluation), plus `value_weight` x the value head's cross-entropy when there is one;
+        for a batch of preference pairs, their DPO loss (`_preference_loss`)."""
+        if "page_mask" in batch:
+            return self._preference_loss(params, batch, key, train)
         model = nnx.merge(self.graphdef, params)
         inputs = batch["tokens"][:, :-1]
         targets, weights = batch["tokens"][:, 1:], batch["weights"][:, 1:]
@@ -148,6 +161,27 @@ class Trainer:
         total = loss + self.value_weight * value_sum * weight / jnp.maximum(labelled, 1.0) if train else loss
         return total, weight, {"value_sum": value_sum, "value_count": labelled}
 
+    def _preference_loss(self, params, batch, key, train: bool):
+        """`model.loss.preference_loss` of pairs (`training.preference`): the page tokens' log-probabilities
+        under the model (dropout in training), and the value head at the labelled item tokens."""
+        if self.preference is None:
+            raise ValueError("a batch of preference pairs needs the trainer's `preference` settings")
+        model = nnx.merge(self.graphdef, params)
+        pairs, _, length = batch["tokens"].shape
+        rows = lambda x: x.reshape(2 * pairs, *x.shape[2:])  # noqa: E731 (chosen, rejected, chosen, ...)
+        tokens = rows(batch["tokens"])
+        positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+        segments = (positions < rows(batch["lengths"])[:, None]).astype(jnp.int32)
+        hidden, _ = model.hidden(tokens[:, :-1], positions[:, :-1], segments[:, :-1],
+                                 dropout_key=key if train else None)
+        targets = tokens[:, 1:]
+        token_logp = model.pointwise_logits(hidden, targets) - jax.nn.logsumexp(model.logits(hidden), axis=-1)
+        values = None
+        if self.model_cfg.value_head and self.preference.value_weight:
+            values = model.values(hidden, targets)
+        return preference_loss(token_logp, rows(batch["page_mask"])[:, 1:], batch["ref_log_probs"], self.preference,
+                               values, rows(batch["values"])[:, 1:])
+
     def _train_step_impl(self, state, base, batch):
         accum = self.train_cfg.grad_accum
         key = jax.random.fold_in(jax.random.key(self.seed + 1), state["step"])
@@ -160,24 +194,29 @@ class Trainer:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, inputs):
-            grads, loss_sum, weight_sum, value = carry
+            grads, loss_sum, weight_sum, sums = carry
             b, k = inputs
             (loss, (weight, v)), g = grad_fn(state["params"], b, k)
             return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, weight_sum + weight,
-                    jax.tree.map(jnp.add, value, v)), None
+                    jax.tree.map(jnp.add, sums, v)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         keys = jax.random.split(key, accum)
-        value_zeros = {"value_sum": 0.0, "value_count": 0.0} if self.model_cfg.value_head else {}
-        (grads, loss_sum, weight_sum, value), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, value_zeros),
-                                                               (micro, keys))
+        first = jax.tree.map(lambda x: x[0], micro)
+        sum_shapes = jax.eval_shape(lambda: loss_fn(state["params"], first, keys[0])[1][1])
+        sum_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sum_shapes)
+        (grads, loss_sum, weight_sum, sums), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, sum_zeros),
+                                                              (micro, keys))
         grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9), grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state["step"]), "target_weight": weight_sum}
-        if value:
-            metrics["value_loss"] = value["value_sum"] / jnp.maximum(value["value_count"], 1.0)
+        if "value_sum" in sums:
+            metrics["value_loss"] = sums["value_sum"] / jnp.maximum(sums["value_count"], 1.0)
+        if "accuracy_sum" in sums:
+            metrics["preference_accuracy"] = sums["accuracy_sum"] / jnp.maximum(weight_sum, 1.0)
+            metrics["reward_margin"] = sums["margin_sum"] / jnp.maximum(weight_sum, 1.0)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def _eval_step_impl(self, params, batch):
@@ -193,9 +232,9 @@ class Trainer:
             return self._eval_step(params, batch)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """A global batch from this process's rows."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k]))
-                for k in BATCH_KEYS}
+        """A global batch from this process's rows (of logged pages, or of preference pairs)."""
+        keys = PAIR_KEYS if "page_mask" in local else BATCH_KEYS
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k])) for k in keys}
 
 
 def count_params(params) -> int:

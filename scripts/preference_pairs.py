@@ -1,0 +1,81 @@
+"""Preference pairs for the DPO stage, from a checkpoint's own pages ranked by a learned reward.
+
+    python scripts/preference_pairs.py --checkpoint RUN --out PAIRS [--requests 4000] [--samples 8] \
+        [--reward_model OTHER_RUN ...] [--pessimism 1.0] [--logs FILE.jsonl]
+    python train.py --config configs/demo.py:preference --init_from RUN --workdir RUN_DPO \
+        --config.preference.pairs=PAIRS [--config.data.preset=small]
+
+For each of the first --requests page logs (default: the training logs of the checkpoint's synthetic world;
+else --logs, FORMATS.md §3), the checkpoint's beam-search page and --samples sampled pages (temperature 1)
+are the candidates; the value heads of --reward_model (default: the checkpoint's own; repeat for an
+ensemble, and --pessimism k ranks by mean - k x standard deviation of their predictions) rank them, and the
+best and worst make a pair. A synthetic-world checkpoint is asked for full pages (its world's shelves x
+items), as evaluate.py asks; other logs keep each logged page's shape unless --num_shelves/--items_per_shelf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from homegen.data.formats import DataFormatError
+from homegen.serving.engine import PageEngine
+from homegen.training.checkpoints import CheckpointError
+from homegen.training.make_pairs import logged_requests, make_pairs
+
+
+def _default_logs(engine: PageEngine, checkpoint: str) -> str:
+    from homegen.evaluation.pages import world_folder
+
+    if getattr(engine.eligibility, "world", None) is None:
+        raise ValueError(f"{checkpoint} was not trained on the synthetic world: pass --logs FILE.jsonl")
+    return os.path.join(world_folder({"config": engine.train_config}, checkpoint), "pages.jsonl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder: the policy, and the DPO reference")
+    parser.add_argument("--step", type=int, default=None, help="default: the best (or latest) step")
+    parser.add_argument("--out", required=True, help="folder for pairs.npz and pairs.json")
+    parser.add_argument("--logs", default=None, help="page logs whose users and contexts are the requests")
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--samples", type=int, default=8, help="sampled pages per request, beside the beam's")
+    parser.add_argument("--reward_model", action="append", default=None,
+                        help="run folder whose value head ranks the pages; repeat for an ensemble")
+    parser.add_argument("--pessimism", type=float, default=0.0, help="rank by mean - k x sd of the heads")
+    parser.add_argument("--min_gap", type=float, default=0.0, help="least reward gap of a pair")
+    parser.add_argument("--num_shelves", type=int, default=None)
+    parser.add_argument("--items_per_shelf", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.samples < 1:
+        parser.error("--requests and --samples must be >= 1")
+    try:
+        start = time.perf_counter()
+        engine = PageEngine(args.checkpoint, args.step)
+        reward_engines = [PageEngine(p) for p in args.reward_model] if args.reward_model else [engine]
+        for path, e in zip(args.reward_model or [args.checkpoint], reward_engines):
+            if not e.model_cfg.value_head:
+                raise ValueError(f"{path} has no value head: it cannot rank pages")
+        world = getattr(engine.eligibility, "world", None)
+        shelves, items = args.num_shelves, args.items_per_shelf
+        if world is not None and args.logs is None:
+            shelves, items = shelves or world.config.num_shelves, items or world.config.max_items
+        logs = args.logs or _default_logs(engine, args.checkpoint)
+        requests = logged_requests(logs, args.requests, shelves, items)
+        pairs, summary = make_pairs(engine, reward_engines, requests, args.samples, args.pessimism, args.min_gap,
+                                    seed=args.seed)
+        pairs.save(args.out)
+    except (ValueError, FileNotFoundError, DataFormatError, CheckpointError) as e:
+        print(f"preference_pairs.py: {e}", file=sys.stderr)
+        return 2
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Preference pairs from a checkpoint's own pages: for each logged request, its beam-search page and
+`samples` sampled pages are ranked by a learned reward (the predicted streams of one or more value heads,
+pessimistic by their disagreement), and the best and the worst form a pair (OneRec's recipe: the policy's
+candidates, a reward model's ranking, DPO)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from homegen.data.formats import PageLog, Shelf, iter_page_logs
+from homegen.data.vocab import PAD
+from homegen.serving.engine import PageEngine
+from homegen.serving.requests import parse_request
+from homegen.training.preference import PreferencePairs
+
+
+def logged_requests(path: str, limit: int, num_shelves: int | None = None, items_per_shelf: int | None = None
+                    ) -> list[dict]:
+    """FORMATS.md §4 requests for the users and contexts of the first `limit` page logs of `path`, asking for
+    `num_shelves` shelves of `items_per_shelf` items (default: the logged page's shape)."""
+    requests = []
+    for log in iter_page_logs(path):
+        if len(requests) == limit:
+            break
+        requests.append(_request(log, num_shelves, items_per_shelf))
+    return requests
+
+
+def _request(log: PageLog, num_shelves: int | None, items_per_shelf: int | None) -> dict:
+    sizes = [len(s.items) for s in log.page] or [1]
+    request = {"user_id": log.user_id, "history": list(log.history), "context": dict(log.context),
+               "num_shelves": num_shelves or max(len(log.page), 1),
+               "min_items_per_shelf": items_per_shelf or min(sizes), "max_items_per_shelf": items_per_shelf or max(sizes)}
+    if log.intent:
+        request["intent"] = log.intent
+    return request
+
+
+def _distinct(pages: list[list[dict]]) -> list[list[dict]]:
+    seen, out = set(), []
+    for page in pages:
+        key = tuple((s["shelf"], tuple(s["items"])) for s in page)
+        if key not in seen:
+            seen.add(key)
+            out.append(page)
+    return out
+
+
+def page_rewards(reward_engines: list[PageEngine], requests: list, pages: list[list[dict]], pessimism: float
+                 ) -> tuple[np.ndarray, list[list[list[float]]]]:
+    """(reward of each page: the value heads' mean predicted streams less `pessimism` x their standard
+    deviation; each page's per-item stream probabilities, averaged over the heads, shelf by shelf)."""
+    scored = [engine.score(requests, pages) for engine in reward_engines]
+    totals = np.array([[s["predicted_streams"] for s in per_engine] for per_engine in scored])  # (engines, pages)
+    rewards = totals.mean(axis=0) - pessimism * totals.std(axis=0)
+    probs = [[list(np.mean([s[k]["page"][j]["stream_probs"] for s in scored], axis=0)) for j in range(len(pages[k]))]
+             for k in range(len(pages))]
+    return rewards, probs
+
+
+def _value_row(engine: PageEngine, body: list[int], probs: list[list[float]]) -> np.ndarray:
+    """The stream probability of each item at its last token of `body`, -1 elsewhere."""
+    vocab, out = engine.vocab, np.full(len(body), -1.0, np.float32)
+    flat = iter(p for shelf in probs for p in shelf)
+    codes = 0
+    for t, token in enumerate(body):
+        if vocab.is_item(token):
+            codes += 1
+            if codes == vocab.items.tokens_per_item:
+                out[t], codes = next(flat), 0
+    return out
+
+
+def make_pairs(engine: PageEngine, reward_engines: list[PageEngine], requests: list[dict], samples: int = 8,
+               pessimism: float = 0.0, min_gap: float = 0.0, batch_size: int = 64, seed: int = 0
+               ) -> tuple[PreferencePairs, dict]:
+    """Pairs (best, worst candidate by `page_rewards`) for the requests whose candidates differ in reward by
+    at least `min_gap`, with `engine`'s log-probability of each page as the reference; and statistics of
+    the candidates (mean reward of the chosen, the rejected, the beam page and all candidates)."""
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+    rows, stats = [], {"requests": 0, "pairs": 0, "chosen": [], "rejected": [], "beam": [], "candidates": [],
+                       "chosen_is_beam": 0}
+    for start in range(0, len(requests), batch_size):
+        chunk = [parse_request(r) for r in requests[start:start + batch_size]]
+        beam = engine.generate(chunk)
+        sampled = engine.generate([parse_request({**r, "temperature": 1.0, "num_pages": samples,
+                                                  "seed": seed + start + k})
+                                   for k, r in enumerate(requests[start:start + batch_size])])
+        for request, b, s in zip(chunk, beam, sampled, strict=True):
+            stats["requests"] += 1
+            if "error" in b or "error" in s:
+                continue
+            candidates = _distinct([b["page"]] + [p["page"] for p in s.get("pages", [s])])
+            if len(candidates) < 2:
+                continue
+            repeated = [request] * len(candidates)
+            rewards, probs = page_rewards(reward_engines, repeated, candidates, pessimism)
+            reference = engine.score(repeated, candidates)
+            best, worst = int(np.argmax(rewards)), int(np.argmin(rewards))
+            stats["beam"].append(rewards[0])
+            stats["candidates"].append(rewards.mean())
+            if rewards[best] - rewards[worst] < min_gap or best == worst:
+                continue
+            stats["chosen"].append(rewards[best])
+            stats["rejected"].append(rewards[worst])
+            stats["chosen_is_beam"] += best == 0
+            prompt = engine.prompt(request)
+            pair = []
+            for k in (best, worst):
+                body = engine.vocab.encode_page([Shelf(x["shelf"], list(x["items"])) for x in candidates[k]]).tokens
+                pair.append((prompt, body.tolist(), _value_row(engine, body.tolist(), probs[k]),
+                             reference[k]["log_prob"]))
+            rows.append(pair)
+    summary = {"requests": stats["requests"], "pairs": len(rows), "chosen_is_beam": stats["chosen_is_beam"],
+               **{f"mean_reward_{k}": float(np.mean(stats[k])) if stats[k] else None
+                  for k in ("chosen", "rejected", "beam", "candidates")}}
+    if not rows:
+        raise ValueError("no pair: every request's candidates were equally rewarded (or could not be decoded)")
+    return _as_arrays(rows, engine, reward_engines, samples, pessimism, summary), summary
+
+
+def _as_arrays(rows: list, engine: PageEngine, reward_engines: list[PageEngine], samples: int, pessimism: float,
+               summary: dict) -> PreferencePairs:
+    length = max(len(prompt) + len(body) for pair in rows for prompt, body, _, _ in pair)
+    n = len(rows)
+    tokens = np.full((n, 2, length), PAD, np.int32)
+    page_mask, values = np.zeros((n, 2, length), np.float32), np.full((n, 2, length), -1.0, np.float32)
+    lengths, ref = np.zeros((n, 2), np.int32), np.zeros((n, 2), np.float32)
+    for i, pair in enumerate(rows):
+        for j, (prompt, body, value_row, log_prob) in enumerate(pair):
+            page = slice(len(prompt), len(prompt) + len(body))
+            tokens[i, j, :len(prompt)], tokens[i, j, page] = prompt, body
+            page_mask[i, j, page], values[i, j, page] = 1.0, value_row
+            lengths[i, j], ref[i, j] = len(prompt) + len(body), log_prob
+    data = engine.train_config["data"]
+    meta = {"checkpoint": os.path.abspath(engine.path), "step": engine.step,
+            "reward_models": [os.path.abspath(e.path) for e in reward_engines], "samples": samples,
+            "pessimism": pessimism, "vocab_size": engine.vocab.size,
+            "data_dir": data["data_dir"] or os.path.join(os.path.abspath(engine.path), "tfds"), **summary}
+    return PreferencePairs(tokens, lengths, page_mask, values, ref, meta)
