@@ -6,7 +6,7 @@
         --config.preference.pairs=PAIRS [--config.data.preset=small]
 
 For each of the first --requests page logs (default: the training logs of the checkpoint's synthetic world;
-else --logs, FORMATS.md §3), the checkpoint's beam-search page and --samples sampled pages (temperature 1)
+else --logs, FORMATS.md §3), the checkpoint's beam-search pages (its beam of 4) and --samples sampled pages (temperature 1)
 are the candidates; the value heads of --reward_model (default: the checkpoint's own; repeat for an
 ensemble, and --pessimism k ranks by mean - k x standard deviation of their predictions) rank them, and the
 best and worst make a pair. A synthetic-world checkpoint is asked for full pages (its world's shelves x
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         logs = args.logs or _default_logs(engine, args.checkpoint)
         requests = logged_requests(logs, args.requests, shelves, items)
         pairs, summary = make_pairs(engine, reward_engines, requests, args.samples, args.pessimism, args.min_gap,
-                                    seed=args.seed)
+                                    seed=args.seed, report=lambda line: print(line, file=sys.stderr, flush=True))
         pairs.save(args.out)
     except (ValueError, FileNotFoundError, DataFormatError, CheckpointError) as e:
         print(f"preference_pairs.py: {e}", file=sys.stderr)

@@ -1,11 +1,14 @@
-"""Preference pairs from a checkpoint's own pages: for each logged request, its beam-search page and
-`samples` sampled pages are ranked by a learned reward (the predicted streams of one or more value heads,
+"""Preference pairs from a checkpoint's own pages: for each logged request, its beam search's pages (best
+first) and `samples` sampled pages are ranked by a learned reward (the predicted streams of one or more value heads,
 pessimistic by their disagreement), and the best and the worst form a pair (OneRec's recipe: the policy's
 candidates, a reward model's ranking, DPO)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -74,31 +77,40 @@ def _value_row(engine: PageEngine, body: list[int], probs: list[list[float]]) ->
 
 
 def make_pairs(engine: PageEngine, reward_engines: list[PageEngine], requests: list[dict], samples: int = 8,
-               pessimism: float = 0.0, min_gap: float = 0.0, batch_size: int = 64, seed: int = 0
-               ) -> tuple[PreferencePairs, dict]:
+               pessimism: float = 0.0, min_gap: float = 0.0, batch_size: int = 64, seed: int = 0,
+               report: Callable[[str], None] | None = None) -> tuple[PreferencePairs, dict]:
     """Pairs (best, worst candidate by `page_rewards`) for the requests whose candidates differ in reward by
     at least `min_gap`, with `engine`'s log-probability of each page as the reference; and statistics of
-    the candidates (mean reward of the chosen, the rejected, the beam page and all candidates)."""
+    the candidates (mean reward of the chosen, the rejected, the beam's best page and all candidates).
+    `report` gets a progress line after each batch of requests."""
     if samples < 1:
         raise ValueError("samples must be >= 1")
-    rows, stats = [], {"requests": 0, "pairs": 0, "chosen": [], "rejected": [], "beam": [], "candidates": [],
-                       "chosen_is_beam": 0}
+    rows, stats = [], {"requests": 0, "chosen": [], "rejected": [], "beam": [], "candidates": [], "chosen_is_beam": 0}
+    started = time.perf_counter()
     for start in range(0, len(requests), batch_size):
         chunk = [parse_request(r) for r in requests[start:start + batch_size]]
-        beam = engine.generate(chunk)
-        sampled = engine.generate([parse_request({**r, "temperature": 1.0, "num_pages": samples,
-                                                  "seed": seed + start + k})
-                                   for k, r in enumerate(requests[start:start + batch_size])])
+        beam = engine.generate([dataclasses.replace(r, num_pages=r.beam_size) for r in chunk])
+        sampled = engine.generate([dataclasses.replace(r, temperature=1.0, num_pages=samples, seed=seed + start + k)
+                                   for k, r in enumerate(chunk)])
+        stats["requests"] += len(chunk)
+        per_request = []  # (request, its candidates), for requests with two or more distinct pages
         for request, b, s in zip(chunk, beam, sampled, strict=True):
-            stats["requests"] += 1
-            if "error" in b or "error" in s:
-                continue
-            candidates = _distinct([b["page"]] + [p["page"] for p in s.get("pages", [s])])
-            if len(candidates) < 2:
-                continue
-            repeated = [request] * len(candidates)
-            rewards, probs = page_rewards(reward_engines, repeated, candidates, pessimism)
-            reference = engine.score(repeated, candidates)
+            if "error" not in b and "error" not in s:
+                pages = _distinct([p["page"] for p in b.get("pages", [b])] + [p["page"] for p in s.get("pages", [s])])
+                if len(pages) > 1:
+                    per_request.append((request, pages))
+        # Every candidate of the chunk is scored in one pass per model.
+        flat_requests = [r for r, pages in per_request for _ in pages]
+        flat_pages = [page for _, pages in per_request for page in pages]
+        if not flat_pages:
+            continue
+        flat_rewards, flat_probs = page_rewards(reward_engines, flat_requests, flat_pages, pessimism)
+        flat_reference = engine.score(flat_requests, flat_pages)
+        offset = 0
+        for request, candidates in per_request:
+            span = slice(offset, offset + len(candidates))
+            offset += len(candidates)
+            rewards, probs, reference = flat_rewards[span], flat_probs[span], flat_reference[span]
             best, worst = int(np.argmax(rewards)), int(np.argmin(rewards))
             stats["beam"].append(rewards[0])
             stats["candidates"].append(rewards.mean())
@@ -114,6 +126,9 @@ def make_pairs(engine: PageEngine, reward_engines: list[PageEngine], requests: l
                 pair.append((prompt, body.tolist(), _value_row(engine, body.tolist(), probs[k]),
                              reference[k]["log_prob"]))
             rows.append(pair)
+        if report:
+            report(f"{stats['requests']:,} of {len(requests):,} requests, {len(rows):,} pairs, "
+                   f"{time.perf_counter() - started:.0f} s")
     summary = {"requests": stats["requests"], "pairs": len(rows), "chosen_is_beam": stats["chosen_is_beam"],
                **{f"mean_reward_{k}": float(np.mean(stats[k])) if stats[k] else None
                   for k in ("chosen", "rejected", "beam", "candidates")}}
