@@ -22,9 +22,9 @@ import sys
 import time
 
 from homegen.data.formats import DataFormatError
+from homegen.evaluation.preference_pairs import logged_requests, make_pairs
 from homegen.serving.engine import PageEngine
 from homegen.training.checkpoints import CheckpointError
-from homegen.training.make_pairs import logged_requests, make_pairs
 
 
 def _default_logs(engine: PageEngine, checkpoint: str) -> str:

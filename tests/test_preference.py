@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -92,8 +94,8 @@ def test_dpo_steps_lower_the_loss_and_move_the_policy_to_the_chosen_page():
 @pytest.fixture(scope="module")
 def tiny_pairs(tiny_checkpoint, tmp_path_factory):
     from homegen.evaluation.pages import world_folder
+    from homegen.evaluation.preference_pairs import logged_requests, make_pairs
     from homegen.serving.engine import PageEngine
-    from homegen.training.make_pairs import logged_requests, make_pairs
 
     engine = PageEngine(tiny_checkpoint)
     world = engine.eligibility.world
@@ -149,6 +151,13 @@ def test_preference_stage_trains_from_the_run_that_made_the_pairs(tiny_pairs, ti
         run(cfg, str(tmp_path / "no_init"))
     with pytest.raises(TrainingError, match="made by"):
         run(cfg, str(tmp_path / "other"), init_from=str(tmp_path / "elsewhere"))
+    stale = tmp_path / "stale_pairs"  # pairs of an older step than the one --init_from starts from
+    shutil.copytree(folder, stale)
+    meta = json.loads((stale / "pairs.json").read_text())
+    (stale / "pairs.json").write_text(json.dumps({**meta, "step": meta["step"] - 1}))
+    cfg.preference.pairs = str(stale)
+    with pytest.raises(TrainingError, match="made at step"):
+        run(cfg, str(tmp_path / "stale"), init_from=tiny_checkpoint)
     cfg.preference.pairs = str(tmp_path / "missing")
     with pytest.raises(TrainingError, match="preference_pairs.py"):
         run(cfg, str(tmp_path / "missing_run"), init_from=tiny_checkpoint)

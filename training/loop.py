@@ -283,6 +283,10 @@ def _preference_pairs(cfg, workdir: str, init_from: str | None) -> tuple[Prefere
         if os.path.abspath(init_from) != os.path.abspath(source):
             raise ValueError(f"{cfg.preference.pairs} holds pairs made by {source}, whose log-probabilities are "
                              f"the stage's reference, but --init_from is {init_from}")
+        newest = Checkpoints(checkpoint_dir(init_from), read_only=True).read_meta()[0]
+        if pairs.meta.get("step") != newest:
+            raise ValueError(f"{cfg.preference.pairs} holds pairs made at step {pairs.meta.get('step')} of {source}, "
+                             f"but --init_from starts from its newest step {newest}: make the pairs from that step")
     if not cfg.data.data_dir and pairs.meta.get("data_dir"):
         cfg.data.data_dir = pairs.meta["data_dir"]
     return pairs.split(cfg.preference.validation_fraction, cfg.seed)

@@ -1,7 +1,8 @@
 """Preference pairs from a checkpoint's own pages: for each logged request, its beam search's pages (best
 first) and `samples` sampled pages are ranked by a learned reward (the predicted streams of one or more value heads,
 pessimistic by their disagreement), and the best and the worst form a pair (OneRec's recipe: the policy's
-candidates, a reward model's ranking, DPO)."""
+candidates, a reward model's ranking, DPO). It lives with the evaluation code because, like it, it drives
+the serving engine; `training.preference` reads what it writes."""
 
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def page_rewards(reward_engines: list[PageEngine], requests: list, pages: list[l
     """(reward of each page: the value heads' mean predicted streams less `pessimism` x their standard
     deviation; each page's per-item stream probabilities, averaged over the heads, shelf by shelf)."""
     scored = [engine.score(requests, pages) for engine in reward_engines]
+    for engine, per_engine in zip(reward_engines, scored):
+        failed = next((s["error"] for s in per_engine if "error" in s), None)
+        if failed:
+            raise ValueError(f"reward model {engine.path} cannot score a candidate page: {failed}")
     totals = np.array([[s["predicted_streams"] for s in per_engine] for per_engine in scored])  # (engines, pages)
     rewards = totals.mean(axis=0) - pessimism * totals.std(axis=0)
     probs = [[list(np.mean([s[k]["page"][j]["stream_probs"] for s in scored], axis=0)) for j in range(len(pages[k]))]
