@@ -171,3 +171,25 @@ def test_preference_stage_trains_from_the_run_that_made_the_pairs(tiny_pairs, ti
     tuned = PageEngine(str(tmp_path / "dpo"))
     page = tuned.generate([parse_request(requests[0])])[0]
     assert "error" not in page and page["page"]
+
+
+def test_pair_batches_resume_exactly_and_split_the_global_batch_over_processes():
+    from homegen.training.preference import PreferencePairs, pair_dataset
+
+    n = 20
+    tokens = np.arange(n * 2 * 3, dtype=np.int32).reshape(n, 2, 3)
+    pairs = PreferencePairs(tokens, np.full((n, 2), 3, np.int32), np.ones((n, 2, 3), np.float32),
+                            np.full((n, 2, 3), -1.0, np.float32), np.zeros((n, 2), np.float32), {})
+    iterator = iter(pair_dataset(pairs, 4, seed=0))
+    for _ in range(3):
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator)["tokens"] for _ in range(4)]  # across an epoch boundary (5 batches per epoch)
+    resumed = iter(pair_dataset(pairs, 4, seed=0))
+    resumed.set_state(state)
+    assert all(np.array_equal(next(resumed)["tokens"], e) for e in expected)
+    first = next(iter(pair_dataset(pairs, 4, seed=0)))["tokens"]
+    halves = [next(iter(pair_dataset(pairs, 2, seed=0, shard_index=k, shard_count=2)))["tokens"] for k in range(2)]
+    assert np.array_equal(np.concatenate(halves), first)
+    with pytest.raises(ValueError, match="ref_log_probs"):
+        PreferencePairs(tokens, pairs.lengths, pairs.page_mask, pairs.values, np.zeros((n, 3), np.float32), {})
