@@ -52,19 +52,19 @@ def _distinct(pages: list[list[dict]]) -> list[list[dict]]:
     return out
 
 
-def page_rewards(reward_engines: list[PageEngine], requests: list, pages: list[list[dict]], pessimism: float
+def page_rewards(reward_engines: list[PageEngine], scored: list[list[dict]], pessimism: float
                  ) -> tuple[np.ndarray, list[list[list[float]]]]:
-    """(reward of each page: the value heads' mean predicted streams less `pessimism` x their standard
-    deviation; each page's per-item stream probabilities, averaged over the heads, shelf by shelf)."""
-    scored = [engine.score(requests, pages) for engine in reward_engines]
-    for engine, per_engine in zip(reward_engines, scored):
+    """From each reward model's scores of the same pages (`PageEngine.score`): (reward of each page, the mean
+    predicted streams less `pessimism` x their standard deviation over the models; each page's per-item
+    stream probabilities averaged over the models, shelf by shelf)."""
+    for engine, per_engine in zip(reward_engines, scored, strict=True):
         failed = next((s["error"] for s in per_engine if "error" in s), None)
         if failed:
             raise ValueError(f"reward model {engine.path} cannot score a candidate page: {failed}")
     totals = np.array([[s["predicted_streams"] for s in per_engine] for per_engine in scored])  # (engines, pages)
     rewards = totals.mean(axis=0) - pessimism * totals.std(axis=0)
-    probs = [[list(np.mean([s[k]["page"][j]["stream_probs"] for s in scored], axis=0)) for j in range(len(pages[k]))]
-             for k in range(len(pages))]
+    probs = [[list(np.mean([s[k]["page"][j]["stream_probs"] for s in scored], axis=0))
+              for j in range(len(scored[0][k]["page"]))] for k in range(len(scored[0]))]
     return rewards, probs
 
 
@@ -109,8 +109,10 @@ def make_pairs(engine: PageEngine, reward_engines: list[PageEngine], requests: l
         flat_pages = [page for _, pages in per_request for page in pages]
         if not flat_pages:
             continue
-        flat_rewards, flat_probs = page_rewards(reward_engines, flat_requests, flat_pages, pessimism)
-        flat_reference = engine.score(flat_requests, flat_pages)
+        scored = [e.score(flat_requests, flat_pages) for e in reward_engines]
+        flat_rewards, flat_probs = page_rewards(reward_engines, scored, pessimism)
+        own = next((k for k, e in enumerate(reward_engines) if e is engine), None)  # its scores hold the log-probs
+        flat_reference = scored[own] if own is not None else engine.score(flat_requests, flat_pages)
         offset = 0
         for request, candidates in per_request:
             span = slice(offset, offset + len(candidates))

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         engine = PageEngine(args.checkpoint, args.step)
-        reward_engines = [PageEngine(p) for p in args.reward_model] if args.reward_model else [engine]
+        same = lambda path: os.path.abspath(path) == os.path.abspath(args.checkpoint) and args.step is None  # noqa: E731
+        reward_engines = [engine if same(p) else PageEngine(p) for p in args.reward_model or [args.checkpoint]]
         for path, e in zip(args.reward_model or [args.checkpoint], reward_engines):
             if not e.model_cfg.value_head:
                 raise ValueError(f"{path} has no value head: it cannot rank pages")
