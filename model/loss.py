@@ -56,6 +56,13 @@ def chunked_logsumexp(model: Transformer, hidden: jax.Array, chunk: int) -> jax.
     return total
 
 
+def token_log_probs(model: Transformer, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """Log-probability of targets[...] under the full softmax of hidden (..., D): the reference's, a
+    preference pair's policy's and a teacher-forced score's, computed one way."""
+    logits = model.logits(hidden)
+    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
 def full_softmax_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
                       chunk: int | None = None):
     """(sum of weight x cross-entropy, sum of weights) over all positions; with `chunk` smaller than the

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from homegen.model.loss import token_log_probs
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def score_tokens(graphdef: nnx.GraphDef, params, tokens: jax.Array, lengths: jax.Array
@@ -20,7 +22,6 @@ def score_tokens(graphdef: nnx.GraphDef, params, tokens: jax.Array, lengths: jax
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     hidden, _ = model.hidden(tokens, positions, (positions < lengths[:, None]).astype(jnp.int32))
     hidden, targets = hidden[:, :-1], tokens[:, 1:]
-    logits = model.logits(hidden)
-    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    logp = token_log_probs(model, hidden, targets)
     streams = jax.nn.sigmoid(model.values(hidden, targets)) if model.cfg.value_head else None
     return logp, streams

@@ -152,9 +152,9 @@ class PageEngine:
     def prompt(self, request: PageRequest) -> list[int]:
         """The request's prompt tokens; a model trained with user tokens sees the request's user (the
         unknown-user token for a user it was not trained on); a model trained with outcome conditioning is
-        asked for the best outcome bucket unless the request's context names one. The intent keeps as many pieces as fit in a
-        training row beside the rest of the prompt and the longest page the request allows (none when
-        nothing fits), so a prompt never outgrows what the model was trained on."""
+        asked for the best outcome bucket unless the request's context names one. The intent keeps as many
+        pieces as fit in a training row beside the rest of the prompt and the longest page the request allows
+        (none when nothing fits), so a prompt never outgrows what the model was trained on."""
         context = {**request.context, USER_FIELD: request.user_id}  # ignored by vocabularies without user tokens
         if self.vocab.conditions_on_outcome() and OUTCOME_FIELD not in context:
             context = {**context, OUTCOME_FIELD: BEST_OUTCOME}

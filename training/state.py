@@ -24,6 +24,7 @@ from homegen.model.loss import (
     full_softmax_loss,
     preference_loss,
     sampled_softmax_loss,
+    token_log_probs,
     value_loss,
 )
 from homegen.model.sharding import logical_to_spec, use_mesh
@@ -175,7 +176,7 @@ class Trainer:
         hidden, _ = model.hidden(tokens[:, :-1], positions[:, :-1], segments[:, :-1],
                                  dropout_key=key if train else None)
         targets = tokens[:, 1:]
-        token_logp = model.pointwise_logits(hidden, targets) - jax.nn.logsumexp(model.logits(hidden), axis=-1)
+        token_logp = token_log_probs(model, hidden, targets)
         values = None
         if self.model_cfg.value_head and self.preference.value_weight:
             values = model.values(hidden, targets)
