@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.semantic_levels = 3  # residual k-means levels, plus one collision code
     c.data.semantic_codes = 256  # codes per level
     c.data.semantic_dim = 64  # item embedding size the codes quantise
+    c.data.semantic_from = ""  # an atomic run whose trained item embeddings the codes quantise (default: data's)
     c.data.hold_out_shelves = ""  # comma-separated shelf types the vocabulary leaves out (introduced later)
     c.data.hold_out_release_days = 0  # synthetic world: leave out the items of the last N days (released after training)
     c.data.semantic_max_sequences = 200_000  # pages whose items semantic IDs learn co-occurrence from

@@ -5,13 +5,15 @@ costs `levels x codes` tokens instead of one per item.
 
 The item embeddings come from the data itself: positive PMI of items co-occurring within a window of the
 training part of the users' sequences, joined with the items' attribute ids (e.g. the category and brand
-ids of S3-Rec's `*_item2attributes.json`), reduced by a randomised truncated SVD.
+ids of S3-Rec's `*_item2attributes.json`), reduced by a randomised truncated SVD; or they are given, e.g.
+the item embeddings of a trained atomic model (`data.semantic_from`).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -314,12 +316,18 @@ def with_collision_code(codes: np.ndarray) -> np.ndarray:
 
 def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequence[str]],
                          attributes: Mapping[str, Sequence[Hashable]] | None = None, *, levels: int = 3,
-                         codes: int = 256, dim: int = 64, seed: int = 0,
+                         codes: int = 256, dim: int = 64, seed: int = 0, embeddings: np.ndarray | None = None,
                          progress: Callable[[str], None] = lambda phase: None) -> SemanticItems:
     """Semantic IDs for `item_ids` from co-occurrence in `train_sequences` (which must not contain
     validation or test targets) and optional attribute values per item (ids, or strings as
     `catalog_attributes` gives them). With string attributes the result can also code items first seen
-    later, from their attributes alone (`SemanticItems.add`). `progress` is told each phase as it ends."""
+    later, from their attributes alone (`SemanticItems.add`). `progress` is told each phase as it ends.
+
+    `embeddings` (items, d), row k for `item_ids[k]` (e.g. a trained atomic model's item embeddings), are
+    quantised instead, each scaled to unit length; sequences and attributes are then unused and the result
+    cannot code new items."""
+    if embeddings is not None:
+        return _quantised(item_ids, _unit_rows(embeddings, len(item_ids)), None, levels, codes, seed, progress)
     index = {item: k for k, item in enumerate(item_ids)}
     sequences = ([index[i] for i in seq if i in index] for seq in train_sequences)
     cooccurrence = cooccurrence_features(sequences, len(item_ids))
@@ -333,12 +341,30 @@ def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequ
         progress(f"attribute features ({len(names):,} values)")
     embeddings, projection = truncated_svd_embeddings(features, dim, seed)
     progress(f"randomised SVD to {dim} dimensions")
-    prefixes, centroids = residual_quantize(embeddings, levels, codes, seed)
-    progress(f"residual k-means, {levels} levels x {codes} codes")
     encoder = None
     if names and all(isinstance(n, str) for n in names):
-        encoder = NewItemEncoder(names, idf, projection[cooccurrence.shape[1]:], centroids)
-    items = SemanticItems(item_ids, with_collision_code(prefixes), encoder)
+        encoder = functools.partial(NewItemEncoder, names, idf, projection[cooccurrence.shape[1]:])
+    return _quantised(item_ids, embeddings, encoder, levels, codes, seed, progress)
+
+
+def _unit_rows(embeddings: np.ndarray, num_items: int) -> np.ndarray:
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.ndim != 2 or len(embeddings) != num_items:
+        raise ValueError(f"item embeddings must be (items, dim) for {num_items} items, got {embeddings.shape}")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    if not np.isfinite(embeddings).all() or (norms == 0).any():
+        raise ValueError("item embeddings hold a zero or non-finite row")
+    return embeddings / norms
+
+
+def _quantised(item_ids: Sequence[str], embeddings: np.ndarray,
+               encoder: Callable[[np.ndarray], NewItemEncoder] | None, levels: int, codes: int, seed: int,
+               progress: Callable[[str], None]) -> SemanticItems:
+    """The tokenizer of residual k-means codes of `embeddings`, with the new-item encoder `encoder` builds
+    from the centroids (None: none)."""
+    prefixes, centroids = residual_quantize(embeddings, levels, codes, seed)
+    progress(f"residual k-means, {levels} levels x {codes} codes")
+    items = SemanticItems(item_ids, with_collision_code(prefixes), encoder(centroids) if encoder else None)
     progress(f"tokenizer (level sizes {items.level_sizes})")
     return items
 

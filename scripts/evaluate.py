@@ -52,13 +52,7 @@ def main(argv=None) -> int:
         ckpt_dir = checkpoint_dir(args.checkpoint)
         workdir = os.path.dirname(ckpt_dir) if ckpt_dir != args.checkpoint else args.checkpoint
         checkpoints = Checkpoints(ckpt_dir, read_only=True)
-        _, meta = checkpoints.read_meta(args.step)
-        train_cfg = meta["config"]["train"]
-        best_metric = train_cfg.get("best_metric", "validation_loss")
-        best = checkpoints.best_step(best_metric, train_cfg.get("best_mode", "min"))
-        step = args.step or best  # None: the newest readable step
-        selected = ("--step" if args.step else f"best {best_metric} on validation" if best
-                    else "newest readable (no validation metric stored)")
+        step, selected = checkpoints.selected_step(args.step)
         step, meta = checkpoints.read_meta(step)
         _, params = checkpoints.restore_model_params(step)
     except (CheckpointError, FileNotFoundError) as e:

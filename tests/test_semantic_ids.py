@@ -54,6 +54,24 @@ def test_cooccurring_items_share_first_code():
     assert len(set(first[:20])) == 1 and len(set(first[20:])) == 1 and first[0] != first[20]
 
 
+def test_given_embeddings_are_quantised_by_direction():
+    # Two directions, each item at its own length: the codes follow direction, not length, and the data's
+    # sequences and attributes are not used.
+    rng = np.random.default_rng(3)
+    directions = np.eye(8, dtype=np.float32)[[0, 5]]
+    embeddings = np.concatenate([directions[g] * rng.uniform(0.1, 10, (15, 1)) + 0.01 * rng.normal(size=(15, 8))
+                                 for g in (0, 1)])
+    ids = [f"i{k}" for k in range(30)]
+    items = build_semantic_items(ids, [["i0", "i29"]] * 50, {"i0": ["x"]}, levels=2, codes=2, embeddings=embeddings)
+    first = np.array([items.encode(i)[0] for i in ids])
+    assert len(set(first[:15])) == 1 and len(set(first[15:])) == 1 and first[0] != first[15]
+    assert items.encoder is None
+    with pytest.raises(ValueError, match=r"\(items, dim\) for 30 items"):
+        build_semantic_items(ids, [], embeddings=embeddings[:29])
+    with pytest.raises(ValueError, match="zero or non-finite row"):
+        build_semantic_items(ids, [], embeddings=np.where(np.arange(30)[:, None] == 4, 0.0, embeddings))
+
+
 def test_cooccurrence_pmi_is_symmetric_and_windowed():
     pmi = cooccurrence_features([[0, 1, 2, 3]], 5, window=1).toarray()
     np.testing.assert_allclose(pmi, pmi.T)

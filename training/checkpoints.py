@@ -84,6 +84,18 @@ class Checkpoints:
             return None
         return (min(scored) if mode == "min" else max(scored))[1]
 
+    def selected_step(self, step: int | None = None) -> tuple[int, str]:
+        """The step to use and why: `step` if given, else the kept step with the best value of the run's own
+        validation metric (`train.best_metric` in its config), else the newest readable one."""
+        if step is not None:
+            return self.read_meta(step)[0], "--step"
+        train_cfg = self.read_meta()[1]["config"]["train"]
+        metric = train_cfg.get("best_metric", "validation_loss")
+        best = self.best_step(metric, train_cfg.get("best_mode", "min"))
+        if best is None:
+            return self.read_meta()[0], "newest readable (no validation metric stored)"
+        return self.read_meta(best)[0], f"best {metric} on validation"
+
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 

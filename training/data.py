@@ -19,6 +19,7 @@ from homegen.data.semantic_ids import SemanticItems, build_semantic_items, catal
 from homegen.data.simulator.world import EPOCH
 from homegen.data.text import load_sentencepiece
 from homegen.data.vocab import Vocabulary, VocabularyBuilder
+from homegen.training.item_embeddings import trained_item_embeddings
 
 SOURCES = ("synthetic", "page_logs", "interactions")
 DATA_FILES = ("page_logs", "interactions")  # the sources read from a user's file, by their config field
@@ -150,13 +151,21 @@ def held_out_items(data_cfg, prepared: PreparedData, catalog: dict) -> set[str]:
 def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]], catalog: dict,
                    sentencepiece) -> SemanticItems:
     """Semantic IDs learned from co-occurrence in the training sequences, plus the item features of
-    `data.item_features` or the catalog's metadata (artist, genres, release month, title pieces)."""
-    if data_cfg.item_features:
-        attributes = read_item_attributes(data_cfg.item_features)
-    else:
-        attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces) if catalog else None
+    `data.item_features` or the catalog's metadata (artist, genres, release month, title pieces); or, with
+    `data.semantic_from`, the item embeddings of that trained atomic run."""
     start = time.perf_counter()
+
+    def progress(phase: str) -> None:
+        print(f"semantic IDs: {phase} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    embeddings, attributes = None, None
+    if data_cfg.semantic_from:
+        embeddings, source = trained_item_embeddings(data_cfg.semantic_from, item_ids)
+        progress(f"item embeddings of {source}")
+    elif data_cfg.item_features:
+        attributes = read_item_attributes(data_cfg.item_features)
+    elif catalog:
+        attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces)
     return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
-                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim,
-                                progress=lambda phase: print(f"semantic IDs: {phase} "
-                                                             f"({time.perf_counter() - start:.0f} s)", flush=True))
+                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim, embeddings=embeddings,
+                                progress=progress)

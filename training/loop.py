@@ -261,7 +261,9 @@ def _report_cut_examples(source, vocab: Vocabulary, kind: str, pipeline_cfg: Pip
     (a page of multi-token items easily is): the user then raises data.seq_len or lowers data.max_history."""
     encode = encoder(vocab, kind, pipeline_cfg)
     lengths = np.array([len(encode(source[k]).tokens) for k in range(min(sample, len(source)))])
-    cut = lengths > pipeline_cfg.seq_len + 1
+    # A next-item row holds as many items as fit (data/pipeline.py:sequence_capacity); only its closing EOS,
+    # which no ranking reads, may fall off the end.
+    cut = lengths > pipeline_cfg.seq_len + 1 + (kind == "sequences")
     if cut.any():
         reporter.message(f"warning: {cut.mean():.0%} of the first {len(lengths)} training examples are longer than "
                          f"data.seq_len={pipeline_cfg.seq_len} (+1) tokens (longest {lengths.max()}) and are cut at "
