@@ -92,6 +92,7 @@ def make_pairs(engine: PageEngine, reward_engines: list[PageEngine], requests: l
         raise ValueError("samples must be >= 1")
     rows, stats = [], {"requests": 0, "chosen": [], "rejected": [], "beam": [], "candidates": [], "chosen_is_beam": 0}
     started = time.perf_counter()
+    own = next((k for k, e in enumerate(reward_engines) if e is engine), None)  # its scores hold the log-probs
     for start in range(0, len(requests), batch_size):
         chunk = [parse_request(r) for r in requests[start:start + batch_size]]
         beam = engine.generate([dataclasses.replace(r, num_pages=r.beam_size) for r in chunk])
@@ -111,7 +112,6 @@ def make_pairs(engine: PageEngine, reward_engines: list[PageEngine], requests: l
             continue
         scored = [e.score(flat_requests, flat_pages) for e in reward_engines]
         flat_rewards, flat_probs = page_rewards(reward_engines, scored, pessimism)
-        own = next((k for k, e in enumerate(reward_engines) if e is engine), None)  # its scores hold the log-probs
         flat_reference = scored[own] if own is not None else engine.score(flat_requests, flat_pages)
         offset = 0
         for request, candidates in per_request:

@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         engine = PageEngine(args.checkpoint, args.step)
-        same = lambda path: os.path.abspath(path) == os.path.abspath(args.checkpoint) and args.step is None  # noqa: E731
-        reward_engines = [engine if same(p) else PageEngine(p) for p in args.reward_model or [args.checkpoint]]
+        reward_engines = [engine]  # by default the policy's own value head ranks its pages
+        if args.reward_model:
+            # A reward model naming the policy's run at its default step is the policy's engine, not a copy.
+            own = os.path.abspath(args.checkpoint) if args.step is None else None
+            reward_engines = [engine if os.path.abspath(p) == own else PageEngine(p) for p in args.reward_model]
         for path, e in zip(args.reward_model or [args.checkpoint], reward_engines):
             if not e.model_cfg.value_head:
                 raise ValueError(f"{path} has no value head: it cannot rank pages")
