@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.kind = "full"  # full | sampled
     c.loss.num_negatives = 1024
     c.loss.sampler = "popularity"  # uniform | popularity
+    c.loss.label_smoothing = 0.0  # full softmax: share of each target spread evenly over the vocabulary
     c.loss.value_weight = 1.0  # value head's cross-entropy per logged item, against the next-token loss
 
     c.train = ml_collections.ConfigDict()

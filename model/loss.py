@@ -64,14 +64,20 @@ def token_log_probs(model: Transformer, hidden: jax.Array, targets: jax.Array) -
 
 
 def full_softmax_loss(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
-                      chunk: int | None = None):
+                      chunk: int | None = None, label_smoothing: float = 0.0):
     """(sum of weight x cross-entropy, sum of weights) over all positions; with `chunk` smaller than the
-    vocabulary, the normaliser is summed chunk by chunk (`chunked_logsumexp`)."""
+    vocabulary, the normaliser is summed chunk by chunk (`chunked_logsumexp`). With `label_smoothing` e, the
+    target distribution is (1 - e) on the target plus e spread evenly over the vocabulary."""
     if chunk is not None and chunk < model.cfg.vocab_size:
+        if label_smoothing:
+            raise ValueError("label smoothing needs the whole logits: chunked losses are for evaluation")
         ce = chunked_logsumexp(model, hidden, chunk) - model.pointwise_logits(hidden, targets)
         return jnp.sum(ce * weights), jnp.sum(weights)
     logits = model.logits(hidden)
-    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing:
+        target_logit = (1.0 - label_smoothing) * target_logit + label_smoothing * jnp.mean(logits, axis=-1)
+    ce = jax.nn.logsumexp(logits, axis=-1) - target_logit
     return jnp.sum(ce * weights), jnp.sum(weights)
 
 

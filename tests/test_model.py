@@ -112,6 +112,24 @@ def test_chunked_full_softmax_equals_the_full_softmax():
         assert chunked[1] == full[1]
 
 
+def test_label_smoothing_is_cross_entropy_against_the_smoothed_target():
+    model = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))
+    tokens, positions, segments = inputs(batch=2, length=6)
+    hidden, _ = model.hidden(tokens, positions, segments)
+    targets = jnp.roll(tokens, -1, axis=1)
+    weights = jnp.asarray(np.random.default_rng(1).random(targets.shape), jnp.float32)
+    log_p = np.asarray(jax.nn.log_softmax(model.logits(hidden), axis=-1), np.float64)
+    vocab, eps = CFG["vocab_size"], 0.2
+    smoothed = np.full(log_p.shape, eps / vocab) + (1 - eps) * np.eye(vocab)[np.asarray(targets)]
+    expected = np.sum(-np.sum(smoothed * log_p, axis=-1) * np.asarray(weights))
+    total, weight = full_softmax_loss(model, hidden, targets, weights, label_smoothing=eps)
+    assert float(total) == pytest.approx(expected, rel=1e-5) and float(weight) == pytest.approx(float(weights.sum()))
+    expected_plain = -np.sum(np.take_along_axis(log_p, np.asarray(targets)[..., None], -1)[..., 0] * np.asarray(weights))
+    assert float(full_softmax_loss(model, hidden, targets, weights)[0]) == pytest.approx(expected_plain, rel=1e-5)
+    with pytest.raises(ValueError, match="evaluation"):
+        full_softmax_loss(model, hidden, targets, weights, chunk=7, label_smoothing=eps)
+
+
 def test_negatives_follow_the_sampling_distribution():
     counts = np.array([0, 1, 10, 100, 1000, 5], np.float64)
     sampler = SampledSoftmax.create(item_offset=3, item_counts=counts, num_negatives=2_000_000, sampler="popularity")

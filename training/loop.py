@@ -60,6 +60,10 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
                          f"({batch_axis}) x train.grad_accum ({t.grad_accum})")
     if cfg.loss.kind not in ("full", "sampled"):
         raise ValueError(f"loss.kind must be 'full' or 'sampled', got {cfg.loss.kind!r}")
+    if not 0.0 <= cfg.loss.label_smoothing < 1.0:
+        raise ValueError(f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
+    if cfg.loss.label_smoothing and cfg.loss.kind != "full":
+        raise ValueError("loss.label_smoothing spreads the target over the whole vocabulary: it needs loss.kind='full'")
     if cfg.data.item_tokens not in ("atomic", "semantic"):
         raise ValueError(f"data.item_tokens must be 'atomic' or 'semantic', got {cfg.data.item_tokens!r}")
     if cfg.data.item_tokens == "semantic" and cfg.loss.kind != "full":
@@ -341,7 +345,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     preference = (PreferenceConfig(cfg.preference.beta, cfg.preference.chosen_nll_weight,
                                    cfg.preference.value_weight) if pairs else None)
     trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
-                      cfg.loss.value_weight, lora_config(cfg), preference)
+                      cfg.loss.value_weight, lora_config(cfg), preference, cfg.loss.label_smoothing)
     lora_base = _load_lora_base(trainer, checkpoints, init_from, resume_step, reporter) if trainer.lora else None
     start, state, progress = _initial_state(trainer, checkpoints, train_iter, workdir, init_from, resume_step,
                                             reporter, vocab, prepared.catalog_path)

@@ -49,6 +49,7 @@ class Trainer:
     value_weight: float = 1.0  # weight of the value head's loss against the next-token loss
     lora: lora.LoraConfig | None = None  # train adapters on `base` instead of the parameters themselves
     preference: PreferenceConfig | None = None  # how batches of preference pairs are scored (DPO)
+    label_smoothing: float = 0.0  # full-softmax training loss: this share of each target spread over the vocabulary
 
     def __post_init__(self):
         self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
@@ -155,7 +156,7 @@ class Trainer:
         elif self.sampled is not None:
             loss, weight = sampled_softmax_loss(model, hidden, targets, weights, self.sampled, sample_key)
         else:
-            loss, weight = full_softmax_loss(model, hidden, targets, weights)
+            loss, weight = full_softmax_loss(model, hidden, targets, weights, label_smoothing=self.label_smoothing)
         if not self.model_cfg.value_head:
             return loss, weight, {}
         value_sum, labelled = value_loss(model, hidden, targets, batch["outcomes"][:, 1:])
