@@ -46,11 +46,11 @@ def amazon_config(path: str, item_tokens: str = "atomic", steps: int = 5000):
     c.eval.next_item = True
     c.eval.filter_seen = True
     c.eval.max_users = 5000
+    attributes = path.removesuffix(".txt") + "_item2attributes.json"  # semantic codes; data.item_attributes
+    c.data.item_features = attributes if os.path.exists(attributes) else ""
     if item_tokens == "semantic":  # less dropout than atomic: 0.5/0.3 trained slower on Sports validation
         c.model.dropout, c.model.embed_dropout = 0.3, 0.0
         c.data.item_tokens = "semantic"
-        attributes = path.removesuffix(".txt") + "_item2attributes.json"
-        c.data.item_features = attributes if os.path.exists(attributes) else ""
         c.data.seq_len = 4 + 21 * 4  # 20 history items + the target, 4 codes each
         c.train.batch_size = 48  # packed rows of 88 tokens: about as many users per step as atomic
         # Validation ranks by beam search: 2,000 users and 20 beams (on Sports validation, beam 50 gave the

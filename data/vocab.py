@@ -16,11 +16,12 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 
+from homegen.data.attributes import ItemAttributes
 from homegen.data.formats import CatalogItem, PageLog, Shelf, UserSequence
 from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD
 from homegen.data.semantic_ids import SemanticItems
@@ -103,8 +104,11 @@ class Vocabulary:
     """All token ids of a dataset; see the module docstring for the layout."""
 
     def __init__(self, context_tokens: Sequence[str], shelves: Sequence[str], items: ItemTokenizer,
-                 sentencepiece_model: bytes, max_history: int = 50):
+                 sentencepiece_model: bytes, max_history: int = 50, attributes: ItemAttributes | None = None):
+        if attributes is not None and (items.tokens_per_item != 1 or len(attributes.table) != items.num_items):
+            raise ValueError("item attributes need atomic item tokens and one row per item")
         self.context_tokens = list(context_tokens)
+        self.attributes = attributes  # embedded beside the item tokens (data.item_attributes)
         self.shelves = list(shelves)
         self.items = items
         self.sentencepiece_model = sentencepiece_model
@@ -220,15 +224,23 @@ class Vocabulary:
     def to_json(self) -> dict:
         """Everything the vocabulary is, the sentencepiece model included (base64), as JSON-ready data: what
         checkpoints store and `save` writes."""
-        return {"context_tokens": self.context_tokens, "shelves": self.shelves, "items": self.items.to_json(),
-                "max_history": self.max_history,
-                "sentencepiece_model": base64.b64encode(self.sentencepiece_model).decode("ascii")}
+        out = {"context_tokens": self.context_tokens, "shelves": self.shelves, "items": self.items.to_json(),
+               "max_history": self.max_history,
+               "sentencepiece_model": base64.b64encode(self.sentencepiece_model).decode("ascii")}
+        if self.attributes is not None:
+            out["item_attributes"] = self.attributes.to_json()
+        return out
+
+    def attribute_table(self) -> np.ndarray | None:
+        """(size, per_item) attribute ids of every token (`ItemAttributes.token_table`), or None."""
+        return None if self.attributes is None else self.attributes.token_table(self.size, self.item_offset)
 
     def with_items(self, items: ItemTokenizer) -> Vocabulary:
         """The same vocabulary over another item tokenizer with the same token layout (a catalog refresh)."""
         if items.num_tokens != self.items.num_tokens or items.tokens_per_item != self.items.tokens_per_item:
             raise ValueError("the new items change the token layout; the model would not fit them")
-        return Vocabulary(self.context_tokens, self.shelves, items, self.sentencepiece_model, self.max_history)
+        return Vocabulary(self.context_tokens, self.shelves, items, self.sentencepiece_model, self.max_history,
+                          self.attributes)
 
     def extended_with(self, newer: Vocabulary) -> Vocabulary:
         """This vocabulary plus the context tokens, shelves and (atomic) items of `newer` that it lacks, each
@@ -237,6 +249,9 @@ class Vocabulary:
         keep their codes: new items get codes from their metadata by a catalog refresh instead."""
         if self.items.to_json()["kind"] != newer.items.to_json()["kind"]:
             raise ValueError("the newer data uses another kind of item tokens than the trained model")
+        if self.attributes is not None or newer.attributes is not None:
+            raise ValueError("finetune.extend_vocabulary does not grow item attribute tables (data.item_attributes): "
+                             "train the extended data from scratch")
 
         def union(old: list[str], new: list[str]) -> list[str]:
             known = set(old)
@@ -260,8 +275,10 @@ class Vocabulary:
     @classmethod
     def from_json(cls, data: dict) -> Vocabulary:
         """Inverse of `to_json`."""
+        attributes = data.get("item_attributes")
         return cls(data["context_tokens"], data["shelves"], item_tokenizer_from_json(data["items"]),
-                   base64.b64decode(data["sentencepiece_model"]), data.get("max_history", 50))
+                   base64.b64decode(data["sentencepiece_model"]), data.get("max_history", 50),
+                   None if attributes is None else ItemAttributes.from_json(attributes))
 
     def save(self, directory: str) -> None:
         """Writes `directory/vocab.json` (`to_json`)."""
@@ -323,11 +340,15 @@ class VocabularyBuilder:
         return train_sentencepiece(self.text, vocab_size)
 
     def build(self, max_history: int = 50, sentencepiece_vocab: int = 1000, items: ItemTokenizer | None = None,
-              sentencepiece_model: bytes | None = None) -> Vocabulary:
+              sentencepiece_model: bytes | None = None, attributes: Mapping[str, Sequence] | None = None,
+              max_attributes: int = 8) -> Vocabulary:
         """The vocabulary; `items` replaces the default atomic tokenizer over every item seen, and
-        `sentencepiece_model` the one trained here."""
+        `sentencepiece_model` the one trained here; with `attributes` ({item id: attribute values}), each
+        item's first `max_attributes` are embedded beside it."""
         fields = sorted({token.split("=", 1)[0] for token in self.context})
         context = sorted(t for t, n in self.context.items() if n >= self.min_context_count)
         context += [f"{field}={UNKNOWN_VALUE}" for field in fields]
         model = sentencepiece_model or self.sentencepiece(sentencepiece_vocab)
-        return Vocabulary(context, list(self.shelves), items or AtomicItems(list(self.items)), model, max_history)
+        items = items or AtomicItems(list(self.items))
+        table = None if attributes is None else ItemAttributes.from_mapping(items.item_ids, attributes, max_attributes)
+        return Vocabulary(context, list(self.shelves), items, model, max_history, table)

@@ -43,6 +43,10 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     value_head: bool = False  # also predict whether each item token would be streamed (see `values`)
+    # Item attributes (data/attributes.py): ids 1..num_attributes, at most attributes_per_item per token; a
+    # token's embedding adds the mean of its attributes' embeddings (0: no attributes).
+    num_attributes: int = 0
+    attributes_per_item: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -51,12 +55,16 @@ class TransformerConfig:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
+        if (self.num_attributes > 0) != (self.attributes_per_item > 0):
+            raise ValueError("num_attributes and attributes_per_item are both set or both 0")
 
     def num_params(self) -> int:
         d, h, k, hd, m = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
         per_layer = d * hd * (2 * h + 2 * k) + 3 * d * m + 2 * d
         value = d * d + self.vocab_size if self.value_head else 0
-        return self.num_layers * per_layer + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d + value
+        attributes = (self.num_attributes + 1) * d if self.num_attributes else 0
+        return (self.num_layers * per_layer + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d + value
+                + attributes)
 
 
 @jax.tree_util.register_dataclass
@@ -90,6 +98,11 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nn
     fan_in = shape[0] if scale is None else None
     std = scale if scale is not None else 1.0 / math.sqrt(fan_in)
     return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, logical_axes=axes)
+
+
+class AttributeIds(nnx.Variable):
+    """A constant int table (vocab, attributes_per_item) of each token's attribute ids: saved and sharded
+    with the parameters, never trained (the optimizer freezes integer leaves)."""
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -205,13 +218,30 @@ class Transformer(nnx.Module):
         if cfg.value_head:
             self.value_proj = _param(rngs, (cfg.d_model, cfg.d_model), ("embed", None), pd)
             self.value_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), pd), logical_axes=("vocab",))
+        if cfg.num_attributes:  # row 0 (no attribute) is never read: masked in `_attribute_means`
+            self.attribute_embed = _param(rngs, (cfg.num_attributes + 1, cfg.d_model), (None, "embed"), pd,
+                                          scale=1.0 / math.sqrt(cfg.d_model))
+            self.attribute_ids = AttributeIds(jnp.zeros((cfg.vocab_size, cfg.attributes_per_item), jnp.int32),
+                                              logical_axes=("vocab", None))
+
+    def _attribute_means(self, token_ids: jax.Array | None = None) -> jax.Array:
+        """(..., D) mean attribute embedding of token_ids[...] (every token: (V, D)); zero without attributes."""
+        ids = self.attribute_ids[...] if token_ids is None else self.attribute_ids[...][token_ids]
+        present = (ids > 0)[..., None]
+        rows = jnp.where(present, self.attribute_embed[...][ids], 0.0)
+        return rows.sum(axis=-2) / jnp.maximum(present.sum(axis=-2), 1)
+
+    def _embedding_rows(self, token_ids: jax.Array | None = None) -> jax.Array:
+        """The embedding of token_ids[...] (every token: (V, D)): its own row, plus its attributes' mean."""
+        rows = self.embed[...] if token_ids is None else self.embed[...][token_ids]
+        return rows + self._attribute_means(token_ids) if self.cfg.num_attributes else rows
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, dropout_key: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache | None]:
         """Final (normed) hidden states (B, T, D) and the updated cache (None without one)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        x = self.embed[...][tokens].astype(dt) * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        x = self._embedding_rows(tokens).astype(dt) * jnp.asarray(math.sqrt(cfg.d_model), dt)
         if dropout_key is not None and cfg.embed_dropout > 0:
             dropout_key, embed_key = jax.random.split(dropout_key)
             x = _dropout(x, cfg.embed_dropout, embed_key)
@@ -239,31 +269,30 @@ class Transformer(nnx.Module):
             return x, None
         return x, KVCache(new_kv[0], new_kv[1], cache_segments, cache.index + t)
 
-    def _output_rows(self) -> jax.Array:
-        """(V, D): the output embedding of every token."""
-        return self.embed[...] if self.cfg.tie_embeddings else self.head[...].T
+    def output_rows(self, token_ids: jax.Array | None = None) -> jax.Array:
+        """The output embedding of token_ids[...] (every token: (V, D))."""
+        if self.cfg.tie_embeddings:
+            return self._embedding_rows(token_ids)
+        head = self.head[...].T
+        return head if token_ids is None else jnp.take(head, token_ids, axis=0)
 
     @staticmethod
-    def _project(query: jax.Array, table: jax.Array, token_ids: jax.Array | None = None,
-                 pointwise: bool = False) -> jax.Array:
-        """float32 scores of `query` (..., D) against the rows of `table` (V, D): every row (..., V), the rows
-        `token_ids` (C,) only (..., C), or with `pointwise` the row token_ids[...] at each position (...)."""
-        table = table.astype(query.dtype)
+    def _project(query: jax.Array, rows: jax.Array, pointwise: bool = False) -> jax.Array:
+        """float32 scores of `query` (..., D) against `rows` (C, D): (..., C); with `pointwise`, against rows
+        (..., D) position by position: (...)."""
+        rows = rows.astype(query.dtype)
         if pointwise:
-            rows = jnp.take(table, token_ids, axis=0)
             return jnp.einsum("...d,...d->...", query, rows, preferred_element_type=jnp.float32)
-        if token_ids is not None:
-            table = jnp.take(table, token_ids, axis=0)
-        out = jnp.einsum("...d,vd->...v", query, table, preferred_element_type=jnp.float32)
-        return constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 and token_ids is None else out
+        return jnp.einsum("...d,vd->...v", query, rows, preferred_element_type=jnp.float32)
 
     def logits(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """float32 logits of hidden (..., D) for every token, or for `token_ids` (C,) only."""
-        return self._project(hidden, self._output_rows(), token_ids)
+        out = self._project(hidden, self.output_rows(token_ids))
+        return constrain(out, ("batch", "length", "vocab")) if out.ndim == 3 and token_ids is None else out
 
     def pointwise_logits(self, hidden: jax.Array, token_ids: jax.Array) -> jax.Array:
         """float32 logit of token_ids[...] at each position of hidden (..., D)."""
-        return self._project(hidden, self._output_rows(), token_ids, pointwise=True)
+        return self._project(hidden, self.output_rows(token_ids), pointwise=True)
 
     def values(self, hidden: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """float32 stream logits of the value head: for every token (..., V), or for token_ids[...] at each
@@ -272,8 +301,8 @@ class Transformer(nnx.Module):
         query = hidden @ self.value_proj[...].astype(hidden.dtype)
         bias = self.value_bias[...]
         if token_ids is not None:
-            return self._project(query, self.embed[...], token_ids, pointwise=True) + bias[token_ids]
-        return self._project(query, self.embed[...]) + bias
+            return self._project(query, self._embedding_rows(token_ids), pointwise=True) + bias[token_ids]
+        return self._project(query, self._embedding_rows()) + bias
 
     def __call__(self, tokens, positions, segment_ids, cache=None, dropout_key=None):
         hidden, cache = self.hidden(tokens, positions, segment_ids, cache, dropout_key)

@@ -130,8 +130,24 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     if semantic:
         items = semantic_items(data_cfg, list(builder.items), train_sequences, catalog,
                                load_sentencepiece(sentencepiece_model))
-    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items, sentencepiece_model)
+    vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items, sentencepiece_model,
+                          item_attributes(data_cfg, catalog), data_cfg.max_item_attributes)
     return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
+
+
+def item_attributes(data_cfg, catalog: dict) -> dict[str, list] | None:
+    """With `data.item_attributes`: each item's attributes, from `data.item_features` or else the catalog's
+    metadata (artist, genres, release month); None without it."""
+    if not data_cfg.item_attributes:
+        return None
+    if data_cfg.item_tokens != "atomic":
+        raise ValueError("data.item_attributes is for atomic item tokens (semantic IDs already quantise the "
+                         "items' attributes)")
+    if data_cfg.item_features:
+        return read_item_attributes(data_cfg.item_features)
+    if catalog:
+        return catalog_attributes(catalog)
+    raise ValueError("data.item_attributes needs --config.data.item_features=FILE or a catalog with metadata")
 
 
 def held_out_items(data_cfg, prepared: PreparedData, catalog: dict) -> set[str]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from homegen.data.vocab import Vocabulary
+from homegen.model.transformer import TransformerConfig, abstract_model
 from homegen.training.checkpoints import Checkpoints, checkpoint_dir
 
 
@@ -34,5 +37,6 @@ def trained_item_embeddings(run: str, item_ids: Sequence[str]) -> tuple[np.ndarr
     step, selected = checkpoints.selected_step()
     step, meta = checkpoints.read_meta(step)
     _, params = checkpoints.restore_model_params(step)
-    table = params["embed"] if meta["model"].get("tie_embeddings", True) else np.asarray(params["head"]).T
-    return np.asarray(table)[np.asarray(tokens)], f"{ckpt_dir} step {step} ({selected})"
+    graphdef, _, _ = abstract_model(TransformerConfig(**meta["model"]))
+    rows = nnx.merge(graphdef, params).output_rows(jnp.asarray(tokens))  # with its attributes, if it has any
+    return np.asarray(rows), f"{ckpt_dir} step {step} ({selected})"

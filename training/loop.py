@@ -338,20 +338,26 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
         _report_cut_examples(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg, reporter)
 
     # Model, trainer and the state to start from.
-    model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict())
+    attribute_table = vocab.attribute_table()
+    attribute_sizes = {} if vocab.attributes is None else {"num_attributes": vocab.attributes.num_attributes,
+                                                           "attributes_per_item": vocab.attributes.per_item}
+    model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict(), **attribute_sizes)
     sampled = None
     if cfg.loss.kind == "sampled":
         sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
     preference = (PreferenceConfig(cfg.preference.beta, cfg.preference.chosen_nll_weight,
                                    cfg.preference.value_weight) if pairs else None)
     trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
-                      cfg.loss.value_weight, lora_config(cfg), preference, cfg.loss.label_smoothing)
+                      cfg.loss.value_weight, lora_config(cfg), preference, cfg.loss.label_smoothing, attribute_table)
     lora_base = _load_lora_base(trainer, checkpoints, init_from, resume_step, reporter) if trainer.lora else None
     start, state, progress = _initial_state(trainer, checkpoints, train_iter, workdir, init_from, resume_step,
                                             reporter, vocab, prepared.catalog_path)
     trained = f" ({count_params(state['params']):,} of them LoRA adapters)" if trainer.lora else ""
     reporter.message(f"model: {count_params(trainer.abstract_params):,} parameters{trained}; vocabulary {vocab.size:,} tokens; "
                      f"mesh {dict(mesh.shape)}; {nproc} process(es)")
+    if vocab.attributes is not None:
+        reporter.message(f"item attributes: {vocab.attributes.num_attributes:,} values, at most "
+                         f"{vocab.attributes.per_item} per item, {vocab.attributes.coverage():.1%} of items have some")
     meta = {"config": json.loads(cfg.to_json()), "model": dataclasses.asdict(model_cfg),
             "vocab": vocab.to_json(), "kind": prepared.kind,
             "catalog": _catalog_for_checkpoint(prepared.catalog_path),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from homegen.model.lora import path_name
@@ -25,13 +26,15 @@ def frozen_mask(params, freeze: str):
 
 
 def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
-    """The run's optimizer; weight decay only on matrices; frozen groups get zero updates."""
+    """The run's optimizer; weight decay only on matrices; frozen groups and integer leaves (constant tables
+    such as `model.transformer.AttributeIds`) get zero updates."""
     decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
         optax.clip_by_global_norm(train_cfg.clip_norm),
         optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                     weight_decay=train_cfg.weight_decay, mask=decay_mask))
-    frozen = frozen_mask(params, train_cfg.freeze)
+    integer = jax.tree.map(lambda p: not jnp.issubdtype(p.dtype, jnp.floating), params)  # constant tables
+    frozen = jax.tree.map(lambda f, i: f or i, frozen_mask(params, train_cfg.freeze), integer)
     if not any(jax.tree.leaves(frozen)):
         return tx
     labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)

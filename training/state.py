@@ -50,6 +50,7 @@ class Trainer:
     lora: lora.LoraConfig | None = None  # train adapters on `base` instead of the parameters themselves
     preference: PreferenceConfig | None = None  # how batches of preference pairs are scored (DPO)
     label_smoothing: float = 0.0  # full-softmax training loss: this share of each target spread over the vocabulary
+    attribute_table: np.ndarray | None = None  # new parameters' AttributeIds (Vocabulary.attribute_table)
 
     def __post_init__(self):
         self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
@@ -91,7 +92,15 @@ class Trainer:
                               out_shardings=self.param_shardings)
 
     def _make_params(self, key: jax.Array) -> dict:
-        return nnx.to_pure_dict(nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key))))
+        params = nnx.to_pure_dict(nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key))))
+        if "attribute_ids" in params:
+            expected = params["attribute_ids"].shape
+            if self.attribute_table is None or self.attribute_table.shape != expected:
+                shape = None if self.attribute_table is None else self.attribute_table.shape
+                raise ValueError(f"new parameters with item attributes need an attribute table of shape {expected}, "
+                                 f"got {shape}")
+            params["attribute_ids"] = jnp.asarray(self.attribute_table, jnp.int32)
+        return params
 
     def fresh_params(self) -> dict:
         """New model parameters from the seed, sharded (what a LoRA benchmark trains adapters on)."""
@@ -193,12 +202,15 @@ class Trainer:
             loss, weight, value = self._loss(self._model_params(trained, base), b, k, True)
             return loss, (weight, value)
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # Integer leaves (constant tables) get float0 gradients: zeros of their own type instead.
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
+        as_zero = lambda g, p: jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g  # noqa: E731
 
         def accumulate(carry, inputs):
             grads, loss_sum, weight_sum, sums = carry
             b, k = inputs
             (loss, (weight, v)), g = grad_fn(state["params"], b, k)
+            g = jax.tree.map(as_zero, g, state["params"])
             return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, weight_sum + weight,
                     jax.tree.map(jnp.add, sums, v)), None
 
@@ -209,7 +221,8 @@ class Trainer:
         sum_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sum_shapes)
         (grads, loss_sum, weight_sum, sums), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, sum_zeros),
                                                               (micro, keys))
-        grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9), grads)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9) if jnp.issubdtype(g.dtype, jnp.floating)
+                             else g, grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.tree.norm(grads),
@@ -240,4 +253,5 @@ class Trainer:
 
 
 def count_params(params) -> int:
-    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+    """Number of trainable (floating-point) values; constant integer tables are not parameters."""
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)))
