@@ -1,5 +1,5 @@
 """Item attributes the model embeds beside each item's own token (`data.item_attributes`): category and
-brand ids of the Amazon files, or a catalog's artist, genres and release month. An atomic item's input and
+brand ids of the Amazon files, or a catalog's artist, genres, release month and extra fields. An atomic item's input and
 output embedding is its own row plus the mean of its attributes' rows, so items that share attributes
 share part of their representation (rare items learn from their frequent neighbours)."""
 
@@ -9,6 +9,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from homegen.data.formats import CatalogItem
+from homegen.data.semantic_ids import catalog_attributes
 
 NO_ATTRIBUTE = 0  # attribute id of an empty slot (and of every token that is not an item)
 
@@ -60,3 +63,15 @@ class ItemAttributes:
     @classmethod
     def from_json(cls, data: dict) -> ItemAttributes:
         return cls(list(data["names"]), np.asarray(data["table"], np.int32))
+
+
+def catalog_item_attributes(catalog: Mapping[str, CatalogItem]) -> dict[str, list[str]]:
+    """Each catalog item's attributes: artist, genres and release month (`catalog_attributes`), then its extra
+    fields (FORMATS.md §2) as `field=value`, numbers rounded to one decimal (`energy=0.4`)."""
+    out = catalog_attributes(catalog)
+    for item_id, item in catalog.items():
+        for field, value in sorted(item.extra.items()):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                continue
+            out[item_id].append(f"{field}={round(value, 1) if isinstance(value, float) else value}")
+    return out

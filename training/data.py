@@ -12,6 +12,7 @@ import os
 import time
 from collections import Counter
 
+from homegen.data.attributes import catalog_item_attributes
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
 from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
 from homegen.data.relabel import relabeler
@@ -137,7 +138,7 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
 
 def item_attributes(data_cfg, catalog: dict) -> dict[str, list] | None:
     """With `data.item_attributes`: each item's attributes, from `data.item_features` or else the catalog's
-    metadata (artist, genres, release month); None without it."""
+    metadata (artist, genres, release month, extra fields); None without it."""
     if not data_cfg.item_attributes:
         return None
     if data_cfg.item_tokens != "atomic":
@@ -146,7 +147,7 @@ def item_attributes(data_cfg, catalog: dict) -> dict[str, list] | None:
     if data_cfg.item_features:
         return read_item_attributes(data_cfg.item_features)
     if catalog:
-        return catalog_attributes(catalog)
+        return catalog_item_attributes(catalog)
     raise ValueError("data.item_attributes needs --config.data.item_features=FILE or a catalog with metadata")
 
 
