@@ -84,11 +84,16 @@ def test_bf16_compute_keeps_fp32_params():
     assert np.corrcoef(np.ravel(logits), np.ravel(full))[0, 1] > 0.99
 
 
-def test_sampled_softmax_approaches_full_softmax():
+def next_token_setup(batch: int, length: int):
+    """A fresh model, its hidden states of random tokens, and the next tokens as targets."""
     model = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))
-    tokens, positions, segments = inputs(batch=4, length=12)
+    tokens, positions, segments = inputs(batch=batch, length=length)
     hidden, _ = model.hidden(tokens, positions, segments)
-    targets = jnp.roll(tokens, -1, axis=1)
+    return model, hidden, jnp.roll(tokens, -1, axis=1)
+
+
+def test_sampled_softmax_approaches_full_softmax():
+    model, hidden, targets = next_token_setup(batch=4, length=12)
     weights = jnp.ones(targets.shape)
     full = full_softmax_loss(model, hidden, targets, weights)[0]
     sampler = SampledSoftmax.create(item_offset=21, item_counts=np.ones(40), num_negatives=4000, sampler="uniform")
@@ -100,10 +105,7 @@ def test_sampled_softmax_approaches_full_softmax():
 
 
 def test_chunked_full_softmax_equals_the_full_softmax():
-    model = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))
-    tokens, positions, segments = inputs(batch=3, length=10)
-    hidden, _ = model.hidden(tokens, positions, segments)
-    targets = jnp.roll(tokens, -1, axis=1)
+    model, hidden, targets = next_token_setup(batch=3, length=10)
     weights = jnp.asarray(np.random.default_rng(0).random(targets.shape), jnp.float32)
     full = full_softmax_loss(model, hidden, targets, weights)
     for chunk in (7, 16, CFG["vocab_size"] - 1):  # ragged last chunks, and a last chunk of one token
@@ -113,10 +115,7 @@ def test_chunked_full_softmax_equals_the_full_softmax():
 
 
 def test_label_smoothing_is_cross_entropy_against_the_smoothed_target():
-    model = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))
-    tokens, positions, segments = inputs(batch=2, length=6)
-    hidden, _ = model.hidden(tokens, positions, segments)
-    targets = jnp.roll(tokens, -1, axis=1)
+    model, hidden, targets = next_token_setup(batch=2, length=6)
     weights = jnp.asarray(np.random.default_rng(1).random(targets.shape), jnp.float32)
     log_p = np.asarray(jax.nn.log_softmax(model.logits(hidden), axis=-1), np.float64)
     vocab, eps = CFG["vocab_size"], 0.2
