@@ -1,7 +1,7 @@
 """Item attributes the model embeds beside each item's own token (`data.item_attributes`): category and
-brand ids of the Amazon files, or a catalog's artist, genres, release month and extra fields. An atomic item's input and
-output embedding is its own row plus the mean of its attributes' rows, so items that share attributes
-share part of their representation (rare items learn from their frequent neighbours)."""
+brand ids of the Amazon files, or a catalog's artist, genres, release month and extra fields. An atomic
+item's input and output embedding is its own row plus the mean of its attributes' rows, so items that
+share attributes share part of their representation (rare items learn from their frequent neighbours)."""
 
 from __future__ import annotations
 

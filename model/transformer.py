@@ -225,7 +225,8 @@ class Transformer(nnx.Module):
                                               logical_axes=("vocab", None))
 
     def _attribute_means(self, token_ids: jax.Array | None = None) -> jax.Array:
-        """(..., D) mean attribute embedding of token_ids[...] (every token: (V, D)); zero without attributes."""
+        """(..., D) mean attribute embedding of token_ids[...] (every token: (V, D)); zero for a token that
+        has none (every token that is not an item)."""
         ids = self.attribute_ids[...] if token_ids is None else self.attribute_ids[...][token_ids]
         present = (ids > 0)[..., None]
         rows = jnp.where(present, self.attribute_embed[...][ids], 0.0)
