@@ -3,11 +3,10 @@ all item tokens at every position, sequences packed into rows, dropout 0.5 on re
 the input embeddings, early stopping and model selection on validation NDCG@10 with seen items filtered
 (settings chosen on Toys validation users: docs/BENCHMARKS.md, Next-item quality).
 
-Item tokens `atomic` (one token per item, up to 51 history items) or `semantic` (3 residual k-means codes of
+Item tokens `atomic` (one token per item, up to 51 history items, embedded with the item's S3-Rec
+category/brand attributes when that file is next to the sequence file; label smoothing 0.1) or `semantic` (3 residual k-means codes of
 256 plus a collision code per item, from co-occurrence and the S3-Rec category/brand attributes next to the
 sequence file; 20 history items as in TIGER; ranked by beam search over the code trie)."""
-
-import os
 
 from homegen.configs.base import base_config
 
@@ -46,8 +45,6 @@ def amazon_config(path: str, item_tokens: str = "atomic", steps: int = 5000):
     c.eval.next_item = True
     c.eval.filter_seen = True
     c.eval.max_users = 5000
-    attributes = path.removesuffix(".txt") + "_item2attributes.json"  # semantic codes; data.item_attributes
-    c.data.item_features = attributes if os.path.exists(attributes) else ""
     if item_tokens == "semantic":  # less dropout than atomic: 0.5/0.3 trained slower on Sports validation
         c.model.dropout, c.model.embed_dropout = 0.3, 0.0
         c.data.item_tokens = "semantic"
@@ -56,4 +53,7 @@ def amazon_config(path: str, item_tokens: str = "atomic", steps: int = 5000):
         # Validation ranks by beam search: 2,000 users and 20 beams (on Sports validation, beam 50 gave the
         # same @10 figures at 2.2x the time).
         c.eval.max_users, c.eval.beam_size = 2000, 20
+    else:  # chosen on Toys validation (eleventh session): label smoothing, then category/brand embeddings
+        c.loss.label_smoothing = 0.1
+        c.data.item_attributes = True  # from the NAME_item2attributes.json next to the sequence file
     return c

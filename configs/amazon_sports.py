@@ -1,5 +1,6 @@
 """Next-item on Amazon Sports and Outdoors (5-core); override the path with --config.data.interactions
-(and --config.data.item_features for semantic IDs)."""
+(its item attributes are read from the NAME_item2attributes.json next to it, or --config.data.item_features;
+a file without them needs --config.data.item_attributes=False)."""
 
 from homegen.configs.amazon_next_item import amazon_config
 

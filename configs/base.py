@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.semantic_max_sequences = 200_000  # pages whose items semantic IDs learn co-occurrence from
     c.data.item_attributes = False  # atomic items: embed each item's attributes beside its token (data/attributes.py)
     c.data.max_item_attributes = 8  # attributes embedded per item (its first ones)
-    c.data.item_features = ""  # optional {item_id: [attribute ids]} JSON (S3-Rec *_item2attributes.json)
+    c.data.item_features = ""  # {item_id: [attribute ids]} JSON (S3-Rec); default: NAME_item2attributes.json by NAME.txt
 
     c.model = ml_collections.ConfigDict()
     c.model.d_model = 128

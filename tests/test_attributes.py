@@ -10,11 +10,13 @@ import pytest
 from conftest import params_of, tiny_config
 from flax import nnx
 
+from homegen.configs.amazon_next_item import amazon_config
 from homegen.data.attributes import NO_ATTRIBUTE, ItemAttributes
 from homegen.data.vocab import AtomicItems, Vocabulary
 from homegen.model.transformer import Transformer, TransformerConfig
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
+from homegen.training.data import item_features_path
 from homegen.training.loop import TrainingError, run
 
 
@@ -90,3 +92,14 @@ def test_item_attributes_need_atomic_items_and_a_source(data_dir, tmp_path):
     cfg.data.update(dict(item_attributes=True, item_tokens="semantic"))
     with pytest.raises(TrainingError, match="atomic item tokens"):
         run(cfg, str(tmp_path / "semantic"))
+
+
+def test_interaction_data_finds_its_attribute_file_next_to_it(tmp_path):
+    sequences = tmp_path / "Games.txt"
+    sequences.write_text("u1 a b c\n")
+    cfg = amazon_config(str(sequences))
+    assert cfg.data.item_attributes and item_features_path(cfg.data) == ""  # none there: training says so
+    (tmp_path / "Games_item2attributes.json").write_text('{"a": [1]}')
+    assert item_features_path(cfg.data) == str(tmp_path / "Games_item2attributes.json")
+    cfg.data.item_features = "/elsewhere/attributes.json"  # an explicit file wins
+    assert item_features_path(cfg.data) == "/elsewhere/attributes.json"

@@ -78,7 +78,8 @@ def test_interactions_train(tmp_path):
     path.write_text("".join(f"u{u} " + " ".join(f"i{(u + k) % 40}" for k in range(8)) + "\n" for u in range(80)))
     run = str(tmp_path / "run")
     result = cli("train.py", "--config", "configs/amazon_toys.py", "--workdir", run,
-                 f"--config.data.interactions={path}", *TINY, "--config.eval.max_users=20")
+                 f"--config.data.interactions={path}", "--config.data.item_attributes=False", *TINY,
+                 "--config.eval.max_users=20")
     assert result.returncode == 0, result.stderr[-3000:]
     meta = meta_of(run)
     assert meta["kind"] == "sequences" and meta["config"]["data"]["source"] == "interactions"

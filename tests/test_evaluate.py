@@ -198,7 +198,7 @@ def train_next_item(walks_file, workdir, item_tokens):
     from homegen.training.loop import run
 
     cfg = amazon_config(walks_file)
-    cfg.data.item_tokens = item_tokens
+    cfg.data.update(dict(item_tokens=item_tokens, item_attributes=False))  # the walks have no attribute file
     cfg.data.semantic_codes = 4
     cfg.data.semantic_levels = 2
     cfg.data.seq_len = 40

@@ -96,7 +96,7 @@ def test_sweep_trains_a_grid_and_tables_validation_figures(walks_file, tmp_path)
     small = ["model.d_model=32", "model.num_layers=1", "model.num_heads=1", "model.num_kv_heads=1",
              "model.head_dim=32", "model.mlp_dim=64", "data.seq_len=40", "train.batch_size=16", "train.steps=80",
              "train.eval_every=20", "train.checkpoint_every=40", "train.warmup_steps=5", "train.patience=2",
-             "train.eval_batches=1", "eval.max_users=0", f"data.interactions={walks_file}"]
+             "train.eval_batches=1", "eval.max_users=0", f"data.interactions={walks_file}", "data.item_attributes=False"]
     cmd = [sys.executable, "scripts/sweep.py", "--config", "configs/amazon_toys.py", "--root", str(root),
            *[a for s in small for a in ("--set", s)], "--grid", "train.learning_rate=0.01,0.0001"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

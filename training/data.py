@@ -137,18 +137,29 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
 
 
 def item_attributes(data_cfg, catalog: dict) -> dict[str, list] | None:
-    """With `data.item_attributes`: each item's attributes, from `data.item_features` or else the catalog's
+    """With `data.item_attributes`: each item's attributes, from `item_features_path` or else the catalog's
     metadata (artist, genres, release month, extra fields); None without it."""
     if not data_cfg.item_attributes:
         return None
     if data_cfg.item_tokens != "atomic":
         raise ValueError("data.item_attributes is for atomic item tokens (semantic IDs already quantise the "
                          "items' attributes)")
-    if data_cfg.item_features:
-        return read_item_attributes(data_cfg.item_features)
+    if item_features_path(data_cfg):
+        return read_item_attributes(item_features_path(data_cfg))
     if catalog:
         return catalog_item_attributes(catalog)
-    raise ValueError("data.item_attributes needs --config.data.item_features=FILE or a catalog with metadata")
+    raise ValueError("data.item_attributes needs item attributes: --config.data.item_features=FILE, a "
+                     "NAME_item2attributes.json next to the interaction file NAME.txt, or a catalog; or set "
+                     "--config.data.item_attributes=False")
+
+
+def item_features_path(data_cfg) -> str:
+    """`data.item_features`, else for interaction data the S3-Rec attributes file next to the sequence file
+    (NAME.txt: NAME_item2attributes.json) if there is one, else ""."""
+    if data_cfg.item_features or not data_cfg.interactions:
+        return data_cfg.item_features
+    sibling = os.path.splitext(data_cfg.interactions)[0] + "_item2attributes.json"
+    return sibling if os.path.exists(sibling) else ""
 
 
 def held_out_items(data_cfg, prepared: PreparedData, catalog: dict) -> set[str]:
@@ -179,8 +190,8 @@ def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str
     if data_cfg.semantic_from:
         embeddings, source = trained_item_embeddings(data_cfg.semantic_from, item_ids)
         progress(f"item embeddings of {source}")
-    elif data_cfg.item_features:
-        attributes = read_item_attributes(data_cfg.item_features)
+    elif item_features_path(data_cfg):
+        attributes = read_item_attributes(item_features_path(data_cfg))
     elif catalog:
         attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces)
     return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
