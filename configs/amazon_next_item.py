@@ -4,9 +4,9 @@ the input embeddings, early stopping and model selection on validation NDCG@10 w
 (settings chosen on Toys validation users: docs/BENCHMARKS.md, Next-item quality).
 
 Item tokens `atomic` (one token per item, up to 51 history items, embedded with the item's S3-Rec
-category/brand attributes when that file is next to the sequence file; label smoothing 0.1) or `semantic` (3 residual k-means codes of
-256 plus a collision code per item, from co-occurrence and the S3-Rec category/brand attributes next to the
-sequence file; 20 history items as in TIGER; ranked by beam search over the code trie)."""
+category/brand attributes from the file next to the sequence file; label smoothing 0.1) or `semantic` (3
+residual k-means codes of 256 plus a collision code per item, from co-occurrence and those attributes; 20
+history items as in TIGER; ranked by beam search over the code trie)."""
 
 from homegen.configs.base import base_config
 

@@ -87,11 +87,14 @@ def test_a_sharded_run_learns_attribute_embeddings_and_serves_pages(data_dir, tm
     assert "error" not in page and len(page["page"]) == 2 and all(len(s["items"]) == 3 for s in page["page"])
 
 
-def test_item_attributes_need_atomic_items_and_a_source(data_dir, tmp_path):
+def test_item_attributes_need_atomic_items_and_a_source(data_dir, walks_file, tmp_path):
     cfg = tiny_config(data_dir)
     cfg.data.update(dict(item_attributes=True, item_tokens="semantic"))
     with pytest.raises(TrainingError, match="atomic item tokens"):
         run(cfg, str(tmp_path / "semantic"))
+    cfg = amazon_config(walks_file)  # no attribute file next to the walks, no catalog
+    with pytest.raises(TrainingError, match="needs item attributes: .* or set --config.data.item_attributes=False"):
+        run(cfg, str(tmp_path / "walks"))
 
 
 def test_interaction_data_finds_its_attribute_file_next_to_it(tmp_path):

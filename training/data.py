@@ -144,8 +144,9 @@ def item_attributes(data_cfg, catalog: dict) -> dict[str, list] | None:
     if data_cfg.item_tokens != "atomic":
         raise ValueError("data.item_attributes is for atomic item tokens (semantic IDs already quantise the "
                          "items' attributes)")
-    if item_features_path(data_cfg):
-        return read_item_attributes(item_features_path(data_cfg))
+    path = item_features_path(data_cfg)
+    if path:
+        return read_item_attributes(path)
     if catalog:
         return catalog_item_attributes(catalog)
     raise ValueError("data.item_attributes needs item attributes: --config.data.item_features=FILE, a "
