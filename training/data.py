@@ -187,12 +187,12 @@ def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str
     def progress(phase: str) -> None:
         print(f"semantic IDs: {phase} ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    embeddings, attributes = None, None
+    embeddings, attributes, features = None, None, item_features_path(data_cfg)
     if data_cfg.semantic_from:
         embeddings, source = trained_item_embeddings(data_cfg.semantic_from, item_ids)
         progress(f"item embeddings of {source}")
-    elif item_features_path(data_cfg):
-        attributes = read_item_attributes(item_features_path(data_cfg))
+    elif features:
+        attributes = read_item_attributes(features)
     elif catalog:
         attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces)
     return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,

@@ -25,6 +25,12 @@ def frozen_mask(params, freeze: str):
                                             params)
 
 
+def is_constant(leaf) -> bool:
+    """Whether a state leaf is a constant table (integer dtype, e.g. `model.transformer.AttributeIds`), which
+    is never trained nor counted as a parameter."""
+    return not jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
 def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
     """The run's optimizer; weight decay only on matrices; frozen groups and integer leaves (constant tables
     such as `model.transformer.AttributeIds`) get zero updates."""
@@ -33,8 +39,7 @@ def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
         optax.clip_by_global_norm(train_cfg.clip_norm),
         optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                     weight_decay=train_cfg.weight_decay, mask=decay_mask))
-    integer = jax.tree.map(lambda p: not jnp.issubdtype(p.dtype, jnp.floating), params)  # constant tables
-    frozen = jax.tree.map(lambda f, i: f or i, frozen_mask(params, train_cfg.freeze), integer)
+    frozen = jax.tree.map(lambda f, p: f or is_constant(p), frozen_mask(params, train_cfg.freeze), params)
     if not any(jax.tree.leaves(frozen)):
         return tx
     labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)

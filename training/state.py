@@ -29,7 +29,7 @@ from homegen.model.loss import (
 )
 from homegen.model.sharding import logical_to_spec, use_mesh
 from homegen.model.transformer import Transformer, TransformerConfig, abstract_model
-from homegen.training.optimizer import learning_rate_schedule, make_optimizer
+from homegen.training.optimizer import is_constant, learning_rate_schedule, make_optimizer
 
 BATCH_KEYS = ("tokens", "weights", "outcomes", "segment_ids", "positions")
 PAIR_KEYS = ("tokens", "lengths", "page_mask", "values", "ref_log_probs")  # training.preference batches
@@ -221,8 +221,7 @@ class Trainer:
         sum_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sum_shapes)
         (grads, loss_sum, weight_sum, sums), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, sum_zeros),
                                                               (micro, keys))
-        grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-9) if jnp.issubdtype(g.dtype, jnp.floating)
-                             else g, grads)
+        grads = jax.tree.map(lambda g: g if is_constant(g) else g / jnp.maximum(weight_sum, 1e-9), grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss_sum / jnp.maximum(weight_sum, 1e-9), "grad_norm": optax.tree.norm(grads),
@@ -254,4 +253,4 @@ class Trainer:
 
 def count_params(params) -> int:
     """Number of trainable (floating-point) values; constant integer tables are not parameters."""
-    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)))
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params) if not is_constant(p)))
