@@ -96,7 +96,9 @@ def serve_http(engine, args) -> int:
     start = time.perf_counter()
     warmed(engine)
     slot = EngineSlot(engine, lambda step: warmed(PageEngine(args.checkpoint, step, objective=args.objective,
-                                                             buckets=engine.buckets)))
+                                                             buckets=engine.buckets,
+                                                             stream_candidates=engine.candidates,
+                                                             prior_weight=engine.prior_weight)))
     settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
                               admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None)
     app = create_app(slot, settings)
@@ -139,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objective", default="auto", choices=("auto", "likelihood", "streams"),
                         help="what beam search maximises: the page's log-probability, or its streams as the "
                              "value head predicts them (auto: streams when the checkpoint has a value head)")
+    parser.add_argument("--stream_candidates", type=int, default=None,
+                        help="streams beam search: items considered per step (default: the run's serve config)")
+    parser.add_argument("--prior_weight", type=float, default=None,
+                        help="streams beam search: log-probability weight (default: the run's serve config)")
     parser.add_argument("--requests", default=None, help="JSON Lines of requests (batch mode)")
     parser.add_argument("--output", default=None, help="where batch mode writes responses")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -177,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(f"--batch_sizes/--beam_sizes/--sample_widths: {e}")
     try:
-        engine = PageEngine(args.checkpoint, args.step, objective=args.objective, buckets=buckets)
-    except (CheckpointError, FileNotFoundError) as e:
+        engine = PageEngine(args.checkpoint, args.step, objective=args.objective, buckets=buckets,
+                            stream_candidates=args.stream_candidates, prior_weight=args.prior_weight)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
     if args.catalog:

@@ -111,6 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ranking = "auto"  # score (all items at the last position) | beam | auto: score if atomic
     c.eval.beam_size = 50  # items found by beam ranking (metrics@K need K <= beam_size)
 
+    # `streams` beam search (model/decoding.py), chosen on validation requests: scripts/evaluate.py --split
+    # validation --stream_candidates N --prior_weight W tries other values on a trained checkpoint.
+    c.serve = ml_collections.ConfigDict()
+    c.serve.stream_candidates = 32  # items considered per step: the model's most likely allowed ones
+    c.serve.prior_weight = 0.01  # weight of every token's log-probability next to the predicted streams
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over
     c.mesh.fsdp = 1

@@ -42,6 +42,10 @@ def main(argv=None) -> int:
     parser.add_argument("--catalog", default=None,
                         help="pages: add this catalog's new items (serve.py --catalog) before decoding, and report "
                              "where they land (a run trained with data.hold_out_release_days)")
+    parser.add_argument("--stream_candidates", type=int, default=None,
+                        help="pages: streams beam search's candidates per step (default: the run's serve config)")
+    parser.add_argument("--prior_weight", type=float, default=None,
+                        help="pages: streams beam search's log-probability weight (default: the run's serve config)")
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
     args = parser.parse_args(argv)
 
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
             summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
                                           full_shelves=not args.shelves_as_requested,
                                           beam_size=args.beam_size or 4, catalog=args.catalog, split=args.split,
-                                          watch_shelf=args.watch_shelf))
+                                          watch_shelf=args.watch_shelf, stream_candidates=args.stream_candidates,
+                                          prior_weight=args.prior_weight))
     except ValueError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -64,10 +64,12 @@ class PageEngine:
     """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog."""
 
     def __init__(self, path: str, step: int | None = None, use_cache: bool = True, objective: str = "auto",
-                 buckets: ShapeBuckets | None = None):
+                 buckets: ShapeBuckets | None = None, stream_candidates: int | None = None,
+                 prior_weight: float | None = None):
         """`objective` of beam search: `likelihood`, `streams` (needs a value head) or `auto` (`streams`
         when the checkpoint has a value head). With `buckets` every request decodes in one of their shapes
-        (compile them first with `warm_up`); without, shapes follow the requests."""
+        (compile them first with `warm_up`); without, shapes follow the requests. `stream_candidates` and
+        `prior_weight` (`streams` beam search) override the checkpoint config's `serve` settings."""
         self.buckets = buckets
         self.use_cache = use_cache  # False: recompute every step (only to measure what the cache buys)
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
@@ -78,11 +80,22 @@ class PageEngine:
         self.seq_len = int(meta["config"]["data"]["seq_len"])  # the training rows' length: prompts stay within
         self.path = path
         self.objective = self._check_objective(objective)
-        self.candidates, self.prior_weight = STREAM_CANDIDATES, PRIOR_WEIGHT  # `streams` beam search
+        self.candidates, self.prior_weight = self._stream_search(stream_candidates, prior_weight)
         self.eligibility_spec = meta.get("eligibility") or {"kind": "all"}
         self.catalog = (meta.get("catalog") or {}).get("items", {})
         self._lock = threading.RLock()  # a catalog refresh waits for the batch being decoded
         self._use_vocabulary(Vocabulary.from_json(meta["vocab"]))
+
+    def _stream_search(self, candidates: int | None, prior_weight: float | None) -> tuple[int, float]:
+        """`streams` beam search's candidates per step and log-probability weight: the arguments, else the
+        checkpoint config's `serve` section (older checkpoints: the decoder's defaults)."""
+        chosen = self.train_config.get("serve") or {}
+        candidates = int(chosen.get("stream_candidates", STREAM_CANDIDATES) if candidates is None else candidates)
+        prior_weight = float(chosen.get("prior_weight", PRIOR_WEIGHT) if prior_weight is None else prior_weight)
+        if candidates < 1 or prior_weight < 0:
+            raise ValueError(f"streams beam search needs stream_candidates >= 1 and prior_weight >= 0, got "
+                             f"{candidates} and {prior_weight}")
+        return candidates, prior_weight
 
     def _use_vocabulary(self, vocab: Vocabulary) -> None:
         """The vocabulary and everything decoding derives from it: grammar, eligibility and device tables."""

@@ -198,7 +198,7 @@ def _check_page(tokens, grammar: PageGrammar, items: SemanticItems, eligible: np
     assert 1 <= len(shelves) <= max_shelves
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.integers(0, 2**31 - 1))
 def test_multi_token_items_are_never_repeated_or_misplaced(seed):
     """Random catalogs of 60 three-code items, random eligibility (one history-dependent shelf made only of

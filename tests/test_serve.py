@@ -106,7 +106,7 @@ def request_strategy(engine):
 
 
 def test_every_page_satisfies_every_constraint(engine, validator):
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(request_strategy(engine))
     def check(requests):
         for request, response in zip(requests, engine.generate(requests), strict=True):
@@ -139,6 +139,30 @@ def test_beam_pages_are_distinct_and_ranked(engine):
             assert response["predicted_streams"] == pytest.approx(scored[0]["predicted_streams"], abs=2e-3)
             keys = [s["predicted_streams"] + 0.01 * s["log_prob"] for s in scored]
         assert all(a >= b - 1e-3 for a, b in zip(keys, keys[1:])), (objective, keys)
+
+
+def test_streams_search_settings_come_from_the_run_config_or_the_caller(engine, tiny_checkpoint):
+    """`serve.stream_candidates` / `serve.prior_weight` of the run's config set streams beam search; the
+    constructor's arguments override them; a config without the section (older runs) gets the decoder's
+    defaults; bad values are refused with the reason."""
+    assert (engine.candidates, engine.prior_weight) == (engine.train_config["serve"]["stream_candidates"],
+                                                        engine.train_config["serve"]["prior_weight"])
+    wide = PageEngine(tiny_checkpoint, stream_candidates=1, prior_weight=0.5)
+    assert (wide.candidates, wide.prior_weight) == (1, 0.5)
+    request = parse_request({"user_id": "u3", "beam_size": 2, "num_shelves": 2, "max_items_per_shelf": 4})
+    # One candidate per step: every placed item is the most likely allowed one, so the item scores (the
+    # items' log-probabilities) are at least those of the 32-candidate search's first items.
+    narrow_page, default_page = wide.generate([request])[0]["page"], engine.generate([request])[0]["page"]
+    assert narrow_page[0]["item_scores"][0] >= default_page[0]["item_scores"][0] - 1e-4 or \
+        narrow_page[0]["shelf"] != default_page[0]["shelf"]
+    older = dict(engine.train_config)
+    del older["serve"]
+    wide.train_config = older
+    assert wide._stream_search(None, None) == (32, 0.01)
+    with pytest.raises(ValueError, match="stream_candidates >= 1"):
+        wide._stream_search(0, None)
+    with pytest.raises(ValueError, match="prior_weight >= 0"):
+        wide._stream_search(None, -1.0)
 
 
 def test_scoring_given_pages(engine):

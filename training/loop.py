@@ -70,6 +70,9 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
         raise ValueError("data.item_tokens='semantic' needs loss.kind='full' (its vocabulary is small)")
     if cfg.eval.ranking not in ("auto",) + RANKING_METHODS:
         raise ValueError(f"eval.ranking must be one of auto, {', '.join(RANKING_METHODS)}; got {cfg.eval.ranking!r}")
+    if cfg.serve.stream_candidates < 1 or cfg.serve.prior_weight < 0:
+        raise ValueError(f"serve.stream_candidates must be >= 1 and serve.prior_weight >= 0, got "
+                         f"{cfg.serve.stream_candidates} and {cfg.serve.prior_weight}")
     if cfg.model.value_head and cfg.data.source == "interactions":
         raise ValueError("model.value_head learns from the streams of logged pages; interaction data has none")
     if t.patience and t.eval_every > t.steps:
