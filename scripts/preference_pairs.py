@@ -50,12 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_shelves", type=int, default=None)
     parser.add_argument("--items_per_shelf", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream_candidates", type=int, default=None,
+                        help="the beam's streams search: candidates per step (default: the run's serve config)")
+    parser.add_argument("--prior_weight", type=float, default=None,
+                        help="the beam's streams search: log-probability weight (default: the run's serve config)")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.samples < 1:
         parser.error("--requests and --samples must be >= 1")
     try:
         start = time.perf_counter()
-        engine = PageEngine(args.checkpoint, args.step)
+        engine = PageEngine(args.checkpoint, args.step, stream_candidates=args.stream_candidates,
+                            prior_weight=args.prior_weight)
         reward_engines = [engine]  # by default the policy's own value head ranks its pages
         if args.reward_model:
             # A reward model naming the policy's run at its default step is the policy's engine, not a copy.
