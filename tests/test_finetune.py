@@ -95,6 +95,9 @@ def test_python_config_and_train(base_run, tmp_path):
     cfg = homegen.config(base_run)  # the run's own config
     assert cfg.model.d_model == 32 and cfg.finetune.lora_rank == 0
     assert homegen.config("pages_small:semantic").data.item_tokens == "semantic"
+    recipe, stage = homegen.config("small_world"), homegen.config("small_world:preference")
+    assert (stage.serve.stream_candidates, stage.serve.prior_weight) == (recipe.serve.stream_candidates, 0.001)
+    assert (recipe.train.steps, stage.train.steps, stage.model.d_model) == (9000, 400, recipe.model.d_model)
     with pytest.raises(ValueError, match="no config 'nonsense'"):
         homegen.config("nonsense")
     cfg.train.steps = 3
