@@ -15,6 +15,7 @@ import numpy as np
 from homegen.data.simulator.policies import OraclePolicy
 from homegen.data.simulator.response import PageBatch, ResponseModel
 from homegen.data.simulator.world import GENRES, MOODS, Contexts, Users, World
+from homegen.evaluation.pages import standard_error
 
 FACTORS = ("genre_taste", "mood_taste", "energy", "novelty", "favorite_artists")
 
@@ -49,23 +50,23 @@ def estimate_users(world: World, history: np.ndarray) -> dict[str, np.ndarray]:
 def _world_of_rows(world: World, users: np.ndarray, replaced: dict[str, np.ndarray]) -> World:
     """A world whose user k is request k's user, with the `replaced` latent factors swapped in."""
     rows = object.__new__(Users)
+    for field, value in vars(world.users).items():  # every per-user array, taken at the requests' users
+        setattr(rows, field, replaced.get(field, value[users]) if isinstance(value, np.ndarray) else value)
     rows.num_users = len(users)
-    for field in ("genre_taste", "mood_taste", "novelty", "energy", "device_habit", "peak_hour", "country",
-                  "activity", "favorite_artists"):
-        setattr(rows, field, replaced.get(field, getattr(world.users, field)[users]))
     copy = object.__new__(World)
     copy.config, copy.catalog, copy.users = world.config, world.catalog, rows
     return copy
 
 
 def informed_oracle_values(response: ResponseModel, users: np.ndarray, ctx: Contexts, history: np.ndarray,
-                           known: tuple[str, ...]) -> np.ndarray:
+                           known: tuple[str, ...], estimates: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(R,) exact expected streams of the oracle's greedy pages built by a response model that knows the
-    latent factors in `known` and estimates the others from each request's history (`estimate_users`)."""
-    unknown = [f for f in FACTORS if f not in known]
+    latent factors in `known` and estimates the others from each request's history (`estimates`, by default
+    `estimate_users`)."""
     if set(known) - set(FACTORS):
         raise ValueError(f"unknown latent factors {sorted(set(known) - set(FACTORS))}; choose from {FACTORS}")
-    estimates = estimate_users(response.world, history)
+    unknown = [f for f in FACTORS if f not in known]
+    estimates = estimate_users(response.world, history) if estimates is None else estimates
     believed = ResponseModel(_world_of_rows(response.world, users, {f: estimates[f] for f in unknown}),
                              response.rules)
     cfg = response.world.config
@@ -78,12 +79,14 @@ def ceiling_table(response: ResponseModel, users: np.ndarray, ctx: Contexts, his
                   ) -> dict[str, np.ndarray]:
     """Per-request values of the oracle (everything known), the oracle estimating every factor from the
     history, and the oracle estimating one factor at a time (the others known)."""
-    table = {"oracle (user state known)": informed_oracle_values(response, users, ctx, history, FACTORS),
-             "oracle, user state estimated from the history": informed_oracle_values(response, users, ctx,
-                                                                                     history, ())}
+    estimates = estimate_users(response.world, history)
+
+    def value(known: tuple[str, ...]) -> np.ndarray:
+        return informed_oracle_values(response, users, ctx, history, known, estimates)
+
+    table = {"oracle (user state known)": value(FACTORS), "oracle, user state estimated from the history": value(())}
     for factor in FACTORS:
-        known = tuple(f for f in FACTORS if f != factor)
-        table[f"oracle, only {factor} estimated"] = informed_oracle_values(response, users, ctx, history, known)
+        table[f"oracle, only {factor} estimated"] = value(tuple(f for f in FACTORS if f != factor))
     return table
 
 
@@ -94,5 +97,5 @@ def as_rows(values: dict[str, np.ndarray]) -> list[dict]:
     for name, v in values.items():
         diff = v - first
         rows.append({"pages": name, "expected_streams": float(v.mean()), "of_oracle": float(v.mean() / first.mean()),
-                     "minus_oracle_se": float(diff.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0})
+                     "minus_oracle_se": standard_error(diff) if len(v) > 1 else 0.0})
     return rows

@@ -23,6 +23,11 @@ from homegen.serving.requests import parse_request
 from homegen.serving.validity import PageValidator
 
 
+def standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean of per-request values (of paired differences, say)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def world_folder(meta: dict, workdir: str) -> str:
     """The folder holding the simulated world files (requests.jsonl, heldout_pages.jsonl) of a run trained on
     the synthetic world, from its checkpoint metadata."""
@@ -279,7 +284,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                "per_request": [round(float(x), 5) for x in v]}  # for paired comparisons between checkpoints
         if name in partners and partners[name] in values:  # paired over requests: more than noise?
             gain = v - values[partners[name]]
-            row.update(vs_pointwise=float(gain.mean()), vs_pointwise_se=float(gain.std(ddof=1) / np.sqrt(len(gain))))
+            row.update(vs_pointwise=float(gain.mean()), vs_pointwise_se=standard_error(gain))
         if name in pages:
             plist = pages[name]
             # Validity against the requests as the world issued them (full shelves are a stricter request).

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from homegen.evaluation.pages import WorldJudge
+from homegen.evaluation.pages import WorldJudge, standard_error
 from homegen.serving.requests import parse_request
 
 
@@ -27,10 +27,6 @@ def session_events(page: list[dict], streams: np.ndarray, skips: np.ndarray) -> 
             elif skips[s, k]:
                 events.append({"item": item, "event": "skip"})
     return events
-
-
-def _standard_error(values: np.ndarray) -> float:
-    return float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
 def _latencies(engine, requests: list) -> np.ndarray:
@@ -77,9 +73,9 @@ def regeneration_gain(engine, world, requests: list[dict], seed: int = 0, latenc
         "first_page_before_events": float(before.response.expected_engagement(batch).mean()),
         "first_page_again": float(stale.mean()),
         "regenerated_page": float(fresh.mean()),
-        "gain": float(gain.mean()), "gain_se": _standard_error(gain),
+        "gain": float(gain.mean()), "gain_se": standard_error(gain),
         "skips_only_page": float(without_history.mean()),
-        "gain_from_history": float(from_history.mean()), "gain_from_history_se": _standard_error(from_history),
+        "gain_from_history": float(from_history.mean()), "gain_from_history_se": standard_error(from_history),
         "skipped_items_shown_again": float(np.mean([
             len({e["item"] for e in s if e["event"] == "skip"} & {i for shelf in page for i in shelf["items"]})
             for s, page in zip(sessions, regenerated)])),
