@@ -1,14 +1,15 @@
 """Preference pairs for the DPO stage, from a checkpoint's own pages ranked by a learned reward.
 
     python scripts/preference_pairs.py --checkpoint RUN --out PAIRS [--requests 4000] [--samples 8] \
-        [--reward_model OTHER_RUN ...] [--pessimism 1.0] [--logs FILE.jsonl]
+        [--reward_model OTHER_RUN[@STEP] ...] [--pessimism 1.0] [--logs FILE.jsonl]
     python train.py --config configs/demo.py:preference --init_from RUN --workdir RUN_DPO \
         --config.preference.pairs=PAIRS [--config.data.preset=small]
 
 For each of the first --requests page logs (default: the training logs of the checkpoint's synthetic world;
 else --logs, FORMATS.md §3), the checkpoint's beam-search pages (its beam of 4) and --samples sampled pages (temperature 1)
 are the candidates; the value heads of --reward_model (default: the checkpoint's own; repeat for an
-ensemble, and --pessimism k ranks by mean - k x standard deviation of their predictions) rank them, and the
+ensemble, and --pessimism k ranks by mean - k x standard deviation of their predictions; RUN@STEP takes a run's
+value head at one of its kept steps, so one run's checkpoints can make a snapshot ensemble) rank them, and the
 best and worst make a pair. A synthetic-world checkpoint is asked for full pages (its world's shelves x
 items), as evaluate.py asks; other logs keep each logged page's shape unless --num_shelves/--items_per_shelf.
 """
@@ -35,6 +36,24 @@ def _default_logs(engine: PageEngine, checkpoint: str) -> str:
     return os.path.join(world_folder({"config": engine.train_config}, checkpoint), "pages.jsonl")
 
 
+def _reward_engines(specs: list[str] | None, policy: PageEngine, policy_path: str,
+                    policy_step: int | None) -> list[tuple[str, PageEngine]]:
+    """The (spec, engine) of each `RUN` or `RUN@STEP` reward model; the policy's own engine where a spec names
+    the policy's run at its step (default: the policy alone)."""
+    engines = []
+    for spec in specs or [policy_path]:
+        path, _, step_text = spec.rpartition("@") if "@" in os.path.basename(spec) else (spec, "", "")
+        if step_text and not step_text.isdigit():
+            raise ValueError(f"--reward_model {spec}: the step after '@' must be a whole number")
+        step = int(step_text) if step_text else None
+        same_run = os.path.abspath(path) == os.path.abspath(policy_path)
+        if same_run and (step == policy.step or (step is None and policy_step is None)):
+            engines.append((spec, policy))
+        else:
+            engines.append((spec, PageEngine(path, step)))
+    return engines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run folder: the policy, and the DPO reference")
@@ -44,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--samples", type=int, default=8, help="sampled pages per request, beside the beam's")
     parser.add_argument("--reward_model", action="append", default=None,
-                        help="run folder whose value head ranks the pages; repeat for an ensemble")
+                        help="run folder (RUN or RUN@STEP) whose value head ranks the pages; repeat for an ensemble")
     parser.add_argument("--pessimism", type=float, default=0.0, help="rank by mean - k x sd of the heads")
     parser.add_argument("--min_gap", type=float, default=0.0, help="least reward gap of a pair")
     parser.add_argument("--num_shelves", type=int, default=None)
@@ -61,14 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         engine = PageEngine(args.checkpoint, args.step, stream_candidates=args.stream_candidates,
                             prior_weight=args.prior_weight)
-        reward_engines = [engine]  # by default the policy's own value head ranks its pages
-        if args.reward_model:
-            # A reward model naming the policy's run at its default step is the policy's engine, not a copy.
-            own = os.path.abspath(args.checkpoint) if args.step is None else None
-            reward_engines = [engine if os.path.abspath(p) == own else PageEngine(p) for p in args.reward_model]
-        for path, e in zip(args.reward_model or [args.checkpoint], reward_engines):
+        rewards = _reward_engines(args.reward_model, engine, args.checkpoint, args.step)
+        for spec, e in rewards:
             if not e.model_cfg.value_head:
-                raise ValueError(f"{path} has no value head: it cannot rank pages")
+                raise ValueError(f"{spec} has no value head: it cannot rank pages")
+        reward_engines = [e for _, e in rewards]
         world = getattr(engine.eligibility, "world", None)
         shelves, items = args.num_shelves, args.items_per_shelf
         if world is not None and args.logs is None:

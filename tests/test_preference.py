@@ -193,3 +193,18 @@ def test_pair_batches_resume_exactly_and_split_the_global_batch_over_processes()
     assert np.array_equal(np.concatenate(halves), first)
     with pytest.raises(ValueError, match="ref_log_probs"):
         PreferencePairs(tokens, pairs.lengths, pairs.page_mask, pairs.values, np.zeros((n, 3), np.float32), {})
+
+
+def test_reward_models_name_a_run_or_one_of_its_steps(tiny_checkpoint):
+    from homegen.serving.engine import PageEngine
+    from homegen.training.checkpoints import CheckpointError
+    from scripts.preference_pairs import _reward_engines
+
+    policy = PageEngine(tiny_checkpoint)
+    specs = [tiny_checkpoint, f"{tiny_checkpoint}@{policy.step}"]
+    assert [e for _, e in _reward_engines(specs, policy, tiny_checkpoint, None)] == [policy, policy]
+    assert _reward_engines(None, policy, tiny_checkpoint, None) == [(tiny_checkpoint, policy)]
+    with pytest.raises(ValueError, match="whole number"):
+        _reward_engines([f"{tiny_checkpoint}@last"], policy, tiny_checkpoint, None)
+    with pytest.raises(CheckpointError):
+        _reward_engines([f"{tiny_checkpoint}@{policy.step + 1}"], policy, tiny_checkpoint, None)
