@@ -81,13 +81,16 @@ def enumerate_pages(min_items=1, max_items=2, max_shelves=2, excluded=()):
     return out
 
 
-def score(model, prompt, seq, alpha=0.6):
-    """Length-normalised log-probability of `seq` after `prompt` under the model (one full forward pass)."""
-    tokens = jnp.asarray([list(prompt) + list(seq)])
-    logits, _ = model(tokens, jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
-    logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1], axis=-1)
-    total = sum(float(logp[t, token]) for t, token in enumerate(seq))
-    return total / float(length_penalty(len(seq), alpha))
+def likelihood_scores(model, prompt, pages, alpha=0.6) -> dict:
+    """{page: length-normalised log-probability after `prompt`} by one batched forward pass (pages padded at the
+    end, which a causal model does not see from earlier positions)."""
+    tokens = np.full((len(pages), len(prompt) + max(map(len, pages))), PAD, np.int32)
+    for row, seq in enumerate(pages):
+        tokens[row, :len(prompt) + len(seq)] = list(prompt) + list(seq)
+    logits, _ = model(jnp.asarray(tokens), jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    return {seq: sum(float(logp[row, len(prompt) - 1 + t, token]) for t, token in enumerate(seq))
+            / float(length_penalty(len(seq), alpha)) for row, seq in enumerate(pages)}
 
 
 def test_beam_search_finds_the_brute_force_best_page():
@@ -96,7 +99,7 @@ def test_beam_search_finds_the_brute_force_best_page():
     for seed in range(3):
         model, graphdef, params = model_and_params(seed)
         prompt = [1, 4, 3]
-        scores = {p: score(model, prompt, p) for p in pages}
+        scores = likelihood_scores(model, prompt, pages)
         best = max(scores, key=scores.get)
         out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(), ALL,
                           grammar=GRAMMAR, beam_size=8, max_new=GRAMMAR.max_length(2, 2))
