@@ -1,7 +1,8 @@
 """The best page recipe measured on the small synthetic world (10^4 items, 10^5 logged pages) within a 2-core
 CPU budget (docs/BENCHMARKS.md, Page quality): the demo model at twice its width, items embedded with their
-catalog attributes, the request's whole 30-item history, 9,000 steps, and a streams beam search that
-considers 128 candidates per step with a 0.001 log-probability prior (chosen on validation requests).
+catalog attributes, the request's whole 30-item history, the value head's loss weighted 5x, 9,000 steps, and
+a streams beam search that considers 128 candidates per step with a 0.001 log-probability prior (each chosen
+on validation requests).
 `configs/small_world.py:preference` is its preference stage (DPO on pairs from a trained run)."""
 
 from homegen.configs.base import preference_stage
@@ -18,6 +19,7 @@ def get_config(stage: str = ""):
     c.model.d_model = 128
     c.model.head_dim = 32
     c.model.mlp_dim = 512
+    c.loss.value_weight = 5.0
     c.train.steps = 9000
     c.train.eval_every = 3000
     c.train.checkpoint_every = 3000

@@ -98,6 +98,7 @@ def test_python_config_and_train(base_run, tmp_path):
     recipe, stage = homegen.config("small_world"), homegen.config("small_world:preference")
     assert (stage.serve.stream_candidates, stage.serve.prior_weight) == (recipe.serve.stream_candidates, 0.001)
     assert (recipe.train.steps, stage.train.steps, stage.model.d_model) == (9000, 400, recipe.model.d_model)
+    assert recipe.loss.value_weight == stage.loss.value_weight == 5.0
     with pytest.raises(ValueError, match="no config 'nonsense'"):
         homegen.config("nonsense")
     cfg.train.steps = 3
