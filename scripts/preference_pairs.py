@@ -37,9 +37,9 @@ def _default_logs(engine: PageEngine, checkpoint: str) -> str:
 
 
 def _reward_engines(specs: list[str] | None, policy: PageEngine, policy_path: str,
-                    policy_step: int | None) -> list[tuple[str, PageEngine]]:
-    """The (spec, engine) of each `RUN` or `RUN@STEP` reward model; the policy's own engine where a spec names
-    the policy's run at its step (default: the policy alone)."""
+                    policy_step: int | None) -> list[PageEngine]:
+    """The engine of each `RUN` or `RUN@STEP` reward model (default: the policy alone); the policy's own engine
+    where a spec names the policy's run at its step. Refuses a malformed step and a run without a value head."""
     engines = []
     for spec in specs or [policy_path]:
         path, _, step_text = spec.rpartition("@") if "@" in os.path.basename(spec) else (spec, "", "")
@@ -47,10 +47,11 @@ def _reward_engines(specs: list[str] | None, policy: PageEngine, policy_path: st
             raise ValueError(f"--reward_model {spec}: the step after '@' must be a whole number")
         step = int(step_text) if step_text else None
         same_run = os.path.abspath(path) == os.path.abspath(policy_path)
-        if same_run and (step == policy.step or (step is None and policy_step is None)):
-            engines.append((spec, policy))
-        else:
-            engines.append((spec, PageEngine(path, step)))
+        engine = policy if same_run and (step == policy.step or (step is None and policy_step is None)) \
+            else PageEngine(path, step)
+        if not engine.model_cfg.value_head:
+            raise ValueError(f"{spec} has no value head: it cannot rank pages")
+        engines.append(engine)
     return engines
 
 
@@ -80,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         engine = PageEngine(args.checkpoint, args.step, stream_candidates=args.stream_candidates,
                             prior_weight=args.prior_weight)
-        rewards = _reward_engines(args.reward_model, engine, args.checkpoint, args.step)
-        for spec, e in rewards:
-            if not e.model_cfg.value_head:
-                raise ValueError(f"{spec} has no value head: it cannot rank pages")
-        reward_engines = [e for _, e in rewards]
+        reward_engines = _reward_engines(args.reward_model, engine, args.checkpoint, args.step)
         world = getattr(engine.eligibility, "world", None)
         shelves, items = args.num_shelves, args.items_per_shelf
         if world is not None and args.logs is None:

@@ -202,8 +202,8 @@ def test_reward_models_name_a_run_or_one_of_its_steps(tiny_checkpoint):
 
     policy = PageEngine(tiny_checkpoint)
     specs = [tiny_checkpoint, f"{tiny_checkpoint}@{policy.step}"]
-    assert [e for _, e in _reward_engines(specs, policy, tiny_checkpoint, None)] == [policy, policy]
-    assert _reward_engines(None, policy, tiny_checkpoint, None) == [(tiny_checkpoint, policy)]
+    assert _reward_engines(specs, policy, tiny_checkpoint, None) == [policy, policy]
+    assert _reward_engines(None, policy, tiny_checkpoint, None) == [policy]
     with pytest.raises(ValueError, match="whole number"):
         _reward_engines([f"{tiny_checkpoint}@last"], policy, tiny_checkpoint, None)
     with pytest.raises(CheckpointError):
