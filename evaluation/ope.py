@@ -10,14 +10,16 @@ pi_k / mu_k. The estimators of pi's expected streams per page (ESTIMATORS):
 - direct (DM): a value model's predicted streams of pi's own pages (its teacher-forced stream probability of
   every item where it stands), no logs needed but biased where the model is wrong. The value model is the
   mean of one or more checkpoints' value heads (`ValueModel`);
-- direct (calibrated): the same, each prediction mapped through an isotonic regression of the logged streams
-  on the value model's predictions at the logged slots (`IsotonicCalibration`);
+- direct (isotonic) and direct (logistic): the same, each prediction mapped through a regression of the
+  logged streams on the value model's predictions at the logged slots: isotonic (`IsotonicCalibration`, flat
+  beyond the logged predictions) or logistic in the prediction's logit (`LogisticCalibration`, Platt scaling,
+  which extrapolates to the predictions above the logged ones that a page optimiser collects);
 - per-decision importance sampling (IPS, the cascade slate estimator): sum_t rho_{1:t} r_t. Unbiased when an
   item's stream depends on what is above it on the page, not below (the cascade assumption; this world's
   shelf coherence bends it a little) and every prefix pi can produce has a positive logging probability.
   A slate's ratio is a product over decisions, so for a deterministic target it is zero from the first
   decision where the log and the target differ;
-- doubly robust (DR, plain or calibrated): DM + sum_t rho_{1:t} (r_t - r_hat_t), with r_hat_t the value
+- doubly robust (DR, plain, isotonic or logistic): DM + sum_t rho_{1:t} (r_t - r_hat_t), with r_hat_t the value
   model's prediction for pi's t-th decision (the mean over pi's pages for a stochastic pi). With these
   baselines the correction has mean zero whatever the value model, so DR is unbiased where IPS is, and
   equals DM where no logged prefix agrees with the target.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -141,6 +144,39 @@ class IsotonicCalibration:
         return np.interp(predicted, self.x, self.y)
 
 
+class LogisticCalibration:
+    """Platt scaling: the logged stream rate as sigmoid(a logit(p) + b) of the value model's prediction p, with
+    a and b fit by Newton's method on the logged slots' cross-entropy. Two parameters instead of isotonic
+    regression's many blocks; it keeps a slope beyond the logged predictions, where isotonic regression is flat
+    at the mean of its top block."""
+
+    def __init__(self, predicted: np.ndarray, observed: np.ndarray, iterations: int = 50):
+        x = _logit(predicted)
+        y = np.asarray(observed, float)
+        features = np.column_stack([x, np.ones_like(x)])
+        self.weights = np.array([1.0, 0.0])  # the identity map
+        for _ in range(iterations):
+            p = _sigmoid(features @ self.weights)
+            gradient = features.T @ (p - y)
+            hessian = features.T @ (features * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
+            step = np.linalg.solve(hessian, gradient)
+            self.weights -= step
+            if np.abs(step).max() < 1e-10:
+                break
+
+    def __call__(self, predicted: np.ndarray) -> np.ndarray:
+        return _sigmoid(self.weights[0] * _logit(predicted) + self.weights[1])
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, float), 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
 def bootstrap_spread(per_page: np.ndarray, rounds: int = 1000, seed: int = 0) -> float:
     """The standard deviation of the mean of per-page estimates over bootstrap resamples of the pages."""
     rng = np.random.default_rng(seed)
@@ -199,7 +235,9 @@ class Target:
     log_probs: np.ndarray  # (N, T)
 
 
-ESTIMATORS = ("direct", "direct (calibrated)", "ips", "doubly robust", "doubly robust (calibrated)")
+CALIBRATIONS = {"isotonic": IsotonicCalibration, "logistic": LogisticCalibration}
+ESTIMATORS = ("direct", *(f"direct ({c})" for c in CALIBRATIONS), "ips", "doubly robust",
+              *(f"doubly robust ({c})" for c in CALIBRATIONS))
 
 
 class ValueModel:
@@ -215,10 +253,11 @@ class ValueModel:
 
 
 def estimate(target: Target, logged: LoggedPages, judge, value_model: ValueModel, requests: list,
-             calibration: IsotonicCalibration, rounds: int = 1000) -> dict[str, dict[str, float]]:
+             calibrations: dict[str, Callable[[np.ndarray], np.ndarray]],
+             rounds: int = 1000) -> dict[str, dict[str, float]]:
     """The estimates (ESTIMATORS) of a target's expected streams per page, with its exact value (the judge's
-    mean over its pages), each estimate's bias and bootstrap spread over the logged pages. The calibrated
-    variants pass the value model's predictions through `calibration` first."""
+    mean over its pages), each estimate's bias and bootstrap spread over the logged pages. "direct (NAME)"
+    and "doubly robust (NAME)" pass the value model's predictions through `calibrations[NAME]` first."""
     copies = len(target.pages[0])
     exact = np.mean([judge.slot_probabilities([p[k] for p in target.pages]).sum(axis=(1, 2))
                      for k in range(copies)], axis=0)
@@ -227,17 +266,19 @@ def estimate(target: Target, logged: LoggedPages, judge, value_model: ValueModel
     scored = [value_model.predict(requests, [p[k] for p in target.pages], width) for k in range(copies)]
     mask = [np.arange(width) < lengths[:, k, None] for k in range(copies)]
     predicted = np.mean(scored, axis=0)
-    calibrated = np.mean([np.where(m, calibration(x), 0.0) for x, m in zip(scored, mask)], axis=0)
     ratios = cumulative_ratios(target.log_probs, logged)
-    per_page = {"direct": predicted.sum(axis=1), "direct (calibrated)": calibrated.sum(axis=1),
-                "ips": ips(logged, ratios), "doubly robust": doubly_robust(logged, ratios, predicted),
-                "doubly robust (calibrated)": doubly_robust(logged, ratios, calibrated)}
+    per_page = {"direct": predicted.sum(axis=1), "ips": ips(logged, ratios),
+                "doubly robust": doubly_robust(logged, ratios, predicted)}
+    for name, calibration in calibrations.items():
+        calibrated = np.mean([np.where(m, calibration(x), 0.0) for x, m in zip(scored, mask)], axis=0)
+        per_page[f"direct ({name})"] = calibrated.sum(axis=1)
+        per_page[f"doubly robust ({name})"] = doubly_robust(logged, ratios, calibrated)
     truth = float(exact.mean())
     out = {"exact": {"value": truth, "spread": bootstrap_spread(exact, rounds)}}
-    for name, values in per_page.items():
-        value = float(values.mean())
+    for name in ESTIMATORS:
+        value = float(per_page[name].mean())
         out[name] = {"value": value, "bias": value - truth, "relative_bias": (value - truth) / truth,
-                     "spread": bootstrap_spread(values, rounds)}
+                     "spread": bootstrap_spread(per_page[name], rounds)}
     out["matched_first_decision"] = {"value": float((ratios[:, 0] > 0).mean())}
     return out
 
@@ -313,7 +354,8 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     sampled = [engine.generate([parse_request({**r, "temperature": 1.0, "seed": k * samples + j})
                                 for k, r in enumerate(requests)]) for j in range(samples)]
     logged_predictions = value_model.predict(parsed, logged.pages, width)
-    calibration = IsotonicCalibration(logged_predictions[logged.mask], logged.rewards[logged.mask])
+    calibrations = {name: fit(logged_predictions[logged.mask], logged.rewards[logged.mask])
+                    for name, fit in CALIBRATIONS.items()}
     targets = {
         "logging policy": Target([[p] for p in logged.pages], np.where(logged.mask, logged.log_propensities, 0.0)),
         f"homegen beam search ({engine.objective})": deterministic(beam_pages),
@@ -323,5 +365,5 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     if engine.grammar.levels == 1:
         shelves = [[s["shelf"] for s in page] for page in beam_pages]
         targets["pointwise (same model)"] = deterministic(pointwise_pages(engine, parsed, shelves))
-    return {name: estimate(target, logged, judge, value_model, parsed, calibration, rounds)
+    return {name: estimate(target, logged, judge, value_model, parsed, calibrations, rounds)
             for name, target in targets.items()}

@@ -93,6 +93,24 @@ def test_isotonic_calibration():
     assert calibration(np.array([0.8]))[0] == pytest.approx(0.4, abs=0.08)
 
 
+def test_logistic_calibration():
+    """Platt scaling recovers the logit-linear map that generated the streams, keeps a slope beyond the data
+    (where isotonic regression is flat), and leaves calibrated predictions as they are."""
+    from homegen.evaluation.ope import IsotonicCalibration, LogisticCalibration
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.02, 0.5, 20000)
+    logit = np.log(x) - np.log1p(-x)
+    y = (rng.random(len(x)) < 1 / (1 + np.exp(-(0.7 * logit - 0.4)))).astype(float)
+    calibration = LogisticCalibration(x, y)
+    np.testing.assert_allclose(calibration.weights, [0.7, -0.4], atol=0.06)
+    beyond = np.array([0.6, 0.8, 0.95])
+    assert (np.diff(calibration(beyond)) > 0).all()
+    assert np.ptp(IsotonicCalibration(x, y)(beyond)) == 0.0
+    honest = (rng.random(len(x)) < x).astype(float)
+    np.testing.assert_allclose(LogisticCalibration(x, honest)(beyond), beyond, atol=0.03)
+
+
 def test_plackett_luce_logging_probabilities_match_frequencies():
     """The logged propensity of the first decision (shelf type and item) and of the second item given the
     first are the frequencies with which the policy makes them; pages are full, valid and without repeats."""
@@ -176,14 +194,16 @@ def test_ope_script_end_to_end(tiny_checkpoint, propensity_logs, tmp_path):
     row = results["logging policy"]
     assert row["exact"]["value"] == pytest.approx(exact)
     assert row["ips"]["value"] == pytest.approx(logged.rewards.sum(axis=1).mean())
-    for name in ("doubly robust", "doubly robust (calibrated)"):  # ratios of 1: DR is the logged streams
+    for name in ("doubly robust", "doubly robust (isotonic)", "doubly robust (logistic)"):  # ratios of 1: DR is the logged streams
         assert row[name]["value"] == pytest.approx(row["ips"]["value"])
     for name, row in results.items():
         assert row["direct"]["value"] > 0 and row["exact"]["value"] > 0
         assert row["ips"]["bias"] == pytest.approx(row["ips"]["value"] - row["exact"]["value"])
         if name != "logging policy" and row["matched_first_decision"]["value"] == 0:
             assert row["doubly robust"]["value"] == pytest.approx(row["direct"]["value"])
-            assert row["doubly robust (calibrated)"]["value"] == pytest.approx(row["direct (calibrated)"]["value"])
+            for calibration in ("isotonic", "logistic"):
+                assert row[f"doubly robust ({calibration})"]["value"] == pytest.approx(
+                    row[f"direct ({calibration})"]["value"])
     assert "| homegen sampling | doubly robust |" in open(tmp_path / "ope.md").read()
 
 
