@@ -58,7 +58,7 @@ def tfds_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _train_tiny_run(tfds_dir, tmp_path_factory, name: str, **data) -> str:
+def train_tiny_run(tfds_dir, tmp_path_factory, name: str, **data) -> str:
     """A run folder with a small model (with a value head) trained for 30 steps on the tiny synthetic world,
     with `data` overriding the data config."""
     from homegen.configs.demo import get_config
@@ -78,14 +78,14 @@ def _train_tiny_run(tfds_dir, tmp_path_factory, name: str, **data) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
     """A run folder with a small model (with a value head) trained briefly on the tiny synthetic world."""
-    return _train_tiny_run(tfds_dir, tmp_path_factory, "tiny_run")
+    return train_tiny_run(tfds_dir, tmp_path_factory, "tiny_run")
 
 
 @pytest.fixture(scope="session")
 def tiny_semantic_checkpoint(tfds_dir, tmp_path_factory) -> str:
     """`tiny_checkpoint` with semantic item IDs (2 levels of 16 codes and a collision code per item), trained
     without the items released in the world's last 10 days (new releases for a catalog refresh)."""
-    return _train_tiny_run(tfds_dir, tmp_path_factory, "tiny_semantic_run", seq_len=320, item_tokens="semantic",
+    return train_tiny_run(tfds_dir, tmp_path_factory, "tiny_semantic_run", seq_len=320, item_tokens="semantic",
                            semantic_levels=2, semantic_codes=16, semantic_dim=16, hold_out_release_days=10)
 
 

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import train_tiny_run
 
 from homegen.evaluation.ope import LoggedPages, cumulative_ratios, doubly_robust, ips, matched_log_probs
 
@@ -231,21 +232,17 @@ def test_logs_it_cannot_use_are_refused(tiny_checkpoint, propensity_logs, tmp_pa
         off_policy_evaluation(tiny_checkpoint, str(tmp_path), 3)
 
 
-def test_a_value_model_trained_on_the_logs_scores_the_checkpoints_pages(tiny_checkpoint, propensity_logs, tmp_path):
+def test_a_value_model_trained_on_the_logs_scores_the_checkpoints_pages(tiny_checkpoint, propensity_logs, tmp_path,
+                                                                       tmp_path_factory):
     """README's recipe: a run trained on the propensity logs' own pages (its vocabulary from LOGS/catalog.jsonl)
     is the value model of another checkpoint's table: it scores every decision of the world's pages."""
-    from homegen.configs.demo import get_config
     from homegen.evaluation.ope import off_policy_evaluation
-    from homegen.training.loop import run
 
-    cfg = get_config()
-    cfg.data.update(dict(page_logs=os.path.join(propensity_logs, "pages.jsonl"), seq_len=96,
-                         catalog=os.path.join(propensity_logs, "catalog.jsonl"), data_dir=str(tmp_path / "tfds")))
-    cfg.model.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64))
-    cfg.train.update(dict(steps=8, log_every=4, eval_every=8, checkpoint_every=8, eval_batches=1, warmup_steps=2))
-    run(cfg, str(tmp_path / "logs_value"))
+    logs_value = train_tiny_run(str(tmp_path / "tfds"), tmp_path_factory, "logs_value",
+                                page_logs=os.path.join(propensity_logs, "pages.jsonl"),
+                                catalog=os.path.join(propensity_logs, "catalog.jsonl"))
     own = off_policy_evaluation(tiny_checkpoint, propensity_logs, 6, samples=1)
-    fit = off_policy_evaluation(tiny_checkpoint, propensity_logs, 6, samples=1, value_models=[str(tmp_path / "logs_value")])
+    fit = off_policy_evaluation(tiny_checkpoint, propensity_logs, 6, samples=1, value_models=[logs_value])
     for policy, row in fit.items():
         assert row["exact"]["value"] == pytest.approx(own[policy]["exact"]["value"])  # same pages, same world
         assert row["ips"]["value"] == pytest.approx(own[policy]["ips"]["value"])  # IPS needs no value model
