@@ -100,7 +100,7 @@ def serve_http(engine, args) -> int:
                                                              stream_candidates=engine.candidates,
                                                              prior_weight=engine.prior_weight)))
     settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
-                              admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None)
+                              admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None, catalog_dir=args.catalog_dir)
     app = create_app(slot, settings)
     # Python's own asyncio loop rather than uvloop (which orbax installs): the loop is not this server's
     # bottleneck (decoding is), and it keeps libuv's native signal handling out of a process that runs JAX.
@@ -159,12 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_connections", type=int, default=2048, help="HTTP: more get 503")
     parser.add_argument("--watch_s", type=float, default=0.0,
                         help="HTTP: look for a newer checkpoint in the run folder this often and swap it in (0: off; "
-                             "POST /admin/reload does it on demand, with HOMEGEN_ADMIN_TOKEN as its bearer token "
-                             "when that is set)")
+                             "POST /admin/reload does it on demand, with HOMEGEN_ADMIN_TOKEN as its bearer token; "
+                             "without that variable the admin endpoints answer 403)")
     parser.add_argument("--catalog", default=None,
                         help="catalog JSON Lines whose new items (e.g. releases since training) are added before "
                              "serving, without retraining (semantic-ID checkpoints; POST /v1/catalog does it live)")
+    parser.add_argument("--catalog_dir", default=None,
+                        help="HTTP: the only directory POST /v1/catalog reads catalog files from (clients name a file "
+                             "in it; needs HOMEGEN_ADMIN_TOKEN); without it catalog refresh over HTTP is off")
     args = parser.parse_args(argv)
+    if args.catalog_dir is not None and not os.path.isdir(args.catalog_dir):
+        parser.error(f"--catalog_dir {args.catalog_dir} is not a directory")
     if args.requests and not args.output:
         parser.error("--requests needs --output")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -18,6 +18,7 @@ import argparse
 import collections
 import http.client
 import json
+import os
 import random
 import socket
 import sys
@@ -55,11 +56,17 @@ def _post(path: str, body: bytes, headers: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def hostile_requests(rng: random.Random) -> list[tuple[str, bytes]]:
-    """(kind, raw request) pairs: malformed HTTP, oversized or invalid bodies, hostile field values."""
+REFUSED_ADMIN = ("catalog without token", "catalog with a wrong token", "catalog absolute path",
+                 "catalog path traversal", "reload without token")  # must never be answered 2xx
+
+
+def hostile_requests(rng: random.Random, admin_token: str | None = None) -> list[tuple[str, bytes]]:
+    """(kind, raw request) pairs: malformed HTTP, oversized or invalid bodies, hostile field values, admin calls
+    without (or with a wrong) token, catalog names leading out of the server's catalog directory."""
     def page(obj) -> bytes:
         return _post("/v1/pages", json.dumps(obj).encode())
 
+    admin = f"Authorization: Bearer {admin_token}\r\n" if admin_token else ""  # traversal must fail even with it
     big = b"x" * ((1 << 20) + 10)
     hidden = _post("/v1/pages", b'{"user_id": "smuggled"}')
     kinds = {
@@ -91,7 +98,12 @@ def hostile_requests(rng: random.Random) -> list[tuple[str, bytes]]:
         + b" /v1/pages HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
         "unknown path": lambda: _post("/v2/" + "x" * rng.randint(1, 2000), b"{}"),
         "bad admin reload": lambda: _post("/admin/reload", b'{"step": "latest"}'),
-        "bad catalog": lambda: _post("/v1/catalog", b'{"catalog": "/nonexistent.jsonl"}'),
+        "catalog without token": lambda: _post("/v1/catalog", b'{"catalog": "catalog.jsonl"}'),
+        "catalog with a wrong token": lambda: _post("/v1/catalog", b'{"catalog": "catalog.jsonl"}',
+                                                    "Authorization: Bearer wrong\r\n"),
+        "catalog absolute path": lambda: _post("/v1/catalog", b'{"catalog": "/etc/passwd"}', admin),
+        "catalog path traversal": lambda: _post("/v1/catalog", b'{"catalog": "../../../../etc/passwd"}', admin),
+        "reload without token": lambda: _post("/admin/reload", b'{"step": 1}'),
         "short body (client goes quiet)": lambda: b"POST /v1/pages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
     }
     return [(kind, make()) for kind, make in kinds.items()]
@@ -132,7 +144,8 @@ class Tally:
         self.unanswered = 0
 
 
-def run_valid(url: str, count: int, clients: int, timeout: float, tally: Tally, swap: dict) -> None:
+def run_valid(url: str, count: int, clients: int, timeout: float, tally: Tally, swap: dict,
+              admin_token: str | None) -> None:
     parts = urllib.parse.urlsplit(url)
     remaining = iter(range(count))
     lock = threading.Lock()
@@ -174,7 +187,7 @@ def run_valid(url: str, count: int, clients: int, timeout: float, tally: Tally, 
                 else:
                     tally.unanswered += 1
             if k == count // 2 and swap.get("to") is not None:
-                swap_checkpoint(url, swap)
+                swap_checkpoint(url, swap, admin_token)
 
     threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
     for t in threads:
@@ -183,10 +196,11 @@ def run_valid(url: str, count: int, clients: int, timeout: float, tally: Tally, 
         t.join()
 
 
-def swap_checkpoint(url: str, swap: dict) -> None:
+def swap_checkpoint(url: str, swap: dict, admin_token: str | None) -> None:
     """POST /admin/reload, then wait (in this client thread) until /healthz serves the new step."""
     swap["asked_at"] = time.time()
-    request = urllib.request.Request(url + "/admin/reload", json.dumps({"step": swap["to"]}).encode(), method="POST")
+    request = urllib.request.Request(url + "/admin/reload", json.dumps({"step": swap["to"]}).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {admin_token}"} if admin_token else {})
     with urllib.request.urlopen(request, timeout=30) as r:
         swap["answer"] = json.loads(r.read())
     while True:
@@ -198,7 +212,7 @@ def swap_checkpoint(url: str, swap: dict) -> None:
     swap["done_at"], swap["health"] = time.time(), health
 
 
-def run_hostile(url: str, count: int, clients: int, timeout: float, tally: Tally) -> None:
+def run_hostile(url: str, count: int, clients: int, timeout: float, tally: Tally, admin_token: str | None) -> None:
     parts = urllib.parse.urlsplit(url)
     remaining = iter(range(count))
     lock = threading.Lock()
@@ -210,7 +224,7 @@ def run_hostile(url: str, count: int, clients: int, timeout: float, tally: Tally
                 k = next(remaining, None)
             if k is None:
                 break
-            kinds = hostile_requests(rng)
+            kinds = hostile_requests(rng, admin_token)
             kind, data = kinds[k % len(kinds)]
             status = _raw(parts.hostname, parts.port, data, timeout)
             with tally.lock:
@@ -237,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=1_000, help="idle connections held open throughout")
     parser.add_argument("--swap_to", type=int, default=None, help="checkpoint step to swap in half-way")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as hung")
+    parser.add_argument("--admin_token", default=os.environ.get("HOMEGEN_ADMIN_TOKEN"),
+                        help="the server's admin token (default: HOMEGEN_ADMIN_TOKEN): --swap_to needs it, and the "
+                             "traversal cases send it so that only the catalog directory check stands in their way")
     args = parser.parse_args(argv)
     parts = urllib.parse.urlsplit(args.url)
 
@@ -245,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     tally, swap = Tally(), {"to": args.swap_to}
     start = time.time()
     hostile = threading.Thread(target=run_hostile, args=(args.url, args.hostile, args.hostile_clients, args.timeout,
-                                                          tally))
+                                                          tally, args.admin_token))
     hostile.start()
-    run_valid(args.url, args.valid, args.clients, args.timeout, tally, swap)
+    run_valid(args.url, args.valid, args.clients, args.timeout, tally, swap, args.admin_token)
     valid_seconds = time.time() - start
     hostile.join()
     for s in idle:
@@ -279,10 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server resident memory: {memory_before:.0f} MiB before, {memory_after:.0f} MiB after")
     every = collections.Counter(tally.valid) + hostile_total
     bad = {s: n for s, n in every.items() if s in ("empty", "hang") or (s.startswith("5") and s != "503")}
-    if tally.unanswered or bad:
-        print(f"FAILED: unanswered valid requests {tally.unanswered}, {bad}")
+    admitted = {kind: n for kind in REFUSED_ADMIN for status, n in tally.hostile[kind].items() if status.startswith("2")}
+    if tally.unanswered or bad or admitted:
+        print(f"FAILED: unanswered valid requests {tally.unanswered}, {bad}; admin calls let through {admitted}")
         return 1
-    print("OK: every valid request answered; no empty reply, no hang, no 5xx but deliberate 503s")
+    print("OK: every valid request answered; no empty reply, no hang, no 5xx but deliberate 503s; every admin call "
+          "without the token or naming a path outside the catalog directory refused")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import threading
@@ -31,6 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from homegen.serving.catalog_files import CatalogDirectory, CatalogRefused
 from homegen.serving.html import render
 from homegen.serving.requests import RequestError, parse_request
 from homegen.serving.schemas import CatalogBody, ErrorBody, PageRequestBody, PageResponseBody, ReloadBody
@@ -48,7 +50,8 @@ class ServerSettings:
     max_body: int = 1 << 20  # bytes
     client_timeout_s: float = 10.0  # a body must arrive within this
     watch_s: float = 0.0  # > 0: look for a newer checkpoint in the run folder this often
-    admin_token: str | None = None  # POST /admin/reload needs "Authorization: Bearer TOKEN" when set
+    admin_token: str | None = None  # state-changing endpoints need "Authorization: Bearer TOKEN"; off when None
+    catalog_dir: str | None = None  # the only directory POST /v1/catalog reads from; off when None
 
 
 class Metrics:
@@ -217,6 +220,20 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
         metrics.pages.inc()
         return 200, response, None
 
+    catalogs = CatalogDirectory(settings.catalog_dir) if settings.catalog_dir else None
+
+    def admin_refusal(request: Request, endpoint: str) -> JSONResponse | None:
+        """None when `request` carries the admin token, else the 401 / 403 that refuses it."""
+        if not settings.admin_token:
+            return _error(403, f"{endpoint} is off: the server was started without an admin token "
+                               "(HOMEGEN_ADMIN_TOKEN)")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
+            metrics.errors.labels("unauthorized").inc()
+            return _error(401, f"{endpoint} needs the admin token (Authorization: Bearer ...)",
+                          {"WWW-Authenticate": "Bearer"})
+        return None
+
     async def read_json(request: Request):
         body = await request.body()
         try:
@@ -245,27 +262,36 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.post("/v1/catalog", summary="Add the new items of a catalog file (semantic-ID checkpoints)",
-              responses=_documented(400), openapi_extra={"requestBody": {"required": True, "content": {
+              responses=_documented(400, 401, 403), openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": CatalogBody.model_json_schema()}}}})
     async def catalog(request: Request):
+        refused = admin_refusal(request, "POST /v1/catalog")
+        if refused is None and catalogs is None:
+            refused = _error(403, "catalog refresh is off: the server was started without a catalog directory "
+                                  "(serve.py --catalog_dir)")
+        if refused is not None:
+            metrics.requests.labels("/v1/catalog", str(refused.status_code)).inc()
+            return refused
         try:
             obj = await read_json(request)
-            if not isinstance(obj, dict) or not isinstance(obj.get("catalog"), str):
-                raise RequestError('expected {"catalog": "path of a catalog JSON Lines file"}')
-            result = await asyncio.to_thread(slot.engine.refresh_catalog, obj["catalog"])
-        except (RequestError, ValueError, OSError) as e:
+            if not isinstance(obj, dict) or "catalog" not in obj:
+                raise RequestError('expected {"catalog": "NAME"}, a file in the server\'s catalog directory')
+            path, records = await asyncio.to_thread(catalogs.read, obj["catalog"])
+            result = await asyncio.to_thread(slot.engine.add_catalog, records, str(obj["catalog"]))
+        except (RequestError, CatalogRefused, ValueError) as e:
             metrics.requests.labels("/v1/catalog", "400").inc()
             return _error(400, str(e))
-        log.info("catalog refresh from %s: %s", obj["catalog"], result)
+        log.info("catalog refresh from %s: %s", path, result)
         metrics.requests.labels("/v1/catalog", "200").inc()
         return result
 
     @app.post("/admin/reload", status_code=202, summary="Load a checkpoint of the run and swap it in",
-              responses=_documented(400, 401, 409), openapi_extra={"requestBody": {"required": False, "content": {
+              responses=_documented(400, 401, 403, 409), openapi_extra={"requestBody": {"required": False, "content": {
                   "application/json": {"schema": ReloadBody.model_json_schema()}}}})
     async def reload(request: Request):
-        if settings.admin_token and request.headers.get("authorization") != f"Bearer {settings.admin_token}":
-            return _error(401, "POST /admin/reload needs the admin token (Authorization: Bearer ...)")
+        refused = admin_refusal(request, "POST /admin/reload")
+        if refused is not None:
+            return refused
         body = await request.body()
         try:
             obj = json.loads(body) if body.strip() else {}

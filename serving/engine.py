@@ -111,9 +111,13 @@ class PageEngine:
         they may then stand on every shelf whose rule admits them. Returns {"added", "items",
         "placeable"} (how many new items some shelf admits). Raises ValueError for an atomic checkpoint
         (a new item has no token) or a catalog the checkpoint's semantic IDs cannot code."""
-        catalog = read_catalog(path)
+        return self.add_catalog(read_catalog(path), path)
+
+    def add_catalog(self, catalog: dict, source: str) -> dict:
+        """`refresh_catalog` for records already read (`read_catalog`'s result); `source` names them in
+        errors."""
         with self._lock:  # one refresh at a time, never beside a batch being decoded or scored
-            return self._add_items(catalog, path)
+            return self._add_items(catalog, source)
 
     def _add_items(self, catalog: dict, path: str) -> dict:
         new = [item for item in catalog if item not in self.vocab.items.index]

@@ -63,7 +63,8 @@ class ErrorBody(BaseModel):
 
 
 class CatalogBody(BaseModel):
-    catalog: str = Field(description="path, on the server, of a FORMATS.md §2 catalog JSON Lines file")
+    catalog: str = Field(description="name of a FORMATS.md §2 catalog JSON Lines file inside the server's catalog "
+                                     "directory (serve.py --catalog_dir); paths and names leading out of it are refused")
 
 
 class ReloadBody(BaseModel):

@@ -296,8 +296,8 @@ def test_page_table_of_a_semantic_checkpoint(tiny_semantic_checkpoint):
         assert 0 < pages[name]["expected_streams"] < pages["oracle"]["expected_streams"]
 
 
-def _post(url: str, path: str, obj) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", json.dumps(obj).encode(), method="POST")
+def _post(url: str, path: str, obj, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", json.dumps(obj).encode(), method="POST", headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
             return r.status, json.loads(r.read())
@@ -308,12 +308,16 @@ def _post(url: str, path: str, obj) -> tuple[int, dict]:
 def test_catalog_refresh_places_new_releases_without_retraining(tiny_semantic_checkpoint, tiny_checkpoint,
                                                                 tfds_dir, tmp_path):
     """The checkpoint was trained without the world's newest releases. A request that only new items can
-    fill fails before the refresh; after POST /v1/catalog with the world's catalog they get semantic IDs
-    from their metadata (same token layout, same model) and fill the "new_releases" shelf, every rule kept.
-    An atomic checkpoint cannot add them, and a bad catalog is a 400 naming the file."""
-    catalog = os.path.join(SyntheticWorldDataset(config="tiny", data_dir=tfds_dir).world_dir(), "catalog.jsonl")
+    fill fails before the refresh; after POST /v1/catalog naming the world's catalog in the server's catalog
+    directory they get semantic IDs from their metadata (same token layout, same model) and fill the
+    "new_releases" shelf, every rule kept. An atomic checkpoint cannot add them, and a bad catalog is a 400
+    naming the file and line without quoting it."""
+    world_catalog = os.path.join(SyntheticWorldDataset(config="tiny", data_dir=tfds_dir).world_dir(), "catalog.jsonl")
+    catalogs = tmp_path / "catalogs"
+    catalogs.mkdir()
+    (catalogs / "catalog.jsonl").write_bytes(open(world_catalog, "rb").read())
     engine = PageEngine(tiny_semantic_checkpoint)
-    with open(catalog) as f:
+    with open(world_catalog) as f:
         world_items = [json.loads(line)["item_id"] for line in f]
     new = [item for item in world_items if item not in engine.vocab.items.index]
     assert 4 <= len(new) <= 40, len(new)
@@ -323,15 +327,17 @@ def test_catalog_refresh_places_new_releases_without_retraining(tiny_semantic_ch
     request = parse_request(obj)
     assert "eligible items left" in engine.generate([request])[0]["error"]
 
-    with running_server(engine) as (url, _):
-        code, body = _post(url, "/v1/catalog", {"catalog": str(tmp_path / "missing.jsonl")})
-        assert code == 400 and "missing.jsonl" in body["error"]
-        (tmp_path / "bad.jsonl").write_text('{"item_id": "x1"}\n{"title": "no id"}\n')
-        code, body = _post(url, "/v1/catalog", {"catalog": str(tmp_path / "bad.jsonl")})
-        assert code == 400 and "bad.jsonl:2" in body["error"], body
-        code, body = _post(url, "/v1/catalog", {"catalog": catalog})
+    admin = {"Authorization": "Bearer s3cret"}
+    with running_server(engine, ServerSettings(admin_token="s3cret", catalog_dir=str(catalogs))) as (url, _):
+        code, body = _post(url, "/v1/catalog", {"catalog": "missing.jsonl"}, admin)
+        assert code == 400 and "no such catalog file" in body["error"]
+        (catalogs / "bad.jsonl").write_text('{"item_id": "x1"}\n{"title": "SECRET-TITLE"}\n')
+        code, body = _post(url, "/v1/catalog", {"catalog": "bad.jsonl"}, admin)
+        assert code == 400 and "bad.jsonl" in body["error"] and "line 2" in body["error"], body
+        assert "SECRET" not in body["error"]
+        code, body = _post(url, "/v1/catalog", {"catalog": "catalog.jsonl"}, admin)
         assert code == 200 and body["added"] == len(new) and body["placeable"] >= 4, body
-        assert _post(url, "/v1/catalog", {"catalog": catalog})[1]["added"] == 0
+        assert _post(url, "/v1/catalog", {"catalog": "catalog.jsonl"}, admin)[1]["added"] == 0
         code, response = _post(url, "/v1/pages", obj)
     assert code == 200, response
     assert engine.vocab.size == vocab_size and set(new) <= set(engine.vocab.items.item_ids)

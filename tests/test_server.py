@@ -99,6 +99,49 @@ def test_full_queue_is_503_with_retry_after_and_late_requests_504():
         assert 504 in codes, codes  # queued behind the slow batches past the deadline
 
 
+class CatalogStubEngine(StubEngine):
+    """A stub that records the catalogs it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.added = []
+
+    def add_catalog(self, catalog, source):
+        self.added.append((source, sorted(catalog)))
+        return {"added": len(catalog), "items": len(catalog), "placeable": len(catalog)}
+
+
+def test_admin_endpoints_need_the_token_and_catalogs_stay_in_their_directory(tmp_path):
+    """POST /v1/catalog and /admin/reload: 403 when the server has no admin token, 401 without or with a wrong
+    token; with it, a catalog is read only from the operator's directory: absolute paths, '..' and a symbolic
+    link out of it are 400s that open nothing and quote nothing; a file inside it is read."""
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"item_id": "TOP-SECRET"}\n')
+    catalogs = tmp_path / "catalogs"
+    (catalogs / "sub").mkdir(parents=True)
+    (catalogs / "sub" / "ok.jsonl").write_text('{"item_id": "new1"}\n')
+    os.symlink(secret, catalogs / "link.jsonl")
+    admin = {"Authorization": "Bearer right"}
+    with running_server(CatalogStubEngine()) as (url, _):  # no admin token: the admin endpoints are off
+        assert call(url, "/v1/catalog", {"catalog": "sub/ok.jsonl"}, headers=admin)[0] == 403
+        assert call(url, "/admin/reload", {"step": 1}, headers=admin)[0] == 403
+    engine = CatalogStubEngine()
+    with running_server(engine, ServerSettings(admin_token="right")) as (url, _):  # no catalog directory
+        assert call(url, "/v1/catalog", {"catalog": "sub/ok.jsonl"}, headers=admin)[0] == 403
+    with running_server(engine, ServerSettings(admin_token="right", catalog_dir=str(catalogs))) as (url, _):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "right"}):
+            assert call(url, "/v1/catalog", {"catalog": "sub/ok.jsonl"}, headers=headers)[0] == 401
+            assert call(url, "/admin/reload", {"step": 1}, headers=headers)[0] == 401
+        for name in (str(secret), "../secret.jsonl", "sub/../../secret.jsonl", "link.jsonl", "/etc/passwd",
+                     "~/x.jsonl", "", "a\x00b", ["sub/ok.jsonl"]):
+            status, text, _ = call(url, "/v1/catalog", {"catalog": name}, headers=admin)
+            assert status == 400 and "TOP-SECRET" not in text, (name, status, text)
+        assert engine.added == []
+        status, text, _ = call(url, "/v1/catalog", {"catalog": "sub/ok.jsonl"}, headers=admin)
+        assert status == 200 and json.loads(text)["added"] == 1
+        assert engine.added == [("sub/ok.jsonl", ["new1"])]
+
+
 def test_reload_on_request_swaps_without_failing_requests_in_flight():
     engines = {1: StubEngine(1, delay_s=0.05), 2: StubEngine(2, delay_s=0.05)}
 
