@@ -184,13 +184,13 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         raise ValueError("the 'streams' objective needs a model trained with a value head")
     b, k = prompts.shape[0], beam_size
     hidden, cache = prefill_hidden(model, prompts, lengths, prompts.shape[1] + max_new)
-    rows_rules = rules.take(jnp.repeat(jnp.arange(b), k))
+    rows_rules = grammar.prepare(rules.take(jnp.repeat(jnp.arange(b), k)), tables)
     row_prompts, row_lengths = jnp.repeat(prompts, k, axis=0), jnp.repeat(lengths, k)
     penalty = (lambda length: length_penalty(length, alpha)) if objective == "likelihood" else (lambda length: 1.0)
     empty_tokens, empty_logps = jnp.full((b, k, max_new), PAD, jnp.int32), jnp.zeros((b, k, max_new))
     state = BeamState(
         step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, k, axis=0),
-        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(rows_rules, tables),
+        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(rows_rules, tables, max_new),
         alive_tokens=empty_tokens, alive_logps=empty_logps,
         alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
         done_tokens=empty_tokens, done_logps=empty_logps, done_score=jnp.full((b, k), NEG_INF),
@@ -271,6 +271,7 @@ def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, t
     b = prompts.shape[0]
     logits, cache = prefill(model, prompts, lengths, prompts.shape[1] + max_new)
     keys = jax.vmap(jax.random.key)(seeds)
+    rules = grammar.prepare(rules, tables)
 
     def running(s):
         return (s["step"] < max_new) & ~jnp.all(s["fsm"].done)
@@ -290,7 +291,7 @@ def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, t
                     tokens=s["tokens"].at[:, step].set(token), logps=s["logps"].at[:, step].set(logp))
 
     s = jax.lax.while_loop(running, body, dict(
-        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(rules, tables),
+        step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(rules, tables, max_new),
         tokens=jnp.full((b, max_new), PAD, jnp.int32), logps=jnp.zeros((b, max_new))))
     valid = s["fsm"].done
     return Decoded(s["tokens"][:, None], s["logps"][:, None], s["logps"].sum(-1)[:, None], valid[:, None])

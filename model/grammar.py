@@ -4,21 +4,20 @@
     no item twice, items eligible for their shelf, request exclusions and shelf allow-lists.
 
 An item is one token (atomic item IDs) or a tuple of L code tokens (semantic IDs: code c of level l is
-item token `level_offsets[l] + c`). Multi-token items are decoded along the trie of the catalog's code
-tuples: with the items' rows sorted by code tuple, every trie node is a contiguous range of rows, so a
-row's partial item is a range [lo, hi) and a code may follow only if its sub-range still holds an item
-that is eligible for the shelf, unused and not excluded (counted with a prefix sum over the available
-items). No dead end is ever entered: a started item can always be completed.
+item token `level_offsets[l] + c`), decoded along the trie of the catalog's code tuples (`model/item_trie.py`):
+a code may follow only if the child it leads to still holds an item that is eligible for the shelf, not
+placed on this page and not excluded. That count is the child's per-shelf count, kept once per checkpoint,
+corrected by the row's own short lists: the items this page placed (with the trie path each took), the
+request's exclusions and its history-dependent (shelf, item) pairs, each located in the trie once per
+request. So a decoding step reads one codebook's worth of children and those lists, never the catalog: no
+row state grows with the catalog, and a beam reorder copies O(page length) per row. For atomic items the
+children of the root are the whole catalog, so a step still reads O(N) (one shelf's eligibility bits, next
+to the O(N) output layer), but no row state is O(N) either. No dead end is ever entered: a started item can
+always be completed.
 
 A page ends (EOS) once it has `max_shelves` shelves, or earlier only when no further shelf can be filled.
-A shelf may only start when enough eligible, unused, non-excluded items remain to fill it to `min`,
+A shelf may only start when enough eligible, unplaced, non-excluded items remain to fill it to `min`,
 so every path the mask allows ends in a valid page: an invalid page is impossible, not filtered.
-
-Eligibility comes in two parts, so that nothing sent per request grows with the catalog:
-`ItemTables.shelf_items` (S, N), which items each shelf holds for every request, lives on the device once
-per checkpoint; what depends on the request (history-dependent shelves, exclusions) travels as short
-index lists in `PageRules`. Each row counts the items still available on every shelf and updates the
-counts as items are placed, so no step sums over shelves x items.
 """
 
 from __future__ import annotations
@@ -30,30 +29,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from homegen.data.vocab import EOS
+from homegen.model.item_trie import ItemTables, build_item_tables
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class ItemTables:
-    """What decoding needs of the catalog, on the device once per checkpoint."""
-
-    shelf_items: jax.Array  # (S, N) bool: the items every request may place on each shelf
-    codes: jax.Array  # (N, L) int32: each item's code tuple, rows sorted by tuple (atomic: (N, 1) arange)
+__all__ = ["ItemTables", "PageGrammar", "PageRules", "PageState"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PageRules:
     """Per-request constraints (one row per request, or per beam once gathered). Index lists are padded
-    with -1. Extra pairs are distinct and never repeat a pair of `shelf_items`; exclusions are distinct."""
+    with -1. Extra pairs are distinct and never repeat a pair the checkpoint's eligibility already admits;
+    exclusions are distinct. The last four fields locate the listed items in the trie; `PageGrammar.prepare`
+    fills them once per batch (decoding does it before its loop)."""
 
-    extra_items: jax.Array  # (R, E) int32: items eligible for this request beyond shelf_items ...
+    extra_items: jax.Array  # (R, E) int32: items eligible for this request beyond the checkpoint's ...
     extra_shelves: jax.Array  # (R, E) int32: ... and the shelf each of them may stand on
     excluded: jax.Array  # (R, X) int32: items the request excludes
     allowed_shelves: jax.Array  # (R, S) bool
     min_items: jax.Array  # (R,) int32
     max_items: jax.Array  # (R,) int32
     max_shelves: jax.Array  # (R,) int32
+    extra_paths: jax.Array | None = None  # (R, E, L) trie node of each extra pair's item at levels 1..L
+    extra_live: jax.Array | None = None  # (R, E) bool: a pair whose item is not excluded
+    excluded_paths: jax.Array | None = None  # (R, X, L)
+    excluded_on: jax.Array | None = None  # (R, X, S) bool: the shelves that admitted each excluded item
 
     def take(self, rows: jax.Array) -> PageRules:
         return jax.tree.map(lambda x: x[rows], self)
@@ -62,18 +61,19 @@ class PageRules:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PageState:
-    """Where each row is in the grammar."""
+    """Where each row is in the grammar; every field's size is set by the page, not the catalog."""
 
     shelves: jax.Array  # (R,) shelves started
     items: jax.Array  # (R,) items completed in the current shelf
     current: jax.Array  # (R,) current shelf index, -1 before the first
-    used_items: jax.Array  # (R, N) bool: placed or excluded
     used_shelves: jax.Array  # (R, S) bool
     remaining: jax.Array  # (R, S) int32: eligible items not yet placed or excluded, per shelf
     done: jax.Array  # (R,) bool: EOS emitted
     depth: jax.Array  # (R,) codes of the current item emitted so far (always 0 for atomic items)
-    lo: jax.Array  # (R,) the item rows [lo, hi) whose code tuples start with those codes
-    hi: jax.Array  # (R,)
+    path: jax.Array  # (R, L) trie nodes of the item in progress at levels 1..depth
+    placed: jax.Array  # (R,) items on the page so far
+    placed_paths: jax.Array  # (R, T, L) trie path of each placed item (its leaf last)
+    placed_on: jax.Array  # (R, T, S) bool: the shelves each placed item was eligible for
 
     def take(self, rows: jax.Array) -> PageState:
         return jax.tree.map(lambda x: x[rows], self)
@@ -88,23 +88,18 @@ def _scatter(rows: int, width: int, index: jax.Array, where: jax.Array, dtype=bo
     return out[:, :width]
 
 
-def _lower_bound(codes: jax.Array, level: jax.Array, lo: jax.Array, hi: jax.Array, targets: jax.Array) -> jax.Array:
-    """(R, Q): per row, the first item row in [lo, hi) whose code at `level` is >= each target (hi if
-    none), by bisection. Within a trie node's range the codes of the next level are sorted."""
-    n = codes.shape[0]
-    column = codes.T  # (L, N)
-    level = level[:, None]
-    lo = jnp.broadcast_to(lo[:, None], targets.shape)
-    hi = jnp.broadcast_to(hi[:, None], targets.shape)
+def _scatter_add(rows: int, width: int, index: jax.Array, values: jax.Array) -> jax.Array:
+    """(rows, width) int32: per row, the sum of values[row, j] at index[row, j]; indices outside [0, width)
+    are dropped."""
+    target = jnp.where((index >= 0) & (index < width), index, width)
+    out = jnp.zeros((rows, width + 1), jnp.int32).at[jnp.arange(rows)[:, None], target].add(values)
+    return out[:, :width]
 
-    def halve(_, bounds):
-        lo, hi = bounds
-        active = lo < hi
-        mid = (lo + hi) // 2
-        right = active & (column[level, jnp.minimum(mid, n - 1)] < targets)
-        return jnp.where(right, mid + 1, lo), jnp.where(active & ~right, mid, hi)
 
-    return jax.lax.fori_loop(0, max(1, int(np.ceil(np.log2(n + 1)))), halve, (lo, hi))[0]
+def _admits(shelf_bits: jax.Array, shelf: jax.Array, item: jax.Array) -> jax.Array:
+    """Whether `shelf` admits `item` for every request (broadcast shapes), from the packed bits."""
+    byte = shelf_bits[shelf, item >> 3]
+    return ((byte >> (item & 7).astype(jnp.uint8)) & 1).astype(bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,57 +134,118 @@ class PageGrammar:
         """How many item tokens the vocabulary has."""
         return sum(self.level_sizes) if self.levels > 1 else self.num_items
 
+    @property
+    def width(self) -> int:
+        """Children a trie node can have: the largest codebook (atomic: the catalog, the root's children)."""
+        return max(self.level_sizes) if self.levels > 1 else self.num_items
+
     def tables(self, shelf_items, codes=None) -> ItemTables:
-        """The device tables of a catalog: `shelf_items` (S, N) and, for semantic IDs, the (N, L) code table
-        with rows in the items' order (sorted by code tuple)."""
-        if codes is None:
-            if self.levels > 1:
-                raise ValueError("semantic item IDs need their code table")
-            codes = np.arange(self.num_items, dtype=np.int32)[:, None]
-        codes = jnp.asarray(codes, jnp.int32)
-        if codes.shape != (self.num_items, self.levels):
-            raise ValueError(f"code table of shape {codes.shape}, expected {(self.num_items, self.levels)}")
-        return ItemTables(jnp.asarray(shelf_items, bool), codes)
+        """The device tables of a catalog (`model/item_trie.py`): `shelf_items` (S, N) bool and, for semantic
+        IDs, the (N, L) code table with rows in the items' order (sorted by code tuple)."""
+        if self.levels > 1 and codes is None:
+            raise ValueError("semantic item IDs need their code table")
+        if np.shape(shelf_items) != (self.num_shelves, self.num_items):
+            raise ValueError(f"eligibility of shape {np.shape(shelf_items)}, expected "
+                             f"{(self.num_shelves, self.num_items)}")
+        if codes is not None and np.shape(codes) != (self.num_items, self.levels):
+            raise ValueError(f"code table of shape {np.shape(codes)}, expected {(self.num_items, self.levels)}")
+        return build_item_tables(shelf_items, codes if self.levels > 1 else None)
 
-    def init(self, rules: PageRules, tables: ItemTables) -> PageState:
-        """The empty page of each row: exclusions count as used, and each shelf's eligible items are counted
-        once (from the exclusions and extra pairs, not over the catalog)."""
-        shelf_items = tables.shelf_items
-        rows, n, s = rules.min_items.shape[0], self.num_items, self.num_shelves
+    def _paths(self, items: jax.Array, tables: ItemTables) -> jax.Array:
+        """(..., L) the trie nodes of `items` (item rows; -1 gives some valid path) at levels 1..L, found from
+        the leaf up by bisection over each level's first children (once per request, not per step)."""
+        nodes = [tables.num_inner + jnp.maximum(items, 0)]
+        starts = tables.level_starts
+        for level in range(self.levels - 1, 0, -1):
+            first = starts[level - 1]
+            firsts = tables.first_child[first:first + tables.level_counts[level - 1].shape[0]]
+            nodes.insert(0, first + jnp.searchsorted(firsts, nodes[0], side="right").astype(jnp.int32) - 1)
+        return jnp.stack(nodes, axis=-1)
+
+    def prepare(self, rules: PageRules, tables: ItemTables) -> PageRules:
+        """`rules` with their listed items located in the trie (a no-op when already done)."""
+        if rules.extra_paths is not None:
+            return rules
         is_excluded = rules.excluded >= 0
-        used = _scatter(rows, n, rules.excluded, is_excluded)
-        excluded_on = shelf_items.T[jnp.maximum(rules.excluded, 0)] & is_excluded[..., None]  # (R, X, S)
-        extra_ok = (rules.extra_items >= 0) & ~jnp.take_along_axis(used, jnp.maximum(rules.extra_items, 0), 1)
-        remaining = (jnp.sum(shelf_items, axis=1, dtype=jnp.int32)[None] - jnp.sum(excluded_on, axis=1, dtype=jnp.int32)
-                     + _scatter(rows, s, rules.extra_shelves, extra_ok, jnp.int32))
-        zeros = jnp.zeros((rows,), jnp.int32)
-        return PageState(zeros, zeros, zeros - 1, used, jnp.zeros((rows, s), bool), remaining,
-                         jnp.zeros((rows,), bool), depth=zeros, lo=zeros, hi=zeros + n)
+        excluded_on = _admits(tables.shelf_bits, jnp.arange(self.num_shelves)[None, None],
+                              jnp.maximum(rules.excluded, 0)[..., None]) & is_excluded[..., None]
+        clash = (rules.extra_items[:, :, None] == rules.excluded[:, None, :]) & is_excluded[:, None, :]
+        extra_live = (rules.extra_items >= 0) & ~jnp.any(clash, axis=-1)
+        return dataclasses.replace(rules, extra_paths=self._paths(rules.extra_items, tables), extra_live=extra_live,
+                                   excluded_paths=self._paths(rules.excluded, tables), excluded_on=excluded_on)
 
-    def _code_mask(self, state: PageState, available: jax.Array, codes: jax.Array) -> jax.Array:
-        """(R, item tokens) bool, semantic IDs: the codes at each row's depth whose sub-range of the trie
-        still holds an available item."""
-        width = max(self.level_sizes)
-        level = jnp.minimum(state.depth, self.levels - 1)
-        bounds = _lower_bound(codes, level, state.lo, state.hi, jnp.broadcast_to(jnp.arange(width + 1),
-                                                                                  (level.shape[0], width + 1)))
-        prefix = jnp.pad(jnp.cumsum(available, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))  # (R, N + 1)
-        counts = jnp.diff(jnp.take_along_axis(prefix, bounds, axis=1), axis=1)  # (R, width)
-        return jnp.concatenate([(level == l)[:, None] & (counts[:, :size] > 0)
-                                for l, size in enumerate(self.level_sizes)], axis=1)
+    def init(self, rules: PageRules, tables: ItemTables, max_new: int) -> PageState:
+        """The empty page of each row, for pages of at most `max_new` tokens: each shelf's eligible items are
+        counted once, from the checkpoint's counts less the exclusions plus the extra pairs."""
+        rules = self.prepare(rules, tables)
+        rows, s = rules.min_items.shape[0], self.num_shelves
+        capacity = max(1, max_new // self.levels)
+        remaining = (tables.shelf_counts[None] - jnp.sum(rules.excluded_on, axis=1, dtype=jnp.int32)
+                     + _scatter(rows, s, rules.extra_shelves, rules.extra_live, jnp.int32))
+        zeros = jnp.zeros((rows,), jnp.int32)
+        return PageState(
+            shelves=zeros, items=zeros, current=zeros - 1, used_shelves=jnp.zeros((rows, s), bool),
+            remaining=remaining, done=jnp.zeros((rows,), bool), depth=zeros,
+            path=jnp.zeros((rows, self.levels), jnp.int32), placed=zeros,
+            placed_paths=jnp.full((rows, capacity, self.levels), -1, jnp.int32),
+            placed_on=jnp.zeros((rows, capacity, s), bool))
+
+    def _children(self, state: PageState, tables: ItemTables) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(first child (R,), its children's ids (R, W), which of the W slots are children (R, W)) of each
+        row's current trie node: the root at an item's first code, else the node its codes so far lead to."""
+        at = jnp.take_along_axis(state.path, jnp.maximum(state.depth - 1, 0)[:, None], axis=1)[:, 0]
+        node = jnp.where(state.depth > 0, at, 0)
+        first = tables.first_child[node]
+        slots = jnp.arange(self.width, dtype=jnp.int32)
+        return first, first[:, None] + slots, slots < (tables.first_child[node + 1] - first)[:, None]
+
+    def _child_codes(self, children: jax.Array, depth: jax.Array, tables: ItemTables) -> jax.Array:
+        """(R, W) the code of each child at its level (semantic IDs)."""
+        leaf = tables.leaf_codes[jnp.clip(children - tables.num_inner, 0, self.num_items - 1)]
+        inner = tables.inner_codes[jnp.clip(children, 0, tables.num_inner - 1)]
+        return jnp.where((depth == self.levels - 1)[:, None], leaf, inner).astype(jnp.int32)
+
+    def _child_counts(self, state: PageState, rules: PageRules, tables: ItemTables, first: jax.Array,
+                      children: jax.Array, is_child: jax.Array) -> jax.Array:
+        """(R, W) int32: the items under each child that the current shelf admits, not placed, not excluded:
+        the checkpoint's count, less the row's placed and excluded items under it, plus its extra pairs."""
+        rows, shelf = state.depth.shape[0], jnp.maximum(state.current, 0)
+        if self.levels == 1:  # the children are the catalog: one shelf's bits
+            static = jnp.unpackbits(tables.shelf_bits[shelf], axis=1, count=self.num_items, bitorder="little")
+            static = static.astype(jnp.int32)
+        else:
+            leaf = jnp.clip(children - tables.num_inner, 0, self.num_items - 1)
+            static = _admits(tables.shelf_bits, shelf[:, None], leaf).astype(jnp.int32)
+            level = state.depth + 1  # the children's level
+            for number, (start, counts) in enumerate(zip(tables.level_starts, tables.level_counts), start=1):
+                index = jnp.clip(children - start, 0, counts.shape[0] - 1)
+                static = jnp.where((level == number)[:, None], counts[index, shelf[:, None]].astype(jnp.int32), static)
+        slot_used = jnp.arange(state.placed_paths.shape[1])[None] < state.placed[:, None]
+        on_shelf = lambda on: jnp.take_along_axis(on, shelf[:, None, None], axis=2)[..., 0]  # noqa: E731
+        paths = jnp.concatenate([state.placed_paths, rules.excluded_paths, rules.extra_paths], axis=1)
+        weights = jnp.concatenate([-(slot_used & on_shelf(state.placed_on)).astype(jnp.int32),
+                                   -on_shelf(rules.excluded_on).astype(jnp.int32),
+                                   (rules.extra_live & (rules.extra_shelves == state.current[:, None])).astype(jnp.int32)],
+                                  axis=1)
+        under = jnp.take_along_axis(paths, state.depth[:, None, None], axis=2)[..., 0]  # node at the children's level
+        return jnp.where(is_child, static + _scatter_add(rows, self.width, under - first[:, None], weights), 0)
 
     def allowed(self, state: PageState, rules: PageRules, tables: ItemTables) -> jax.Array:
         """(R, V) bool: the tokens each row may emit next."""
-        rows = state.shelves.shape[0]
+        rules = self.prepare(rules, tables)
+        rows, capacity = state.shelves.shape[0], state.placed_paths.shape[1]
         in_shelf = state.current >= 0
         mid_item = state.depth > 0
-        extra_here = (rules.extra_items >= 0) & (rules.extra_shelves == state.current[:, None])
-        on_current = tables.shelf_items[jnp.maximum(state.current, 0)] | _scatter(rows, self.num_items,
-                                                                                  rules.extra_items, extra_here)
-        available = on_current & ~state.used_items
-        room = (in_shelf & (state.items < rules.max_items))[:, None]
-        item_ok = room & (available if self.levels == 1 else self._code_mask(state, available, tables.codes))
-        enough = state.remaining >= rules.min_items[:, None]
+        first, children, is_child = self._children(state, tables)
+        open_child = self._child_counts(state, rules, tables, first, children, is_child) > 0
+        room = (in_shelf & (state.items < rules.max_items) & (state.placed < capacity))[:, None]
+        if self.levels == 1:
+            item_ok = room & open_child
+        else:
+            by_code = _scatter(rows, self.width, self._child_codes(children, state.depth, tables), open_child)
+            item_ok = room & jnp.concatenate([(state.depth == l)[:, None] & by_code[:, :size]
+                                              for l, size in enumerate(self.level_sizes)], axis=1)
+        enough = (state.remaining >= rules.min_items[:, None]) & (capacity - state.placed >= rules.min_items)[:, None]
         can_close = in_shelf & (state.items >= rules.min_items) & ~mid_item
         may_open = ((state.shelves == 0) & ~state.done) | can_close
         startable = rules.allowed_shelves & ~state.used_shelves & enough
@@ -201,38 +257,45 @@ class PageGrammar:
         mask = jax.lax.dynamic_update_slice(mask, item_ok, (0, self.item_offset))
         return mask.at[:, EOS].set(eos_ok)
 
+    def _shelves_of(self, item: jax.Array, rules: PageRules, tables: ItemTables) -> jax.Array:
+        """(R, S) bool: the shelves each row's `item` is eligible for (the checkpoint's and the extra pairs)."""
+        static = _admits(tables.shelf_bits, jnp.arange(self.num_shelves)[None], item[:, None])
+        extra = rules.extra_live & (rules.extra_items == item[:, None])
+        return static | _scatter(item.shape[0], self.num_shelves, rules.extra_shelves, extra)
+
     def advance(self, state: PageState, token: jax.Array, rules: PageRules, tables: ItemTables) -> PageState:
         """The state after each row emits `token` (R,); a completed item leaves every shelf it was eligible
-        for."""
-        rows, n = token.shape[0], self.num_items
+        for and joins the page's placed items with its trie path."""
+        rules = self.prepare(rules, tables)
+        rows = token.shape[0]
+        row = jnp.arange(rows)
         shelf = token - self.shelf_offset
         is_shelf = (shelf >= 0) & (shelf < self.num_shelves)
         item_token = token - self.item_offset
         is_code = (item_token >= 0) & (item_token < self.item_tokens)
-        depth, lo, hi = state.depth, state.lo, state.hi
         if self.levels == 1:
-            completes, item = is_code, item_token
+            child = tables.num_inner + item_token
         else:
-            level = jnp.minimum(depth, self.levels - 1)
-            code = item_token - jnp.asarray(self.level_offsets, jnp.int32)[level]
-            bounds = _lower_bound(tables.codes, level, lo, hi, jnp.stack([code, code + 1], axis=1))
-            completes = is_code & (depth == self.levels - 1)
-            partial = is_code & ~completes
-            item = bounds[:, 0]
-            depth = jnp.where(partial, depth + 1, jnp.where(is_code | is_shelf, 0, depth))
-            lo, hi = jnp.where(partial, bounds[:, 0], 0), jnp.where(partial, bounds[:, 1], n)
-        placed = completes[:, None] & (rules.extra_items == item[:, None])
-        leaves = (tables.shelf_items[:, jnp.where(completes, item, 0)].T & completes[:, None]).astype(jnp.int32)
-        leaves += _scatter(rows, self.num_shelves, rules.extra_shelves, placed, jnp.int32)
+            first, children, is_child = self._children(state, tables)
+            code = item_token - jnp.asarray(self.level_offsets, jnp.int32)[state.depth]
+            match = is_child & (self._child_codes(children, state.depth, tables) == code[:, None])
+            child = first + jnp.argmax(match, axis=1).astype(jnp.int32)
+        path = state.path.at[row, state.depth].set(jnp.where(is_code, child, state.path[row, state.depth]))
+        completes = is_code & (state.depth == self.levels - 1)
+        on = self._shelves_of(child - tables.num_inner, rules, tables) & completes[:, None]
+        slot = jnp.minimum(state.placed, state.placed_paths.shape[1] - 1)
+        keep = lambda new, old: jnp.where(completes.reshape((rows,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
         return PageState(
             shelves=state.shelves + is_shelf,
             items=jnp.where(is_shelf, 0, state.items + completes),
             current=jnp.where(is_shelf, shelf, state.current),
-            used_items=state.used_items | _scatter(rows, n, item[:, None], completes[:, None]),
             used_shelves=state.used_shelves | _scatter(rows, self.num_shelves, shelf[:, None], is_shelf[:, None]),
-            remaining=state.remaining - leaves,
+            remaining=state.remaining - on.astype(jnp.int32),
             done=state.done | (token == EOS),
-            depth=depth, lo=lo, hi=hi)
+            depth=jnp.where(is_code & ~completes, state.depth + 1, jnp.where(is_code | is_shelf, 0, state.depth)),
+            path=path, placed=state.placed + completes,
+            placed_paths=state.placed_paths.at[row, slot].set(keep(path, state.placed_paths[row, slot])),
+            placed_on=state.placed_on.at[row, slot].set(keep(on, state.placed_on[row, slot])))
 
     def max_length(self, max_shelves: int, max_items: int) -> int:
         """Longest page in tokens, EOS included."""

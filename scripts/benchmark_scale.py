@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from homegen.configs.demo import get_config
-from homegen.data.semantic_ids import SemanticItems, with_collision_code
+from homegen.data.vocab import EOS
 from homegen.model.decoding import beam_search
 from homegen.model.grammar import PageGrammar
 from homegen.model.loss import SampledSoftmax
@@ -51,52 +51,127 @@ def request_rules(rng: np.random.Generator, items: int) -> dict[str, np.ndarray]
             "max_items": np.int32(PAGE_ITEMS), "max_shelves": np.int32(PAGE_SHELVES)}
 
 
-def semantic_codes(rng: np.random.Generator, items: int) -> SemanticItems:
-    """Random semantic IDs of the default shape: 3 levels of 256 codes and a collision code."""
-    return SemanticItems([str(k) for k in range(items)], with_collision_code(rng.integers(0, 256, (items, 3))))
+def semantic_code_table(rng: np.random.Generator, items: int) -> np.ndarray:
+    """(items, 4) int16 random semantic IDs of the default shape, rows in code-tuple order: 3 levels of 256
+    codes and a collision code numbering the items that share the first three (streamed through one sort,
+    so that 7 x 10^7 items fit in memory)."""
+    key = np.sort(rng.integers(0, 1 << 24, items, dtype=np.int32))
+    starts = np.r_[0, np.flatnonzero(np.diff(key)) + 1]
+    rank = np.arange(items, dtype=np.int32) - np.repeat(starts, np.diff(np.r_[starts, items])).astype(np.int32)
+    return np.stack([key >> 16, (key >> 8) & 255, key & 255, rank], axis=1).astype(np.int16)
 
 
-def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: int, seed: int = 0) -> None:
+def static_eligibility(rng: np.random.Generator, items: int) -> np.ndarray:
+    """(SHELVES, items) bool: each static shelf admits a random 2-30% of the catalog; the history-dependent
+    shelves admit nothing for every request (one row at a time, to stay small at 7 x 10^7 items)."""
+    static = np.zeros((SHELVES, items), bool)
+    for shelf, density in enumerate(rng.uniform(0.02, 0.3, SHELVES)):
+        if shelf >= DYNAMIC:
+            static[shelf] = rng.random(items, dtype=np.float32) < density
+    return static
+
+
+def page_problems(tokens: np.ndarray, rules: dict[str, np.ndarray], static: np.ndarray, grammar: PageGrammar,
+                  item_keys: np.ndarray | None) -> list[str]:
+    """The rules a decoded page (tokens) breaks, judged from the dense eligibility and the code table alone
+    (not from the decoder's tables): shelf count and repeats, items per shelf, eligibility (static or the
+    request's pairs), exclusions, repeated items. `item_keys`: each item's code tuple as one sorted int64."""
+    extra = set(zip(rules["extra_shelves"].tolist(), rules["extra_items"].tolist()))
+    excluded, placed, problems = set(rules["excluded"].tolist()), [], []
+    shelves, codes = [], []
+    for token in tokens.tolist():
+        if token == EOS:
+            break
+        if grammar.shelf_offset <= token < grammar.shelf_offset + grammar.num_shelves:
+            shelves.append((token - grammar.shelf_offset, []))
+            continue
+        codes.append(token - grammar.item_offset - grammar.level_offsets[len(codes)])
+        if len(codes) < grammar.levels:
+            continue
+        if item_keys is None:
+            item = codes[0]
+        else:
+            key = _tuple_key(np.array([codes]))[0]
+            item = int(np.searchsorted(item_keys, key))
+            if item >= len(item_keys) or item_keys[item] != key:
+                problems.append(f"codes {codes} are no item")
+        shelves[-1][1].append(item)
+        codes = []
+    if len(shelves) != PAGE_SHELVES or len({s for s, _ in shelves}) != len(shelves):
+        problems.append(f"shelves {[s for s, _ in shelves]}")
+    for shelf, shelf_items in shelves:
+        if len(shelf_items) != PAGE_ITEMS:
+            problems.append(f"shelf {shelf} has {len(shelf_items)} items")
+        problems += [f"item {k} not eligible for shelf {shelf}" for k in shelf_items
+                     if not static[shelf, k] and (shelf, k) not in extra]
+        problems += [f"excluded item {k}" for k in shelf_items if k in excluded]
+        placed += shelf_items
+    if len(set(placed)) != len(placed):
+        problems.append("an item twice")
+    return problems
+
+
+def _tuple_key(codes: np.ndarray) -> np.ndarray:
+    """Code tuples (rows, 4) as one int64 each, in code-tuple order."""
+    codes = codes.astype(np.int64)
+    return ((codes[:, 0] * 256 + codes[:, 1]) * 256 + codes[:, 2]) * 65536 + codes[:, 3]
+
+
+def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: int, seed: int = 0) -> dict:
+    """Prints, and returns as {batch: p50 seconds}, the decoding latency of one catalog size."""
     rng = np.random.default_rng(seed)
     shelf_offset = NON_ITEM_TOKENS - SHELVES
-    semantic = semantic_codes(rng, items) if item_tokens == "semantic" else None
-    tokens = semantic.num_tokens if semantic else items
+    codes = semantic_code_table(rng, items) if item_tokens == "semantic" else None
+    level_sizes = tuple(int(m) + 1 for m in codes.max(axis=0)) if codes is not None else ()
+    tokens = sum(level_sizes) if codes is not None else items
     grammar = PageGrammar(vocab_size=NON_ITEM_TOKENS + tokens, shelf_offset=shelf_offset, num_shelves=SHELVES,
-                          item_offset=NON_ITEM_TOKENS, num_items=items,
-                          level_sizes=tuple(semantic.level_sizes) if semantic else ())
+                          item_offset=NON_ITEM_TOKENS, num_items=items, level_sizes=level_sizes)
     model_cfg = TransformerConfig(vocab_size=grammar.vocab_size, **{**get_config().model.to_dict(), "value_head": False})
     graphdef, state = nnx.split(Transformer(model_cfg, nnx.Rngs(seed)))
     params = nnx.to_pure_dict(state)
-    density = rng.uniform(0.02, 0.3, SHELVES)[:, None]
-    static = rng.random((SHELVES, items), dtype=np.float32) < density
-    static[:DYNAMIC] = False  # the history-dependent shelves hold only their request's pairs
-    shelf_items = grammar.tables(static, semantic.code_table() if semantic else None)
+    static = static_eligibility(rng, items)
+    start = time.perf_counter()
+    tables = grammar.tables(static, codes)
+    jax.block_until_ready(tables)
+    build_s = time.perf_counter() - start
+    item_keys = _tuple_key(codes) if codes is not None else None
+    del codes
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     one = request_rules(rng, items)
     request_bytes = sum(np.asarray(v).nbytes for v in one.values())
     print(f"\n{items:,} items, {item_tokens} ({grammar.levels} token(s) per item, {tokens:,} item tokens): "
-          f"{param_bytes / 2**20:,.1f} MiB of parameters, static mask and codes "
-          f"{(static.nbytes + shelf_items.codes.nbytes) / 2**20:,.1f} MiB on the device once; per request {request_bytes:,} bytes of index lists and flags "
-          f"(a dense mask would be {SHELVES * items:,} bytes)")
+          f"{param_bytes / 2**20:,.1f} MiB of parameters; decoding tables {tables.nbytes() / 2**20:,.1f} MiB on the "
+          f"device once ({tables.nbytes() / items:.1f} bytes per item, built in {build_s:.1f} s); per request "
+          f"{request_bytes:,} bytes of index lists and flags (a dense mask would be {SHELVES * items:,} bytes)")
     max_new = grammar.max_length(PAGE_SHELVES, PAGE_ITEMS)
+    p50 = {}
     for batch in batches:
-        latencies = []
+        latencies, checked = [], 0
         for call in range(calls + 1):  # the first call compiles and is not timed
-            rules = stack_rules([request_rules(rng, items) for _ in range(batch)], batch)
+            requests = [request_rules(rng, items) for _ in range(batch)]
+            rules = stack_rules(requests, batch)
             prompts = jnp.asarray(rng.integers(5, shelf_offset, (batch, PROMPT)), jnp.int32)
             lengths = jnp.full((batch,), PROMPT, jnp.int32)
             start = time.perf_counter()
-            out = beam_search(graphdef, params, prompts, lengths, rules, shelf_items, grammar=grammar,
+            out = beam_search(graphdef, params, prompts, lengths, rules, tables, grammar=grammar,
                               beam_size=beam, max_new=max_new)
             valid = np.asarray(out.valid[:, 0])
             if call:
                 latencies.append(time.perf_counter() - start)
             if not valid.all():
                 raise RuntimeError("a request got no valid page")
+            pages = np.asarray(out.tokens[:, 0])
+            for request, page in zip(requests, pages):
+                problems = page_problems(page, request, static, grammar, item_keys)
+                if problems:
+                    raise RuntimeError(f"an invalid page: {problems[:5]}")
+                checked += 1
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"  batch {batch:>3}, beam {beam}: p50 {np.percentile(latencies, 50) * 1e3:,.0f} ms, "
+        p50[batch] = float(np.percentile(latencies, 50))
+        print(f"  batch {batch:>3}, beam {beam}: p50 {p50[batch] * 1e3:,.0f} ms, "
               f"p99 {np.percentile(latencies, 99) * 1e3:,.0f} ms, {batch * calls / sum(latencies):,.2f} pages/s "
-              f"({calls} calls); peak RSS so far {peak:,.2f} GiB", flush=True)
+              f"({calls} calls); {checked} pages, all valid; peak RSS so far {peak:,.2f} GiB", flush=True)
+    return p50
 
 
 def measure_training(items: int, item_tokens: str, batch: int, steps: int, seed: int = 0) -> None:
@@ -147,11 +222,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"demo-shaped model, random weights; {SHELVES} shelf types; pages of exactly {PAGE_SHELVES} x "
           f"{PAGE_ITEMS} items; {jax.devices()[0].device_kind}")
+    batches = [int(b) for b in args.batches.split(",")]
+    p50: dict[tuple[str, int], dict[int, float]] = {}
     for items in (int(n) for n in args.items.split(",")):
         for item_tokens in args.item_tokens.split(","):
-            measure(items, item_tokens, [int(b) for b in args.batches.split(",")], args.beam, args.calls)
+            p50[item_tokens, items] = measure(items, item_tokens, batches, args.beam, args.calls)
             if args.train_steps:
                 measure_training(items, item_tokens, args.train_batch, args.train_steps)
+    print("\np50 latency against the smallest catalog of the same item tokens (this run):")
+    for (item_tokens, items), by_batch in p50.items():
+        smallest = p50[item_tokens, min(n for t, n in p50 if t == item_tokens)]
+        ratios = ", ".join(f"batch {b}: {by_batch[b] / smallest[b]:.2f}x" for b in batches)
+        print(f"  {item_tokens:<8} {items:>12,} items: {ratios}")
     return 0
 
 

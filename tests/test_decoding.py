@@ -68,7 +68,7 @@ def test_prefill_and_decode_match_full_forward_with_ragged_prompts():
 def enumerate_pages(min_items=1, max_items=2, max_shelves=2, excluded=()):
     """Every token sequence the grammar accepts, by walking the FSM on the host."""
     r = rules(1, min_items, max_items, max_shelves, excluded)
-    out, stack = [], [((), GRAMMAR.init(r, ALL))]
+    out, stack = [], [((), GRAMMAR.init(r, ALL, GRAMMAR.max_length(max_shelves, max_items)))]
     while stack:
         prefix, state = stack.pop()
         allowed = np.flatnonzero(np.asarray(GRAMMAR.allowed(state, r, ALL))[0])
@@ -128,7 +128,7 @@ def streams_scores(model, prompt, pages, prior_weight, candidates):
     scores = {}
     for seq in pages:
         logp, streams = map(np.asarray, heads(jnp.asarray([list(prompt) + list(seq)])))
-        state, total = GRAMMAR.init(r, ALL), 0.0
+        state, total = GRAMMAR.init(r, ALL, GRAMMAR.max_length(2, 2)), 0.0
         for t, token in enumerate(seq):
             at = len(prompt) - 1 + t
             if token >= GRAMMAR.item_offset:
@@ -274,7 +274,7 @@ def test_counted_sparse_grammar_equals_dense_rules():
                       jnp.asarray(pad(excluded)), jnp.asarray(allowed_shelves[None]), jnp.array([min_items]),
                       jnp.array([max_items]), jnp.array([max_shelves]))
         shelf_items = grammar.tables(static)
-        state, tokens = grammar.init(r, shelf_items), []
+        state, tokens = grammar.init(r, shelf_items, grammar.max_length(max_shelves, max_items)), []
         for _ in range(grammar.max_length(max_shelves, max_items)):
             mask = np.asarray(grammar.allowed(state, r, shelf_items))[0]
             reference = dense_allowed(tokens, dense, set(excluded), allowed_shelves, min_items, max_items,

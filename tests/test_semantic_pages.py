@@ -28,6 +28,7 @@ from homegen.data.vocab import EOS, PAD
 from homegen.model.decoding import beam_search, length_penalty, sample
 from homegen.model.grammar import PageGrammar, PageRules
 from homegen.model.transformer import Transformer, TransformerConfig
+from homegen.serving.app import ServerSettings
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
 from homegen.serving.validity import PageValidator
@@ -54,12 +55,13 @@ def page_rules(shelves: int, extra=(), excluded=(), allowed=None, min_items=1, m
                      jnp.full((rows,), max_shelves, jnp.int32))
 
 
-def accepted_pages(grammar: PageGrammar, rules: PageRules, tables) -> set[tuple[int, ...]]:
+def accepted_pages(grammar: PageGrammar, rules: PageRules, tables, max_new: int) -> set[tuple[int, ...]]:
     """Every token sequence the grammar's mask lets through (depth-first over the allowed tokens); asserts
     that every path ends in EOS (no dead end)."""
+    rules = grammar.prepare(rules, tables)
     allowed = jax.jit(lambda state: grammar.allowed(state, rules, tables))
     advance = jax.jit(lambda state, token: grammar.advance(state, token, rules, tables))
-    out, stack = set(), [((), grammar.init(rules, tables))]
+    out, stack = set(), [((), grammar.init(rules, tables, max_new))]
     while stack:
         prefix, state = stack.pop()
         tokens = np.flatnonzero(np.asarray(allowed(state))[0])
@@ -129,7 +131,8 @@ def test_trie_constrained_grammar_accepts_exactly_the_valid_pages():
         expected = valid_pages(grammar, items, eligible, excluded, allowed, min_items, max_items, 2)
         if not expected:
             continue
-        assert accepted_pages(grammar, rules, grammar.tables(static, items.code_table())) == expected, trial
+        tables = grammar.tables(static, items.code_table())
+        assert accepted_pages(grammar, rules, tables, grammar.max_length(2, max_items)) == expected, trial
         checked += 1
     assert checked >= 8
 
