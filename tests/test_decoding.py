@@ -259,6 +259,8 @@ def test_counted_sparse_grammar_equals_dense_rules():
     s, n = 4, 12
     grammar = PageGrammar(vocab_size=5 + s + n, shelf_offset=5, num_shelves=s, item_offset=5 + s, num_items=n)
     rng = np.random.default_rng(0)
+    allowed = jax.jit(grammar.allowed)  # one compile: every trial has the same shapes
+    advance = jax.jit(grammar.advance)
     for trial in range(40):
         static = rng.random((s, n)) < 0.4
         static[rng.integers(s)] = False  # a history-dependent shelf: only extra pairs
@@ -269,14 +271,15 @@ def test_counted_sparse_grammar_equals_dense_rules():
             dense[sh, it] = True
         allowed_shelves = rng.random(s) < 0.8
         min_items, max_items, max_shelves = int(rng.integers(1, 3)), int(rng.integers(2, 4)), int(rng.integers(1, 4))
-        pad = lambda xs: np.array(list(xs) + [-1] * (8 + 2 * len(extra) - len(xs)), np.int32)[None]  # noqa: E731
+        pad = lambda xs: np.array(list(xs) + [-1] * (8 + s * n - len(xs)), np.int32)[None]  # noqa: E731
         r = PageRules(jnp.asarray(pad([i for _, i in extra])), jnp.asarray(pad([sh for sh, _ in extra])),
                       jnp.asarray(pad(excluded)), jnp.asarray(allowed_shelves[None]), jnp.array([min_items]),
                       jnp.array([max_items]), jnp.array([max_shelves]))
         shelf_items = grammar.tables(static)
-        state, tokens = grammar.init(r, shelf_items, grammar.max_length(max_shelves, max_items)), []
+        r = grammar.prepare(r, shelf_items)
+        state, tokens = grammar.init(r, shelf_items, grammar.max_length(3, 3)), []
         for _ in range(grammar.max_length(max_shelves, max_items)):
-            mask = np.asarray(grammar.allowed(state, r, shelf_items))[0]
+            mask = np.asarray(allowed(state, r, shelf_items))[0]
             reference = dense_allowed(tokens, dense, set(excluded), allowed_shelves, min_items, max_items,
                                       max_shelves, grammar)
             np.testing.assert_array_equal(mask, reference, err_msg=f"trial {trial}, after {tokens}")
@@ -284,5 +287,5 @@ def test_counted_sparse_grammar_equals_dense_rules():
                 break
             token = int(rng.choice(np.flatnonzero(mask)))
             tokens.append(token)
-            state = grammar.advance(state, jnp.array([token]), r, shelf_items)
+            state = advance(state, jnp.array([token]), r, shelf_items)
         assert not tokens or tokens[-1] == EOS, tokens  # a started page always ends
