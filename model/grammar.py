@@ -205,21 +205,32 @@ class PageGrammar:
         inner = tables.inner_codes[jnp.clip(children, 0, tables.num_inner - 1)]
         return jnp.where((depth == self.levels - 1)[:, None], leaf, inner).astype(jnp.int32)
 
+    def _open_items(self, state: PageState, rules: PageRules, tables: ItemTables) -> jax.Array:
+        """(R, N) bool, atomic items: the current shelf's bits, plus the row's extra pairs on it, less its
+        placed and excluded items (the one O(N) pass, beside the O(N) output layer)."""
+        rows, n = state.depth.shape[0], self.num_items
+        row = jnp.arange(rows)[:, None]
+        open_items = jnp.unpackbits(tables.shelf_bits[jnp.maximum(state.current, 0)], axis=1, count=n,
+                                    bitorder="little").astype(bool)
+        extra_here = rules.extra_live & (rules.extra_shelves == state.current[:, None])
+        open_items = open_items.at[row, jnp.where(extra_here, rules.extra_items, n)].set(True, mode="drop")
+        slot_used = jnp.arange(state.placed_paths.shape[1])[None] < state.placed[:, None]
+        taken = jnp.concatenate([jnp.where(slot_used, state.placed_paths[:, :, 0] - tables.num_inner, n),
+                                 jnp.where(rules.excluded >= 0, rules.excluded, n)], axis=1)
+        return open_items.at[row, taken].set(False, mode="drop")
+
     def _child_counts(self, state: PageState, rules: PageRules, tables: ItemTables, first: jax.Array,
                       children: jax.Array, is_child: jax.Array) -> jax.Array:
-        """(R, W) int32: the items under each child that the current shelf admits, not placed, not excluded:
-        the checkpoint's count, less the row's placed and excluded items under it, plus its extra pairs."""
+        """(R, W) int32, semantic IDs: the items under each child that the current shelf admits, not placed,
+        not excluded: the checkpoint's count, less the row's placed and excluded items under it, plus its
+        extra pairs."""
         rows, shelf = state.depth.shape[0], jnp.maximum(state.current, 0)
-        if self.levels == 1:  # the children are the catalog: one shelf's bits
-            static = jnp.unpackbits(tables.shelf_bits[shelf], axis=1, count=self.num_items, bitorder="little")
-            static = static.astype(jnp.int32)
-        else:
-            leaf = jnp.clip(children - tables.num_inner, 0, self.num_items - 1)
-            static = _admits(tables.shelf_bits, shelf[:, None], leaf).astype(jnp.int32)
-            level = state.depth + 1  # the children's level
-            for number, (start, counts) in enumerate(zip(tables.level_starts, tables.level_counts), start=1):
-                index = jnp.clip(children - start, 0, counts.shape[0] - 1)
-                static = jnp.where((level == number)[:, None], counts[index, shelf[:, None]].astype(jnp.int32), static)
+        leaf = jnp.clip(children - tables.num_inner, 0, self.num_items - 1)
+        static = _admits(tables.shelf_bits, shelf[:, None], leaf).astype(jnp.int32)
+        level = state.depth + 1  # the children's level
+        for number, (start, counts) in enumerate(zip(tables.level_starts, tables.level_counts), start=1):
+            index = jnp.clip(children - start, 0, counts.shape[0] - 1)
+            static = jnp.where((level == number)[:, None], counts[index, shelf[:, None]].astype(jnp.int32), static)
         slot_used = jnp.arange(state.placed_paths.shape[1])[None] < state.placed[:, None]
         on_shelf = lambda on: jnp.take_along_axis(on, shelf[:, None, None], axis=2)[..., 0]  # noqa: E731
         paths = jnp.concatenate([state.placed_paths, rules.excluded_paths, rules.extra_paths], axis=1)
@@ -236,12 +247,12 @@ class PageGrammar:
         rows, capacity = state.shelves.shape[0], state.placed_paths.shape[1]
         in_shelf = state.current >= 0
         mid_item = state.depth > 0
-        first, children, is_child = self._children(state, tables)
-        open_child = self._child_counts(state, rules, tables, first, children, is_child) > 0
         room = (in_shelf & (state.items < rules.max_items) & (state.placed < capacity))[:, None]
         if self.levels == 1:
-            item_ok = room & open_child
+            item_ok = room & self._open_items(state, rules, tables)
         else:
+            first, children, is_child = self._children(state, tables)
+            open_child = self._child_counts(state, rules, tables, first, children, is_child) > 0
             by_code = _scatter(rows, self.width, self._child_codes(children, state.depth, tables), open_child)
             item_ok = room & jnp.concatenate([(state.depth == l)[:, None] & by_code[:, :size]
                                               for l, size in enumerate(self.level_sizes)], axis=1)
