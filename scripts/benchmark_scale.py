@@ -1,17 +1,19 @@
-"""How serving cost grows with the catalog: constrained beam search over 10^4 to 10^6 (or 10^7) items, with
+"""How serving cost grows with the catalog: constrained beam search over 10^4 to 7 x 10^7 items, with
 atomic item tokens (one per item) or semantic IDs (3 levels of 256 codes and a collision code per item).
 
-    python scripts/benchmark_scale.py [--items 10000,100000,1000000] [--item_tokens atomic,semantic]
+    python scripts/benchmark_scale.py [--items 10000,100000,1000000,70000000] [--item_tokens atomic,semantic]
         [--batches 1,16] [--beam 4] [--calls 20] [--train_steps 5] [--train_batch 8]
 
 For each catalog size: a model of the demo's shapes with random weights (the shapes, not the weights, set
 the cost), 30 shelf types whose static eligibility is a random 2-30% of the catalog each, two
 history-dependent shelves (the request's 50 history items; a pool of 200 items), 10 exclusions per request,
-and pages of exactly 6 shelves x 10 items, decoded as serving decodes them (`beam_search` with the static
-mask on the device and each request's index lists). Prints per catalog: parameter and static-mask bytes,
-the host bytes a request sends (its index lists) beside the dense (shelves x items) mask it would
-otherwise need, p50/p99 latency and pages/s at each batch size, and the peak RSS so far; then the train
-step's tokens/s and pages/s and the checkpoint size (`measure_training`).
+and pages of exactly 6 shelves x 10 items, decoded as serving decodes them (`beam_search` with the
+decoding tables on the device and each request's index lists). Every decoded page is checked against the
+dense eligibility, the request's lists and the code table. Prints per catalog: parameter and table bytes
+(and bytes per item), the host bytes a request sends (its index lists) beside the dense (shelves x items)
+mask it would otherwise need, p50/p99 latency and pages/s at each batch size, and the peak RSS so far;
+then the train step's tokens/s and pages/s and the checkpoint size (`measure_training`); at the end each
+size's p50 against the smallest catalog's in the same run.
 """
 
 from __future__ import annotations

@@ -340,8 +340,8 @@ def test_html_view_renders_in_headless_chromium(server, tmp_path):
 
 def test_scale_benchmark_decodes_every_request(tmp_path):
     """scripts/benchmark_scale.py on a small catalog, atomic and semantic: every request (random index-list
-    rules) gets a page, the per-request bytes depend neither on the catalog nor on the item tokens, and a
-    training figure is printed for each."""
+    rules) gets a page that the script's independent check finds valid, the per-request bytes depend
+    neither on the catalog nor on the item tokens, and a training figure is printed for each."""
     result = subprocess.run([sys.executable, "scripts/benchmark_scale.py", "--items", "2000,8000", "--batches", "2",
                              "--calls", "1", "--train_steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -349,6 +349,7 @@ def test_scale_benchmark_decodes_every_request(tmp_path):
              if "per request" in line]
     assert len(sizes) == 4 and len(set(sizes)) == 1, result.stdout
     assert result.stdout.count("batch   2, beam 4: p50") == 4 and result.stdout.count("tokens/s") == 4
+    assert result.stdout.count("4 pages, all valid") == 4, result.stdout
 
 
 # --- hostile input (issue 12's defects, each reproduced before its fix) -----------------------------------
