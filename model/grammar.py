@@ -39,7 +39,8 @@ __all__ = ["ItemTables", "PageGrammar", "PageRules", "PageState"]
 class PageRules:
     """Per-request constraints (one row per request, or per beam once gathered). Index lists are padded
     with -1. Extra pairs are distinct and never repeat a pair the checkpoint's eligibility already admits;
-    exclusions are distinct. The last four fields locate the listed items in the trie; `PageGrammar.prepare`
+    exclusions are distinct. The last four fields are derived from the others (the listed items' trie paths,
+    which pairs survive the exclusions, which shelves admitted each excluded item); `PageGrammar.prepare`
     fills them once per batch (decoding does it before its loop)."""
 
     extra_items: jax.Array  # (R, E) int32: items eligible for this request beyond the checkpoint's ...
@@ -78,14 +79,15 @@ class PageState:
     def take(self, rows: jax.Array) -> PageState:
         return jax.tree.map(lambda x: x[rows], self)
 
+    def filled_slots(self) -> jax.Array:
+        """(R, T) bool: which slots of `placed_paths` / `placed_on` hold a placed item."""
+        return jnp.arange(self.placed_paths.shape[1])[None] < self.placed[:, None]
 
-def _scatter(rows: int, width: int, index: jax.Array, where: jax.Array, dtype=bool) -> jax.Array:
-    """(rows, width): per row, 1 (True) at index[row, j] wherever where[row, j]; counts add up for ints."""
+
+def _scatter(rows: int, width: int, index: jax.Array, where: jax.Array) -> jax.Array:
+    """(rows, width) bool: per row, True at index[row, j] wherever where[row, j]."""
     target = jnp.where(where, index, width)
-    out = jnp.zeros((rows, width + 1), dtype)
-    row = jnp.arange(rows)[:, None]
-    out = out.at[row, target].set(True) if dtype == bool else out.at[row, target].add(1)
-    return out[:, :width]
+    return jnp.zeros((rows, width + 1), bool).at[jnp.arange(rows)[:, None], target].set(True)[:, :width]
 
 
 def _scatter_add(rows: int, width: int, index: jax.Array, values: jax.Array) -> jax.Array:
@@ -136,8 +138,8 @@ class PageGrammar:
 
     @property
     def width(self) -> int:
-        """Children a trie node can have: the largest codebook (atomic: the catalog, the root's children)."""
-        return max(self.level_sizes) if self.levels > 1 else self.num_items
+        """Semantic IDs: the most children a trie node can have, the largest codebook."""
+        return max(self.level_sizes)
 
     def tables(self, shelf_items, codes=None) -> ItemTables:
         """The device tables of a catalog (`model/item_trie.py`): `shelf_items` (S, N) bool and, for semantic
@@ -181,7 +183,7 @@ class PageGrammar:
         rows, s = rules.min_items.shape[0], self.num_shelves
         capacity = max(1, max_new // self.levels)
         remaining = (tables.shelf_counts[None] - jnp.sum(rules.excluded_on, axis=1, dtype=jnp.int32)
-                     + _scatter(rows, s, rules.extra_shelves, rules.extra_live, jnp.int32))
+                     + _scatter_add(rows, s, rules.extra_shelves, rules.extra_live.astype(jnp.int32)))
         zeros = jnp.zeros((rows,), jnp.int32)
         return PageState(
             shelves=zeros, items=zeros, current=zeros - 1, used_shelves=jnp.zeros((rows, s), bool),
@@ -214,8 +216,7 @@ class PageGrammar:
                                     bitorder="little").astype(bool)
         extra_here = rules.extra_live & (rules.extra_shelves == state.current[:, None])
         open_items = open_items.at[row, jnp.where(extra_here, rules.extra_items, n)].set(True, mode="drop")
-        slot_used = jnp.arange(state.placed_paths.shape[1])[None] < state.placed[:, None]
-        taken = jnp.concatenate([jnp.where(slot_used, state.placed_paths[:, :, 0] - tables.num_inner, n),
+        taken = jnp.concatenate([jnp.where(state.filled_slots(), state.placed_paths[:, :, 0] - tables.num_inner, n),
                                  jnp.where(rules.excluded >= 0, rules.excluded, n)], axis=1)
         return open_items.at[row, taken].set(False, mode="drop")
 
@@ -231,10 +232,9 @@ class PageGrammar:
         for number, (start, counts) in enumerate(zip(tables.level_starts, tables.level_counts), start=1):
             index = jnp.clip(children - start, 0, counts.shape[0] - 1)
             static = jnp.where((level == number)[:, None], counts[index, shelf[:, None]].astype(jnp.int32), static)
-        slot_used = jnp.arange(state.placed_paths.shape[1])[None] < state.placed[:, None]
         on_shelf = lambda on: jnp.take_along_axis(on, shelf[:, None, None], axis=2)[..., 0]  # noqa: E731
         paths = jnp.concatenate([state.placed_paths, rules.excluded_paths, rules.extra_paths], axis=1)
-        weights = jnp.concatenate([-(slot_used & on_shelf(state.placed_on)).astype(jnp.int32),
+        weights = jnp.concatenate([-(state.filled_slots() & on_shelf(state.placed_on)).astype(jnp.int32),
                                    -on_shelf(rules.excluded_on).astype(jnp.int32),
                                    (rules.extra_live & (rules.extra_shelves == state.current[:, None])).astype(jnp.int32)],
                                   axis=1)

@@ -110,6 +110,8 @@ def build_item_tables(shelf_items: np.ndarray, codes: np.ndarray | None = None) 
         starts.append(np.flatnonzero(new_node))
     level_first = np.cumsum([1] + [len(x) for x in starts])  # node id of each level's first node; last: I
     inner = int(level_first[-1])
+    if inner + n > np.iinfo(np.int32).max:
+        raise ValueError(f"{inner + n:,} trie nodes: more than int32 node ids hold ({np.iinfo(np.int32).max:,})")
     # A node's count is at most the items under it: the smallest type that holds a level's largest node.
     count_types = [np.dtype(_smallest_dtype(int(np.diff(np.append(x, n)).max()))) for x in starts]
     count_bytes = sum(len(x) * s * t.itemsize for x, t in zip(starts, count_types))
@@ -128,7 +130,5 @@ def build_item_tables(shelf_items: np.ndarray, codes: np.ndarray | None = None) 
         for shelf, row in enumerate(static):
             per_shelf[:, shelf] = np.add.reduceat(row, rows, dtype=np.int64)
         level_counts.append(jnp.asarray(per_shelf))
-    if inner + n > np.iinfo(np.int32).max:
-        raise ValueError(f"{inner + n:,} trie nodes: more than int32 node ids hold ({np.iinfo(np.int32).max:,})")
     return ItemTables(jnp.asarray(bits), jnp.asarray(counts), jnp.asarray(first_child.astype(np.int32)),
                       jnp.asarray(inner_codes), jnp.asarray(codes[:, -1].astype(code_dtype)), tuple(level_counts))
