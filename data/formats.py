@@ -227,12 +227,21 @@ def _read_movielens(path: str) -> list[UserSequence]:
 def read_catalog(path: str) -> dict[str, CatalogItem]:
     """Catalog JSON Lines (FORMATS.md §2) keyed by item id."""
     catalog: dict[str, CatalogItem] = {}
+    for number, item in iter_catalog(path):
+        if item.item_id in catalog:
+            raise DataFormatError(path, number, f"duplicate item_id {item.item_id!r}")
+        catalog[item.item_id] = item
+    return catalog
+
+
+def iter_catalog(path: str) -> Iterator[tuple[int, CatalogItem]]:
+    """(line number, item) of each line of a catalog, checked field by field, without holding the catalog:
+    for catalogs too large to keep as objects. Duplicate item ids are the caller's to find."""
+    known = {"item_id", "title", "artist", "genres", "release_date", "popularity"}
     for number, record in json_lines(path):
         if "item_id" not in record:
             raise DataFormatError(path, number, "missing required field 'item_id'")
         item_id = _id(record["item_id"], path, number, "item_id")
-        if item_id in catalog:
-            raise DataFormatError(path, number, f"duplicate item_id {item_id!r}")
         genres = record.get("genres", [])
         if not isinstance(genres, list) or not all(isinstance(g, str) for g in genres):
             raise DataFormatError(path, number, "'genres' must be a list of strings")
@@ -248,10 +257,8 @@ def read_catalog(path: str) -> dict[str, CatalogItem]:
         for field in ("title", "artist"):
             if record.get(field) is not None and not isinstance(record[field], str):
                 raise DataFormatError(path, number, f"'{field}' must be a string")
-        known = {"item_id", "title", "artist", "genres", "release_date", "popularity"}
-        catalog[item_id] = CatalogItem(item_id, record.get("title"), record.get("artist"), genres, date,
-                                       popularity, {k: v for k, v in record.items() if k not in known})
-    return catalog
+        yield number, CatalogItem(item_id, record.get("title"), record.get("artist"), genres, date, popularity,
+                                  {k: v for k, v in record.items() if k not in known})
 
 
 def read_item_attributes(path: str) -> dict[str, list[int]]:

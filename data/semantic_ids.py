@@ -32,26 +32,39 @@ class SemanticItems:
             raise ValueError(f"codes must be (items, levels), got {codes.shape} for {len(item_ids)} items")
         # Rows in code-tuple order: every node of the trie of tuples is then a contiguous range of rows,
         # which is how constrained page decoding walks it (model/grammar.py).
-        order = np.lexsort(codes.T[::-1]) if len(codes) else np.zeros(0, np.int64)
+        keys = packed_keys(codes)
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        if (np.diff(self._keys) == 0).any():
+            raise ValueError("two items share a code tuple")
         self.item_ids = [item_ids[k] for k in order]
         self.codes = codes[order]
         self.num_items = len(self.item_ids)
         self.index = {item: k for k, item in enumerate(self.item_ids)}
+        if len(self.index) != self.num_items:
+            raise ValueError("an item id appears twice")
         self.tokens_per_item = self.codes.shape[1]
         self.level_sizes = [int(s) for s in self.codes.max(axis=0) + 1] if len(self.codes) else [1] * self.tokens_per_item
         self.level_offsets = [int(o) for o in np.cumsum([0] + self.level_sizes[:-1])]
         self.num_tokens = int(sum(self.level_sizes))
-        local = self.codes + np.asarray(self.level_offsets, np.int32)
-        self._by_item = {item: tuple(int(c) for c in row) for item, row in zip(self.item_ids, local)}
-        self._by_tokens = {t: item for item, t in self._by_item.items()}
-        if len(self._by_tokens) != len(self.item_ids):
-            raise ValueError("two items share a code tuple")
 
     def encode(self, item_id: str) -> tuple[int, ...] | None:
-        return self._by_item.get(item_id)
+        row = self.index.get(item_id)
+        if row is None:
+            return None
+        return tuple(int(c) + o for c, o in zip(self.codes[row], self.level_offsets))
 
     def decode(self, codes: Sequence[int]) -> str | None:
-        return self._by_tokens.get(tuple(int(c) for c in codes))
+        # The rows are in code-tuple order, so their packed keys (`_keys`) are sorted: a bisection finds one.
+        if len(codes) != self.tokens_per_item:
+            return None
+        key = 0
+        for c, offset, size in zip(codes, self.level_offsets, self.level_sizes):
+            if not offset <= int(c) < offset + size:
+                return None
+            key = key * size + int(c) - offset
+        row = int(np.searchsorted(self._keys, key))
+        return self.item_ids[row] if row < self.num_items and self._keys[row] == key else None
 
     def code_table(self) -> np.ndarray:
         return self.codes
@@ -110,8 +123,11 @@ class NewItemEncoder:
                 if a in column:
                     rows.append(row)
                     cols.append(column[a])
-        features = _binary_rows(rows, cols, (len(attributes), len(self.attributes))) @ sp.diags(self.idf)
-        emb = np.asarray(features @ self.projection, np.float32)
+        return self.embed_columns(binary_rows(rows, cols, (len(attributes), len(self.attributes))))
+
+    def embed_columns(self, features: sp.csr_matrix) -> np.ndarray:
+        """`embed` of items given as a binary (items, attribute columns) matrix."""
+        emb = np.asarray(features @ sp.diags(self.idf) @ self.projection, np.float32)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return emb / np.maximum(norms, 1e-12)
 
@@ -119,12 +135,8 @@ class NewItemEncoder:
         """(items, levels + 1) codes of new items, distinct from the `existing` code tuples and from each
         other, every code within `level_sizes`."""
         levels = self.centroids.shape[0]
-        residual = self.embed(attributes)
-        prefixes = np.zeros((len(residual), levels), np.int32)
-        for level in range(levels):
-            centroids = self.centroids[level, :level_sizes[level]]
-            prefixes[:, level] = (-2 * residual @ centroids.T + (centroids ** 2).sum(1)).argmin(1)
-            residual -= centroids[prefixes[:, level]]
+        centroids = [self.centroids[level, :level_sizes[level]] for level in range(levels)]
+        prefixes = nearest_codes(self.embed(attributes), centroids)
         taken: dict[tuple, set] = {}
         for row in existing:
             taken.setdefault(tuple(row[:-1].tolist()), set()).add(int(row[-1]))
@@ -204,12 +216,19 @@ def attribute_features(attributes: Mapping[int, Sequence[Hashable]], num_items: 
         for a in attrs:
             rows.append(item)
             cols.append(names.setdefault(a, len(names)))
-    matrix = _binary_rows(rows, cols, (num_items, len(names)))
-    idf = np.maximum(np.log(num_items / (1.0 + np.asarray(matrix.sum(axis=0)).ravel())), 0.0).astype(np.float32)
+    matrix = binary_rows(rows, cols, (num_items, len(names)))
+    idf = idf_weights(matrix)
     return matrix @ sp.diags(idf), list(names), idf
 
 
-def _binary_rows(rows: list[int], cols: list[int], shape: tuple[int, int]) -> sp.csr_matrix:
+def idf_weights(matrix: sp.csr_matrix) -> np.ndarray:
+    """Inverse document frequency of each column of a binary (items, values) matrix, floored at 0."""
+    return np.maximum(np.log(matrix.shape[0] / (1.0 + np.asarray(matrix.sum(axis=0)).ravel())), 0.0
+                      ).astype(np.float32)
+
+
+def binary_rows(rows: Sequence[int], cols: Sequence[int], shape: tuple[int, int]) -> sp.csr_matrix:
+    """A CSR matrix with 1 at each (row, col) given, however often it is given."""
     matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
@@ -218,19 +237,21 @@ def _binary_rows(rows: list[int], cols: list[int], shape: tuple[int, int]) -> sp
 
 def catalog_attributes(catalog: Mapping[str, CatalogItem], pieces: Callable[[str], list[str]] | None = None
                        ) -> dict[str, list[str]]:
-    """Each catalog item's metadata as attribute values for `attribute_features`: artist, genres, release
-    month and, with `pieces` (e.g. a sentencepiece model's `encode_as_pieces`), the pieces of its title."""
-    out = {}
-    for item_id, item in catalog.items():
-        attrs = [f"genre={g}" for g in item.genres]
-        if item.artist:
-            attrs.append(f"artist={item.artist}")
-        if item.release_date:
-            attrs.append(f"released={item.release_date[:7]}")
-        if pieces and item.title:
-            attrs += [f"piece={p}" for p in pieces(item.title.lower())]
-        out[item_id] = attrs
-    return out
+    """Each catalog item's metadata as attribute values for `attribute_features` (`item_attributes`)."""
+    return {item_id: item_attributes(item, pieces) for item_id, item in catalog.items()}
+
+
+def item_attributes(item: CatalogItem, pieces: Callable[[str], list[str]] | None = None) -> list[str]:
+    """One item's artist, genres, release month and, with `pieces` (e.g. a sentencepiece model's
+    `encode_as_pieces`), the pieces of its title, as attribute values."""
+    attrs = [f"genre={g}" for g in item.genres]
+    if item.artist:
+        attrs.append(f"artist={item.artist}")
+    if item.release_date:
+        attrs.append(f"released={item.release_date[:7]}")
+    if pieces and item.title:
+        attrs += [f"piece={p}" for p in pieces(item.title.lower())]
+    return attrs
 
 
 def truncated_svd_embeddings(features: sp.csr_matrix, dim: int, seed: int = 0, power_iterations: int = 4
@@ -253,12 +274,23 @@ def truncated_svd_embeddings(features: sp.csr_matrix, dim: int, seed: int = 0, p
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), projection
 
 
-def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0, points_per_centroid: int = 256
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means with k-means++ seeding; empty clusters are re-seeded from the worst-fit points.
+    Centroids are fitted on at most `points_per_centroid * k` points drawn at random (FAISS's rule: more
+    points move them little and cost in proportion), then every point is assigned.
     Returns (centroids (k, d), assignment (n,))."""
     rng = np.random.default_rng(seed)
+    k = min(k, len(x))
+    sample = x
+    if len(x) > points_per_centroid * k:
+        sample = x[np.sort(rng.choice(len(x), points_per_centroid * k, replace=False))]
+    centroids = _lloyd(sample, k, iterations, rng)
+    return centroids, nearest_codes(x, [centroids])[:, 0]
+
+
+def _lloyd(x: np.ndarray, k: int, iterations: int, rng: np.random.Generator) -> np.ndarray:
     n = len(x)
-    k = min(k, n)
     centroids = np.empty((k, x.shape[1]), x.dtype)
     centroids[0] = x[rng.integers(n)]
     closest = ((x - centroids[0]) ** 2).sum(1)
@@ -277,8 +309,22 @@ def kmeans(x: np.ndarray, k: int, iterations: int = 25, seed: int = 0) -> tuple[
         if (~filled).any():
             worst = np.argsort(-dist[np.arange(n), assign])[:int((~filled).sum())]
             centroids[~filled] = x[worst]
-    dist = sq[:, None] - 2 * x @ centroids.T + (centroids ** 2).sum(1)[None]
-    return centroids, dist.argmin(1)
+    return centroids
+
+
+def nearest_codes(x: np.ndarray, centroids: Sequence[np.ndarray], chunk: int = 1 << 16) -> np.ndarray:
+    """(n, levels) residual codes of the rows of `x`: at each level the nearest of that level's (codes, d)
+    centroids, whose vector is then subtracted. Computed `chunk` rows at a time, so the distance matrix
+    stays small for any n."""
+    out = np.zeros((len(x), len(centroids)), np.int32)
+    norms = [(c ** 2).sum(1) for c in centroids]
+    for start in range(0, len(x), chunk):
+        residual = np.array(x[start:start + chunk], np.float32)
+        for level, (c, c_sq) in enumerate(zip(centroids, norms)):
+            code = (c_sq[None] - 2 * residual @ c.T).argmin(1)
+            out[start:start + chunk, level] = code
+            residual -= c[code]
+    return out
 
 
 def residual_quantize(embeddings: np.ndarray, levels: int, codes: int, seed: int = 0
@@ -304,14 +350,30 @@ def residual_codes(embeddings: np.ndarray, levels: int, codes: int, seed: int = 
 
 def with_collision_code(codes: np.ndarray) -> np.ndarray:
     """(items, levels + 1): `codes` plus a last code that numbers the items sharing the same tuple."""
-    _, group = np.unique(codes, axis=0, return_inverse=True)
-    group = group.ravel()
-    order = np.argsort(group, kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
+    codes = np.asarray(codes)
+    key = packed_keys(codes)
+    order = np.argsort(key, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(key[order])) + 1]
     rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    out = np.concatenate([codes, np.zeros((len(codes), 1), np.int32)], axis=1).astype(np.int32)
+    out = np.zeros((len(codes), codes.shape[1] + 1), np.int32)
+    out[:, :-1] = codes
     out[order, -1] = rank
     return out
+
+
+def packed_keys(codes: np.ndarray) -> np.ndarray:
+    """One int64 per row of a (rows, levels) code table that orders as the rows do lexicographically
+    (mixed radix by each level's largest code)."""
+    codes = np.asarray(codes, np.int64)
+    if not codes.size:
+        return np.zeros(len(codes), np.int64)
+    radix = codes.max(axis=0) + 1
+    if float(np.prod(radix.astype(np.float64))) >= 2.0 ** 63:
+        raise ValueError(f"code tuples with level sizes {radix.tolist()} do not fit in one int64 key")
+    key = np.zeros(len(codes), np.int64)
+    for level in range(codes.shape[1]):
+        key = key * radix[level] + codes[:, level]
+    return key
 
 
 def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequence[str]],

@@ -3,6 +3,11 @@ and prints the expected engagement of the logging policy, a popularity page, ran
 oracle on held-out requests.
 
     python scripts/simulate.py --out DIR [--items N] [--users U] [--pages P] [--seed S] [--propensities]
+    python scripts/simulate.py --out DIR --items 70000000 --catalog_only
+
+With --catalog_only only catalog.jsonl is written (the same catalog as the world of that seed and size):
+for catalogs too large to simulate users over, such as the 7 x 10^7 tracks of a streaming service
+(about 12 GB; `scripts/benchmark_semantic_ids.py` codes it).
 
 With --propensities the logging policy is the Plackett-Luce one (full shelves) and every page log carries
 its propensities (FORMATS.md §3), for off-policy evaluation (scripts/ope.py).
@@ -11,6 +16,7 @@ its propensities (FORMATS.md §3), for off-policy evaluation (scripts/ope.py).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -18,8 +24,8 @@ import time
 import numpy as np
 
 from homegen.data.simulator.policies import policy_engagement
-from homegen.data.simulator.simulate import write_world
-from homegen.data.simulator.world import WorldConfig
+from homegen.data.simulator.simulate import write_catalog, write_world
+from homegen.data.simulator.world import Catalog, WorldConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--propensities", action="store_true",
                         help="log with the Plackett-Luce policy and write its propensities")
+    parser.add_argument("--catalog_only", action="store_true", help="write catalog.jsonl only")
     args = parser.parse_args(argv)
     users = args.users if args.users is not None else max(100, args.pages // 20)
     try:
@@ -44,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulate.py: {e}", file=sys.stderr)
         return 2
     start = time.time()
+    if args.catalog_only:
+        os.makedirs(args.out, exist_ok=True)
+        path = write_catalog(Catalog(config, np.random.default_rng(config.seed)), args.out)
+        print(f"wrote {args.items:,} items to {path} in {time.time() - start:.1f}s, peak memory "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+        return 0
     result = write_world(config, args.out, args.pages, args.requests,
                          progress=lambda n: print(f"  {n:,} pages ({time.time() - start:.0f}s)", flush=True),
                          propensities=args.propensities)

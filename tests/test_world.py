@@ -142,3 +142,11 @@ def test_simulate_cli_prints_table(tmp_path):
         assert fraction == pytest.approx(streams / oracle, abs=1e-3)
     for name in ("catalog.jsonl", "pages.jsonl", "requests.jsonl"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_catalog_only_writes_the_same_catalog_as_the_world(tiny_world_dir, tmp_path):
+    result = subprocess.run([sys.executable, "scripts/simulate.py", "--out", str(tmp_path), "--items", "600",
+                             "--seed", "3", "--catalog_only"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["catalog.jsonl"]
+    assert filecmp.cmp(tmp_path / "catalog.jsonl", os.path.join(tiny_world_dir, "catalog.jsonl"), shallow=False)

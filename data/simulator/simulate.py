@@ -17,7 +17,7 @@ import numpy as np
 from homegen.data.simulator.policies import PlackettLucePolicy, SamplingPolicy
 from homegen.data.simulator.response import PageBatch, ResponseModel
 from homegen.data.simulator.shelves import SHELF_NAMES, ShelfRules
-from homegen.data.simulator.world import EPOCH, Contexts, World, WorldConfig, sample_contexts
+from homegen.data.simulator.world import EPOCH, Catalog, Contexts, World, WorldConfig, sample_contexts
 
 LOG_DAYS = 90
 SECONDS_PER_DAY = 86_400
@@ -140,6 +140,16 @@ def page_record(world: World, batch: PageBatch, row: int, streams: np.ndarray | 
     return record
 
 
+def write_catalog(catalog: Catalog, out_dir: str, chunk: int = 100_000) -> str:
+    """Writes the catalog's catalog.jsonl to out_dir, `chunk` lines per write; returns its path."""
+    path = os.path.join(out_dir, "catalog.jsonl")
+    with open(path, "w") as f:
+        for start in range(0, catalog.num_items, chunk):
+            stop = min(start + chunk, catalog.num_items)
+            f.write("".join(json.dumps(r) + "\n" for r in catalog.records(start, stop)))
+    return path
+
+
 def write_world(config: WorldConfig, out_dir: str, num_pages: int, num_requests: int,
                 progress=None, propensities: bool = False) -> dict:
     """Writes catalog.jsonl, pages.jsonl, requests.jsonl (+ heldout_pages.jsonl, world.json) to out_dir; with
@@ -148,9 +158,7 @@ def write_world(config: WorldConfig, out_dir: str, num_pages: int, num_requests:
     world = World(config)
     with open(os.path.join(out_dir, "world.json"), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=1)
-    with open(os.path.join(out_dir, "catalog.jsonl"), "w") as f:
-        for i in range(world.catalog.num_items):
-            f.write(json.dumps(world.catalog.record(i)) + "\n")
+    write_catalog(world.catalog, out_dir)
     sim = Simulator(world, propensities=propensities)
     with open(os.path.join(out_dir, "pages.jsonl"), "w") as f:
         for k, record in enumerate(sim.run(num_pages)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -119,11 +120,27 @@ class Catalog:
 
     def record(self, index: int) -> dict:
         """The catalog line of FORMATS.md §2 for one item."""
-        date = EPOCH + datetime.timedelta(days=int(self.release_day[index]))
-        return {"item_id": self.item_id(index), "title": self.title(index),
-                "artist": self.artist_name(int(self.artist[index])), "genres": self.genres_of(index),
-                "mood": MOODS[self.mood[index]], "energy": round(float(self.energy[index]), 3),
-                "release_date": date.isoformat(), "popularity": round(float(self.popularity[index]), 4)}
+        return next(self.records(index, index + 1))
+
+    def records(self, start: int, stop: int) -> Iterator[dict]:
+        """The catalog lines of items start..stop-1, with names, titles and dates computed once per distinct
+        value (what makes writing a 7 x 10^7-item catalog take minutes, not hours)."""
+        artist_names: dict[int, str] = {}
+        titles: dict[tuple, str] = {}
+        dates: dict[int, str] = {}
+        for i in range(start, stop):
+            artist, day = int(self.artist[i]), int(self.release_day[i])
+            words = tuple(self._title_words[i, : self._title_len[i]].tolist())
+            if artist not in artist_names:
+                artist_names[artist] = self.artist_name(artist)
+            if words not in titles:
+                titles[words] = " ".join(_TITLE_WORDS[w] for w in words).title()
+            if day not in dates:
+                dates[day] = (EPOCH + datetime.timedelta(days=day)).isoformat()
+            yield {"item_id": self.item_id(i), "title": titles[words], "artist": artist_names[artist],
+                   "genres": self.genres_of(i), "mood": MOODS[self.mood[i]],
+                   "energy": round(float(self.energy[i]), 3), "release_date": dates[day],
+                   "popularity": round(float(self.popularity[i]), 4)}
 
 
 class Users:

@@ -1,0 +1,173 @@
+"""Semantic IDs for a catalog of any size, in memory that follows the catalog's arrays, not its objects
+(measured to 7 x 10^7 items on a 24 GiB machine: docs/BENCHMARKS.md, "Semantic IDs for 7 x 10^7 items").
+
+The catalog is read once, streaming, into arrays: item ids as fixed-width bytes and each item's metadata
+(`item_attributes`) as ids of distinct values. Codes are learned on a bounded fit set: the items of a
+bounded sample of the logs, most frequent first, topped up at random from the rest of the catalog, up to
+`fit_items`. The fit set is embedded from co-occurrence and metadata as `build_semantic_items` embeds a
+whole small catalog, and its residual k-means is fitted on a sample of those embeddings. Every other item
+is embedded from its metadata alone by the fit's attribute projection (as a release after training is,
+`NewItemEncoder`) and quantised a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from homegen.data.formats import DataFormatError, iter_catalog
+from homegen.data.semantic_ids import (NewItemEncoder, binary_rows, cooccurrence_features, idf_weights,
+                                       item_attributes, nearest_codes, residual_quantize,
+                                       truncated_svd_embeddings, with_collision_code)
+
+
+@dataclasses.dataclass
+class CatalogColumns:
+    """A catalog as arrays, in file order."""
+
+    path: str
+    item_ids: np.ndarray  # (N,) UTF-8 bytes
+    lines: np.ndarray  # (N,) each item's line in the file
+    offsets: np.ndarray  # (N + 1,) item k's attribute value ids are attribute_ids[offsets[k]:offsets[k + 1]]
+    attribute_ids: np.ndarray  # int32 ids into `values`
+    values: list[str]
+    sorted_rows: np.ndarray  # (N,) rows in item-id order, for lookups
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """The row of each item id, -1 for ids the catalog does not hold."""
+        if not len(item_ids) or not self.num_items:
+            return np.full(len(item_ids), -1, np.int64)
+        wanted = np.array([i.encode() for i in item_ids])
+        ordered = self.item_ids[self.sorted_rows]
+        at = np.minimum(np.searchsorted(ordered, wanted), self.num_items - 1)
+        return np.where(ordered[at] == wanted, self.sorted_rows[at], -1)
+
+    def attribute_matrix(self, rows: np.ndarray, columns: np.ndarray) -> sp.csr_matrix:
+        """Binary (len(rows), columns.max() + 1) matrix of these rows' attribute values, each value id v
+        mapped to column `columns[v]` (values mapped to -1 left out)."""
+        counts = self.offsets[rows + 1] - self.offsets[rows]
+        starts = np.repeat(self.offsets[rows] - np.r_[0, np.cumsum(counts)[:-1]], counts)
+        values = self.attribute_ids[starts + np.arange(counts.sum())]
+        cols = columns[values]
+        keep = cols >= 0
+        return binary_rows(np.repeat(np.arange(len(rows)), counts)[keep], cols[keep],
+                           (len(rows), int(columns.max()) + 1 if len(columns) else 0))
+
+
+@dataclasses.dataclass
+class CatalogCodes:
+    """What `build_catalog_codes` learned."""
+
+    codes: np.ndarray  # (N, levels + 1) int32, row k for item_ids[k]; no two rows alike
+    encoder: NewItemEncoder  # codes items added later from their metadata
+    fit_rows: np.ndarray  # the rows the codes were fitted on; the others were coded from metadata
+
+
+def read_catalog_columns(path: str, pieces: Callable[[str], list[str]] | None = None,
+                         chunk: int = 1 << 20) -> CatalogColumns:
+    """Reads a catalog (FORMATS.md §2) streaming, `chunk` lines at a time, into `CatalogColumns`; a bad line
+    or a duplicate item id is a DataFormatError naming the line."""
+    value_ids: dict[str, int] = {}
+    ids, lines, counts, attrs = [], [], [], []
+    chunk_ids, chunk_lines, chunk_counts, chunk_attrs = [], [], [], []
+
+    def flush() -> None:
+        if chunk_ids:
+            ids.append(np.array(chunk_ids))
+            lines.append(np.array(chunk_lines, np.int64))
+            counts.append(np.array(chunk_counts, np.int64))
+            attrs.append(np.array(chunk_attrs, np.int32))
+        for part in (chunk_ids, chunk_lines, chunk_counts, chunk_attrs):
+            part.clear()
+
+    for number, item in iter_catalog(path):
+        values = item_attributes(item, pieces)
+        chunk_ids.append(item.item_id.encode())
+        chunk_lines.append(number)
+        chunk_counts.append(len(values))
+        chunk_attrs.extend(value_ids.setdefault(v, len(value_ids)) for v in values)
+        if len(chunk_ids) == chunk:
+            flush()
+    flush()
+    item_ids = np.concatenate(ids) if ids else np.zeros(0, "S1")
+    line_numbers = np.concatenate(lines) if lines else np.zeros(0, np.int64)
+    del ids
+    sorted_rows = np.argsort(item_ids, kind="stable")
+    same = np.flatnonzero(item_ids[sorted_rows[1:]] == item_ids[sorted_rows[:-1]])
+    if len(same):
+        first, second = sorted(sorted_rows[same[0]:same[0] + 2])
+        raise DataFormatError(path, int(line_numbers[second]), f"duplicate item_id {item_ids[second].decode()!r} "
+                              f"(first on line {int(line_numbers[first])})")
+    offsets = np.r_[0, np.cumsum(np.concatenate(counts))] if counts else np.zeros(1, np.int64)
+    return CatalogColumns(path, item_ids, line_numbers, offsets,
+                          np.concatenate(attrs) if attrs else np.zeros(0, np.int32), list(value_ids), sorted_rows)
+
+
+def build_catalog_codes(columns: CatalogColumns, sequences: Iterable[Sequence[str]], *, fit_items: int = 1_000_000,
+                        levels: int = 3, codes: int = 256, dim: int = 64, seed: int = 0, chunk: int = 1 << 20,
+                        progress: Callable[[str], None] = lambda phase: None) -> CatalogCodes:
+    """Codes for every catalog item and the encoder that codes later items from their metadata.
+    `sequences` (item ids) are the bounded log sample co-occurrence is learned from; it must not hold
+    validation or test targets."""
+    rng = np.random.default_rng(seed)
+    fit_rows, local_sequences = _fit_set(columns, sequences, fit_items, rng)
+    progress(f"fit set: {len(fit_rows):,} items, {len(local_sequences):,} sequences")
+    cooccurrence = cooccurrence_features(local_sequences, len(fit_rows))
+    progress(f"co-occurrence PMI ({cooccurrence.nnz:,} pairs)")
+    used_values = np.unique(columns.attribute_matrix(fit_rows, np.arange(len(columns.values))).indices)
+    value_column = np.full(len(columns.values), -1, np.int64)
+    value_column[used_values] = np.arange(len(used_values))
+    attributes = columns.attribute_matrix(fit_rows, value_column)
+    idf = idf_weights(attributes)
+    features = sp.hstack([cooccurrence, attributes @ sp.diags(idf)]).tocsr()
+    progress(f"attribute features ({len(used_values):,} values)")
+    embeddings, projection = truncated_svd_embeddings(features, dim, seed)
+    progress(f"randomised SVD to {dim} dimensions")
+    fit_codes, centroids = residual_quantize(embeddings, levels, codes, seed)
+    encoder = NewItemEncoder([columns.values[v] for v in used_values], idf, projection[len(fit_rows):], centroids)
+    progress(f"residual k-means, {levels} levels x {codes} codes, on the fit set")
+    prefixes = np.zeros((columns.num_items, levels), np.int32)
+    prefixes[fit_rows] = fit_codes
+    in_fit = np.zeros(columns.num_items, bool)
+    in_fit[fit_rows] = True
+    rest = np.flatnonzero(~in_fit)
+    del in_fit
+    for start in range(0, len(rest), chunk):
+        rows = rest[start:start + chunk]
+        embedded = encoder.embed_columns(columns.attribute_matrix(rows, value_column))
+        prefixes[rows] = nearest_codes(embedded, list(centroids))
+    progress(f"{len(rest):,} more items coded from their metadata")
+    out = with_collision_code(prefixes)
+    progress(f"collision codes (level sizes {(out.max(axis=0) + 1).tolist()})")
+    return CatalogCodes(out, encoder, fit_rows)
+
+
+def _fit_set(columns: CatalogColumns, sequences: Iterable[Sequence[str]], fit_items: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The fit set's rows (the logged items, most frequent first, topped up at random, at most `fit_items`)
+    and the sequences as positions in it (items outside it dropped)."""
+    sequences = [list(s) for s in sequences]
+    frequency = Counter(i for s in sequences for i in s)
+    logged = sorted(frequency, key=frequency.__getitem__, reverse=True)
+    logged_rows = columns.rows_of(logged)
+    logged_rows = logged_rows[logged_rows >= 0][:fit_items]
+    fit_rows = logged_rows
+    room = min(fit_items, columns.num_items) - len(logged_rows)
+    if room > 0:
+        is_logged = np.zeros(columns.num_items, bool)
+        is_logged[logged_rows] = True
+        others = np.flatnonzero(~is_logged)
+        fit_rows = np.concatenate([logged_rows, rng.choice(others, room, replace=False)])
+    fit_rows = np.sort(fit_rows)
+    position = {item: k for k, item in enumerate(columns.item_ids[fit_rows].tolist())}
+    local = [np.array([position[i] for i in (x.encode() for x in s) if i in position], np.int64)
+             for s in sequences]
+    return fit_rows, local

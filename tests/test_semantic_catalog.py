@@ -1,0 +1,102 @@
+"""Semantic IDs for catalogs of any size: the streaming catalog reader, the bounded fit set, and codes equal
+to the in-memory builder's where the fit set is the whole catalog."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from homegen.data.formats import DataFormatError, iter_page_logs, read_catalog
+from homegen.data.semantic_catalog import build_catalog_codes, read_catalog_columns
+from homegen.data.semantic_ids import (SemanticItems, build_semantic_items, catalog_attributes, item_attributes,
+                                       nearest_codes)
+
+
+def _sequences(world_dir: str) -> list[list[str]]:
+    return [log.history + [i for s in log.page for i in s.items]
+            for log in iter_page_logs(os.path.join(world_dir, "pages.jsonl"))]
+
+
+def _pieces(title: str) -> list[str]:
+    return title.split()
+
+
+def test_columns_hold_every_item_and_its_attributes_in_file_order(tiny_world_dir):
+    path = os.path.join(tiny_world_dir, "catalog.jsonl")
+    catalog = read_catalog(path)
+    columns = read_catalog_columns(path, _pieces, chunk=128)  # several chunks
+    assert [i.decode() for i in columns.item_ids.tolist()] == list(catalog)
+    assert columns.lines.tolist() == list(range(1, len(catalog) + 1))
+    for row in (0, 127, 128, 599):
+        values = columns.attribute_ids[columns.offsets[row]:columns.offsets[row + 1]]
+        assert [columns.values[v] for v in values] == item_attributes(catalog[f"t{row}"], _pieces)
+    rows = columns.rows_of(["t5", "nope", "t599", "t0"])
+    assert rows.tolist() == [5, -1, 599, 0]
+
+
+def test_bad_catalogs_name_the_line(tmp_path):
+    path = tmp_path / "catalog.jsonl"
+    path.write_text('{"item_id": "a"}\n\n{"item_id": "b"}\n{"item_id": "a", "genres": ["x"]}\n')
+    with pytest.raises(DataFormatError, match=r"catalog.jsonl:4: duplicate item_id 'a' \(first on line 1\)"):
+        read_catalog_columns(str(path))
+    path.write_text('{"item_id": "a"}\n{"item_id": "b", "genres": "rock"}\n')
+    with pytest.raises(DataFormatError, match=r"catalog.jsonl:2: 'genres' must be a list of strings"):
+        read_catalog_columns(str(path))
+
+
+def test_codes_fitted_on_the_whole_catalog_equal_the_in_memory_builders(tiny_world_dir):
+    path = os.path.join(tiny_world_dir, "catalog.jsonl")
+    catalog = read_catalog(path)
+    sequences = _sequences(tiny_world_dir)
+    built = build_catalog_codes(read_catalog_columns(path, _pieces), sequences, fit_items=10**6, levels=2,
+                                codes=16, dim=16)
+    reference = build_semantic_items(list(catalog), sequences, catalog_attributes(catalog, _pieces), levels=2,
+                                     codes=16, dim=16)
+    streamed = SemanticItems(list(catalog), built.codes)
+    assert streamed.item_ids == reference.item_ids
+    np.testing.assert_array_equal(streamed.codes, reference.codes)
+    assert len(built.fit_rows) == len(catalog)
+
+
+def test_a_bounded_fit_set_takes_the_most_logged_items_and_codes_the_rest_from_metadata(tiny_world_dir):
+    path = os.path.join(tiny_world_dir, "catalog.jsonl")
+    catalog = read_catalog(path)
+    columns = read_catalog_columns(path, _pieces)
+    sequences = _sequences(tiny_world_dir)[:40]
+    counts = {}
+    for s in sequences:
+        for i in s:
+            counts[i] = counts.get(i, 0) + 1
+    built = build_catalog_codes(columns, sequences, fit_items=100, levels=2, codes=8, dim=8, chunk=64)
+    assert len(built.fit_rows) == 100 and len(np.unique(built.fit_rows)) == 100
+    fitted = {f"t{r}" for r in built.fit_rows}
+    least_fitted = min(counts[i] for i in fitted)
+    assert all(count <= least_fitted for item, count in counts.items() if item not in fitted)
+    # No two items share a tuple, and the rest's prefixes are what the encoder gives from metadata.
+    assert len({tuple(r) for r in built.codes.tolist()}) == len(catalog)
+    rest = np.setdiff1d(np.arange(len(catalog)), built.fit_rows)
+    expected = nearest_codes(built.encoder.embed([item_attributes(catalog[f"t{r}"], _pieces) for r in rest]),
+                             list(built.encoder.centroids))
+    np.testing.assert_array_equal(built.codes[rest, :2], expected)
+    # Every item's tuple decodes back to it through the tokenizer.
+    items = SemanticItems(list(catalog), built.codes, built.encoder)
+    assert all(items.decode(items.encode(i)) == i for i in list(catalog)[::37])
+
+
+def test_the_benchmark_prints_phases_and_checks_the_codes(tiny_world_dir):
+    result = subprocess.run([sys.executable, "scripts/benchmark_semantic_ids.py",
+                             "--catalog", os.path.join(tiny_world_dir, "catalog.jsonl"),
+                             "--pages", os.path.join(tiny_world_dir, "pages.jsonl"), "--max_pages", "500",
+                             "--fit_items", "300", "--codes", "16", "--dim", "16", "--sentencepiece_items", "600"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "300 more items coded from their metadata" in result.stdout
+    assert "600 items, 600 distinct code tuples" in result.stdout
+    table = {line[:28].strip(): line[28:].split() for line in result.stdout.splitlines()
+             if line.startswith(("fit set ", "coded from metadata", "most common genre alone"))}
+    assert table["fit set"][1:] == ["(300", "items)"] and table["coded from metadata"][1:] == ["(300", "items)"]
+    # Codes learned from co-occurrence and metadata group items by genre better than one genre for all.
+    assert float(table["fit set"][0]) > float(table["most common genre alone"][0])
