@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.hold_out_shelves = ""  # comma-separated shelf types the vocabulary leaves out (introduced later)
     c.data.hold_out_release_days = 0  # synthetic world: leave out the items of the last N days (released after training)
     c.data.semantic_max_sequences = 200_000  # pages whose items semantic IDs learn co-occurrence from
+    c.data.semantic_fit_items = 1_000_000  # items the codes are fitted on; the rest are coded from metadata
     c.data.item_attributes = False  # atomic items: embed each item's attributes beside its token (data/attributes.py)
     c.data.max_item_attributes = 8  # attributes embedded per item (its first ones)
     c.data.item_features = ""  # {item_id: [attribute ids]} JSON (S3-Rec); default: NAME_item2attributes.json by NAME.txt

@@ -1,27 +1,28 @@
 """Semantic IDs for a catalog of any size, in memory that follows the catalog's arrays, not its objects
-(measured to 7 x 10^7 items on a 24 GiB machine: docs/BENCHMARKS.md, "Semantic IDs for 7 x 10^7 items").
+(measured to 7 x 10^7 items on a 24 GiB machine: docs/BENCHMARKS.md, "Semantic IDs at catalog scale").
 
-The catalog is read once, streaming, into arrays: item ids as fixed-width bytes and each item's metadata
-(`item_attributes`) as ids of distinct values. Codes are learned on a bounded fit set: the items of a
-bounded sample of the logs, most frequent first, topped up at random from the rest of the catalog, up to
-`fit_items`. The fit set is embedded from co-occurrence and metadata as `build_semantic_items` embeds a
-whole small catalog, and its residual k-means is fitted on a sample of those embeddings. Every other item
-is embedded from its metadata alone by the fit's attribute projection (as a release after training is,
-`NewItemEncoder`) and quantised a chunk at a time.
+The catalog's metadata (`item_attributes`, or given attribute values) is held as arrays: item ids as
+fixed-width bytes, attribute values as ids; a catalog file is read once, streaming. Codes are learned on a
+bounded fit set: the items of the log sample, most frequent first, topped up at random from the rest of
+the catalog, up to `fit_items`. The fit set is embedded from co-occurrence PMI joined with IDF-weighted
+attributes by a randomised SVD, and its residual k-means is fitted on a sample of those embeddings. Every
+other item is embedded from its attributes alone by the SVD's attribute projection (as a release after
+training is, `NewItemEncoder`) and quantised a chunk at a time. A catalog no larger than `fit_items` is
+fitted whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
 from homegen.data.formats import DataFormatError, iter_catalog
-from homegen.data.semantic_ids import (NewItemEncoder, binary_rows, cooccurrence_features, idf_weights,
-                                       item_attributes, nearest_codes, residual_quantize,
+from homegen.data.semantic_ids import (NewItemEncoder, SemanticItems, binary_rows, cooccurrence_features,
+                                       idf_weights, item_attributes, nearest_codes, residual_quantize,
                                        truncated_svd_embeddings, with_collision_code)
 
 
@@ -34,7 +35,7 @@ class CatalogColumns:
     lines: np.ndarray  # (N,) each item's line in the file
     offsets: np.ndarray  # (N + 1,) item k's attribute value ids are attribute_ids[offsets[k]:offsets[k + 1]]
     attribute_ids: np.ndarray  # int32 ids into `values`
-    values: list[str]
+    values: list[Hashable]  # attribute values: strings such as "artist=..." (or ids given by the caller)
     sorted_rows: np.ndarray  # (N,) rows in item-id order, for lookups
 
     @property
@@ -67,15 +68,29 @@ class CatalogCodes:
     """What `build_catalog_codes` learned."""
 
     codes: np.ndarray  # (N, levels + 1) int32, row k for item_ids[k]; no two rows alike
-    encoder: NewItemEncoder  # codes items added later from their metadata
+    encoder: NewItemEncoder | None  # codes items added later from their attributes (None: not strings)
     fit_rows: np.ndarray  # the rows the codes were fitted on; the others were coded from metadata
 
 
 def read_catalog_columns(path: str, pieces: Callable[[str], list[str]] | None = None,
                          chunk: int = 1 << 20) -> CatalogColumns:
-    """Reads a catalog (FORMATS.md §2) streaming, `chunk` lines at a time, into `CatalogColumns`; a bad line
-    or a duplicate item id is a DataFormatError naming the line."""
-    value_ids: dict[str, int] = {}
+    """Reads a catalog (FORMATS.md §2) streaming, `chunk` lines at a time, into `CatalogColumns` with each
+    item's `item_attributes`; a bad line or a duplicate item id is a DataFormatError naming the line."""
+    rows = ((number, item.item_id, item_attributes(item, pieces)) for number, item in iter_catalog(path))
+    return _columns(path, rows, chunk)
+
+
+def columns_from_attributes(item_ids: Sequence[str], attributes: Mapping[str, Sequence[Hashable]]
+                            ) -> CatalogColumns:
+    """`CatalogColumns` of items held in memory: `attributes` maps some of them to attribute values
+    (ids, or strings as `item_attributes` gives them); row k is `item_ids[k]`, its "line" k + 1."""
+    empty: list = []
+    return _columns("", ((k + 1, i, attributes.get(i, empty)) for k, i in enumerate(item_ids)), 1 << 20)
+
+
+def _columns(path: str, rows: Iterator[tuple[int, str, Sequence[Hashable]]], chunk: int) -> CatalogColumns:
+    """Columns of (line, item id, attribute values) rows, gathered `chunk` rows at a time."""
+    value_ids: dict[Hashable, int] = {}
     ids, lines, counts, attrs = [], [], [], []
     chunk_ids, chunk_lines, chunk_counts, chunk_attrs = [], [], [], []
 
@@ -88,9 +103,8 @@ def read_catalog_columns(path: str, pieces: Callable[[str], list[str]] | None = 
         for part in (chunk_ids, chunk_lines, chunk_counts, chunk_attrs):
             part.clear()
 
-    for number, item in iter_catalog(path):
-        values = item_attributes(item, pieces)
-        chunk_ids.append(item.item_id.encode())
+    for number, item_id, values in rows:
+        chunk_ids.append(item_id.encode())
         chunk_lines.append(number)
         chunk_counts.append(len(values))
         chunk_attrs.extend(value_ids.setdefault(v, len(value_ids)) for v in values)
@@ -132,7 +146,8 @@ def build_catalog_codes(columns: CatalogColumns, sequences: Iterable[Sequence[st
     embeddings, projection = truncated_svd_embeddings(features, dim, seed)
     progress(f"randomised SVD to {dim} dimensions")
     fit_codes, centroids = residual_quantize(embeddings, levels, codes, seed)
-    encoder = NewItemEncoder([columns.values[v] for v in used_values], idf, projection[len(fit_rows):], centroids)
+    names = [columns.values[v] for v in used_values]
+    coder = NewItemEncoder(names, idf, projection[len(fit_rows):], centroids)
     progress(f"residual k-means, {levels} levels x {codes} codes, on the fit set")
     prefixes = np.zeros((columns.num_items, levels), np.int32)
     prefixes[fit_rows] = fit_codes
@@ -142,11 +157,13 @@ def build_catalog_codes(columns: CatalogColumns, sequences: Iterable[Sequence[st
     del in_fit
     for start in range(0, len(rest), chunk):
         rows = rest[start:start + chunk]
-        embedded = encoder.embed_columns(columns.attribute_matrix(rows, value_column))
+        embedded = coder.embed_columns(columns.attribute_matrix(rows, value_column))
         prefixes[rows] = nearest_codes(embedded, list(centroids))
     progress(f"{len(rest):,} more items coded from their metadata")
     out = with_collision_code(prefixes)
     progress(f"collision codes (level sizes {(out.max(axis=0) + 1).tolist()})")
+    # Later items are coded from attribute strings, as catalogs give them; ids given by a caller cannot be.
+    encoder = coder if names and all(isinstance(n, str) for n in names) else None
     return CatalogCodes(out, encoder, fit_rows)
 
 
@@ -171,3 +188,38 @@ def _fit_set(columns: CatalogColumns, sequences: Iterable[Sequence[str]], fit_it
     local = [np.array([position[i] for i in (x.encode() for x in s) if i in position], np.int64)
              for s in sequences]
     return fit_rows, local
+
+
+def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequence[str]],
+                         attributes: Mapping[str, Sequence[Hashable]] | None = None, *, levels: int = 3,
+                         codes: int = 256, dim: int = 64, seed: int = 0, fit_items: int = 1_000_000,
+                         embeddings: np.ndarray | None = None,
+                         progress: Callable[[str], None] = lambda phase: None) -> SemanticItems:
+    """The tokenizer of `build_catalog_codes` for items held in memory: co-occurrence in `train_sequences`
+    (which must not contain validation or test targets) and optional attribute values per item (ids, or
+    strings as `catalog_attributes` gives them). With string attributes the result can also code items
+    first seen later, from their attributes alone (`SemanticItems.add`). `progress` is told each phase.
+
+    `embeddings` (items, d), row k for `item_ids[k]` (e.g. a trained atomic model's item embeddings), are
+    quantised instead, each scaled to unit length; sequences and attributes are then unused and the result
+    cannot code new items."""
+    if embeddings is not None:
+        prefixes, _ = residual_quantize(_unit_rows(embeddings, len(item_ids)), levels, codes, seed)
+        progress(f"residual k-means, {levels} levels x {codes} codes")
+        return SemanticItems(item_ids, with_collision_code(prefixes))
+    built = build_catalog_codes(columns_from_attributes(item_ids, attributes or {}), train_sequences,
+                                fit_items=fit_items, levels=levels, codes=codes, dim=dim, seed=seed,
+                                progress=progress)
+    items = SemanticItems(item_ids, built.codes, built.encoder)
+    progress(f"tokenizer (level sizes {items.level_sizes})")
+    return items
+
+
+def _unit_rows(embeddings: np.ndarray, num_items: int) -> np.ndarray:
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.ndim != 2 or len(embeddings) != num_items:
+        raise ValueError(f"item embeddings must be (items, dim) for {num_items} items, got {embeddings.shape}")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    if not np.isfinite(embeddings).all() or (norms == 0).any():
+        raise ValueError("item embeddings hold a zero or non-finite row")
+    return embeddings / norms

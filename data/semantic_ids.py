@@ -3,18 +3,16 @@ embeddings (the RQ-KMeans variant of TIGER's RQ-VAE), plus a last code that tell
 tuples collide. Similar items share code prefixes, so a model can generalise across them and a catalog
 costs `levels x codes` tokens instead of one per item.
 
-The item embeddings come from the data itself: positive PMI of items co-occurring within a window of the
-training part of the users' sequences, joined with the items' attribute ids (e.g. the category and brand
-ids of S3-Rec's `*_item2attributes.json`), reduced by a randomised truncated SVD; or they are given, e.g.
-the item embeddings of a trained atomic model (`data.semantic_from`).
+This module holds the tokenizer (`SemanticItems`), the encoder of items added later, and the building
+blocks: co-occurrence PMI, IDF-weighted attributes, randomised SVD, k-means, residual codes. How they are
+put together for a catalog of any size is `data/semantic_catalog.py`.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -206,21 +204,6 @@ def cooccurrence_features(sequences: Iterable[Sequence[int]], num_items: int, wi
     return sp.csr_matrix((pmi[keep].astype(np.float32), (coo.row[keep], coo.col[keep])), shape=counts.shape)
 
 
-def attribute_features(attributes: Mapping[int, Sequence[Hashable]], num_items: int
-                       ) -> tuple[sp.csr_matrix, list[Hashable], np.ndarray]:
-    """One column per distinct attribute value (ids, or strings such as "artist=a12"), weighted by its
-    inverse document frequency. Returns the matrix, the column names and their weights."""
-    names: dict[Hashable, int] = {}
-    rows, cols = [], []
-    for item, attrs in attributes.items():
-        for a in attrs:
-            rows.append(item)
-            cols.append(names.setdefault(a, len(names)))
-    matrix = binary_rows(rows, cols, (num_items, len(names)))
-    idf = idf_weights(matrix)
-    return matrix @ sp.diags(idf), list(names), idf
-
-
 def idf_weights(matrix: sp.csr_matrix) -> np.ndarray:
     """Inverse document frequency of each column of a binary (items, values) matrix, floored at 0."""
     return np.maximum(np.log(matrix.shape[0] / (1.0 + np.asarray(matrix.sum(axis=0)).ravel())), 0.0
@@ -374,61 +357,6 @@ def packed_keys(codes: np.ndarray) -> np.ndarray:
     for level in range(codes.shape[1]):
         key = key * radix[level] + codes[:, level]
     return key
-
-
-def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequence[str]],
-                         attributes: Mapping[str, Sequence[Hashable]] | None = None, *, levels: int = 3,
-                         codes: int = 256, dim: int = 64, seed: int = 0, embeddings: np.ndarray | None = None,
-                         progress: Callable[[str], None] = lambda phase: None) -> SemanticItems:
-    """Semantic IDs for `item_ids` from co-occurrence in `train_sequences` (which must not contain
-    validation or test targets) and optional attribute values per item (ids, or strings as
-    `catalog_attributes` gives them). With string attributes the result can also code items first seen
-    later, from their attributes alone (`SemanticItems.add`). `progress` is told each phase as it ends.
-
-    `embeddings` (items, d), row k for `item_ids[k]` (e.g. a trained atomic model's item embeddings), are
-    quantised instead, each scaled to unit length; sequences and attributes are then unused and the result
-    cannot code new items."""
-    if embeddings is not None:
-        return _quantised(item_ids, _unit_rows(embeddings, len(item_ids)), None, levels, codes, seed, progress)
-    index = {item: k for k, item in enumerate(item_ids)}
-    sequences = ([index[i] for i in seq if i in index] for seq in train_sequences)
-    cooccurrence = cooccurrence_features(sequences, len(item_ids))
-    progress(f"co-occurrence PMI ({cooccurrence.nnz:,} pairs)")
-    names, idf = [], np.zeros(0, np.float32)
-    features = cooccurrence
-    if attributes:
-        matrix, names, idf = attribute_features({index[i]: a for i, a in attributes.items() if i in index},
-                                                len(item_ids))
-        features = sp.hstack([cooccurrence, matrix]).tocsr()
-        progress(f"attribute features ({len(names):,} values)")
-    embeddings, projection = truncated_svd_embeddings(features, dim, seed)
-    progress(f"randomised SVD to {dim} dimensions")
-    encoder = None
-    if names and all(isinstance(n, str) for n in names):
-        encoder = functools.partial(NewItemEncoder, names, idf, projection[cooccurrence.shape[1]:])
-    return _quantised(item_ids, embeddings, encoder, levels, codes, seed, progress)
-
-
-def _unit_rows(embeddings: np.ndarray, num_items: int) -> np.ndarray:
-    embeddings = np.asarray(embeddings, np.float32)
-    if embeddings.ndim != 2 or len(embeddings) != num_items:
-        raise ValueError(f"item embeddings must be (items, dim) for {num_items} items, got {embeddings.shape}")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    if not np.isfinite(embeddings).all() or (norms == 0).any():
-        raise ValueError("item embeddings hold a zero or non-finite row")
-    return embeddings / norms
-
-
-def _quantised(item_ids: Sequence[str], embeddings: np.ndarray,
-               encoder: Callable[[np.ndarray], NewItemEncoder] | None, levels: int, codes: int, seed: int,
-               progress: Callable[[str], None]) -> SemanticItems:
-    """The tokenizer of residual k-means codes of `embeddings`, with the new-item encoder `encoder` builds
-    from the centroids (None: none)."""
-    prefixes, centroids = residual_quantize(embeddings, levels, codes, seed)
-    progress(f"residual k-means, {levels} levels x {codes} codes")
-    items = SemanticItems(item_ids, with_collision_code(prefixes), encoder(centroids) if encoder else None)
-    progress(f"tokenizer (level sizes {items.level_sizes})")
-    return items
 
 
 def item_trie(code_table: np.ndarray) -> np.ndarray:

@@ -7,12 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from conftest import ROOT
 
 from homegen.data.formats import DataFormatError, iter_page_logs, read_catalog
-from homegen.data.semantic_catalog import build_catalog_codes, read_catalog_columns
-from homegen.data.semantic_ids import (SemanticItems, build_semantic_items, catalog_attributes, item_attributes,
-                                       nearest_codes)
+from homegen.data.semantic_catalog import build_catalog_codes, build_semantic_items, read_catalog_columns
+from homegen.data.semantic_ids import (SemanticItems, binary_rows, catalog_attributes, cooccurrence_features,
+                                       idf_weights, item_attributes, nearest_codes, residual_quantize,
+                                       truncated_svd_embeddings, with_collision_code)
 
 
 def _sequences(world_dir: str) -> list[list[str]]:
@@ -47,18 +49,36 @@ def test_bad_catalogs_name_the_line(tmp_path):
         read_catalog_columns(str(path))
 
 
-def test_codes_fitted_on_the_whole_catalog_equal_the_in_memory_builders(tiny_world_dir):
+def _whole_catalog_reference(item_ids, sequences, attributes, levels, codes, dim):
+    """The algorithm on the whole catalog, written out: SVD of [co-occurrence PMI | IDF-weighted attributes],
+    residual k-means, collision codes."""
+    index = {item: k for k, item in enumerate(item_ids)}
+    cooccurrence = cooccurrence_features([[index[i] for i in s] for s in sequences], len(item_ids))
+    names = {}
+    rows, cols = [], []
+    for item in item_ids:
+        for value in attributes[item]:
+            rows.append(index[item])
+            cols.append(names.setdefault(value, len(names)))
+    matrix = binary_rows(rows, cols, (len(item_ids), len(names)))
+    features = sp.hstack([cooccurrence, matrix @ sp.diags(idf_weights(matrix))]).tocsr()
+    embeddings, _ = truncated_svd_embeddings(features, dim)
+    return with_collision_code(residual_quantize(embeddings, levels, codes)[0])
+
+
+def test_codes_fitted_on_the_whole_catalog_are_the_whole_catalog_algorithms(tiny_world_dir):
     path = os.path.join(tiny_world_dir, "catalog.jsonl")
     catalog = read_catalog(path)
     sequences = _sequences(tiny_world_dir)
     built = build_catalog_codes(read_catalog_columns(path, _pieces), sequences, fit_items=10**6, levels=2,
                                 codes=16, dim=16)
-    reference = build_semantic_items(list(catalog), sequences, catalog_attributes(catalog, _pieces), levels=2,
-                                     codes=16, dim=16)
-    streamed = SemanticItems(list(catalog), built.codes)
-    assert streamed.item_ids == reference.item_ids
-    np.testing.assert_array_equal(streamed.codes, reference.codes)
+    attributes = catalog_attributes(catalog, _pieces)
+    np.testing.assert_array_equal(built.codes, _whole_catalog_reference(list(catalog), sequences, attributes, 2, 16, 16))
     assert len(built.fit_rows) == len(catalog)
+    # Items held in memory give the same tokenizer as the file read streaming.
+    in_memory = build_semantic_items(list(catalog), sequences, attributes, levels=2, codes=16, dim=16)
+    np.testing.assert_array_equal(in_memory.codes, SemanticItems(list(catalog), built.codes).codes)
+    assert in_memory.encoder.attributes == built.encoder.attributes
 
 
 def test_a_bounded_fit_set_takes_the_most_logged_items_and_codes_the_rest_from_metadata(tiny_world_dir):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from homegen.data.semantic_catalog import build_semantic_items
 from homegen.data.semantic_ids import (
     SemanticItems,
-    build_semantic_items,
     cooccurrence_features,
     item_trie,
     kmeans,

@@ -16,7 +16,8 @@ from homegen.data.attributes import catalog_item_attributes
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
 from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
 from homegen.data.relabel import relabeler
-from homegen.data.semantic_ids import SemanticItems, build_semantic_items, catalog_attributes
+from homegen.data.semantic_catalog import build_semantic_items
+from homegen.data.semantic_ids import SemanticItems, catalog_attributes
 from homegen.data.simulator.world import EPOCH
 from homegen.data.text import load_sentencepiece
 from homegen.data.vocab import Vocabulary, VocabularyBuilder
@@ -196,5 +197,6 @@ def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str
     elif catalog:
         attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces)
     return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
-                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim, embeddings=embeddings,
+                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim,
+                                fit_items=data_cfg.semantic_fit_items, embeddings=embeddings,
                                 progress=progress)
