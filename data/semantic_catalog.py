@@ -14,6 +14,7 @@ fitted whole.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
@@ -172,8 +173,7 @@ def _fit_set(columns: CatalogColumns, sequences: Iterable[Sequence[str]], fit_it
     """The fit set's rows (the logged items, most frequent first, topped up at random, at most `fit_items`)
     and the sequences as positions in it (items outside it dropped)."""
     sequences = [list(s) for s in sequences]
-    frequency = Counter(i for s in sequences for i in s)
-    logged = sorted(frequency, key=frequency.__getitem__, reverse=True)
+    logged = [item for item, _ in Counter(itertools.chain.from_iterable(sequences)).most_common()]
     logged_rows = columns.rows_of(logged)
     logged_rows = logged_rows[logged_rows >= 0][:fit_items]
     fit_rows = logged_rows
@@ -184,9 +184,8 @@ def _fit_set(columns: CatalogColumns, sequences: Iterable[Sequence[str]], fit_it
         others = np.flatnonzero(~is_logged)
         fit_rows = np.concatenate([logged_rows, rng.choice(others, room, replace=False)])
     fit_rows = np.sort(fit_rows)
-    position = {item: k for k, item in enumerate(columns.item_ids[fit_rows].tolist())}
-    local = [np.array([position[i] for i in (x.encode() for x in s) if i in position], np.int64)
-             for s in sequences]
+    position = {item.decode(): k for k, item in enumerate(columns.item_ids[fit_rows].tolist())}
+    local = [np.array([position[i] for i in s if i in position], np.int64) for s in sequences]
     return fit_rows, local
 
 

@@ -1,5 +1,6 @@
 """PNG plots for evaluate.py: metric bars against reference numbers, and training curves read back from
-the run's TensorBoard event files (read directly: TFRecord framing + the Event protocol buffer)."""
+the run's TensorBoard event files (read directly: TFRecord framing + the Event protocol buffer). Plotting
+needs matplotlib, the `plots` extra; reading the event files does not."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ import glob
 import os
 import struct
 
-import matplotlib
+from tensorboardX.proto import event_pb2
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboardX.proto import event_pb2  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or ImportError saying which extra installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'homegen[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -39,6 +48,7 @@ def plot_training_curves(logdir: str, path: str, tags: tuple[str, ...]) -> bool:
     found = [t for t in tags if t in scalars]
     if not found:
         return False
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(found), figsize=(4.5 * len(found), 3.5), squeeze=False)
     for ax, tag in zip(axes[0], found):
         steps, values = zip(*scalars[tag])
@@ -54,6 +64,7 @@ def plot_training_curves(logdir: str, path: str, tags: tuple[str, ...]) -> bool:
 
 def plot_bars(groups: dict[str, dict[str, float]], metrics: list[str], title: str, path: str) -> None:
     """Grouped bars: one group per metric, one bar per system (e.g. homegen vs TIGER)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 3, 3.8))
     width = 0.8 / max(len(groups), 1)
     for k, (name, values) in enumerate(groups.items()):

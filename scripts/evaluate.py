@@ -10,7 +10,7 @@ coverage and offline log metrics for homegen beam search and sampling, a pointwi
 policy and a popularity page; with a value head, also likelihood beam search, the value head's pointwise
 pages, every page's predicted streams, and beam search's paired gain over pointwise. Tables print;
 results.json, metrics.png (bars against the anchors) and training.png (curves from the run's TensorBoard
-files) go to --out.
+files) go to --out; the plots need the `plots` extra (matplotlib), without which only results.json is written.
 """
 
 from __future__ import annotations
@@ -92,8 +92,11 @@ def main(argv=None) -> int:
         return 2
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    write_plots(summary, meta, workdir, out_dir)
-    print(f"wrote results.json, metrics.png and training.png to {out_dir}")
+    try:
+        write_plots(summary, meta, workdir, out_dir)
+        print(f"wrote results.json, metrics.png and training.png to {out_dir}")
+    except ImportError as e:
+        print(f"wrote results.json to {out_dir}; no plots ({e})")
     return 0
 
 

@@ -36,11 +36,16 @@ def installed(tmp_path_factory) -> str:
     return target
 
 
-def test_only_homegen_is_installed(installed):
+def test_only_homegen_is_installed_and_every_subpackage_with_it(installed):
     top = sorted(name for name in os.listdir(installed) if not name.endswith((".dist-info", "__pycache__")))
     assert top == ["homegen"]
-    packages = sorted(os.listdir(os.path.join(installed, "homegen")))
-    assert set(GENERIC) <= set(packages) and "simulator" in os.listdir(os.path.join(installed, "homegen", "data"))
+    # pyproject.toml lists the packages by hand (the folders map onto homegen.*): every source folder with
+    # an __init__.py must be in the installed copy, or it would import in a checkout and not once installed.
+    for package in GENERIC:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            if "__init__.py" in files:
+                inside = os.path.relpath(folder, ROOT).replace(package, f"homegen/{package}", 1)
+                assert os.path.exists(os.path.join(installed, inside, "__init__.py")), f"{inside} is not installed"
 
 
 def test_readme_example_runs_from_another_directory(installed, tiny_checkpoint, tmp_path):
@@ -57,3 +62,107 @@ def test_readme_example_runs_from_another_directory(installed, tiny_checkpoint, 
         probe = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=str(tmp_path), env=env,
                                capture_output=True, text=True)
         assert probe.returncode == 1 and f"No module named '{name}'" in probe.stderr
+
+
+# Declared but never imported by homegen's code, with the reason each is needed.
+RUNTIME_ONLY = {
+    "array-record": "TFDS writes and grain reads the array_record files through it (TFDS declares it for Linux only)",
+    "importlib-resources": "TFDS's dataset builder imports it lazily, but declares it only for Python < 3.9",
+}
+CORE = ("homegen", "configs", "data", "model", "training", "serving", "evaluation", "train.py", "serve.py")
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement(spec: str) -> str:
+    return _normalised(re.match(r"[A-Za-z0-9_.\-]+", spec).group(0))
+
+
+def _imported_distributions(paths: list[str]) -> dict[str, bool]:
+    """Third-party distributions the files import: {name: imported at module level somewhere}."""
+    import ast
+    import importlib.metadata
+
+    by_module = importlib.metadata.packages_distributions()
+    found: dict[str, bool] = {}
+
+    def visit(node, top_level: bool, folder: str):
+        for child in ast.iter_child_nodes(node):
+            names = []
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0:
+                names = [child.module]
+            for name in names:
+                module = name.split(".")[0]
+                # The repository's own modules: a test importing another, train.py, a script.
+                local = any(os.path.exists(os.path.join(d, module + ".py")) for d in (folder, ROOT, f"{ROOT}/scripts")) \
+                    or os.path.isdir(os.path.join(ROOT, module))
+                if module in sys.stdlib_module_names or module == "homegen" or local:
+                    continue
+                # A module of an extra this environment lacks (e.g. torch) is taken as its distribution's name.
+                for dist in by_module.get(module, [module]):
+                    found[_normalised(dist)] = found.get(_normalised(dist), False) or top_level
+            visit(child, top_level and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)), folder)
+
+    for path in paths:
+        with open(path) as f:
+            visit(ast.parse(f.read()), True, os.path.dirname(path))
+    return found
+
+
+def _python_files(*roots: str) -> list[str]:
+    out = []
+    for root in roots:
+        path = os.path.join(ROOT, root)
+        if path.endswith(".py"):
+            out.append(path)
+        for folder, _, files in os.walk(path):
+            out += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    return out
+
+
+def test_declared_dependencies_are_what_the_code_imports():
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    core = {_requirement(r) for r in project["dependencies"]}
+    extras = {name: {_requirement(r) for r in specs} for name, specs in project["optional-dependencies"].items()}
+    used_by_core = _imported_distributions(_python_files(*CORE))
+    for dist, top_level in used_by_core.items():
+        if top_level:
+            assert dist in core, f"homegen imports {dist} when a module loads: declare it in dependencies"
+        else:
+            assert dist in core or any(dist in e for e in extras.values()), f"{dist} is imported but not declared"
+    for dist in _imported_distributions(_python_files("scripts")):
+        assert dist in core or any(dist in e for e in extras.values()), f"scripts import {dist}: declare it"
+    for dist in _imported_distributions(_python_files("tests")):
+        assert dist in core | extras["test"], f"the tests import {dist}: declare it in the test extra"
+    unused = core - set(used_by_core) - set(RUNTIME_ONLY)
+    assert not unused, f"declared but never imported (and not in RUNTIME_ONLY with a reason): {sorted(unused)}"
+    assert "matplotlib" not in core, "plots are the `plots` extra: training and serving do not need matplotlib"
+
+
+def test_constraints_pin_the_versions_the_suite_runs_with():
+    """constraints.txt (scripts/lock.sh writes it; scripts/setup.sh and CI install with it) pins every
+    declared dependency exactly, and this environment has those versions."""
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    pins = {}
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        for line in f:
+            if "==" in line and not line.lstrip().startswith("#"):
+                name, version = line.split("==", 1)
+                pins[_normalised(name.strip())] = version.split(";")[0].strip()
+    declared = {_requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    for dist in declared:
+        assert dist in pins, f"constraints.txt does not pin {dist}: run scripts/lock.sh"
+        assert importlib.metadata.version(dist) == pins[dist], (
+            f"{dist} {importlib.metadata.version(dist)} is installed but constraints.txt pins {pins[dist]}")
+    with open(os.path.join(ROOT, "scripts", "setup.sh")) as f:
+        assert "-c constraints.txt" in f.read()
