@@ -1,6 +1,7 @@
 """Installing homegen adds one top-level package, `homegen`, and nothing with a generic name (data, model,
-training, serving, configs); the README's Python example runs from outside the checkout on the installed
-copy. (Installed with `pip install --no-deps --target`: the dependencies come from the test environment.)"""
+training, serving, configs), and one command, `homegen`; the README's Python example and the command run
+from outside the checkout on the installed copy. The declared dependencies are what the code imports, pinned
+in constraints.txt. (Installed with `pip install --no-deps --target`: the dependencies come from the test environment.)"""
 
 import os
 import re
@@ -38,7 +39,7 @@ def installed(tmp_path_factory) -> str:
 
 def test_only_homegen_is_installed_and_every_subpackage_with_it(installed):
     top = sorted(name for name in os.listdir(installed) if not name.endswith((".dist-info", "__pycache__")))
-    assert top == ["homegen"]
+    assert top == ["bin", "homegen"] and os.listdir(os.path.join(installed, "bin")) == ["homegen"]  # + the command
     # pyproject.toml lists the packages by hand (the folders map onto homegen.*): every source folder with
     # an __init__.py must be in the installed copy, or it would import in a checkout and not once installed.
     for package in GENERIC:
@@ -166,3 +167,33 @@ def test_constraints_pin_the_versions_the_suite_runs_with():
             f"{dist} {importlib.metadata.version(dist)} is installed but constraints.txt pins {pins[dist]}")
     with open(os.path.join(ROOT, "scripts", "setup.sh")) as f:
         assert "-c constraints.txt" in f.read()
+
+
+def test_the_installed_command_runs_from_another_directory(installed, tiny_checkpoint, tmp_path):
+    """`homegen simulate|serve|train` from the installed copy's console script, outside the checkout."""
+    command = os.path.join(installed, "bin", "homegen")
+    env = {**os.environ, "PYTHONPATH": installed}
+    run = lambda *args: subprocess.run([command, *args], cwd=str(tmp_path), env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=600)
+    simulated = run("simulate", "--out", "world", "--items", "400", "--pages", "200", "--requests", "5",
+                    "--eval-requests", "0")
+    assert simulated.returncode == 0, simulated.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "world"))[:2] == ["catalog.jsonl", "heldout_pages.jsonl"]
+    served = run("serve", "--checkpoint", tiny_checkpoint, "--user", "u1", "--beam_size", "1")
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert "log p" in served.stdout
+    # A config by name is the installed configs/<name>.py: here it gets as far as the bad override.
+    trained = run("train", "--config", "pages_small:semantic", "--workdir", "run", "--config.train.steps=x")
+    assert trained.returncode != 0 and "flag --config.train.steps=x" in trained.stderr
+    assert run("nonsense").returncode == 2 and run("--help").stdout.startswith("`homegen COMMAND ARGS`")
+
+
+def test_config_names_resolve_to_the_packages_config_files(tmp_path):
+    from homegen.commands.train import config_file
+
+    demo = config_file("demo")
+    assert demo.endswith(os.path.join("configs", "demo.py")) and os.path.exists(demo)
+    assert config_file("pages_small:semantic") == config_file("pages_small") + ":semantic"
+    own = tmp_path / "mine.py"
+    own.write_text("")
+    assert config_file(str(own)) == str(own) and config_file("no_such_config") == "no_such_config"

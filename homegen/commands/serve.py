@@ -1,0 +1,236 @@
+"""Samples Home pages from a checkpoint: one page in the terminal, a batch file, or an HTTP server.
+
+    python serve.py --checkpoint RUN --user u42 [--history t1,t2] [--context hour=8,device=mobile]
+    python serve.py --checkpoint RUN --requests IN.jsonl --output OUT.jsonl
+    python serve.py --checkpoint RUN --port 8080 [--watch_s 10]   # HTTP: POST /v1/pages, GET / (HTML),
+        # /healthz, /metrics, /openapi.json, POST /admin/reload
+
+--step picks a checkpoint step (default: the newest readable one; a damaged newer step is skipped with a
+warning). Requests follow FORMATS.md §4.
+
+Exit status: 0 when every page was served; 1 when a request failed (batch mode: any line got an error
+object; every line still gets its response and a one-line summary goes to stderr); 2 for bad arguments or a
+checkpoint that cannot be read. The HTTP server runs until SIGTERM or Ctrl-C, answers the requests it has
+received, then ends as terminated by that signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _read_requests(path: str):
+    """(line number, parsed request or error text) for every non-empty line."""
+    from homegen.serving.requests import RequestError, parse_request
+
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield number, parse_request(json.loads(raw.decode("utf-8")))
+            except UnicodeDecodeError as e:
+                yield number, f"not UTF-8 text (byte {e.start + 1})"
+            except json.JSONDecodeError as e:
+                yield number, f"invalid JSON ({e.msg} at column {e.colno})"
+            except RecursionError:
+                yield number, "invalid JSON (nested too deeply)"
+            except RequestError as e:
+                yield number, str(e)
+
+
+def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int, str]]:
+    """Writes one response per request line, in order; bad lines get {"error", "line"}, and so does a line
+    whose request raises while decoding (the rest of its batch is decoded without it). Returns the (line,
+    error) of every failed line."""
+    from homegen.serving.worker import generate_isolated
+
+    errors: list[tuple[int, str]] = []
+    with open(output, "w", encoding="utf-8") as out:
+        pending: list[tuple[int, object]] = []
+
+        def flush():
+            good = [(n, r) for n, r in pending if not isinstance(r, str)]
+            responses = iter(generate_isolated(engine.generate, [r for _, r in good]) if good else [])
+            for number, request in pending:
+                response = {"error": request} if isinstance(request, str) else next(responses)
+                if isinstance(response, Exception):  # a bug met by this line alone: report it, go on
+                    response = {"error": f"internal error while serving this request: {type(response).__name__}"}
+                response.pop("_stats", None)
+                if "error" in response:
+                    response["line"] = number
+                    errors.append((number, response["error"]))
+                out.write(json.dumps(response) + "\n")
+            pending.clear()
+
+        for number, request in _read_requests(path):
+            pending.append((number, request))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    return errors
+
+
+def serve_http(engine, args) -> int:
+    """Compiles the server's decoding shapes, then serves HTTP until SIGTERM/Ctrl-C (in-flight requests are
+    finished first)."""
+    import socket
+    import time
+
+    import uvicorn
+
+    from homegen.serving.app import ServerSettings, create_app
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.worker import EngineSlot
+
+    def warmed(engine):
+        shapes = engine.warm_up()
+        print(f"compiled {shapes['shapes']} decoding shapes of step {engine.step} in {shapes['seconds']:.1f} s",
+              flush=True)
+        return engine
+
+    start = time.perf_counter()
+    warmed(engine)
+    slot = EngineSlot(engine, lambda step: warmed(PageEngine(args.checkpoint, step, objective=args.objective,
+                                                             buckets=engine.buckets,
+                                                             stream_candidates=engine.candidates,
+                                                             prior_weight=engine.prior_weight)))
+    settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
+                              admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None, catalog_dir=args.catalog_dir)
+    app = create_app(slot, settings)
+    # Python's own asyncio loop rather than uvloop (which orbax installs): the loop is not this server's
+    # bottleneck (decoding is), and it keeps libuv's native signal handling out of a process that runs JAX.
+    config = uvicorn.Config(app, log_level="warning", http="h11", loop="asyncio", timeout_keep_alive=5,
+                            timeout_graceful_shutdown=args.deadline_s, limit_concurrency=args.max_connections,
+                            h11_max_incomplete_event_size=64 * 1024)
+    listener = socket.create_server((args.host, args.port), backlog=2048)  # bound before we say we serve
+    print(f"serving checkpoint step {engine.step} on http://{args.host}:{listener.getsockname()[1]} "
+          f"(ready {time.perf_counter() - start:.1f} s after loading)", flush=True)
+    uvicorn.Server(config).run(sockets=[listener])
+    return 0
+
+
+def print_page(engine, response: dict) -> None:
+    from homegen.data.simulator.shelves import SHELF_TITLES
+
+    streams = f", {response['predicted_streams']:.2f} predicted streams" if "predicted_streams" in response else ""
+    print(f"Home page for {response['user_id']} (checkpoint step {response['checkpoint_step']}, "
+          f"log p = {response['log_prob']:.2f}{streams})")
+    for shelf in response["page"]:
+        print(f"\n  {SHELF_TITLES.get(shelf['shelf'], shelf['shelf'])}")
+        for item in shelf["items"]:
+            info = engine.describe(item)
+            text = f"{info.get('title') or item}" + (f" — {info['artist']}" if info.get("artist") else "")
+            print(f"    {item:>8}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder or its checkpoints/ folder")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--user", default=None)
+    parser.add_argument("--history", default="", help="comma-separated item ids, oldest first")
+    parser.add_argument("--context", default="", help="key=value pairs, comma-separated")
+    parser.add_argument("--intent", default=None)
+    parser.add_argument("--beam_size", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--objective", default="auto", choices=("auto", "likelihood", "streams"),
+                        help="what beam search maximises: the page's log-probability, or its streams as the "
+                             "value head predicts them (auto: streams when the checkpoint has a value head)")
+    parser.add_argument("--stream_candidates", type=int, default=None,
+                        help="streams beam search: items considered per step (default: the run's serve config)")
+    parser.add_argument("--prior_weight", type=float, default=None,
+                        help="streams beam search: log-probability weight (default: the run's serve config)")
+    parser.add_argument("--requests", default=None, help="JSON Lines of requests (batch mode)")
+    parser.add_argument("--output", default=None, help="where batch mode writes responses")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--port", type=int, default=None, help="serve HTTP on this port")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--batch_sizes", default="1,4,16",
+                        help="HTTP: batch sizes compiled at start-up (the last is the largest batch)")
+    parser.add_argument("--beam_sizes", default="1,2,4,8", help="HTTP: beam sizes compiled at start-up (rounded up to)")
+    parser.add_argument("--sample_widths", default="1,4", help="HTTP: pages sampled per request (num_pages rounded up)")
+    parser.add_argument("--max_queue", type=int, default=256, help="HTTP: requests waiting beyond it get 503")
+    parser.add_argument("--deadline_s", type=float, default=30.0, help="HTTP: a request not answered by then gets 504")
+    parser.add_argument("--max_connections", type=int, default=2048, help="HTTP: more get 503")
+    parser.add_argument("--watch_s", type=float, default=0.0,
+                        help="HTTP: look for a newer checkpoint in the run folder this often and swap it in (0: off; "
+                             "POST /admin/reload does it on demand, with HOMEGEN_ADMIN_TOKEN as its bearer token; "
+                             "without that variable the admin endpoints answer 403)")
+    parser.add_argument("--catalog", default=None,
+                        help="catalog JSON Lines whose new items (e.g. releases since training) are added before "
+                             "serving, without retraining (semantic-ID checkpoints; POST /v1/catalog does it live)")
+    parser.add_argument("--catalog_dir", default=None,
+                        help="HTTP: the only directory POST /v1/catalog reads catalog files from (clients name a file "
+                             "in it; needs HOMEGEN_ADMIN_TOKEN); without it catalog refresh over HTTP is off")
+    args = parser.parse_args(argv)
+    if args.catalog_dir is not None and not os.path.isdir(args.catalog_dir):
+        parser.error(f"--catalog_dir {args.catalog_dir} is not a directory")
+    if args.requests and not args.output:
+        parser.error("--requests needs --output")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    from homegen.serving.buckets import ShapeBuckets
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import RequestError, parse_request
+    from homegen.training.checkpoints import CheckpointError
+
+    buckets = None
+    if args.port is not None:
+        try:
+            buckets = ShapeBuckets(*(tuple(int(x) for x in text.split(",")) for text in
+                                     (args.batch_sizes, args.beam_sizes, args.sample_widths)))
+        except ValueError as e:
+            parser.error(f"--batch_sizes/--beam_sizes/--sample_widths: {e}")
+    try:
+        engine = PageEngine(args.checkpoint, args.step, objective=args.objective, buckets=buckets,
+                            stream_candidates=args.stream_candidates, prior_weight=args.prior_weight)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.catalog:
+        try:
+            refreshed = engine.refresh_catalog(args.catalog)
+        except (ValueError, OSError) as e:  # DataFormatError is a ValueError naming the file and line
+            print(f"serve.py: error: {e}", file=sys.stderr)
+            return 2
+        print(f"catalog refresh: {refreshed['added']:,} new items ({refreshed['placeable']:,} admitted by a shelf), "
+              f"{refreshed['items']:,} in all", flush=True)
+    if args.requests:
+        if not os.path.isfile(args.requests):
+            print(f"serve.py: error: {args.requests} does not exist", file=sys.stderr)
+            return 2
+        errors = run_batch(engine, args.requests, args.output, args.batch_size)
+        print(f"wrote {args.output} ({len(errors)} request(s) with errors)")
+        if errors:
+            (line, reason), more = errors[0], len(errors) - 1
+            print(f"serve.py: {len(errors)} request line(s) failed; first: line {line}: {reason}"
+                  + (f" (and {more} more; see {args.output})" if more else ""), file=sys.stderr)
+            return 1
+        return 0
+    if args.port is not None:
+        return serve_http(engine, args)
+    context = dict(pair.split("=", 1) for pair in args.context.split(",") if "=" in pair)
+    if args.intent:
+        context["intent"] = args.intent
+    obj = {"user_id": args.user or "anonymous", "history": [h for h in args.history.split(",") if h],
+           "context": context, "beam_size": args.beam_size, "temperature": args.temperature}
+    try:
+        response = engine.generate([parse_request(obj)])[0]
+    except RequestError as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
+    if "error" in response:
+        print(f"serve.py: error: {response['error']}", file=sys.stderr)
+        return 1
+    print_page(engine, response)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
