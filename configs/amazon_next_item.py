@@ -8,7 +8,17 @@ category/brand attributes from the file next to the sequence file; label smoothi
 residual k-means codes of 256 plus a collision code per item, from co-occurrence and those attributes; 20
 history items as in TIGER; ranked by beam search over the code trie)."""
 
+import os
+
 from homegen.configs.base import base_config
+
+
+def shared_data(name: str) -> str:
+    """The absolute path of a file of the project's benchmark data, `../shared/data/NAME` beside the checkout,
+    so a config works from any directory (installed elsewhere it does not exist, and training says which
+    flag sets the file)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(checkout), "shared", "data", name)
 
 
 def amazon_config(path: str, item_tokens: str = "atomic", steps: int = 5000):

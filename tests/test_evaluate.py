@@ -210,15 +210,23 @@ def train_next_item(walks_file, workdir, item_tokens):
 
 
 @pytest.mark.parametrize("item_tokens", ["atomic", "semantic"])
-def test_next_item_training_and_evaluation_end_to_end(walks_file, tmp_path, item_tokens):
+def test_next_item_training_and_evaluation_end_to_end(walks_file, tmp_path, item_tokens, monkeypatch):
     """Both item-token modes learn the walks (HR@10 far above the 1/6 of guessing within a 60-item
     catalog), evaluate.py reports both seen conventions, and for atomic items ranking by beam search
-    agrees with scoring every item."""
+    agrees with scoring every item. Trained with the data file given relative to one directory, the run
+    keeps it absolute and evaluates from another."""
     workdir = str(tmp_path / item_tokens)
-    out = train_next_item(walks_file, workdir, item_tokens)
+    monkeypatch.chdir(os.path.dirname(walks_file))
+    out = train_next_item(os.path.basename(walks_file), workdir, item_tokens)
     assert out.metrics["validation_hr@10"] > 0.6
-    result = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", workdir], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    from homegen.training.checkpoints import Checkpoints
+
+    _, meta = Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True).read_meta()
+    assert meta["config"]["data"]["interactions"] == walks_file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--checkpoint", workdir],
+                            cwd=str(elsewhere), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, "eval", "results.json")) as f:
         summary = json.load(f)
@@ -246,3 +254,22 @@ def test_page_requests_split_into_disjoint_test_and_validation_blocks(tmp_path):
     assert [r["k"] for r in read_split(str(path), 3, "validation")] == [7, 8, 9]
     with pytest.raises(ValueError, match="too few"):
         read_split(str(path), 6, "validation")
+
+
+def test_data_paths_become_absolute_and_a_missing_file_names_its_flag(tmp_path, monkeypatch):
+    from homegen.configs.amazon_toys import get_config
+    from homegen.training.data import absolute_data_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("")
+    cfg = get_config()
+    cfg.data.interactions, cfg.data.page_logs, cfg.data.data_dir = "", "a.jsonl,b.jsonl", "tfds"
+    absolute_data_paths(cfg.data)
+    assert cfg.data.page_logs == f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl" and cfg.data.data_dir == f"{tmp_path}/tfds"
+    cfg.data.catalog = "missing.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"data.catalog: .*missing.jsonl does not exist \(set --config.data.catalog=FILE\)"):
+        absolute_data_paths(cfg.data)
+    # The Amazon configs name the project's data beside the checkout, from any directory.
+    assert os.path.isabs(get_config().data.interactions)
+    assert get_config().data.interactions.endswith(os.path.join("shared", "data", "amazon", "Toys_and_Games.txt"))

@@ -51,6 +51,24 @@ def resolve_source(data_cfg) -> str:
     return inferred
 
 
+DATA_PATHS = ("page_logs", "interactions", "catalog", "item_features", "data_dir", "semantic_from")
+DATA_FILES_READ = ("page_logs", "interactions", "catalog", "item_features")  # those that must exist at the start
+
+
+def absolute_data_paths(data_cfg) -> None:
+    """Makes `data_cfg`'s files and folders absolute (a relative one is taken from the current directory), so
+    that the config a checkpoint keeps names its data wherever it is later read from (`evaluate.py`,
+    `homegen.load`); a data file that does not exist is a FileNotFoundError naming the flag that sets it."""
+    for field in DATA_PATHS:
+        if not data_cfg[field]:
+            continue
+        paths = [os.path.abspath(os.path.expanduser(p)) for p in data_cfg[field].split(",") if p]
+        for path in paths:
+            if field in DATA_FILES_READ and not os.path.isfile(path):
+                raise FileNotFoundError(f"data.{field}: {path} does not exist (set --config.data.{field}=FILE)")
+        data_cfg[field] = ",".join(paths)
+
+
 @dataclasses.dataclass
 class PreparedData:
     sources: dict  # split name -> random-access data source

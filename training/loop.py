@@ -20,7 +20,7 @@ from homegen.model.loss import PreferenceConfig, SampledSoftmax
 from homegen.model.sharding import make_mesh
 from homegen.model.transformer import TransformerConfig
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
-from homegen.training.data import build_vocabulary, prepare_data, resolve_source
+from homegen.training.data import absolute_data_paths, build_vocabulary, prepare_data, resolve_source
 from homegen.training.early_stopping import EarlyStopping
 from homegen.training.extend import grow_parameters
 from homegen.training.preemption import StopSignals
@@ -308,6 +308,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     leader, nproc = jax.process_index() == 0, jax.process_count()
     mesh = _mesh(cfg, nproc)
     cfg.data.source = resolve_source(cfg.data)
+    absolute_data_paths(cfg.data)
     validate_config(cfg, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
     reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, enabled=leader)
 
