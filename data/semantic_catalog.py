@@ -161,11 +161,89 @@ def build_catalog_codes(columns: CatalogColumns, sequences: Iterable[Sequence[st
         embedded = coder.embed_columns(columns.attribute_matrix(rows, value_column))
         prefixes[rows] = nearest_codes(embedded, list(centroids))
     progress(f"{len(rest):,} more items coded from their metadata")
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        at = np.minimum(np.searchsorted(fit_rows, rows), len(fit_rows) - 1)
+        fitted = fit_rows[at] == rows
+        out = np.zeros((len(rows), embeddings.shape[1]), np.float32)
+        out[fitted] = embeddings[at[fitted]]
+        out[~fitted] = coder.embed_columns(columns.attribute_matrix(rows[~fitted], value_column))
+        return out
+
+    moved, over = spread_full_prefixes(prefixes, embed, centroids, capacity=codes)
+    progress(f"{moved:,} items moved out of prefixes holding more than {codes} items"
+             + (f" ({over:,} could not be)" if over else ""))
     out = with_collision_code(prefixes)
     progress(f"collision codes (level sizes {(out.max(axis=0) + 1).tolist()})")
     # Later items are coded from attribute strings, as catalogs give them; ids given by a caller cannot be.
     encoder = coder if names and all(isinstance(n, str) for n in names) else None
     return CatalogCodes(out, encoder, fit_rows)
+
+
+def spread_full_prefixes(prefixes: np.ndarray, embed: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray,
+                         capacity: int) -> tuple[int, int]:
+    """Moves the items of a code tuple held by more than `capacity` items, beyond its first `capacity`
+    rows, to their next nearest last-level code that still has room under the same shorter prefix (in
+    place), so the collision code stays within `capacity` values. `embed(rows)` gives the rows' embeddings. Without
+    it, items coded from the same few attributes pile onto one tuple (4,500 on one at 10^7 items), and the
+    collision code's level, which decoding reads whole, grows with the catalog. Returns (items moved,
+    items left over because their shorter prefix was full)."""
+    n, levels = prefixes.shape
+    codes = centroids.shape[1]
+    radix = codes ** np.arange(levels - 1, -1, -1, dtype=np.int64)
+    key = prefixes.astype(np.int64) @ radix
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_key)) + 1]
+    sizes = np.diff(np.r_[starts, n])
+    rank = np.arange(n) - np.repeat(starts, sizes)
+    movers = np.sort(order[rank >= capacity])
+    if not len(movers):
+        return 0, 0
+    held_keys, held = sorted_key[starts], np.minimum(sizes, capacity)  # what stays where it is
+    del order, sorted_key, rank
+    preference = np.zeros((len(movers), codes), np.uint16)  # last-level codes, nearest first
+    step = 1 << 16
+    for start in range(0, len(movers), step):
+        rows = movers[start:start + step]
+        residual = embed(rows) - sum(centroids[level, prefixes[rows, level]] for level in range(levels - 1))
+        last = centroids[levels - 1]
+        preference[start:start + len(rows)] = np.argsort((last ** 2).sum(1)[None] - 2 * residual @ last.T, axis=1)
+    shorter = key[movers] - prefixes[movers, levels - 1]  # the key with the last code 0
+    added_keys, added = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pending = np.arange(len(movers))
+    for choice in range(1, codes):
+        if not len(pending):
+            break
+        target = shorter[pending] + preference[pending, choice]
+        occupied = _count_at(held_keys, held, target) + _count_at(added_keys, added, target)
+        by_target = np.argsort(target, kind="stable")
+        t = target[by_target]
+        first = np.r_[0, np.flatnonzero(np.diff(t)) + 1]
+        queue = np.arange(len(t)) - np.repeat(first, np.diff(np.r_[first, len(t)]))
+        admit = queue < capacity - occupied[by_target]
+        placed = pending[by_target[admit]]
+        prefixes[movers[placed], levels - 1] = preference[placed, choice]
+        new_keys, new = np.unique(t[admit], return_counts=True)
+        added_keys, added = _merge_counts(added_keys, added, new_keys, new)
+        pending = np.sort(pending[by_target[~admit]])
+    return len(movers) - len(pending), len(pending)
+
+
+def _count_at(keys: np.ndarray, counts: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """counts[k] where keys[k] == at (keys sorted), else 0."""
+    if not len(keys):
+        return np.zeros(len(at), np.int64)
+    index = np.minimum(np.searchsorted(keys, at), len(keys) - 1)
+    return np.where(keys[index] == at, counts[index], 0)
+
+
+def _merge_counts(keys: np.ndarray, counts: np.ndarray, more_keys: np.ndarray, more: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted (keys, counts) tallies as one."""
+    merged, inverse = np.unique(np.concatenate([keys, more_keys]), return_inverse=True)
+    return merged, np.bincount(inverse.ravel(), weights=np.concatenate([counts, more]), minlength=len(merged)
+                               ).astype(np.int64)
 
 
 def _fit_set(columns: CatalogColumns, sequences: Iterable[Sequence[str]], fit_items: int,

@@ -11,7 +11,8 @@ import scipy.sparse as sp
 from conftest import ROOT
 
 from homegen.data.formats import DataFormatError, iter_page_logs, read_catalog
-from homegen.data.semantic_catalog import build_catalog_codes, build_semantic_items, read_catalog_columns
+from homegen.data.semantic_catalog import (build_catalog_codes, build_semantic_items, read_catalog_columns,
+                                          spread_full_prefixes)
 from homegen.data.semantic_ids import (SemanticItems, binary_rows, catalog_attributes, cooccurrence_features,
                                        idf_weights, item_attributes, nearest_codes, residual_quantize,
                                        truncated_svd_embeddings, with_collision_code)
@@ -51,7 +52,7 @@ def test_bad_catalogs_name_the_line(tmp_path):
 
 def _whole_catalog_reference(item_ids, sequences, attributes, levels, codes, dim):
     """The algorithm on the whole catalog, written out: SVD of [co-occurrence PMI | IDF-weighted attributes],
-    residual k-means, collision codes."""
+    residual k-means, full tuples spilled (tested above), collision codes."""
     index = {item: k for k, item in enumerate(item_ids)}
     cooccurrence = cooccurrence_features([[index[i] for i in s] for s in sequences], len(item_ids))
     names = {}
@@ -63,7 +64,9 @@ def _whole_catalog_reference(item_ids, sequences, attributes, levels, codes, dim
     matrix = binary_rows(rows, cols, (len(item_ids), len(names)))
     features = sp.hstack([cooccurrence, matrix @ sp.diags(idf_weights(matrix))]).tocsr()
     embeddings, _ = truncated_svd_embeddings(features, dim)
-    return with_collision_code(residual_quantize(embeddings, levels, codes)[0])
+    prefixes, centroids = residual_quantize(embeddings, levels, codes)
+    spread_full_prefixes(prefixes, lambda rows: embeddings[rows], centroids, codes)
+    return with_collision_code(prefixes)
 
 
 def test_codes_fitted_on_the_whole_catalog_are_the_whole_catalog_algorithms(tiny_world_dir):
@@ -90,17 +93,20 @@ def test_a_bounded_fit_set_takes_the_most_logged_items_and_codes_the_rest_from_m
     for s in sequences:
         for i in s:
             counts[i] = counts.get(i, 0) + 1
-    built = build_catalog_codes(columns, sequences, fit_items=100, levels=2, codes=8, dim=8, chunk=64)
+    built = build_catalog_codes(columns, sequences, fit_items=100, levels=2, codes=16, dim=8, chunk=64)
     assert len(built.fit_rows) == 100 and len(np.unique(built.fit_rows)) == 100
     fitted = {f"t{r}" for r in built.fit_rows}
     least_fitted = min(counts[i] for i in fitted)
     assert all(count <= least_fitted for item, count in counts.items() if item not in fitted)
-    # No two items share a tuple, and the rest's prefixes are what the encoder gives from metadata.
-    assert len({tuple(r) for r in built.codes.tolist()}) == len(catalog)
+    # No two items share a tuple, no tuple is held by more than 16 items (the collision code's range), and
+    # the rest's codes are what the encoder gives from metadata: the first level exactly, the last unless
+    # the item spilled out of a full tuple.
+    assert len({tuple(r) for r in built.codes.tolist()}) == len(catalog) and built.codes[:, -1].max() < 16
     rest = np.setdiff1d(np.arange(len(catalog)), built.fit_rows)
     expected = nearest_codes(built.encoder.embed([item_attributes(catalog[f"t{r}"], _pieces) for r in rest]),
                              list(built.encoder.centroids))
-    np.testing.assert_array_equal(built.codes[rest, :2], expected)
+    np.testing.assert_array_equal(built.codes[rest, 0], expected[:, 0])
+    assert 0.5 < (built.codes[rest, 1] == expected[:, 1]).mean() < 1.0
     # Every item's tuple decodes back to it through the tokenizer.
     items = SemanticItems(list(catalog), built.codes, built.encoder)
     assert all(items.decode(items.encode(i)) == i for i in list(catalog)[::37])
@@ -120,3 +126,27 @@ def test_the_benchmark_prints_phases_and_checks_the_codes(tiny_world_dir):
     assert table["fit set"][1:] == ["(300", "items)"] and table["coded from metadata"][1:] == ["(300", "items)"]
     # Codes learned from co-occurrence and metadata group items by genre better than one genre for all.
     assert float(table["fit set"][0]) > float(table["most common genre alone"][0])
+
+
+def test_full_code_tuples_spill_to_the_next_nearest_code_with_room():
+    rng = np.random.default_rng(0)
+    centroids = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    centroids[0] *= 10  # first-level clusters far apart, second-level refinements small
+    embeddings = np.tile(centroids[0, 1] + centroids[1, 2], (10, 1))  # 10 alike items
+    embeddings[9] = centroids[0, 0] + centroids[1, 3]  # and one elsewhere
+    prefixes = nearest_codes(embeddings, list(centroids))
+    assert (prefixes[:9] == [1, 2]).all()
+    before = prefixes.copy()
+    moved, over = spread_full_prefixes(prefixes, lambda rows: embeddings[rows], centroids, capacity=3)
+    assert (moved, over) == (6, 0)
+    np.testing.assert_array_equal(prefixes[:, 0], before[:, 0])  # only the last code moves
+    np.testing.assert_array_equal(prefixes[:3], before[:3]) and np.testing.assert_array_equal(prefixes[9], before[9])
+    tuples, counts = np.unique(prefixes[:9], axis=0, return_counts=True)
+    assert counts.max() == 3 and len(tuples) == 3
+    # The spilled items took the codes nearest to them, in order of distance.
+    distance = ((embeddings[0] - centroids[0, 1] - centroids[1]) ** 2).sum(1)
+    assert sorted(tuples[:, 1].tolist()) == sorted(np.argsort(distance)[:3].tolist())
+    # A shorter prefix with no room left keeps the rest over capacity, and says how many.
+    crowded = np.tile([[1, 2]], (14, 1)).astype(np.int32)
+    assert spread_full_prefixes(crowded, lambda rows: embeddings[np.zeros(len(rows), int)], centroids, 3) == (9, 2)
+    assert sorted(np.unique(crowded, axis=0, return_counts=True)[1].tolist()) == [3, 3, 3, 5]
