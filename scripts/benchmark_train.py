@@ -1,18 +1,22 @@
 """Training throughput of a config: step time, tokens/s and model FLOPs utilisation (MFU).
 
     python scripts/benchmark_train.py --config configs/demo.py [--config.train.batch_size=64] \
-        [--steps 20] [--peak_tflops 989] [--config.finetune.lora_rank=8]
+        [--steps 20] [--peak_tflops 989] [--config.finetune.lora_rank=8] [--flops_only]
 
 Random token batches of the config's shape go through the real sharded train step with the config's loss
 (full softmax, or sampled softmax over a Zipf-popular catalog, plus the value head's loss when the model has
 one); data loading is not timed. Model FLOPs count the output layer the loss really computes: every token
 for full softmax, the non-item tokens plus the sampled negatives for sampled softmax. MFU = model FLOPs per
-second / the device's peak; the peak comes from --peak_tflops, a table of known accelerators, or, on CPU, a
-measured float32 matmul rate (stated in the output).
+second / the device's peak, printed for the analytic count (6 x matmul parameters per token, plus attention)
+and for XLA's own count of the compiled step with its layers unrolled (its cost analysis counts a loop's
+body once), which says what ran: e.g. a LoRA step computes no frozen-weight gradients, and remat recomputes.
+The peak comes from --peak_tflops, a table of known accelerators, or, on CPU, a measured float32 matmul
+rate (stated in the output).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -31,6 +35,8 @@ config_flags.DEFINE_config_file("config", None, "A configs/<name>.py file.", loc
 flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 flags.DEFINE_integer("items", 0, "Item tokens (0: the config's data preset's catalog size).")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of one device (0: look up or measure).")
+flags.DEFINE_bool("flops_only", False, "Print the step's analytic and XLA FLOP counts without running it (e.g. "
+                  "a GPU config's counts, compiled on a CPU).")
 FLAGS = flags.FLAGS
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
@@ -81,10 +87,20 @@ def main(argv):
         counts = 1e6 / np.arange(1, items + 1)  # Zipf popularity, as catalogs have
         sampled = SampledSoftmax.create(non_items, counts, cfg.loss.num_negatives, cfg.loss.sampler)
         output_rows = non_items + cfg.loss.num_negatives + 1
-    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
-                      cfg.loss.value_weight, lora_config(cfg))
-    if trainer.lora:  # adapters on freshly initialised parameters: the step's cost does not depend on them
-        trainer.base = trainer.fresh_params()
+    def make_trainer(model: TransformerConfig) -> Trainer:
+        trainer = Trainer(model, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
+                          cfg.loss.value_weight, lora_config(cfg))
+        if trainer.lora:  # adapters on freshly initialised parameters: the step's cost does not depend on them
+            trainer.base = trainer.fresh_params()
+        return trainer
+
+    def xla_flops() -> float | None:
+        # XLA's cost analysis counts a loop's body once, so the count comes from the same step with its layers
+        # unrolled instead of scanned.
+        counter = make_trainer(dataclasses.replace(model_cfg, scan_layers=False))
+        return counter.step_flops(counter.init_state(), batch)
+
+    trainer = make_trainer(model_cfg)
     state = trainer.init_state()
     b, t = cfg.train.batch_size, cfg.data.seq_len + 1
     rng = np.random.default_rng(0)
@@ -93,6 +109,12 @@ def main(argv):
     batch = trainer.global_batch({"tokens": token_ids, "weights": np.ones((b, t), np.float32), "outcomes": outcomes,
                                   "segment_ids": np.ones((b, t), np.int32),
                                   "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))})
+    analytic = model_flops_per_token(model_cfg, cfg.data.seq_len, output_rows) * b * cfg.data.seq_len
+    if FLAGS.flops_only:
+        compiled = xla_flops()
+        print(f"{'GFLOP per step':<24}{analytic / 1e9:>16,.1f}  (analytic count)")
+        print(f"{'XLA GFLOP per step':<24}{compiled / 1e9:>16,.1f}  ({compiled / analytic:.2f}x the analytic count)")
+        return
     for _ in range(3):
         state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics)
@@ -102,7 +124,7 @@ def main(argv):
     jax.block_until_ready(metrics)
     step_time = (time.perf_counter() - start) / FLAGS.steps
     tokens = b * cfg.data.seq_len
-    flops = model_flops_per_token(model_cfg, cfg.data.seq_len, output_rows) * tokens / step_time
+    flops = analytic / step_time
     peak, source = device_peak_tflops(cfg.model.dtype)
     devices = jax.device_count()
     print(f"{'parameters':<24}{count_params(trainer.abstract_params):>16,}")
@@ -115,9 +137,14 @@ def main(argv):
     print(f"{'vocabulary':<24}{vocab:>16,} ({items:,} items)")
     print(f"{'step time (ms)':<24}{step_time * 1e3:>16.1f}")
     print(f"{'tokens/s':<24}{tokens / step_time:>16,.0f}")
-    print(f"{'model TFLOP/s':<24}{flops / 1e12:>16.3f}")
+    print(f"{'model TFLOP/s':<24}{flops / 1e12:>16.3f}  (analytic count)")
     print(f"{'peak TFLOP/s/device':<24}{peak:>16.3f}  ({source})")
-    print(f"{'MFU':<24}{flops / 1e12 / (peak * devices):>16.1%}")
+    print(f"{'MFU':<24}{flops / 1e12 / (peak * devices):>16.1%}  (analytic count)")
+    compiled = xla_flops()
+    if compiled is not None:  # what XLA says the compiled step computes: what ran, frozen weights included
+        print(f"{'XLA TFLOP/s':<24}{compiled / step_time / 1e12:>16.3f}  (compiled step's cost analysis: "
+              f"{compiled / (flops * step_time):.2f}x the analytic count)")
+        print(f"{'MFU (XLA count)':<24}{compiled / step_time / 1e12 / (peak * devices):>16.1%}")
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"{'peak device memory':<24}{stats['peak_bytes_in_use'] / 2**30:>16.2f} GiB")

@@ -210,7 +210,7 @@ def test_cli_reports_missing_dataset_in_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
-        "train.py: error: interaction file /nonexistent/toys.txt does not exist"
+        "train.py: error: data.interactions: /nonexistent/toys.txt does not exist (set --config.data.interactions=FILE)"
 
 
 def test_nan_stops_with_last_good_checkpoint(data_dir, tmp_path):

@@ -308,8 +308,8 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     leader, nproc = jax.process_index() == 0, jax.process_count()
     mesh = _mesh(cfg, nproc)
     cfg.data.source = resolve_source(cfg.data)
-    absolute_data_paths(cfg.data)
     validate_config(cfg, nproc, mesh.shape["data"] * mesh.shape["fsdp"])
+    absolute_data_paths(cfg.data)
     reporter = Reporter(os.path.join(workdir, "tensorboard"), cfg.train.steps, enabled=leader)
 
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_best,

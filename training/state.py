@@ -241,6 +241,18 @@ class Trainer:
         with use_mesh(self.mesh, self.rules):
             return self._train_step(state, self.base, batch)
 
+    def step_flops(self, state, batch) -> float | None:
+        """XLA's own count of the floating-point operations of one compiled training step on `batch`, all
+        devices together (its cost analysis of the per-device program, times the devices); None where the
+        backend gives no count."""
+        with use_mesh(self.mesh, self.rules):
+            compiled = self._train_step.lower(state, self.base, batch).compile()
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        if not analysis or "flops" not in analysis:
+            return None
+        return float(analysis["flops"]) * self.mesh.size
+
     def eval_step(self, params, batch):
         with use_mesh(self.mesh, self.rules):
             return self._eval_step(params, batch)
