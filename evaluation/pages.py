@@ -274,6 +274,10 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     full_logging = SamplingPolicy(world, rules).build(users, ctx, history, np.random.default_rng(0), cfg.num_shelves,
                                                       cfg.max_items, cfg.max_items)
     values["logging policy (full shelves)"] = response_model.expected_engagement(judge.batch(*full_logging))
+    # The floor any model must clear: valid pages of eligible items drawn at random, every shelf full.
+    random_pages = SamplingPolicy(world, rules, personalised=False, explore=1.0, noise=0.0).build(
+        users, ctx, history, np.random.default_rng(0), cfg.num_shelves, cfg.max_items, cfg.max_items)
+    values["random (full shelves)"] = response_model.expected_engagement(judge.batch(*random_pages))
 
     streamed = [[i for shelf in log["page"] for i, s in zip(shelf["items"], shelf.get("streams") or []) if s > 0]
                 for log in logged]

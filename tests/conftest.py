@@ -64,9 +64,9 @@ def tfds_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def train_tiny_run(tfds_dir, tmp_path_factory, name: str, **data) -> str:
-    """A run folder with a small model (with a value head) trained for 30 steps on the tiny synthetic world,
-    with `data` overriding the data config."""
+def train_tiny_run(tfds_dir, tmp_path_factory, name: str, steps: int = 30, **data) -> str:
+    """A run folder with a small model (with a value head) trained for `steps` steps on the tiny synthetic
+    world, with `data` overriding the data config."""
     from homegen.configs.demo import get_config
     from homegen.training.loop import run
 
@@ -74,7 +74,7 @@ def train_tiny_run(tfds_dir, tmp_path_factory, name: str, **data) -> str:
     cfg.data.update({"data_dir": tfds_dir, "seq_len": 96, **data})
     cfg.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
                           value_head=True))
-    cfg.train.update(dict(steps=30, log_every=10, eval_every=30, checkpoint_every=30, eval_batches=1,
+    cfg.train.update(dict(steps=steps, log_every=10, eval_every=steps, checkpoint_every=steps, eval_batches=1,
                           warmup_steps=5, learning_rate=3e-3))
     workdir = str(tmp_path_factory.mktemp(name))
     run(cfg, workdir)
@@ -83,8 +83,9 @@ def train_tiny_run(tfds_dir, tmp_path_factory, name: str, **data) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
-    """A run folder with a small model (with a value head) trained briefly on the tiny synthetic world."""
-    return train_tiny_run(tfds_dir, tmp_path_factory, "tiny_run")
+    """A run folder with a small model (with a value head) trained on the tiny synthetic world for 200 steps:
+    enough for its pages to beat random ones by half (30 steps left them at random's level)."""
+    return train_tiny_run(tfds_dir, tmp_path_factory, "tiny_run", steps=200)
 
 
 @pytest.fixture(scope="session")

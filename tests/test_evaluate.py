@@ -119,6 +119,11 @@ def test_page_evaluator_end_to_end(tiny_checkpoint, tfds_dir):
     # The logging policy asked for full shelves is a row; each beam search is paired with the pointwise
     # baseline that fills its own shelves.
     assert 0 < pages["logging policy (full shelves)"]["of_oracle"] < 1
+    # Every model's pages beat random valid pages of the same size by a clear margin (pages a broken decoder
+    # or an untrained model would give stay near the random row).
+    floor = pages["random (full shelves)"]["expected_streams"]
+    for name in ("homegen beam search (streams)", "homegen beam search (likelihood)", "pointwise (same model)"):
+        assert pages[name]["expected_streams"] > 1.3 * floor, (name, pages[name]["expected_streams"], floor)
     assert pages["pointwise (likelihood shelves)"]["valid_rate"] == 1.0
     for beam, partner in (("homegen beam search (streams)", "pointwise (same model)"),
                           ("homegen beam search (likelihood)", "pointwise (likelihood shelves)")):

@@ -76,12 +76,24 @@ def test_value_head():
     assert count == 3 and float(total) == pytest.approx(float(expected), rel=1e-5)
 
 
+def _matmul_operand_types(dtype: str) -> list[str]:
+    """The operand types of every matmul (dot_general) in the compiled forward pass of a model in `dtype`."""
+    graphdef, state = nnx.split(Transformer(TransformerConfig(**CFG, dtype=dtype), nnx.Rngs(0)))
+    text = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)[0]).lower(state, *inputs()).as_text()
+    return [line.split(" : ")[-1].split("->")[0] for line in text.splitlines() if "dot_general" in line]
+
+
 def test_bf16_compute_keeps_fp32_params():
     model = Transformer(TransformerConfig(**CFG, dtype="bfloat16"), nnx.Rngs(0))
     logits, _ = model(*inputs())
     assert logits.dtype == jnp.float32 and model.embed[...].dtype == jnp.float32
     full, _ = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))(*inputs())
     assert np.corrcoef(np.ravel(logits), np.ravel(full))[0, 1] > 0.99
+    # What runs: every matmul of the bf16 model reads bf16 operands (fp32 parameters cast on the way in),
+    # none of the fp32 model's does.
+    bf16, fp32 = _matmul_operand_types("bfloat16"), _matmul_operand_types("float32")
+    assert len(bf16) == len(fp32) >= 8
+    assert all(t.count("xbf16>") == 2 for t in bf16) and not any("bf16" in t for t in fp32)
 
 
 def next_token_setup(batch: int, length: int):

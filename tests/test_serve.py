@@ -149,12 +149,15 @@ def test_streams_search_settings_come_from_the_run_config_or_the_caller(engine, 
                                                         engine.train_config["serve"]["prior_weight"])
     wide = PageEngine(tiny_checkpoint, stream_candidates=1, prior_weight=0.5)
     assert (wide.candidates, wide.prior_weight) == (1, 0.5)
-    request = parse_request({"user_id": "u3", "beam_size": 2, "num_shelves": 2, "max_items_per_shelf": 4})
-    # One candidate per step: every placed item is the most likely allowed one, so the item scores (the
-    # items' log-probabilities) are at least those of the 32-candidate search's first items.
+    # One shelf allowed (the one the default search opens with), so both searches fill the same shelf.
+    ask = {"user_id": "u3", "beam_size": 2, "num_shelves": 1, "max_items_per_shelf": 4}
+    shelf = engine.generate([parse_request(ask)])[0]["page"][0]["shelf"]
+    request = parse_request({**ask, "allowed_shelves": [shelf]})
+    # One candidate per step: every placed item is the most likely allowed one, so the first item's score
+    # (its log-probability) is at least that of the 32-candidate search's first item.
     narrow_page, default_page = wide.generate([request])[0]["page"], engine.generate([request])[0]["page"]
-    assert narrow_page[0]["item_scores"][0] >= default_page[0]["item_scores"][0] - 1e-4 or \
-        narrow_page[0]["shelf"] != default_page[0]["shelf"]
+    assert narrow_page[0]["shelf"] == default_page[0]["shelf"] == shelf
+    assert narrow_page[0]["item_scores"][0] >= default_page[0]["item_scores"][0] - 1e-4
     older = dict(engine.train_config)
     del older["serve"]
     wide.train_config = older
