@@ -181,53 +181,80 @@ def build_catalog_codes(columns: CatalogColumns, sequences: Iterable[Sequence[st
 
 
 def spread_full_prefixes(prefixes: np.ndarray, embed: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray,
-                         capacity: int) -> tuple[int, int]:
+                         capacity: int, window: int = 8) -> tuple[int, int]:
     """Moves the items of a code tuple held by more than `capacity` items, beyond its first `capacity`
     rows, to their next nearest last-level code that still has room under the same shorter prefix (in
-    place), so the collision code stays within `capacity` values. `embed(rows)` gives the rows' embeddings. Without
-    it, items coded from the same few attributes pile onto one tuple (4,500 on one at 10^7 items), and the
-    collision code's level, which decoding reads whole, grows with the catalog. Returns (items moved,
+    place), so the collision code stays within `capacity` values. `embed(rows)` gives the rows'
+    embeddings. Without it, items coded from the same few attributes pile onto one tuple (4,500 on one at
+    10^7 items), and the collision code's level, which decoding reads whole, grows with the catalog. Memory
+    follows the items that move: their next `window` choices are ranked at a time. Returns (items moved,
     items left over because their shorter prefix was full)."""
     n, levels = prefixes.shape
     codes = centroids.shape[1]
-    radix = codes ** np.arange(levels - 1, -1, -1, dtype=np.int64)
-    key = prefixes.astype(np.int64) @ radix
+    key = _tuple_keys(prefixes, codes)
     order = np.argsort(key, kind="stable")
     sorted_key = key[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_key)) + 1]
+    starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
     sizes = np.diff(np.r_[starts, n])
-    rank = np.arange(n) - np.repeat(starts, sizes)
-    movers = np.sort(order[rank >= capacity])
+    held_keys, held = sorted_key[starts], np.minimum(sizes, capacity)  # what stays where it is
+    del sorted_key
+    full = np.flatnonzero(sizes > capacity)
+    extra = sizes[full] - capacity
+    first_extra = starts[full] + capacity  # in sorted order: each full tuple's rows past its capacity
+    positions = np.repeat(first_extra - np.r_[0, np.cumsum(extra)[:-1]], extra) + np.arange(extra.sum())
+    movers = np.sort(order[positions])
+    del order, positions
     if not len(movers):
         return 0, 0
-    held_keys, held = sorted_key[starts], np.minimum(sizes, capacity)  # what stays where it is
-    del order, sorted_key, rank
-    preference = np.zeros((len(movers), codes), np.uint16)  # last-level codes, nearest first
-    step = 1 << 16
-    for start in range(0, len(movers), step):
-        rows = movers[start:start + step]
-        residual = embed(rows) - sum(centroids[level, prefixes[rows, level]] for level in range(levels - 1))
-        last = centroids[levels - 1]
-        preference[start:start + len(rows)] = np.argsort((last ** 2).sum(1)[None] - 2 * residual @ last.T, axis=1)
     shorter = key[movers] - prefixes[movers, levels - 1]  # the key with the last code 0
+    del key
     added_keys, added = np.zeros(0, np.int64), np.zeros(0, np.int64)
     pending = np.arange(len(movers))
-    for choice in range(1, codes):
+    for lo in range(1, codes, window):
         if not len(pending):
             break
-        target = shorter[pending] + preference[pending, choice]
-        occupied = _count_at(held_keys, held, target) + _count_at(added_keys, added, target)
-        by_target = np.argsort(target, kind="stable")
-        t = target[by_target]
-        first = np.r_[0, np.flatnonzero(np.diff(t)) + 1]
-        queue = np.arange(len(t)) - np.repeat(first, np.diff(np.r_[first, len(t)]))
-        admit = queue < capacity - occupied[by_target]
-        placed = pending[by_target[admit]]
-        prefixes[movers[placed], levels - 1] = preference[placed, choice]
-        new_keys, new = np.unique(t[admit], return_counts=True)
-        added_keys, added = _merge_counts(added_keys, added, new_keys, new)
-        pending = np.sort(pending[by_target[~admit]])
+        ranked = _ranked_last_codes(embed, centroids, prefixes, movers[pending], lo, lo + window)
+        alive = np.arange(len(pending))
+        for column in range(ranked.shape[1]):
+            if not len(alive):
+                break
+            target = shorter[pending[alive]] + ranked[alive, column]
+            occupied = _count_at(held_keys, held, target) + _count_at(added_keys, added, target)
+            by_target = np.argsort(target, kind="stable")
+            t = target[by_target]
+            group = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
+            queue = np.arange(len(t)) - np.repeat(group, np.diff(np.r_[group, len(t)]))
+            admit = queue < capacity - occupied[by_target]
+            placed = alive[by_target[admit]]
+            prefixes[movers[pending[placed]], levels - 1] = ranked[placed, column]
+            new_keys, new = np.unique(t[admit], return_counts=True)
+            added_keys, added = _merge_counts(added_keys, added, new_keys, new)
+            alive = np.sort(alive[by_target[~admit]])
+        pending = pending[alive]
     return len(movers) - len(pending), len(pending)
+
+
+def _tuple_keys(prefixes: np.ndarray, codes: int) -> np.ndarray:
+    """One int64 per row: its codes as digits in base `codes`."""
+    key = prefixes[:, 0].astype(np.int64)
+    for level in range(1, prefixes.shape[1]):
+        key *= codes
+        key += prefixes[:, level]
+    return key
+
+
+def _ranked_last_codes(embed: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray, prefixes: np.ndarray,
+                       rows: np.ndarray, lo: int, hi: int, chunk: int = 1 << 16) -> np.ndarray:
+    """(len(rows), hi - lo) uint16: the last-level codes that are each row's lo-th to (hi-1)-th nearest."""
+    levels, codes = centroids.shape[:2]
+    last = centroids[levels - 1]
+    out = np.zeros((len(rows), min(hi, codes) - lo), np.uint16)
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        residual = embed(part) - sum(centroids[level, prefixes[part, level]] for level in range(levels - 1))
+        distance = (last ** 2).sum(1)[None] - 2 * residual @ last.T
+        out[start:start + len(part)] = np.argsort(distance, axis=1)[:, lo:hi]
+    return out
 
 
 def _count_at(keys: np.ndarray, counts: np.ndarray, at: np.ndarray) -> np.ndarray:

@@ -64,6 +64,9 @@ def tfds_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tfds"))
 
 
+TINY_STEPS = 200  # what `tiny_checkpoint` trains
+
+
 def train_tiny_run(tfds_dir, tmp_path_factory, name: str, steps: int = 30, **data) -> str:
     """A run folder with a small model (with a value head) trained for `steps` steps on the tiny synthetic
     world, with `data` overriding the data config."""
@@ -85,7 +88,7 @@ def train_tiny_run(tfds_dir, tmp_path_factory, name: str, steps: int = 30, **dat
 def tiny_checkpoint(tfds_dir, tmp_path_factory) -> str:
     """A run folder with a small model (with a value head) trained on the tiny synthetic world for 200 steps:
     enough for its pages to beat random ones by half (30 steps left them at random's level)."""
-    return train_tiny_run(tfds_dir, tmp_path_factory, "tiny_run", steps=200)
+    return train_tiny_run(tfds_dir, tmp_path_factory, "tiny_run", steps=TINY_STEPS)
 
 
 @pytest.fixture(scope="session")

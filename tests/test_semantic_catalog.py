@@ -150,3 +150,8 @@ def test_full_code_tuples_spill_to_the_next_nearest_code_with_room():
     crowded = np.tile([[1, 2]], (14, 1)).astype(np.int32)
     assert spread_full_prefixes(crowded, lambda rows: embeddings[np.zeros(len(rows), int)], centroids, 3) == (9, 2)
     assert sorted(np.unique(crowded, axis=0, return_counts=True)[1].tolist()) == [3, 3, 3, 5]
+    # Ranking two choices at a time gives the same placement.
+    again = np.tile([[1, 2]], (14, 1)).astype(np.int32)
+    assert spread_full_prefixes(again, lambda rows: embeddings[np.zeros(len(rows), int)], centroids, 3, window=2) \
+        == (9, 2)
+    np.testing.assert_array_equal(again, crowded)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, params_of, running_server
+from conftest import ROOT, TINY_STEPS, params_of, running_server
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -367,7 +367,7 @@ def test_semantic_ids_quantise_a_trained_atomic_runs_item_embeddings(tiny_checkp
     embeddings, source = trained_item_embeddings(tiny_checkpoint, ids)
     table = params_of(tiny_checkpoint)["embed"]
     np.testing.assert_array_equal(embeddings, table[[atomic.item_tokens(i)[0] for i in ids]])
-    assert source.endswith("step 30 (best validation_loss on validation)")
+    assert source.endswith(f"step {TINY_STEPS} (best validation_loss on validation)")
 
     cfg = get_config()
     cfg.data.update(dict(data_dir=tfds_dir, source="synthetic", item_tokens="semantic", semantic_levels=2,

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ROOT, running_server
+from conftest import ROOT, TINY_STEPS, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,7 +237,7 @@ def test_batch_file_keeps_order_and_reports_bad_lines(tiny_checkpoint, tmp_path)
     assert "invalid JSON" in errors[2] and "num_shelves" in errors[3]
     assert "no_such_shelf" in errors[6] and "user_id" in errors[7]
     assert "4 request(s) with errors" in result.stdout
-    assert [o["checkpoint_step"] for o in out if "error" not in o] == [30, 30, 30]
+    assert [o["checkpoint_step"] for o in out if "error" not in o] == [TINY_STEPS] * 3
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -299,7 +299,7 @@ def post(url, body, raw=False):
 def test_http_api_under_concurrency(validator, server):
     url, calls = server
     with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
-        assert json.loads(r.read()) == {"status": "ok", "checkpoint_step": 30, "reloading": False}
+        assert json.loads(r.read()) == {"status": "ok", "checkpoint_step": TINY_STEPS, "reloading": False}
     post(url, {"user_id": "warm", "num_shelves": 2, "max_items_per_shelf": 5})  # compile once
     calls.clear()
     good = [{"user_id": f"u{k}", "num_shelves": 2, "max_items_per_shelf": 5, "exclude_items": [f"t{k}"]}

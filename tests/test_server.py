@@ -16,7 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, free_port, running_server
+from conftest import ROOT, TINY_STEPS, free_port, running_server
 
 from homegen.serving.app import ServerSettings
 
@@ -188,15 +188,15 @@ def test_watching_the_run_folder_loads_a_newer_checkpoint(tiny_checkpoint, tmp_p
     engine = PageEngine(run_dir)
     make = lambda step: PageEngine(run_dir, step)  # noqa: E731
     with running_server(engine, ServerSettings(watch_s=0.2), make_engine=make) as (url, _):
-        assert json.loads(call(url, "/healthz")[1])["checkpoint_step"] == 30
+        assert json.loads(call(url, "/healthz")[1])["checkpoint_step"] == TINY_STEPS
         cfg = homegen.config(run_dir)
-        cfg.train.steps = 32  # two more steps: checkpoint 32 appears in the run folder
+        cfg.train.steps = TINY_STEPS + 2  # two more steps: a newer checkpoint appears in the run folder
         homegen.train(cfg, run_dir)
         deadline = time.time() + 120
-        while json.loads(call(url, "/healthz")[1])["checkpoint_step"] != 32 and time.time() < deadline:
+        while json.loads(call(url, "/healthz")[1])["checkpoint_step"] != TINY_STEPS + 2 and time.time() < deadline:
             time.sleep(0.2)
         status, text, _ = call(url, body={"user_id": "u1", "num_shelves": 2})
-        assert status == 200 and json.loads(text)["checkpoint_step"] == 32
+        assert status == 200 and json.loads(text)["checkpoint_step"] == TINY_STEPS + 2
 
 
 def test_sigterm_drains_requests_in_flight(tiny_checkpoint):
