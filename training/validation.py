@@ -93,7 +93,8 @@ class NextItemRanker:
                 scores = model.logits(last, jnp.arange(first, first + count))
                 scores = jnp.where(seen, -jnp.inf, scores)
                 target_score = jnp.take_along_axis(scores, targets[:, None], axis=1)
-                return (jnp.sum(scores >= target_score, axis=1) - 1).astype(jnp.float32)
+                rank = (jnp.sum(scores >= target_score, axis=1) - 1).astype(jnp.float32)
+                return jnp.where(jnp.take_along_axis(seen, targets[:, None], axis=1)[:, 0], jnp.inf, rank)
 
         self._ranks = jax.jit(ranks, out_shardings=trainer.replicated)
 
@@ -107,7 +108,8 @@ class NextItemRanker:
 
     def rank(self, params, users: list[UserSequence], filter_seen: bool = False) -> np.ndarray:
         """0-based ranks of each user's last item given the rest (infinity: not found by beam search);
-        `filter_seen` removes the history's items (other than the target) from the ranking."""
+        `filter_seen` removes every history item from the ranking, as RecBole and eSASRec do: a target the
+        user already had is then never ranked (infinity)."""
         out = []
         index = self.vocab.items.index
         for start in range(0, len(users), self.batch_size):
@@ -120,7 +122,6 @@ class NextItemRanker:
             for row, user in enumerate(chunk):
                 if filter_seen:
                     seen[row, [index[i] for i in user.items[:-1] if i in index]] = True
-                    seen[row, targets[row]] = False
             arrays = [self._global(a) for a in (tokens, lengths, targets, seen)]
             with use_mesh(self.trainer.mesh, self.trainer.rules):
                 ranks = np.asarray(self._ranks(params, *arrays))
