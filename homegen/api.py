@@ -55,10 +55,7 @@ class PageModel:
         head and the `streams` objective, its predicted streams; `pages` too when a request asks for
         `num_pages` > 1. A request whose constraints no page can meet gets {"error": reason}; a malformed
         request raises `RequestError`. `objective` overrides the checkpoint's beam-search objective."""
-        responses = self.engine.generate(_parsed(requests), objective=objective)
-        for response in responses:
-            response.pop("_stats", None)
-        return responses
+        return self.engine.generate(_parsed(requests), objective=objective)
 
     def score(self, requests: Sequence[dict], pages: Sequence[list[dict]]) -> list[dict]:
         """Teacher-forced scores of given pages ([{"shelf", "items"}, ...]), one per request: each item's

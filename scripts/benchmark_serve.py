@@ -59,6 +59,11 @@ class Timing:
                 "p99 ms": float(np.percentile(self.latencies, 99) * 1e3)}
 
 
+def page_tokens(page: list[dict], tokens_per_item: int) -> int:
+    """Tokens a decoded page took: each shelf token, its items' tokens, and EOS."""
+    return sum(1 + tokens_per_item * len(shelf["items"]) for shelf in page) + 1
+
+
 def time_ours(engine: PageEngine, requests: list[dict], beam: int, batch: int, calls: int) -> Timing:
     parsed = [parse_request({**r, "beam_size": beam}) for r in requests]
     for chunk in chunks(parsed, batch, -(-len(parsed) // batch)):  # compile every shape the requests need
@@ -70,7 +75,7 @@ def time_ours(engine: PageEngine, requests: list[dict], beam: int, batch: int, c
         timing.latencies.append(time.perf_counter() - t)
         if any("error" in r for r in responses):
             raise RuntimeError(f"a benchmark request failed: {responses}")
-        timing.tokens += [r["_stats"]["tokens"] for r in responses]
+        timing.tokens += [page_tokens(r["page"], engine.vocab.items.tokens_per_item) for r in responses]
     return timing
 
 

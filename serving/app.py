@@ -213,7 +213,6 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
             log.exception("request failed")
             metrics.errors.labels("internal").inc()
             return 500, {"error": f"internal error while serving this request ({type(e).__name__})"}, None
-        response.pop("_stats", None)
         if "error" in response:  # constraints no page can meet
             metrics.errors.labels("bad_request").inc()
             return 400, response, None

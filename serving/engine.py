@@ -252,7 +252,6 @@ class PageEngine:
         return responses
 
     def _generate_group(self, key: tuple, requests: list[PageRequest], request_rules: list[dict]) -> list[dict]:
-        start = time.perf_counter()
         mode, width, num_shelves, max_items, objective = key
         max_new = self.grammar.max_length(num_shelves, max_items)
         tokens, lengths, rules = self._batch(requests, request_rules)
@@ -274,7 +273,6 @@ class PageEngine:
             order = jnp.argsort(-out.scores, axis=1)
             out = jax.tree.map(lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1), out)
         out = jax.device_get(out)
-        elapsed = time.perf_counter() - start
         results = []
         for row, request in enumerate(requests):
             pages = [self._page(out.tokens[row, j], out.token_logps[row, j]) for j in range(out.tokens.shape[1])
@@ -290,8 +288,6 @@ class PageEngine:
                 response["predicted_streams"] = round(float(out.scores[row, 0]) - prior, 4)
             if request.num_pages > 1:
                 response["pages"] = pages
-            response["_stats"] = {"latency_s": elapsed, "tokens": int(sum((out.tokens[row, 0] != PAD))),
-                                  "batch_size": len(requests)}
             results.append(response)
         return results
 

@@ -126,6 +126,7 @@ def test_beam_pages_are_distinct_and_ranked(engine):
                              "max_items_per_shelf": 5})
     for objective in ("likelihood", "streams"):
         response = engine.generate([request], objective=objective)[0]
+        assert not [key for key in response if key.startswith("_")]  # nothing private in a public response
         pages = [p["page"] for p in response["pages"]]
         assert len(pages) == 4 and len({json.dumps(p) for p in pages}) == 4
         assert response["log_prob"] == response["pages"][0]["log_prob"]

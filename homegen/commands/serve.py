@@ -60,7 +60,6 @@ def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int
                 response = {"error": request} if isinstance(request, str) else next(responses)
                 if isinstance(response, Exception):  # a bug met by this line alone: report it, go on
                     response = {"error": f"internal error while serving this request: {type(response).__name__}"}
-                response.pop("_stats", None)
                 if "error" in response:
                     response["line"] = number
                     errors.append((number, response["error"]))
