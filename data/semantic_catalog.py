@@ -1,5 +1,5 @@
 """Semantic IDs for a catalog of any size, in memory that follows the catalog's arrays, not its objects
-(measured to 7 x 10^7 items on a 24 GiB machine: docs/BENCHMARKS.md, "Semantic IDs at catalog scale").
+(measured to 7 x 10^7 items on a 24 GiB machine: docs/BENCHMARKS.md, "Catalog scale: semantic IDs").
 
 The catalog's metadata (`item_attributes`, or given attribute values) is held as arrays: item ids as
 fixed-width bytes, attribute values as ids; a catalog file is read once, streaming. Codes are learned on a
