@@ -201,7 +201,7 @@ def _check_page(tokens, grammar: PageGrammar, items: SemanticItems, eligible: np
     assert 1 <= len(shelves) <= max_shelves
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.integers(0, 2**31 - 1))
 def test_multi_token_items_are_never_repeated_or_misplaced(seed):
     """Random catalogs of 60 three-code items, random eligibility (one history-dependent shelf made only of
@@ -273,7 +273,7 @@ def test_semantic_checkpoint_pages_are_valid_in_every_mode(semantic_engine):
 def test_semantic_pages_keep_every_rule_under_random_requests(semantic_engine):
     validator = PageValidator(semantic_engine.vocab, semantic_engine.eligibility_spec)
 
-    @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(request_strategy(semantic_engine))
     def check(requests):
         for request, response in zip(requests, semantic_engine.generate(requests)):

@@ -106,7 +106,7 @@ def request_strategy(engine):
 
 
 def test_every_page_satisfies_every_constraint(engine, validator):
-    @settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(request_strategy(engine))
     def check(requests):
         for request, response in zip(requests, engine.generate(requests), strict=True):
