@@ -23,8 +23,8 @@ import scipy.sparse as sp
 
 from homegen.data.formats import DataFormatError, iter_catalog
 from homegen.data.semantic_ids import (NewItemEncoder, SemanticItems, binary_rows, cooccurrence_features,
-                                       idf_weights, item_attributes, nearest_codes, residual_quantize,
-                                       truncated_svd_embeddings, with_collision_code)
+                                       idf_weights, item_attributes, nearest_codes, packed_keys, ranks_in_groups,
+                                       residual_quantize, truncated_svd_embeddings, with_collision_code)
 
 
 @dataclasses.dataclass
@@ -150,6 +150,16 @@ def build_catalog_codes(columns: CatalogColumns, sequences: Iterable[Sequence[st
     names = [columns.values[v] for v in used_values]
     coder = NewItemEncoder(names, idf, projection[len(fit_rows):], centroids)
     progress(f"residual k-means, {levels} levels x {codes} codes, on the fit set")
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        """The rows' embeddings: the SVD's for the fit set, from their attributes for the others."""
+        at = np.minimum(np.searchsorted(fit_rows, rows), len(fit_rows) - 1)
+        fitted = fit_rows[at] == rows
+        out = np.zeros((len(rows), embeddings.shape[1]), np.float32)
+        out[fitted] = embeddings[at[fitted]]
+        out[~fitted] = coder.embed_columns(columns.attribute_matrix(rows[~fitted], value_column))
+        return out
+
     prefixes = np.zeros((columns.num_items, levels), np.int32)
     prefixes[fit_rows] = fit_codes
     in_fit = np.zeros(columns.num_items, bool)
@@ -158,18 +168,8 @@ def build_catalog_codes(columns: CatalogColumns, sequences: Iterable[Sequence[st
     del in_fit
     for start in range(0, len(rest), chunk):
         rows = rest[start:start + chunk]
-        embedded = coder.embed_columns(columns.attribute_matrix(rows, value_column))
-        prefixes[rows] = nearest_codes(embedded, list(centroids))
+        prefixes[rows] = nearest_codes(embed(rows), list(centroids))
     progress(f"{len(rest):,} more items coded from their metadata")
-
-    def embed(rows: np.ndarray) -> np.ndarray:
-        at = np.minimum(np.searchsorted(fit_rows, rows), len(fit_rows) - 1)
-        fitted = fit_rows[at] == rows
-        out = np.zeros((len(rows), embeddings.shape[1]), np.float32)
-        out[fitted] = embeddings[at[fitted]]
-        out[~fitted] = coder.embed_columns(columns.attribute_matrix(rows[~fitted], value_column))
-        return out
-
     moved, over = spread_full_prefixes(prefixes, embed, centroids, capacity=codes)
     progress(f"{moved:,} items moved out of prefixes holding more than {codes} items"
              + (f" ({over:,} could not be)" if over else ""))
@@ -191,7 +191,7 @@ def spread_full_prefixes(prefixes: np.ndarray, embed: Callable[[np.ndarray], np.
     items left over because their shorter prefix was full)."""
     n, levels = prefixes.shape
     codes = centroids.shape[1]
-    key = _tuple_keys(prefixes, codes)
+    key = packed_keys(prefixes, [codes] * levels)
     order = np.argsort(key, kind="stable")
     sorted_key = key[order]
     starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
@@ -222,9 +222,7 @@ def spread_full_prefixes(prefixes: np.ndarray, embed: Callable[[np.ndarray], np.
             occupied = _count_at(held_keys, held, target) + _count_at(added_keys, added, target)
             by_target = np.argsort(target, kind="stable")
             t = target[by_target]
-            group = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
-            queue = np.arange(len(t)) - np.repeat(group, np.diff(np.r_[group, len(t)]))
-            admit = queue < capacity - occupied[by_target]
+            admit = ranks_in_groups(t) < capacity - occupied[by_target]
             placed = alive[by_target[admit]]
             prefixes[movers[pending[placed]], levels - 1] = ranked[placed, column]
             new_keys, new = np.unique(t[admit], return_counts=True)
@@ -232,15 +230,6 @@ def spread_full_prefixes(prefixes: np.ndarray, embed: Callable[[np.ndarray], np.
             alive = np.sort(alive[by_target[~admit]])
         pending = pending[alive]
     return len(movers) - len(pending), len(pending)
-
-
-def _tuple_keys(prefixes: np.ndarray, codes: int) -> np.ndarray:
-    """One int64 per row: its codes as digits in base `codes`."""
-    key = prefixes[:, 0].astype(np.int64)
-    for level in range(1, prefixes.shape[1]):
-        key *= codes
-        key += prefixes[:, level]
-    return key
 
 
 def _ranked_last_codes(embed: Callable[[np.ndarray], np.ndarray], centroids: np.ndarray, prefixes: np.ndarray,

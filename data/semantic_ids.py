@@ -336,26 +336,32 @@ def with_collision_code(codes: np.ndarray) -> np.ndarray:
     codes = np.asarray(codes)
     key = packed_keys(codes)
     order = np.argsort(key, kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(key[order])) + 1]
-    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     out = np.zeros((len(codes), codes.shape[1] + 1), np.int32)
     out[:, :-1] = codes
-    out[order, -1] = rank
+    out[order, -1] = ranks_in_groups(key[order])
     return out
 
 
-def packed_keys(codes: np.ndarray) -> np.ndarray:
-    """One int64 per row of a (rows, levels) code table that orders as the rows do lexicographically
-    (mixed radix by each level's largest code)."""
-    codes = np.asarray(codes, np.int64)
+def ranks_in_groups(sorted_keys: np.ndarray) -> np.ndarray:
+    """Each entry's position among the equal keys before it (0, 1, ... within each run of a sorted array)."""
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    return np.arange(len(sorted_keys)) - np.repeat(starts, np.diff(np.r_[starts, len(sorted_keys)]))
+
+
+def packed_keys(codes: np.ndarray, radix: Sequence[int] | None = None) -> np.ndarray:
+    """One int64 per row of a (rows, levels) code table that orders as the rows do lexicographically:
+    the codes as digits of a mixed radix, by default each level's largest code + 1. Built digit by digit,
+    so memory is one int64 per row whatever the levels."""
+    codes = np.asarray(codes)
     if not codes.size:
         return np.zeros(len(codes), np.int64)
-    radix = codes.max(axis=0) + 1
-    if float(np.prod(radix.astype(np.float64))) >= 2.0 ** 63:
-        raise ValueError(f"code tuples with level sizes {radix.tolist()} do not fit in one int64 key")
-    key = np.zeros(len(codes), np.int64)
-    for level in range(codes.shape[1]):
-        key = key * radix[level] + codes[:, level]
+    radix = [int(r) for r in (codes.max(axis=0) + 1 if radix is None else radix)]
+    if float(np.prod(np.asarray(radix, np.float64))) >= 2.0 ** 63:
+        raise ValueError(f"code tuples with level sizes {radix} do not fit in one int64 key")
+    key = codes[:, 0].astype(np.int64)
+    for level in range(1, codes.shape[1]):
+        key *= radix[level]
+        key += codes[:, level]
     return key
 
 

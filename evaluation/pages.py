@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from homegen.data.builders import SyntheticWorldDataset
-from homegen.data.simulator.policies import OraclePolicy, SamplingPolicy, popularity_pages
+from homegen.data.simulator.policies import OraclePolicy, SamplingPolicy, popularity_pages, random_policy
 from homegen.data.simulator.response import PageBatch, ResponseModel
 from homegen.data.simulator.shelves import ShelfRules
 from homegen.data.simulator.world import Contexts, World, parse_context
@@ -275,8 +275,8 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
                                                       cfg.max_items, cfg.max_items)
     values["logging policy (full shelves)"] = response_model.expected_engagement(judge.batch(*full_logging))
     # The floor any model must clear: valid pages of eligible items drawn at random, every shelf full.
-    random_pages = SamplingPolicy(world, rules, personalised=False, explore=1.0, noise=0.0).build(
-        users, ctx, history, np.random.default_rng(0), cfg.num_shelves, cfg.max_items, cfg.max_items)
+    random_pages = random_policy(world, rules).build(users, ctx, history, np.random.default_rng(0), cfg.num_shelves,
+                                                     cfg.max_items, cfg.max_items)
     values["random (full shelves)"] = response_model.expected_engagement(judge.batch(*random_pages))
 
     streamed = [[i for shelf in log["page"] for i, s in zip(shelf["items"], shelf.get("streams") or []) if s > 0]

@@ -271,6 +271,11 @@ class OraclePolicy:
         return value, chosen
 
 
+def random_policy(world: World, rules: ShelfRules) -> SamplingPolicy:
+    """Pages of eligible items drawn uniformly: no personalisation, all exploration, no noise."""
+    return SamplingPolicy(world, rules, personalised=False, explore=1.0, noise=0.0)
+
+
 def policy_engagement(response: ResponseModel, users: np.ndarray, ctx: Contexts, history: np.ndarray,
                       logged: tuple[np.ndarray, np.ndarray], rng: np.random.Generator, num_shelves: int,
                       min_items: int, max_items: int) -> dict[str, np.ndarray]:
@@ -281,10 +286,10 @@ def policy_engagement(response: ResponseModel, users: np.ndarray, ctx: Contexts,
     def value(shelves, items):
         return response.expected_engagement(PageBatch(users, ctx, history, shelves, items))
 
-    random_policy = SamplingPolicy(world, rules, personalised=False, explore=1.0, noise=0.0)
     return {
         "logging policy": value(*logged),
         "popularity": value(*popularity_pages(world, rules, b, num_shelves, max_items)),
-        "random": value(*random_policy.build(users, ctx, history, rng, num_shelves, min_items, max_items)),
+        "random": value(*random_policy(world, rules).build(users, ctx, history, rng, num_shelves, min_items,
+                                                            max_items)),
         "oracle": value(*OraclePolicy(response).build(users, ctx, history, num_shelves, max_items)),
     }
