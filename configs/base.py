@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
+    c.model.fused_attention = False  # cuDNN flash attention in training where the GPU and dtype allow it
     c.model.value_head = False  # pages: also learn each item's stream probability; beam search maximises it
 
     c.loss = ml_collections.ConfigDict()

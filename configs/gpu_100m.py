@@ -15,6 +15,7 @@ def get_config():
     c.model.mlp_dim = 3072
     c.model.dtype = "bfloat16"
     c.model.remat = "dots"
+    c.model.fused_attention = True  # cuDNN flash attention: 71.6 against 118 ms a step on an H200 (BENCHMARKS)
     c.loss.kind = "sampled"
     c.loss.num_negatives = 8192
     c.train.steps = 20000

@@ -42,6 +42,9 @@ class TransformerConfig:
     remat: str = "none"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Uncached (training, scoring) attention through cuDNN's fused flash-attention kernel where the backend is a
+    # GPU and the compute dtype is bfloat16/float16; XLA's attention elsewhere and while decoding from a cache.
+    fused_attention: bool = False
     value_head: bool = False  # also predict whether each item token would be streamed (see `values`)
     # Item attributes (data/attributes.py): ids 1..num_attributes, at most attributes_per_item per token; a
     # token's embedding adds the mean of its attributes' embeddings (0: no attributes).
@@ -157,13 +160,30 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (zero, cache_index, zero, zero))
             values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (zero, cache_index, zero, zero))
             key_segments, query_slot = cache_segments, cache_index + jnp.arange(t)
-        key_slot = jnp.arange(keys.shape[1])
-        mask = ((key_slot[None, :] <= query_slot[:, None])[None]
-                & (segment_ids[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0))
-        mask = mask | (key_slot[None, None, :] == query_slot[None, :, None])  # padding attends to itself
-        out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask[:, None])
+        if cache_kv is None and self.cfg.fused_attention and _fused_attention_available(dt):
+            out = causal_segment_attention(q, k, v, segment_ids, implementation="cudnn")
+        else:
+            key_slot = jnp.arange(keys.shape[1])
+            mask = ((key_slot[None, :] <= query_slot[:, None])[None]
+                    & (segment_ids[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0))
+            mask = mask | (key_slot[None, None, :] == query_slot[None, :, None])  # padding attends to itself
+            out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask[:, None])
         out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dt))
         return out, (None if cache_kv is None else (keys, values))
+
+
+def _fused_attention_available(dtype) -> bool:
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def causal_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                             implementation: str | None = None) -> jax.Array:
+    """Causal attention within each packed segment of (B, T) `segment_ids` (0 = padding, which attends to
+    itself only), with causality as the kernel's own mask type (so a fused kernel skips the blocks above the
+    diagonal) and the segments as a (B, 1, T, T) mask shared by every head. q (B, T, N, H); k, v (B, T, K, H)."""
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    same = same | jnp.eye(q.shape[1], dtype=bool)[None]
+    return jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True, implementation=implementation)
 
 
 class MLP(nnx.Module):

@@ -1,7 +1,8 @@
 """Training throughput of a config: step time, tokens/s and model FLOPs utilisation (MFU).
 
     python scripts/benchmark_train.py --config configs/demo.py [--config.train.batch_size=64] \
-        [--steps 20] [--peak_tflops 989] [--config.finetune.lora_rank=8] [--flops_only]
+        [--steps 20] [--peak_tflops 989] [--config.finetune.lora_rank=8] [--flops_only] [--noxla_flops] \
+        [--profile_dir DIR [--profile_steps 3]]
 
 Random token batches of the config's shape go through the real sharded train step with the config's loss
 (full softmax, or sampled softmax over a Zipf-popular catalog, plus the value head's loss when the model has
@@ -11,12 +12,18 @@ second / the device's peak, printed for the analytic count (6 x matmul parameter
 and for XLA's own count of the compiled step with its layers unrolled (its cost analysis counts a loop's
 body once), which says what ran: e.g. a LoRA step computes no frozen-weight gradients, and remat recomputes.
 The peak comes from --peak_tflops, a table of known accelerators, or, on CPU, a measured float32 matmul
-rate (stated in the output).
+rate (stated in the output). --profile_dir traces a few more steps with jax.profiler (TensorBoard/XProf and
+Perfetto files in DIR) and prints the ops that took the most accelerator time per step.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
+import json
+import os
 import time
 
 import jax
@@ -37,6 +44,9 @@ flags.DEFINE_integer("items", 0, "Item tokens (0: the config's data preset's cat
 flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of one device (0: look up or measure).")
 flags.DEFINE_bool("flops_only", False, "Print the step's analytic and XLA FLOP counts without running it (e.g. "
                   "a GPU config's counts, compiled on a CPU).")
+flags.DEFINE_bool("xla_flops", True, "Also compile the step with its layers unrolled for XLA's FLOP count.")
+flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps into this folder and print the top ops.")
+flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
 FLAGS = flags.FLAGS
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
@@ -73,6 +83,45 @@ def device_peak_tflops(dtype: str) -> tuple[float, str]:
     out.block_until_ready()
     rate = 10 * 2 * n ** 3 / (time.perf_counter() - start) / 1e12
     return rate, f"measured float32 {n}x{n} matmul on {kind}"
+
+
+def device_op_times(trace_dir: str) -> list[tuple[str, float, int]]:
+    """(op, total microseconds, count) of the operations that a jax.profiler trace in trace_dir (its Perfetto
+    file) records on accelerator devices ('/device:' processes), largest total first; [] for a CPU trace,
+    which records no device operations. An op is named by its HLO instruction where the trace gives one."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for event in events:
+        if event.get("ph") == "X" and event.get("pid") in devices:
+            op = event.get("args", {}).get("hlo_op") or event["name"]
+            totals[op][0] += float(event.get("dur", 0.0))
+            totals[op][1] += 1
+    return sorted(((op, total, count) for op, (total, count) in totals.items()), key=lambda r: -r[1])
+
+
+def profile_steps(trainer: Trainer, state, batch, steps: int, trace_dir: str, top: int = 20):
+    """Traces `steps` train steps into trace_dir and prints the `top` ops by accelerator time per step."""
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+    ops = device_op_times(trace_dir)
+    if not ops:
+        print(f"profile: the trace in {trace_dir} records no accelerator operations (a CPU run)")
+        return state
+    busy = sum(total for _, total, _ in ops)
+    print(f"profile: {busy / steps / 1e3:,.1f} ms of device op time per step over {steps} traced steps "
+          f"({len(ops)} distinct ops); the top {top}:")
+    for op, total, count in ops[:top]:
+        print(f"  {total / steps / 1e3:>9.2f} ms {total / busy:>6.1%} {count // steps:>4}x  {op[:110]}")
+    return state
 
 
 def main(argv):
@@ -115,8 +164,10 @@ def main(argv):
         print(f"{'GFLOP per step':<24}{analytic / 1e9:>16,.1f}  (analytic count)")
         print(f"{'XLA GFLOP per step':<24}{compiled / 1e9:>16,.1f}  ({compiled / analytic:.2f}x the analytic count)")
         return
+    first_loss = None
     for _ in range(3):
         state, metrics = trainer.train_step(state, batch)
+        first_loss = float(metrics["loss"]) if first_loss is None else first_loss
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
@@ -135,12 +186,17 @@ def main(argv):
     loss = (f"sampled softmax, {cfg.loss.num_negatives:,} negatives" if sampled else "full softmax")
     print(f"{'loss':<24}{loss:>16}" + (" + value head" if model_cfg.value_head else ""))
     print(f"{'vocabulary':<24}{vocab:>16,} ({items:,} items)")
+    attention = "cuDNN fused" if model_cfg.fused_attention and jax.default_backend() == "gpu" else "XLA"
+    print(f"{'attention':<24}{attention:>16}")
+    print(f"{'first-step loss':<24}{first_loss:>16.6f}  (seeded parameters and batch: equal settings give equal loss)")
     print(f"{'step time (ms)':<24}{step_time * 1e3:>16.1f}")
     print(f"{'tokens/s':<24}{tokens / step_time:>16,.0f}")
     print(f"{'model TFLOP/s':<24}{flops / 1e12:>16.3f}  (analytic count)")
     print(f"{'peak TFLOP/s/device':<24}{peak:>16.3f}  ({source})")
     print(f"{'MFU':<24}{flops / 1e12 / (peak * devices):>16.1%}  (analytic count)")
-    compiled = xla_flops()
+    if FLAGS.profile_dir:
+        state = profile_steps(trainer, state, batch, FLAGS.profile_steps, FLAGS.profile_dir)
+    compiled = xla_flops() if FLAGS.xla_flops else None
     if compiled is not None:  # what XLA says the compiled step computes: what ran, frozen weights included
         print(f"{'XLA TFLOP/s':<24}{compiled / step_time / 1e12:>16.3f}  (compiled step's cost analysis: "
               f"{compiled / (flops * step_time):.2f}x the analytic count)")

@@ -5,27 +5,61 @@
 #   2. train.py started as a one-task SLURM job (its environment variables only) trains the demo model on
 #      the GPU, is preempted by SIGTERM mid-run, and the relaunch ends equal to an uninterrupted run. XLA's
 #      GPU reductions are not deterministic by default (two uninterrupted runs differ too), so this part
-#      runs with --xla_gpu_deterministic_ops=true; DETERMINISTIC=0 leaves it out.
+#      runs with --xla_gpu_deterministic_ops=true; DETERMINISTIC=0 leaves it out;
+#   3. the serving scale table (scripts/benchmark_scale.py): semantic IDs at 10^4, 10^6 and 10^7 items, and
+#      atomic tokens at the same sizes (run after part 4: the slowest), batch 1 and 64, beam 4, every page
+#      checked;
+#   4. a profile of gpu_100m's train step: the ops that take the most GPU time (trace kept in RESULTS), with
+#      XLA's attention and with cuDNN's fused attention (model.fused_attention), and the latter without remat.
 #
 #   bash scripts/gpu_checks.sh [RESULTS_DIR]
-#   (PYTHON=... the interpreter; TRAIN=... train.py's path; BENCH=0 skips part 1; DEMO_STEPS=300)
+#   (PYTHON=... the interpreter; TRAIN=... train.py's path; PARTS="1 2 3 4" the parts to run; DEMO_STEPS=300;
+#    PART_TIMEOUT=seconds that parts 3 and 4 may each take, 0 for none; SCALE_ITEMS=10000,1000000,10000000;
+#    SCALE_BATCHES=1,64; PROFILE_DIR=where part 4's full trace goes, RESULTS/profile unless set)
 set -uo pipefail
 RESULTS=$(mkdir -p "${1:-runs/gpu_checks}" && cd "${1:-runs/gpu_checks}" && pwd)
 PY=$(command -v "${PYTHON:-python3}")
 TRAIN=${TRAIN:-train.py}
 STEPS=${DEMO_STEPS:-300}
+PARTS=" ${PARTS:-1 2 3 4} "
+LIMIT=(timeout "${PART_TIMEOUT:-0}")
+SCALE=(scripts/benchmark_scale.py --items "${SCALE_ITEMS:-10000,1000000,10000000}" --batches "${SCALE_BATCHES:-1,64}"
+       --train_steps 0)
+PROFILE_DIR=${PROFILE_DIR:-$RESULTS/profile}
 export PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
-if [ "${BENCH:-1}" = 1 ]; then
+if [[ $PARTS == *" 1 "* ]]; then
   echo "== 1. gpu_100m step time and MFU"
   $PY scripts/benchmark_train.py --config configs/gpu_100m.py --steps 20 2>&1 | tee "$RESULTS/gpu_100m.txt"
   $PY scripts/benchmark_train.py --config configs/gpu_100m.py --steps 20 --config.model.remat=none 2>&1 \
     | tee "$RESULTS/gpu_100m_no_remat.txt"
 fi
 
+if [[ $PARTS == *" 3 "* ]]; then
+  echo "== 3. serving cost against the catalog size"
+  "${LIMIT[@]}" $PY "${SCALE[@]}" --item_tokens semantic --calls 10 2>&1 | tee "$RESULTS/scale_semantic.txt"
+fi
+
+if [[ $PARTS == *" 4 "* ]]; then
+  echo "== 4. gpu_100m train step profile"
+  for fused in false true; do
+    "${LIMIT[@]}" $PY scripts/benchmark_train.py --config configs/gpu_100m.py --steps 10 --noxla_flops \
+      --config.model.fused_attention=$fused --profile_dir "$PROFILE_DIR/fused_$fused" --profile_steps 3 2>&1 \
+      | tee "$RESULTS/gpu_100m_profile_fused_$fused.txt"
+    find "$PROFILE_DIR/fused_$fused" -name perfetto_trace.json.gz -exec cp {} "$RESULTS/gpu_100m_trace_fused_$fused.json.gz" \;
+  done
+  "${LIMIT[@]}" $PY scripts/benchmark_train.py --config configs/gpu_100m.py --steps 10 --noxla_flops \
+    --config.model.fused_attention=true --config.model.remat=none 2>&1 | tee "$RESULTS/gpu_100m_fused_no_remat.txt"
+fi
+
+if [[ $PARTS == *" 3 "* ]]; then
+  "${LIMIT[@]}" $PY "${SCALE[@]}" --item_tokens atomic --calls 3 2>&1 | tee "$RESULTS/scale_atomic.txt"
+fi
+
+[[ $PARTS == *" 2 "* ]] || exit 0
 echo "== 2. SLURM-launched demo training, SIGTERM mid-run, relaunch"
 xla_flags="${XLA_FLAGS:-}"
 [ "${DETERMINISTIC:-1}" = 1 ] && xla_flags="$xla_flags --xla_gpu_deterministic_ops=true"

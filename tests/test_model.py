@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from homegen.model.loss import SampledSoftmax, full_softmax_loss, sampled_softmax_loss, value_loss
-from homegen.model.transformer import KVCache, Transformer, TransformerConfig
+from homegen.model.transformer import KVCache, Transformer, TransformerConfig, causal_segment_attention
 
 CFG = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
 
@@ -47,6 +47,33 @@ def test_causal_and_packed_masking():
     packed, _ = model(tokens, pos, seg)
     alone, _ = model(tokens[:, 4:], positions[:, :6], segments[:, :6])
     np.testing.assert_allclose(packed[:, 4:], alone, atol=1e-5)
+
+
+def test_fused_attention_form_equals_the_masked_form():
+    """The form handed to cuDNN's fused kernel (causal as the kernel's mask type, segments as a mask shared
+    by the heads) computes what the dense causal-and-segment mask computes, packed rows and padding
+    included (run here through XLA: the kernel needs a GPU; scripts/gpu_checks.sh compares them there)."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(3, 10, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(3, 10, 2, 8)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray([[1] * 10, [1, 1, 1, 1, 2, 2, 2, 2, 2, 0], [1, 1, 2, 2, 2, 3, 0, 0, 0, 0]], jnp.int32)
+    slot = jnp.arange(10)
+    mask = ((slot[None, :] <= slot[:, None])[None] & (segments[:, :, None] == segments[:, None, :])
+            & (segments[:, None, :] > 0)) | jnp.eye(10, dtype=bool)[None]
+    dense = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    fused_form = causal_segment_attention(q, k, v, segments, implementation="xla")
+    np.testing.assert_allclose(fused_form, dense, atol=1e-6)
+    # and segment 2 of row 1 equals that sequence alone
+    alone = causal_segment_attention(q[1:2, 4:9], k[1:2, 4:9], v[1:2, 4:9], jnp.ones((1, 5), jnp.int32))
+    np.testing.assert_allclose(fused_form[1:2, 4:9], alone, atol=1e-6)
+
+
+def test_fused_attention_falls_back_to_xla_off_gpu():
+    """fused_attention=True on a CPU (or in float32) computes with XLA's attention: same numbers."""
+    tokens, positions, segments = inputs()
+    plain = Transformer(TransformerConfig(**CFG), nnx.Rngs(0))
+    fused = Transformer(TransformerConfig(**CFG, fused_attention=True), nnx.Rngs(0))
+    np.testing.assert_array_equal(fused(tokens, positions, segments)[0], plain(tokens, positions, segments)[0])
 
 
 def test_param_count_and_untied_head():
