@@ -321,7 +321,8 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
                           rounds: int = 1000) -> dict[str, dict]:
     """The off-policy table for a synthetic-world checkpoint: its beam search, sampling (temperature 1,
     `samples` pages per request) and pointwise pages, and the logging policy itself, on the first `num_pages`
-    held-out page logs of `logs` (a `scripts/simulate.py --propensities` folder of the checkpoint's world).
+    held-out page logs of `logs` (a `scripts/simulate.py --propensities` folder of the checkpoint's world, or
+    a page-log file of that world's users, e.g. `homegen join` of pages a server sampled for them).
     DM and DR use the mean of the value heads of `value_models` (default: the checkpoint's own)."""
     from homegen.evaluation.pages import WorldJudge, pointwise_pages
     from homegen.serving.engine import PageEngine
@@ -331,16 +332,17 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     world = getattr(engine.eligibility, "world", None)
     if world is None:
         raise ValueError(f"{checkpoint} was not trained on the synthetic world: exact values need its world")
-    logs_config = world_config_of(logs)
-    if logs_config != world.config:  # the same config builds the same world: the checkpoint's is used
-        raise ValueError(f"{logs} was written from another world ({dataclasses.asdict(logs_config)}) than "
-                         f"{checkpoint} was trained on ({dataclasses.asdict(world.config)})")
+    if os.path.isdir(logs):
+        logs_config = world_config_of(logs)
+        if logs_config != world.config:  # the same config builds the same world: the checkpoint's is used
+            raise ValueError(f"{logs} was written from another world ({dataclasses.asdict(logs_config)}) than "
+                             f"{checkpoint} was trained on ({dataclasses.asdict(world.config)})")
     value_engines = [PageEngine(path) for path in value_models] if value_models else [engine]
     for path, value_engine in zip(value_models or [checkpoint], value_engines):
         if not value_engine.model_cfg.value_head:
             raise ValueError(f"{path} has no value head: DM and DR need one")
     value_model = ValueModel(value_engines)
-    logged = read_logged_pages(os.path.join(logs, "heldout_pages.jsonl"), num_pages)
+    logged = read_logged_pages(os.path.join(logs, "heldout_pages.jsonl") if os.path.isdir(logs) else logs, num_pages)
     requests = world_requests(logged, world.config.num_shelves, world.config.max_items)
     parsed = [parse_request(r) for r in requests]
     judge = WorldJudge(world, requests)

@@ -4,6 +4,7 @@
     homegen serve --checkpoint runs/demo --user u42
     homegen evaluate --checkpoint runs/demo --split validation
     homegen simulate --out world --items 10000
+    homegen join --impressions logs --output pages.jsonl    # served pages + outcome events -> page logs
 
 Each command takes the same flags as the checkout's script of that name (`--help` lists them).
 """
@@ -18,6 +19,7 @@ COMMANDS = {
     "serve": "homegen.commands.serve",
     "evaluate": "homegen.commands.evaluate",
     "simulate": "homegen.commands.simulate",
+    "join": "homegen.commands.join",
 }
 
 

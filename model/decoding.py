@@ -31,12 +31,15 @@ NEG_INF = -1e30
 class Decoded:
     """Per request, `n` pages best first: generated tokens (PAD after EOS), each token's log-probability
     (under the model for beam search, renormalised over the allowed tokens for sampling), the page's
-    score and whether the slot holds a finished page."""
+    score, whether the slot holds a finished page, and each token's log-probability under the decoding
+    policy itself (the propensity a page log records: 0 for beam search, which is deterministic; for
+    sampling, under the tempered and top-k/top-p filtered distribution the token was drawn from)."""
 
     tokens: jax.Array  # (B, n, T)
     token_logps: jax.Array  # (B, n, T)
     scores: jax.Array  # (B, n): normalised log-probability, or predicted streams (+ prior) for `streams`
     valid: jax.Array  # (B, n)
+    policy_logps: jax.Array  # (B, n, T)
 
 
 OBJECTIVES = ("likelihood", "streams")
@@ -248,7 +251,8 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
 
     s = jax.lax.while_loop(running, body, state)
     valid = s.done_score > NEG_INF / 2
-    return Decoded(s.done_tokens, jnp.where(valid[:, :, None], s.done_logps, 0.0), s.done_score, valid)
+    logps = jnp.where(valid[:, :, None], s.done_logps, 0.0)
+    return Decoded(s.done_tokens, logps, s.done_score, valid, jnp.zeros_like(logps))
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -281,20 +285,26 @@ def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, t
         mask = grammar.allowed(s["fsm"], rules, tables)
         filtered = filter_logits(jnp.where(mask, s["logits"], NEG_INF), temperature, top_k, top_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        token = jax.vmap(jax.random.categorical)(step_keys, jnp.where(mask, filtered, NEG_INF))
+        drawn_from = jnp.where(mask, filtered, NEG_INF)
+        token = jax.vmap(jax.random.categorical)(step_keys, drawn_from)
         token = jnp.where(s["fsm"].done, PAD, token)
         logp = jnp.take_along_axis(constrained_logp(s["logits"], mask), token[:, None], 1)[:, 0]
         logp = jnp.where(s["fsm"].done, 0.0, logp)
+        policy_logp = jnp.take_along_axis(jax.nn.log_softmax(drawn_from), token[:, None], 1)[:, 0]
+        policy_logp = jnp.where(s["fsm"].done, 0.0, policy_logp)
         fsm = grammar.advance(s["fsm"], token, rules, tables)
         logits, cache = decode_step(model, token, lengths + step, s["cache"])
         return dict(step=step + 1, logits=logits, cache=cache, fsm=fsm,
-                    tokens=s["tokens"].at[:, step].set(token), logps=s["logps"].at[:, step].set(logp))
+                    tokens=s["tokens"].at[:, step].set(token), logps=s["logps"].at[:, step].set(logp),
+                    policy_logps=s["policy_logps"].at[:, step].set(policy_logp))
 
     s = jax.lax.while_loop(running, body, dict(
         step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, fsm=grammar.init(rules, tables, max_new),
-        tokens=jnp.full((b, max_new), PAD, jnp.int32), logps=jnp.zeros((b, max_new))))
+        tokens=jnp.full((b, max_new), PAD, jnp.int32), logps=jnp.zeros((b, max_new)),
+        policy_logps=jnp.zeros((b, max_new))))
     valid = s["fsm"].done
-    return Decoded(s["tokens"][:, None], s["logps"][:, None], s["logps"].sum(-1)[:, None], valid[:, None])
+    return Decoded(s["tokens"][:, None], s["logps"][:, None], s["logps"].sum(-1)[:, None], valid[:, None],
+                   s["policy_logps"][:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "level_starts", "level_sizes", "beam_size"))

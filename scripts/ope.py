@@ -11,7 +11,8 @@ The value model is best trained on the logs themselves (LOGS_VALUE above; docs/B
 direct estimate within 7% of the exact value for every policy); the checkpoint's own value head, the
 default, overestimates the pages its beam search optimised.
 
-LOGS must be written from the checkpoint's world (same --items, --users and --seed as its data preset: tiny is
+LOGS (a folder, whose heldout_pages.jsonl is read, or a page-log file such as `homegen join` writes from a
+server's impression logs) must be written from the checkpoint's world (same --items, --users and --seed as its data preset: tiny is
 1000 items and 200 users, small 10000 and 5000). The table goes to stdout and, with --out, OUT/ope.md and
 OUT/ope.json.
 """
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run folder of a synthetic-world checkpoint")
     parser.add_argument("--step", type=int, default=None, help="default: the best (or latest) step")
-    parser.add_argument("--logs", required=True, help="folder written by scripts/simulate.py --propensities")
+    parser.add_argument("--logs", required=True, help="folder written by scripts/simulate.py --propensities, or a "
+                        "page-log file with streams and propensities (e.g. `homegen join` of a server's impressions)")
     parser.add_argument("--pages", type=int, default=500, help="held-out page logs to estimate from")
     parser.add_argument("--value_model", action="append", default=None,
                         help="run folder whose value head DM and DR use; repeat for the mean of several "

@@ -1,5 +1,8 @@
-"""The HTTP server (FastAPI on uvicorn): POST /v1/pages, POST /v1/catalog, POST /admin/reload, GET /healthz,
-GET /metrics (Prometheus), GET / (HTML view), GET /openapi.json.
+"""The HTTP server (FastAPI on uvicorn): POST /v1/pages, POST /v1/events, POST /v1/catalog, POST /admin/reload,
+GET /healthz, GET /metrics (Prometheus), GET / (HTML view), GET /openapi.json.
+
+With an impressions folder, every page answered 200 is in its impression log before the answer is sent, and
+POST /v1/events appends what users did with a page to the events log (serving/impressions.py).
 
 uvicorn parses HTTP (h11: a malformed Content-Length is a 400 that closes the connection), times out idle
 keep-alive connections and drains in-flight requests on SIGTERM; `BodyGuard` refuses bodies over the limit
@@ -19,6 +22,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -34,8 +38,16 @@ from prometheus_client import (
 
 from homegen.serving.catalog_files import CatalogDirectory, CatalogRefused
 from homegen.serving.html import render
+from homegen.serving.impressions import LogSettings, RotatingLog, impression_record, parse_events
 from homegen.serving.requests import RequestError, parse_request
-from homegen.serving.schemas import CatalogBody, ErrorBody, PageRequestBody, PageResponseBody, ReloadBody
+from homegen.serving.schemas import (
+    CatalogBody,
+    ErrorBody,
+    EventsBody,
+    PageRequestBody,
+    PageResponseBody,
+    ReloadBody,
+)
 from homegen.serving.worker import DeadlinePassed, DecodeWorker, EngineSlot, QueueFull
 
 log = logging.getLogger("homegen.serve")
@@ -52,6 +64,9 @@ class ServerSettings:
     watch_s: float = 0.0  # > 0: look for a newer checkpoint in the run folder this often
     admin_token: str | None = None  # state-changing endpoints need "Authorization: Bearer TOKEN"; off when None
     catalog_dir: str | None = None  # the only directory POST /v1/catalog reads from; off when None
+    impressions_dir: str | None = None  # impression and event logs go here; off when None
+    log_settings: LogSettings = LogSettings()
+    log_wait_s: float = 5.0  # a response waits at most this long for its impression line to be written
 
 
 class Metrics:
@@ -74,6 +89,9 @@ class Metrics:
                                registry=r)
         Gauge("homegen_queue_depth", "Requests waiting to be decoded", registry=r).set_function(queue_depth)
         Gauge("homegen_checkpoint_step", "Checkpoint step being served", registry=r).set_function(checkpoint_step)
+        self.log_records = Counter("homegen_log_records", "Impression and event records by log and result "
+                                   "(written, or dropped_<errno> when the folder cannot be written)",
+                                   ["log", "result"], registry=r)
 
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -170,6 +188,13 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
     worker = DecodeWorker(slot, slot.engine.buckets.max_batch if slot.engine.buckets else 16, settings.max_wait_s,
                           settings.max_queue, on_batch=metrics.batch)
     stop_watching = threading.Event()
+    impressions = events = None
+    if settings.impressions_dir:
+        def log_in(prefix: str) -> RotatingLog:
+            return RotatingLog(settings.impressions_dir, prefix, settings.log_settings,
+                               on_written=lambda n: metrics.log_records.labels(prefix, "written").inc(n),
+                               on_dropped=lambda n, why: metrics.log_records.labels(prefix, f"dropped_{why}").inc(n))
+        impressions, events = log_in("impressions"), log_in("events")
 
     def watch() -> None:
         while not stop_watching.wait(settings.watch_s):
@@ -186,6 +211,9 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
         yield
         stop_watching.set()
         await asyncio.to_thread(worker.stop)
+        for opened in (impressions, events):
+            if opened is not None:
+                await asyncio.to_thread(opened.close)
 
     app = FastAPI(title="homegen", summary="Generates whole Home pages from a checkpoint (FORMATS.md §4)",
                   version="1", lifespan=lifespan)
@@ -196,6 +224,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
         """(status, body, headers) of one page request given as decoded JSON."""
         try:
             request = parse_request(obj)
+            request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
             future = worker.submit(request, settings.deadline_s)
         except RequestError as e:
             metrics.errors.labels("bad_request").inc()
@@ -217,7 +246,18 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
             metrics.errors.labels("bad_request").inc()
             return 400, response, None
         metrics.pages.inc()
+        if impressions is not None:
+            await log_impression(request, response)
         return 200, response, None
+
+    async def log_impression(request, response: dict) -> None:
+        """Returns once the page's impression line is written (or dropped and counted: a log that cannot be
+        written never fails the request), or after log_wait_s, whichever comes first."""
+        written = impressions.append(impression_record(request.with_session(), response))
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(written)), settings.log_wait_s)
+        except TimeoutError:
+            metrics.log_records.labels("impressions", "slow").inc()
 
     catalogs = CatalogDirectory(settings.catalog_dir) if settings.catalog_dir else None
 
@@ -259,6 +299,27 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
         metrics.requests.labels("/v1/pages", str(status)).inc()
         metrics.latency.observe(time.perf_counter() - start)
         return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.post("/v1/events", status_code=202, summary="Record what a user did with a served page",
+              responses=_documented(400, 403), openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": EventsBody.model_json_schema()}}}})
+    async def outcome_events(request: Request):
+        if events is None:
+            metrics.requests.labels("/v1/events", "403").inc()
+            return _error(403, "event logging is off: the server was started without an impressions folder "
+                               "(serve.py --impressions)")
+        try:
+            records = parse_events(await read_json(request))
+        except ValueError as e:  # RequestError included
+            metrics.requests.labels("/v1/events", "400").inc()
+            return _error(400, str(e))
+        written = asyncio.gather(*(asyncio.wrap_future(events.append(record)) for record in records))
+        try:
+            await asyncio.wait_for(asyncio.shield(written), settings.log_wait_s)
+        except TimeoutError:  # queued, and written when the folder allows
+            metrics.log_records.labels("events", "slow").inc()
+        metrics.requests.labels("/v1/events", "202").inc()
+        return JSONResponse({"accepted": sum(len(r["events"]) for r in records)}, status_code=202)
 
     @app.post("/v1/catalog", summary="Add the new items of a catalog file (semantic-ID checkpoints)",
               responses=_documented(400, 401, 403), openapi_extra={"requestBody": {"required": True, "content": {
@@ -326,7 +387,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
     async def options():
         return Response(status_code=204, headers={"Allow": ALLOWED})
 
-    for path in ("/v1/pages", "/v1/catalog", "/admin/reload", "/healthz", "/metrics", "/"):
+    for path in ("/v1/pages", "/v1/events", "/v1/catalog", "/admin/reload", "/healthz", "/metrics", "/"):
         app.add_api_route(path, options, methods=["OPTIONS"], include_in_schema=False)
 
     @app.exception_handler(404)

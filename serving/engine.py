@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import threading
 import time
 
@@ -273,16 +275,23 @@ class PageEngine:
             order = jnp.argsort(-out.scores, axis=1)
             out = jax.tree.map(lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1), out)
         out = jax.device_get(out)
+        # The propensities a page log needs are exact for beam search (deterministic: 1) and for one sampled
+        # page per request; the best of several samples has no tractable probability, so it carries none.
+        exact = mode == "beam" or width == 1
         results = []
         for row, request in enumerate(requests):
-            pages = [self._page(out.tokens[row, j], out.token_logps[row, j]) for j in range(out.tokens.shape[1])
-                     if out.valid[row, j]][:request.num_pages]
+            pages = [self._page(out.tokens[row, j], out.token_logps[row, j],
+                                out.policy_logps[row, j] if exact else None)
+                     for j in range(out.tokens.shape[1]) if out.valid[row, j]][:request.num_pages]
             if not pages:
                 results.append({"error": "no valid page could be decoded for this request"})
                 continue
             best = pages[0]
-            response = {"user_id": request.user_id, "page": best["page"], "log_prob": best["log_prob"],
+            response = {**({"request_id": request.request_id} if request.request_id else {}),
+                        "user_id": request.user_id, "page": best["page"], "log_prob": best["log_prob"],
                         "checkpoint_step": self.step}
+            if "log_propensity" in best:
+                response["log_propensity"] = best["log_propensity"]
             if mode == "beam" and objective == "streams":  # the score less its log-prob prior
                 prior = self.prior_weight * float(out.token_logps[row, 0].sum())
                 response["predicted_streams"] = round(float(out.scores[row, 0]) - prior, 4)
@@ -291,27 +300,39 @@ class PageEngine:
             results.append(response)
         return results
 
-    def _page(self, tokens: np.ndarray, logps: np.ndarray) -> dict:
+    def _page(self, tokens: np.ndarray, logps: np.ndarray, policy_logps: np.ndarray | None = None) -> dict:
         """A decoded page: shelves with their items, each item's log-probability (the sum over its tokens)
-        and the page's."""
+        and the page's; with `policy_logps`, also each item's propensity (the decoding policy's probability of
+        the item in its slot given everything before it, FORMATS.md §3) and the page's log-propensity."""
         page, total, codes, item_logp = [], 0.0, [], 0.0
-        for token, logp in zip(tokens.tolist(), logps.tolist()):
+        policy = np.zeros(len(tokens)) if policy_logps is None else policy_logps
+        page_policy, item_policy = 0.0, 0.0
+        for token, logp, policy_logp in zip(tokens.tolist(), logps.tolist(), policy.tolist()):
             if token in (PAD, EOS):
                 total += logp if token == EOS else 0.0
+                page_policy += policy_logp if token == EOS else 0.0
                 if token == EOS:
                     break
                 continue
             total += logp
+            page_policy += policy_logp
             if self.vocab.is_shelf(token):
-                page.append({"shelf": self.vocab.shelves[token - self.vocab.shelf_offset], "items": [], "item_scores": []})
+                page.append({"shelf": self.vocab.shelves[token - self.vocab.shelf_offset], "items": [], "item_scores": [],
+                             "propensities": []})
                 continue
             codes.append(token - self.vocab.item_offset)
             item_logp += logp
+            item_policy += policy_logp
             if len(codes) == self.vocab.items.tokens_per_item:
                 page[-1]["items"].append(self.vocab.items.decode(codes))
                 page[-1]["item_scores"].append(round(item_logp, 4))
-                codes, item_logp = [], 0.0
-        return {"page": page, "log_prob": round(total, 4)}
+                page[-1]["propensities"].append(float(f"{max(math.exp(item_policy), 1e-300):.6g}"))
+                codes, item_logp, item_policy = [], 0.0, 0.0
+        if policy_logps is None:
+            for shelf in page:
+                del shelf["propensities"]
+            return {"page": page, "log_prob": round(total, 4)}
+        return {"page": page, "log_prob": round(total, 4), "log_propensity": round(min(page_policy, 0.0), 6)}
 
     # --- scoring given pages ----------------------------------------------------------------------------
     def score(self, requests: list[PageRequest], pages: list[list[dict]], batch_size: int = 32) -> list[dict]:

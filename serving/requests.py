@@ -23,6 +23,7 @@ class RequestError(ValueError):
 @dataclasses.dataclass
 class PageRequest:
     user_id: str | None = None
+    request_id: str | None = None  # the client's, echoed in the response and the impression log
     history: list[str] = dataclasses.field(default_factory=list)
     context: dict[str, str] = dataclasses.field(default_factory=dict)
     intent: str | None = None
@@ -137,8 +138,12 @@ def parse_request(obj) -> PageRequest:
         if len(allowed) > MAX_IDS:
             raise RequestError(f"'allowed_shelves' has {len(allowed):,} entries; at most {MAX_IDS:,} are accepted")
         allowed = [_text(s, "a name in 'allowed_shelves'") for s in allowed]
+    request_id = obj.get("request_id")
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+        raise RequestError("'request_id' must be a string")
     request = PageRequest(
-        user_id=user, history=_ids(obj, "history"), context=fields,
+        user_id=user, request_id=None if request_id is None else _text(str(request_id), "'request_id'"),
+        history=_ids(obj, "history"), context=fields,
         intent=intent or None,
         num_shelves=_int(obj, "num_shelves", 6, 1, MAX_SHELVES),
         min_items_per_shelf=_int(obj, "min_items_per_shelf", 4, 1, MAX_ITEMS_PER_SHELF),

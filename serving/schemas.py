@@ -18,6 +18,8 @@ class PageRequestBody(BaseModel):
     """One Home page to generate. `user_id` or `history` is required."""
 
     user_id: str | None = Field(None, max_length=MAX_TEXT)
+    request_id: str | None = Field(None, max_length=MAX_TEXT, description="echoed in the response and the impression "
+                                                                        "log; the server assigns one when absent")
     history: list[str] = Field(default_factory=list, max_length=MAX_IDS,
                                description="item ids, oldest first; the newest max_history are used")
     context: dict[str, str | int | float] = Field(
@@ -42,20 +44,39 @@ class ShelfOut(BaseModel):
     shelf: str
     items: list[str]
     item_scores: list[float] = Field(description="each item's log-probability")
+    propensities: list[float] | None = Field(
+        None, description="each item's probability under the decoding policy given everything before it (1 for "
+                          "beam search; absent for the best of several sampled pages)")
 
 
 class PageOut(BaseModel):
     page: list[ShelfOut]
     log_prob: float
+    log_propensity: float | None = None
 
 
 class PageResponseBody(BaseModel):
+    request_id: str | None = Field(None, description="the request's own, or the one the server assigned")
     user_id: str | None
     page: list[ShelfOut]
     log_prob: float
+    log_propensity: float | None = Field(None, description="log-probability of the whole page under the decoding "
+                                                           "policy (FORMATS.md §3), when exact")
     checkpoint_step: int = Field(description="the checkpoint step that generated this page")
     predicted_streams: float | None = Field(None, description="with the streams objective")
     pages: list[PageOut] | None = Field(None, description="when num_pages > 1, best first")
+
+
+class OutcomeEvent(BaseModel):
+    item: str
+    event: str = Field(description="stream (counted in the page log's streams), skip or save")
+
+
+class EventsBody(BaseModel):
+    """What a user did with the page of one request (a list of such objects is accepted too)."""
+
+    request_id: str = Field(description="the request_id of the page's response")
+    events: list[OutcomeEvent] = Field(min_length=1)
 
 
 class ErrorBody(BaseModel):

@@ -4,6 +4,8 @@
     python serve.py --checkpoint RUN --requests IN.jsonl --output OUT.jsonl
     python serve.py --checkpoint RUN --port 8080 [--watch_s 10]   # HTTP: POST /v1/pages, GET / (HTML),
         # /healthz, /metrics, /openapi.json, POST /admin/reload
+    ... [--impressions LOGS]   # every page served is logged there (and POST /v1/events' outcomes); then
+    homegen join --impressions LOGS --output pages.jsonl          # page logs to train on and evaluate with
 
 --step picks a checkpoint step (default: the newest readable one; a damaged newer step is skipped with a
 warning). Requests follow FORMATS.md §4.
@@ -43,10 +45,15 @@ def _read_requests(path: str):
                 yield number, str(e)
 
 
-def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int, str]]:
+def run_batch(engine, path: str, output: str, batch_size: int, impressions=None) -> list[tuple[int, str]]:
     """Writes one response per request line, in order; bad lines get {"error", "line"}, and so does a line
-    whose request raises while decoding (the rest of its batch is decoded without it). Returns the (line,
-    error) of every failed line."""
+    whose request raises while decoding (the rest of its batch is decoded without it). Every request gets a
+    request id (its own, else a new one); with `impressions` (a RotatingLog) each page served is logged.
+    Returns the (line, error) of every failed line."""
+    import dataclasses
+    import uuid
+
+    from homegen.serving.impressions import impression_record
     from homegen.serving.worker import generate_isolated
 
     errors: list[tuple[int, str]] = []
@@ -63,10 +70,14 @@ def run_batch(engine, path: str, output: str, batch_size: int) -> list[tuple[int
                 if "error" in response:
                     response["line"] = number
                     errors.append((number, response["error"]))
+                elif impressions is not None:
+                    impressions.append(impression_record(request.with_session(), response))
                 out.write(json.dumps(response) + "\n")
             pending.clear()
 
         for number, request in _read_requests(path):
+            if not isinstance(request, str):
+                request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
             pending.append((number, request))
             if len(pending) >= batch_size:
                 flush()
@@ -99,7 +110,8 @@ def serve_http(engine, args) -> int:
                                                              stream_candidates=engine.candidates,
                                                              prior_weight=engine.prior_weight)))
     settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
-                              admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None, catalog_dir=args.catalog_dir)
+                              admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None, catalog_dir=args.catalog_dir,
+                              impressions_dir=args.impressions, log_settings=log_settings(args))
     app = create_app(slot, settings)
     # Python's own asyncio loop rather than uvloop (which orbax installs): the loop is not this server's
     # bottleneck (decoding is), and it keeps libuv's native signal handling out of a process that runs JAX.
@@ -111,6 +123,23 @@ def serve_http(engine, args) -> int:
           f"(ready {time.perf_counter() - start:.1f} s after loading)", flush=True)
     uvicorn.Server(config).run(sockets=[listener])
     return 0
+
+
+def log_settings(args):
+    from homegen.serving.impressions import LogSettings
+
+    return LogSettings(max_bytes=int(args.log_max_mb * 2**20), max_age_s=args.log_max_age_s, fsync_s=args.log_fsync_s,
+                       keep_files=args.log_keep_files)
+
+
+def prepare_log_folder(folder: str) -> None:
+    """Creates the impressions folder; one that cannot be made is reported, and serving goes on (its records
+    are counted as dropped until the folder can be written)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        logging.getLogger("homegen.serve").error("impressions folder %s cannot be made (%s): pages are served "
+                                                 "and their records dropped until it can", folder, e)
 
 
 def print_page(engine, response: dict) -> None:
@@ -166,7 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catalog_dir", default=None,
                         help="HTTP: the only directory POST /v1/catalog reads catalog files from (clients name a file "
                              "in it; needs HOMEGEN_ADMIN_TOKEN); without it catalog refresh over HTTP is off")
+    parser.add_argument("--impressions", default=None,
+                        help="log every page served (batch and HTTP) to impressions-*.jsonl in this folder, and "
+                             "POST /v1/events' outcomes to events-*.jsonl; `homegen join` makes page logs of them")
+    parser.add_argument("--log_max_mb", type=float, default=64.0, help="rotate a log file before it passes this size")
+    parser.add_argument("--log_max_age_s", type=float, default=3600.0, help="rotate a log file at this age")
+    parser.add_argument("--log_fsync_s", type=float, default=1.0,
+                        help="fsync the open log file at most this long after a write (0: after every write); "
+                             "lines are written to the OS before the page's response is sent either way")
+    parser.add_argument("--log_keep_files", type=int, default=0, help="> 0: keep only the newest this many files per log")
     args = parser.parse_args(argv)
+    if min(args.log_max_mb, args.log_max_age_s) <= 0 or args.log_fsync_s < 0 or args.log_keep_files < 0:
+        parser.error("--log_max_mb and --log_max_age_s must be > 0; --log_fsync_s and --log_keep_files >= 0")
     if args.catalog_dir is not None and not os.path.isdir(args.catalog_dir):
         parser.error(f"--catalog_dir {args.catalog_dir} is not a directory")
     if args.requests and not args.output:
@@ -204,7 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(args.requests):
             print(f"serve.py: error: {args.requests} does not exist", file=sys.stderr)
             return 2
-        errors = run_batch(engine, args.requests, args.output, args.batch_size)
+        impressions = None
+        if args.impressions:
+            from homegen.serving.impressions import RotatingLog
+
+            prepare_log_folder(args.impressions)
+            counts = {"written": 0, "dropped": 0}
+            impressions = RotatingLog(args.impressions, "impressions", log_settings(args),
+                                      on_written=lambda n: counts.update(written=counts["written"] + n),
+                                      on_dropped=lambda n, why: counts.update(dropped=counts["dropped"] + n))
+        errors = run_batch(engine, args.requests, args.output, args.batch_size, impressions)
+        if impressions is not None:
+            impressions.close()
+            print(f"impressions: {counts['written']:,} logged to {args.impressions}"
+                  + (f", {counts['dropped']:,} DROPPED (the folder could not be written)" if counts["dropped"] else ""))
         print(f"wrote {args.output} ({len(errors)} request(s) with errors)")
         if errors:
             (line, reason), more = errors[0], len(errors) - 1
@@ -213,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.port is not None:
+        if args.impressions:
+            prepare_log_folder(args.impressions)
         return serve_http(engine, args)
     context = dict(pair.split("=", 1) for pair in args.context.split(",") if "=" in pair)
     if args.intent:
