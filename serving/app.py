@@ -48,6 +48,7 @@ from homegen.serving.schemas import (
     PageResponseBody,
     ReloadBody,
 )
+from homegen.serving.traffic import Exploration
 from homegen.serving.worker import DeadlinePassed, DecodeWorker, EngineSlot, QueueFull
 
 log = logging.getLogger("homegen.serve")
@@ -67,6 +68,7 @@ class ServerSettings:
     impressions_dir: str | None = None  # impression and event logs go here; off when None
     log_settings: LogSettings = LogSettings()
     log_wait_s: float = 5.0  # a response waits at most this long for its impression line to be written
+    exploration: Exploration = Exploration()  # a share of beam requests sampled instead (exact propensities)
 
 
 class Metrics:
@@ -225,6 +227,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
         try:
             request = parse_request(obj)
             request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
+            request = settings.exploration.apply(request)
             future = worker.submit(request, settings.deadline_s)
         except RequestError as e:
             metrics.errors.labels("bad_request").inc()

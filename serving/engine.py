@@ -265,7 +265,8 @@ class PageEngine:
             repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
             rows = tokens.shape[0]
             pad = rows - len(requests)
-            seeds = [r.seed * 1000 + j for r in requests for j in range(width)] + [0] * (pad * width)
+            # the j-th page of a request's seed; every seed up to 2^31 - 1 stays an int32
+            seeds = [(r.seed * 1000 + j) % 2**31 for r in requests for j in range(width)] + [0] * (pad * width)
             params = [(r.temperature, r.top_k, r.top_p) for r in requests] + [(1.0, 0, 1.0)] * pad
             temperature, top_k, top_p = (jnp.asarray(np.repeat([p[i] for p in params], width)) for i in range(3))
             out = sample(self.graphdef, self.params, repeat(tokens), repeat(lengths), jax.tree.map(repeat, rules),

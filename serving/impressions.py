@@ -208,8 +208,8 @@ def impression_record(request, response: dict, timestamp: float | None = None) -
               "timestamp": round(time.time() if timestamp is None else timestamp, 3), "context": context,
               "history": request.history, "page": page, "checkpoint_step": response["checkpoint_step"],
               "decoding": ({"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p,
-                            "num_pages": request.num_pages} if request.temperature > 0
-                           else {"beam_size": request.beam_size})}
+                            "num_pages": request.num_pages, **({"exploration": True} if request.exploration else {})}
+                           if request.temperature > 0 else {"beam_size": request.beam_size})}
     if "log_propensity" in response:
         record["log_propensity"] = response["log_propensity"]
     if response.get("arm") is not None:

@@ -39,6 +39,7 @@ class PageRequest:
     seed: int = 0
     num_pages: int = 1
     session: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (item, event), oldest first
+    exploration: bool = False  # set by the server (serving/traffic.py), never by a client
 
     def with_session(self) -> PageRequest:
         """The request with its session events folded in: streamed and saved items join the history (newest

@@ -208,3 +208,49 @@ def test_kill_9_under_load_loses_no_answered_impression(tiny_checkpoint, tmp_pat
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_exploration_takes_its_share_by_request_id_and_leaves_sampling_requests_alone():
+    from homegen.serving.requests import parse_request
+    from homegen.serving.traffic import Exploration, salted_unit
+
+    explore = Exploration(share=0.1, temperature=0.7)
+    served = [explore.apply(parse_request({"user_id": "u1", "request_id": f"r{k}"})) for k in range(4000)]
+    explored = [r for r in served if r.exploration]
+    assert 0.085 < len(explored) / 4000 < 0.115  # binomial sd 0.0047
+    assert all(r.temperature == 0.7 and r.num_pages == 1 for r in explored)
+    assert len({r.seed for r in explored}) == len(explored)  # a seed of its own
+    again = explore.apply(parse_request({"user_id": "u2", "request_id": explored[0].request_id}))
+    assert again.exploration and again.seed == explored[0].seed  # the id decides, not the user
+    asked = parse_request({"user_id": "u1", "request_id": "r0", "temperature": 1.5})
+    assert Exploration(share=1.0).apply(asked) == asked
+    assert Exploration(share=0.0).apply(served[0]).exploration is False
+    assert salted_unit("a", "x") != salted_unit("b", "x")
+    with pytest.raises(ValueError, match="share"):
+        Exploration(share=1.5)
+
+
+def test_batch_mode_logs_explored_pages_with_their_propensities(tiny_checkpoint, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"user_id": f"u{k}", "num_shelves": 3} for k in range(6)]
+    lines.append({"user_id": "u9", "num_shelves": 3, "temperature": 1.0, "seed": 2**31 - 1})  # the largest seed
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = subprocess.run([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint, "--requests", str(requests),
+                             "--output", str(tmp_path / "out.jsonl"), "--impressions", str(tmp_path / "logs"),
+                             "--explore_share", "1.0", "--explore_temperature", "0.8"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "impressions: 7 logged" in result.stdout
+    responses = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    records = {r["request_id"]: r for r in logged(str(tmp_path / "logs"))}
+    assert set(records) == {r["request_id"] for r in responses}
+    for response in responses:
+        record = records[response["request_id"]]
+        explored = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "num_pages": 1, "exploration": True}
+        asked = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_pages": 1}  # a sampling request: as asked
+        assert record["decoding"] == (asked if record["user_id"] == "u9" else explored)
+        assert all(0 < p < 1 for s in record["page"] for p in s["propensities"])
+    bad = subprocess.run([sys.executable, "serve.py", "--checkpoint", tiny_checkpoint, "--requests", str(requests),
+                          "--output", str(tmp_path / "o.jsonl"), "--explore_share", "2"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "the exploration share must be in [0, 1]" in bad.stderr

@@ -45,11 +45,13 @@ def _read_requests(path: str):
                 yield number, str(e)
 
 
-def run_batch(engine, path: str, output: str, batch_size: int, impressions=None) -> list[tuple[int, str]]:
+def run_batch(engine, path: str, output: str, batch_size: int, impressions=None,
+              exploration=None) -> list[tuple[int, str]]:
     """Writes one response per request line, in order; bad lines get {"error", "line"}, and so does a line
     whose request raises while decoding (the rest of its batch is decoded without it). Every request gets a
-    request id (its own, else a new one); with `impressions` (a RotatingLog) each page served is logged.
-    Returns the (line, error) of every failed line."""
+    request id (its own, else a new one); with `impressions` (a RotatingLog) each page served is logged; with
+    `exploration` (serving/traffic.py) its share of beam requests is sampled instead. Returns the (line,
+    error) of every failed line."""
     import dataclasses
     import uuid
 
@@ -78,6 +80,7 @@ def run_batch(engine, path: str, output: str, batch_size: int, impressions=None)
         for number, request in _read_requests(path):
             if not isinstance(request, str):
                 request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
+                request = exploration.apply(request) if exploration else request
             pending.append((number, request))
             if len(pending) >= batch_size:
                 flush()
@@ -111,7 +114,8 @@ def serve_http(engine, args) -> int:
                                                              prior_weight=engine.prior_weight)))
     settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
                               admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None, catalog_dir=args.catalog_dir,
-                              impressions_dir=args.impressions, log_settings=log_settings(args))
+                              impressions_dir=args.impressions, log_settings=log_settings(args),
+                              exploration=exploration(args))
     app = create_app(slot, settings)
     # Python's own asyncio loop rather than uvloop (which orbax installs): the loop is not this server's
     # bottleneck (decoding is), and it keeps libuv's native signal handling out of a process that runs JAX.
@@ -123,6 +127,12 @@ def serve_http(engine, args) -> int:
           f"(ready {time.perf_counter() - start:.1f} s after loading)", flush=True)
     uvicorn.Server(config).run(sockets=[listener])
     return 0
+
+
+def exploration(args):
+    from homegen.serving.traffic import Exploration
+
+    return Exploration(args.explore_share, args.explore_temperature, args.explore_top_p)
 
 
 def log_settings(args):
@@ -204,9 +214,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="fsync the open log file at most this long after a write (0: after every write); "
                              "lines are written to the OS before the page's response is sent either way")
     parser.add_argument("--log_keep_files", type=int, default=0, help="> 0: keep only the newest this many files per log")
+    parser.add_argument("--explore_share", type=float, default=0.0,
+                        help="share of beam-search requests (chosen by a hash of the request id) served by sampling "
+                             "instead, with exact propensities in the impression log (serving/traffic.py)")
+    parser.add_argument("--explore_temperature", type=float, default=1.0, help="the exploring sampler's temperature")
+    parser.add_argument("--explore_top_p", type=float, default=1.0, help="the exploring sampler's nucleus")
     args = parser.parse_args(argv)
     if min(args.log_max_mb, args.log_max_age_s) <= 0 or args.log_fsync_s < 0 or args.log_keep_files < 0:
         parser.error("--log_max_mb and --log_max_age_s must be > 0; --log_fsync_s and --log_keep_files >= 0")
+    try:
+        exploration(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.explore_share > 0 and args.port is not None and 1 not in [int(w) for w in args.sample_widths.split(",")
+                                                                     if w.strip().isdigit()]:
+        parser.error("--explore_share samples one page per request: --sample_widths must include 1")
     if args.catalog_dir is not None and not os.path.isdir(args.catalog_dir):
         parser.error(f"--catalog_dir {args.catalog_dir} is not a directory")
     if args.requests and not args.output:
@@ -253,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             impressions = RotatingLog(args.impressions, "impressions", log_settings(args),
                                       on_written=lambda n: counts.update(written=counts["written"] + n),
                                       on_dropped=lambda n, why: counts.update(dropped=counts["dropped"] + n))
-        errors = run_batch(engine, args.requests, args.output, args.batch_size, impressions)
+        errors = run_batch(engine, args.requests, args.output, args.batch_size, impressions, exploration(args))
         if impressions is not None:
             impressions.close()
             print(f"impressions: {counts['written']:,} logged to {args.impressions}"
