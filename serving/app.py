@@ -2,7 +2,9 @@
 GET /healthz, GET /metrics (Prometheus), GET / (HTML view), GET /openapi.json.
 
 With an impressions folder, every page answered 200 is in its impression log before the answer is sent, and
-POST /v1/events appends what users did with a page to the events log (serving/impressions.py).
+POST /v1/events appends what users did with a page to the events log (serving/impressions.py). With an
+experiment file, each request is served by its user's arm (serving/experiments.py), named in the response,
+the impression log and /metrics; the file is re-read when it changes.
 
 uvicorn parses HTTP (h11: a malformed Content-Length is a 400 that closes the connection), times out idle
 keep-alive connections and drains in-flight requests on SIGTERM; `BodyGuard` refuses bodies over the limit
@@ -23,6 +25,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -37,6 +40,7 @@ from prometheus_client import (
 )
 
 from homegen.serving.catalog_files import CatalogDirectory, CatalogRefused
+from homegen.serving.experiments import Experiment, ExperimentFile
 from homegen.serving.html import render
 from homegen.serving.impressions import LogSettings, RotatingLog, impression_record, parse_events
 from homegen.serving.requests import RequestError, parse_request
@@ -69,6 +73,8 @@ class ServerSettings:
     log_settings: LogSettings = LogSettings()
     log_wait_s: float = 5.0  # a response waits at most this long for its impression line to be written
     exploration: Exploration = Exploration()  # a share of beam requests sampled instead (exact propensities)
+    experiment_file: str | None = None  # arms and shares (serving/experiments.py); off when None
+    experiment_check_s: float = 1.0  # how often the experiment file is checked for changes
 
 
 class Metrics:
@@ -91,6 +97,8 @@ class Metrics:
                                registry=r)
         Gauge("homegen_queue_depth", "Requests waiting to be decoded", registry=r).set_function(queue_depth)
         Gauge("homegen_checkpoint_step", "Checkpoint step being served", registry=r).set_function(checkpoint_step)
+        self.arm_pages = Counter("homegen_arm_pages", "Pages served by experiment and arm", ["experiment", "arm"],
+                                 registry=r)
         self.log_records = Counter("homegen_log_records", "Impression and event records by log and result "
                                    "(written, or dropped_<errno> when the folder cannot be written)",
                                    ["log", "result"], registry=r)
@@ -183,12 +191,32 @@ def _documented(*codes: int) -> dict:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) -> FastAPI:
+def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
+               arm_engine: Callable[[str], object] | None = None) -> FastAPI:
     """The ASGI app serving `slot`'s engine; its decoding worker starts now and stops (after finishing what
-    is queued) when the app shuts down."""
+    is queued) when the app shuts down. `arm_engine(path)` loads (and warms up) the engine of an experiment
+    arm's checkpoint; the experiment file's checkpoints are loaded before this returns."""
     metrics = Metrics(lambda: worker.depth(), lambda: slot.step)  # read at scrape time, when worker exists
-    worker = DecodeWorker(slot, slot.engine.buckets.max_batch if slot.engine.buckets else 16, settings.max_wait_s,
-                          settings.max_queue, on_batch=metrics.batch)
+
+    def new_worker(engine_slot: EngineSlot) -> DecodeWorker:
+        return DecodeWorker(engine_slot, engine_slot.engine.buckets.max_batch if engine_slot.engine.buckets else 16,
+                            settings.max_wait_s, settings.max_queue, on_batch=metrics.batch)
+
+    worker = new_worker(slot)
+    workers: dict[str | None, DecodeWorker] = {None: worker}  # by arm checkpoint (None: the server's own)
+    experiments = ExperimentFile(settings.experiment_file) if settings.experiment_file else None
+
+    def start_arms(experiment: Experiment) -> None:
+        """Loads the arms' checkpoints that no worker serves yet (before the experiment takes effect)."""
+        for arm in experiment.arms:
+            if arm.checkpoint is not None and arm.checkpoint not in workers:
+                if arm_engine is None:
+                    raise ValueError(f"arm {arm.name!r} names a checkpoint, and this server cannot load one")
+                engine = arm_engine(arm.checkpoint)
+                workers[arm.checkpoint] = new_worker(EngineSlot(engine, lambda step, e=engine: e))
+
+    if experiments is not None:
+        start_arms(experiments.experiment)
     stop_watching = threading.Event()
     impressions = events = None
     if settings.impressions_dir:
@@ -206,13 +234,30 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
                 log.info("found checkpoint step %d (serving %d): loading it", newest, slot.step)
                 slot.reload(newest)
 
+    def watch_experiment() -> None:
+        while not stop_watching.wait(settings.experiment_check_s):
+            try:
+                changed = experiments.changed()
+                if changed is not None:
+                    start_arms(changed)
+                    experiments.experiment = changed
+                    log.info("experiment %r in force: %s", changed.name,
+                             ", ".join(f"{a.name} {a.share:g}" for a in changed.arms))
+            except Exception as e:  # a bad file or an arm that cannot load: the experiment in force stays
+                experiments.last_error = str(e)
+                metrics.errors.labels("experiment_file").inc()
+                log.error("experiment file not taken (%s); %r stays in force", e, experiments.experiment.name)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if settings.watch_s > 0:
             threading.Thread(target=watch, daemon=True, name="watch").start()
+        if experiments is not None:
+            threading.Thread(target=watch_experiment, daemon=True, name="experiment").start()
         yield
         stop_watching.set()
-        await asyncio.to_thread(worker.stop)
+        for running in workers.values():
+            await asyncio.to_thread(running.stop)
         for opened in (impressions, events):
             if opened is not None:
                 await asyncio.to_thread(opened.close)
@@ -227,8 +272,12 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
         try:
             request = parse_request(obj)
             request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
+            experiment = experiments.experiment if experiments is not None else None
+            arm = experiment.assign(request) if experiment is not None else None
+            if arm is not None:
+                request = Experiment.apply(arm, request)
             request = settings.exploration.apply(request)
-            future = worker.submit(request, settings.deadline_s)
+            future = workers[arm.checkpoint if arm else None].submit(request, settings.deadline_s)
         except RequestError as e:
             metrics.errors.labels("bad_request").inc()
             return 400, {"error": str(e)}, None
@@ -249,6 +298,9 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
             metrics.errors.labels("bad_request").inc()
             return 400, response, None
         metrics.pages.inc()
+        if arm is not None:
+            response["arm"] = arm.name
+            metrics.arm_pages.labels(experiment.name, arm.name).inc()
         if impressions is not None:
             await log_impression(request, response)
         return 200, response, None
@@ -371,7 +423,11 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings()) ->
     @app.head("/healthz", include_in_schema=False)
     async def healthz():
         return {"status": "ok", "checkpoint_step": slot.step, "reloading": slot.reloading,
-                **({"last_reload": slot.last_reload} if slot.last_reload else {})}
+                **({"last_reload": slot.last_reload} if slot.last_reload else {}),
+                **({"experiment": {"name": experiments.experiment.name,
+                                   "arms": {a.name: a.share for a in experiments.experiment.arms},
+                                   **({"last_error": experiments.last_error} if experiments.last_error else {})}}
+                   if experiments is not None else {})}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus():

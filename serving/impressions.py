@@ -10,8 +10,8 @@ can lose. A line is written whole by one `write` call, so a crash mid-write leav
 of a request that was never answered; `read_log_lines` reports and skips it.
 
 Bounded: a file is rotated when it would pass `max_bytes` or is older than `max_age_s`; `keep_files` > 0
-deletes the oldest beyond that many. A folder that cannot be written (missing, read-only, full) never fails
-a request: the records are counted as dropped with the reason, a log line says what failed (at most once a
+deletes the oldest beyond that many. The folder is made when missing; one that cannot be made or written
+(read-only, full, a file in its place) never fails a request: the records are counted as dropped with the reason, a log line says what failed (at most once a
 minute), and every later batch tries again, so writing resumes when the folder recovers.
 """
 
@@ -148,6 +148,7 @@ class RotatingLog:
             self._sequence += 1
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
             path = os.path.join(self.folder, f"{self.prefix}-{stamp}-{os.getpid()}-{self._sequence:06d}.jsonl")
+            os.makedirs(self.folder, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._path, self._size, self._opened = path, 0, now
             self._prune()

@@ -160,9 +160,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(engine, settings=None, make_engine=None):
+def running_server(engine, settings=None, make_engine=None, arm_engine=None):
     """serving/app.py's server for `engine` (warmed up if it has buckets) on a free port, in a thread: yields
-    (base URL, app)."""
+    (base URL, app). `arm_engine(path)`: the engine of an experiment arm's checkpoint."""
     import threading
 
     import uvicorn
@@ -172,7 +172,8 @@ def running_server(engine, settings=None, make_engine=None):
 
     if engine.buckets:
         engine.warm_up()
-    app = create_app(EngineSlot(engine, make_engine or (lambda step: engine)), settings or ServerSettings())
+    app = create_app(EngineSlot(engine, make_engine or (lambda step: engine)), settings or ServerSettings(),
+                     arm_engine=arm_engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
                                            http="h11", loop="asyncio", timeout_keep_alive=5))
     thread = threading.Thread(target=server.run, daemon=True)

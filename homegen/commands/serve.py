@@ -115,8 +115,10 @@ def serve_http(engine, args) -> int:
     settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
                               admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None, catalog_dir=args.catalog_dir,
                               impressions_dir=args.impressions, log_settings=log_settings(args),
-                              exploration=exploration(args))
-    app = create_app(slot, settings)
+                              exploration=exploration(args), experiment_file=args.experiment)
+    app = create_app(slot, settings, arm_engine=lambda path: warmed(PageEngine(
+        path, objective=args.objective, buckets=engine.buckets, stream_candidates=args.stream_candidates,
+        prior_weight=args.prior_weight)))
     # Python's own asyncio loop rather than uvloop (which orbax installs): the loop is not this server's
     # bottleneck (decoding is), and it keeps libuv's native signal handling out of a process that runs JAX.
     config = uvicorn.Config(app, log_level="warning", http="h11", loop="asyncio", timeout_keep_alive=5,
@@ -140,16 +142,6 @@ def log_settings(args):
 
     return LogSettings(max_bytes=int(args.log_max_mb * 2**20), max_age_s=args.log_max_age_s, fsync_s=args.log_fsync_s,
                        keep_files=args.log_keep_files)
-
-
-def prepare_log_folder(folder: str) -> None:
-    """Creates the impressions folder; one that cannot be made is reported, and serving goes on (its records
-    are counted as dropped until the folder can be written)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        logging.getLogger("homegen.serve").error("impressions folder %s cannot be made (%s): pages are served "
-                                                 "and their records dropped until it can", folder, e)
 
 
 def print_page(engine, response: dict) -> None:
@@ -214,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="fsync the open log file at most this long after a write (0: after every write); "
                              "lines are written to the OS before the page's response is sent either way")
     parser.add_argument("--log_keep_files", type=int, default=0, help="> 0: keep only the newest this many files per log")
+    parser.add_argument("--experiment", default=None,
+                        help="HTTP: a JSON file of experiment arms and traffic shares (serving/experiments.py); each "
+                             "user's arm is chosen by a salted hash, named in responses, logs and /metrics; the file "
+                             "is re-read when it changes")
     parser.add_argument("--explore_share", type=float, default=0.0,
                         help="share of beam-search requests (chosen by a hash of the request id) served by sampling "
                              "instead, with exact propensities in the impression log (serving/traffic.py)")
@@ -229,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.explore_share > 0 and args.port is not None and 1 not in [int(w) for w in args.sample_widths.split(",")
                                                                      if w.strip().isdigit()]:
         parser.error("--explore_share samples one page per request: --sample_widths must include 1")
+    if args.experiment is not None:
+        from homegen.serving.experiments import read_experiment
+
+        if args.port is None:
+            parser.error("--experiment splits HTTP traffic: it needs --port")
+        try:
+            read_experiment(args.experiment)
+        except ValueError as e:
+            parser.error(str(e))
     if args.catalog_dir is not None and not os.path.isdir(args.catalog_dir):
         parser.error(f"--catalog_dir {args.catalog_dir} is not a directory")
     if args.requests and not args.output:
@@ -270,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.impressions:
             from homegen.serving.impressions import RotatingLog
 
-            prepare_log_folder(args.impressions)
             counts = {"written": 0, "dropped": 0}
             impressions = RotatingLog(args.impressions, "impressions", log_settings(args),
                                       on_written=lambda n: counts.update(written=counts["written"] + n),
@@ -288,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.port is not None:
-        if args.impressions:
-            prepare_log_folder(args.impressions)
         return serve_http(engine, args)
     context = dict(pair.split("=", 1) for pair in args.context.split(",") if "=" in pair)
     if args.intent:
