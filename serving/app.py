@@ -299,7 +299,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
             return 400, response, None
         metrics.pages.inc()
         if arm is not None:
-            response["arm"] = arm.name
+            response["experiment"], response["arm"] = experiment.name, arm.name
             metrics.arm_pages.labels(experiment.name, arm.name).inc()
         if impressions is not None:
             await log_impression(request, response)

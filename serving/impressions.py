@@ -214,7 +214,7 @@ def impression_record(request, response: dict, timestamp: float | None = None) -
     if "log_propensity" in response:
         record["log_propensity"] = response["log_propensity"]
     if response.get("arm") is not None:
-        record["arm"] = response["arm"]
+        record["experiment"], record["arm"] = response["experiment"], response["arm"]
     return record
 
 

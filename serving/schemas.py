@@ -62,7 +62,8 @@ class PageResponseBody(BaseModel):
     log_prob: float
     log_propensity: float | None = Field(None, description="log-probability of the whole page under the decoding "
                                                            "policy (FORMATS.md §3), when exact")
-    arm: str | None = Field(None, description="the experiment arm that served the request (serve.py --experiment)")
+    experiment: str | None = Field(None, description="the experiment in force (serve.py --experiment)")
+    arm: str | None = Field(None, description="the experiment arm that served the request")
     checkpoint_step: int = Field(description="the checkpoint step that generated this page")
     predicted_streams: float | None = Field(None, description="with the streams objective")
     pages: list[PageOut] | None = Field(None, description="when num_pages > 1, best first")

@@ -112,7 +112,8 @@ class Simulator:
                 yield record
 
 
-def _ids(world: World, items: np.ndarray) -> list[str]:
+def item_ids(world: World, items: np.ndarray) -> list[str]:
+    """The catalog ids of item indices, -1 padding left out."""
     return [world.catalog.item_id(int(i)) for i in items if i >= 0]
 
 
@@ -125,7 +126,7 @@ def page_record(world: World, batch: PageBatch, row: int, streams: np.ndarray | 
         if shelf < 0:
             continue
         items = batch.items[row, s]
-        entry = {"shelf": SHELF_NAMES[shelf], "items": _ids(world, items)}
+        entry = {"shelf": SHELF_NAMES[shelf], "items": item_ids(world, items)}
         if streams is not None:
             entry["streams"] = [int(v) for v, i in zip(streams[row, s], items) if i >= 0]
         if propensities is not None:
@@ -134,7 +135,7 @@ def page_record(world: World, batch: PageBatch, row: int, streams: np.ndarray | 
             log_propensity += float(np.log(probs).sum())
         page.append(entry)
     record = {"request_id": request_id, "user_id": world.user_id(int(batch.users[row])), "timestamp": timestamp,
-              "context": batch.contexts.record(row), "history": _ids(world, batch.history[row]), "page": page}
+              "context": batch.contexts.record(row), "history": item_ids(world, batch.history[row]), "page": page}
     if propensities is not None:
         record["log_propensity"] = round(log_propensity, 6)
     return record
