@@ -63,7 +63,7 @@ def amazon_config(path: str, item_tokens: str = "atomic", steps: int = 5000):
         # Validation ranks by beam search: 2,000 users and 20 beams (on Sports validation, beam 50 gave the
         # same @10 figures at 2.2x the time).
         c.eval.max_users, c.eval.beam_size = 2000, 20
-    else:  # chosen on Toys validation (eleventh session): label smoothing, then category/brand embeddings
+    else:  # chosen on Toys validation (2026-11-28): label smoothing, then category/brand embeddings
         c.loss.label_smoothing = 0.1
         c.data.item_attributes = True  # from the NAME_item2attributes.json next to the sequence file
     return c

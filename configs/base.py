@@ -14,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.preset = "tiny"  # synthetic world size: tiny | small | medium | large
     c.data.page_logs = ""  # FORMATS.md §3 JSON Lines (comma-separated for several files)
     c.data.catalog = ""  # FORMATS.md §2 JSON Lines
+    # page_logs served in a synthetic world (its folder, with world.json): serving uses the world's shelf rules
+    # and scripts/evaluate.py judges pages under its response model, as for the synthetic source
+    c.data.world = ""
     c.data.interactions = ""  # FORMATS.md §1 file
     c.data.interactions_format = "auto"
     c.data.data_dir = ""  # TFDS folder; default WORKDIR/tfds

@@ -32,6 +32,8 @@ def world_folder(meta: dict, workdir: str) -> str:
     """The folder holding the simulated world files (requests.jsonl, heldout_pages.jsonl) of a run trained on
     the synthetic world, from its checkpoint metadata."""
     data = meta["config"]["data"]
+    if data.get("world"):  # page logs served in a synthetic world
+        return data["world"]
     builder = SyntheticWorldDataset(config=data["preset"], data_dir=data["data_dir"] or os.path.join(workdir, "tfds"))
     return builder.world_dir()
 

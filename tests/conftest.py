@@ -34,6 +34,18 @@ def shared_file(*parts: str) -> str:
     return path
 
 
+# Tests that train a model, simulate a world or start processes: `-m "not slow"` leaves them out (the quick
+# subset a contributor runs before each commit; the full suite is what CI runs).
+SLOW_FIXTURES = {"tiny_checkpoint", "tiny_semantic_checkpoint", "tiny_world_dir", "tfds_dir", "data_dir",
+                 "propensity_logs", "served_logs", "installed"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Frees each test module's compiled XLA programs when it ends. Every CPU executable maps memory of its

@@ -163,9 +163,15 @@ def test_join_counts_streams_and_round_trips_into_training_and_ope(served_logs, 
 
     cfg = tiny_config(str(tmp_path / "tfds"), steps=2, eval_every=2, checkpoint_every=2, batch_size=8)
     cfg.data.page_logs, cfg.data.catalog = pages, os.path.join(tiny_world_dir, "catalog.jsonl")
+    cfg.data.world = tiny_world_dir  # pages served in that world: its shelf rules and evaluation
     train = train_cli(tmp_path / "run", cfg)
     out, _ = train.communicate(timeout=600)
     assert train.returncode == 0, out
+    from homegen.evaluation.pages import world_folder
+    from homegen.training.checkpoints import Checkpoints
+
+    _, meta = Checkpoints(str(tmp_path / "run" / "checkpoints"), read_only=True).read_meta(2)
+    assert meta["eligibility"]["kind"] == "world" and world_folder(meta, str(tmp_path / "run")) == tiny_world_dir
 
 
 def test_kill_9_under_load_loses_no_answered_impression(tiny_checkpoint, tmp_path):

@@ -51,7 +51,7 @@ def resolve_source(data_cfg) -> str:
     return inferred
 
 
-DATA_PATHS = ("page_logs", "interactions", "catalog", "item_features", "data_dir", "semantic_from")
+DATA_PATHS = ("page_logs", "interactions", "catalog", "item_features", "data_dir", "semantic_from", "world")
 DATA_FILES_READ = ("page_logs", "interactions", "catalog", "item_features")  # those that must exist at the start
 
 
@@ -66,6 +66,8 @@ def absolute_data_paths(data_cfg) -> None:
         for path in paths:
             if field in DATA_FILES_READ and not os.path.isfile(path):
                 raise FileNotFoundError(f"data.{field}: {path} does not exist (set --config.data.{field}=FILE)")
+            if field == "world" and not os.path.isfile(os.path.join(path, "world.json")):
+                raise FileNotFoundError(f"data.world: {path} holds no world.json (a scripts/simulate.py folder)")
         data_cfg[field] = ",".join(paths)
 
 
@@ -74,7 +76,7 @@ class PreparedData:
     sources: dict  # split name -> random-access data source
     kind: str  # "pages" or "sequences"
     catalog_path: str | None
-    world_dir: str | None  # the synthetic world's files, when the source is synthetic
+    world_dir: str | None  # the synthetic world's files: the synthetic source's, or data.world's
 
 
 def _builder(data_cfg, data_dir: str):
@@ -99,7 +101,7 @@ def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> P
     barrier("dataset_prepared")
     builder = _builder(data_cfg, data_dir)  # opened after the leader wrote it, so it sees every split
     kind = "sequences" if data_cfg.source == "interactions" else "pages"
-    world_dir = builder.world_dir() if data_cfg.source == "synthetic" else None
+    world_dir = builder.world_dir() if data_cfg.source == "synthetic" else (data_cfg.get("world") or None)
     catalog = data_cfg.catalog or (os.path.join(world_dir, "catalog.jsonl") if world_dir else None)
     return PreparedData(builder.as_data_source(), kind, catalog, world_dir)
 
