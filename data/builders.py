@@ -113,11 +113,15 @@ def _fingerprint(*paths: str | None) -> str:
 
 
 def _page_examples(paths: Sequence[str], cuts, split: str) -> Iterator[tuple[str, dict]]:
-    """The page logs of `paths` that fall in `split` (all of them when `cuts` is None), keyed by file:line."""
-    for path in paths:
+    """The page logs of `paths` that fall in `split` (all of them when `cuts` is None), keyed by file:line (a
+    file is named by its position in `paths` too where two files share a name, e.g. LOGS/pages.jsonl and
+    RUN/pages.jsonl)."""
+    names = [os.path.basename(path) for path in paths]
+    for n, (path, name) in enumerate(zip(paths, names)):
+        prefix = f"{n}/{name}" if names.count(name) > 1 else name
         for k, log in enumerate(iter_page_logs(path)):
             if cuts is None or page_split(log, *cuts) == split:
-                yield f"{os.path.basename(path)}:{k}", page_log_to_example(log)
+                yield f"{prefix}:{k}", page_log_to_example(log)
 
 
 def _time_cuts(paths: Sequence[str], validation_fraction: float, test_fraction: float):

@@ -21,7 +21,7 @@ def exploration_cost(checkpoint: str, temperatures: list[float], num_requests: i
     sampled page per request at each temperature (averaged over `seeds` draws), their paired difference, and the
     sampled pages' mean log-propensity (how spread out the logged pages are: nearer 0 is closer to the beam)."""
     engine = PageEngine(checkpoint, step)
-    world = getattr(engine.eligibility, "world", None)
+    world = engine.world
     if world is None:
         raise ValueError(f"{checkpoint} was not trained on the synthetic world: exploring costs are measured there")
     ckpt_dir = checkpoint_dir(checkpoint)

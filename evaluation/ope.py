@@ -329,7 +329,7 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
     from homegen.serving.requests import parse_request
 
     engine = PageEngine(checkpoint, step)
-    world = getattr(engine.eligibility, "world", None)
+    world = engine.world
     if world is None:
         raise ValueError(f"{checkpoint} was not trained on the synthetic world: exact values need its world")
     if os.path.isdir(logs):

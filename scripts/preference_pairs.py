@@ -31,7 +31,7 @@ from homegen.training.checkpoints import CheckpointError
 def _default_logs(engine: PageEngine, checkpoint: str) -> str:
     from homegen.evaluation.pages import world_folder
 
-    if getattr(engine.eligibility, "world", None) is None:
+    if engine.world is None:
         raise ValueError(f"{checkpoint} was not trained on the synthetic world: pass --logs FILE.jsonl")
     return os.path.join(world_folder({"config": engine.train_config}, checkpoint), "pages.jsonl")
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = PageEngine(args.checkpoint, args.step, stream_candidates=args.stream_candidates,
                             prior_weight=args.prior_weight)
         reward_engines = _reward_engines(args.reward_model, engine, args.checkpoint, args.step)
-        world = getattr(engine.eligibility, "world", None)
+        world = engine.world
         shelves, items = args.num_shelves, args.items_per_shelf
         if world is not None and args.logs is None:
             shelves, items = shelves or world.config.num_shelves, items or world.config.max_items

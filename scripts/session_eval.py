@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         engine = PageEngine(args.checkpoint, args.step)
-        world = getattr(engine.eligibility, "world", None)
+        world = engine.world
         if world is None:
             raise ValueError(f"{args.checkpoint} was not trained on the synthetic world")
         ckpt_dir = checkpoint_dir(args.checkpoint)

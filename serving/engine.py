@@ -383,6 +383,12 @@ class PageEngine:
                 shelf["stream_probs"] = [round(next(remaining), 4) for _ in shelf["items"]]
         return out
 
+    @property
+    def world(self):
+        """The synthetic world the checkpoint was trained in (its users, rules and response model), or None for
+        a checkpoint of other data."""
+        return getattr(self.eligibility, "world", None)
+
     def describe(self, item_id: str) -> dict:
         """Display fields of an item from the catalog saved in the checkpoint."""
         return self.catalog.get(item_id, {})

@@ -45,6 +45,19 @@ def test_splits_larger_than_tfds_shuffle_buffer_build_without_tensorflow(tiny_wo
     assert shuffle.MAX_MEM_BUFFER_SIZE == 1000
 
 
+def test_two_page_log_files_of_the_same_name_build_together(tiny_world_dir, tmp_path):
+    """The world's logs and a later round's served logs are both called pages.jsonl: each line is kept."""
+    first = os.path.join(tiny_world_dir, "pages.jsonl")
+    (tmp_path / "round1").mkdir()
+    second = tmp_path / "round1" / "pages.jsonl"
+    lines = open(first).readlines()[:300]
+    second.write_text("".join(line.replace('"request_id": "', '"request_id": "again-') for line in lines))
+    builder = PageLogDataset.for_files([first, str(second)], str(tmp_path / "tfds"), validation_fraction=0.1)
+    builder.download_and_prepare()
+    source = builder.as_data_source()
+    assert len(source["train"]) + len(source["validation"]) == sum(1 for _ in iter_page_logs(first)) + 300
+
+
 def test_unknown_streams_stay_unknown():
     log = PageLog("u1", [Shelf("a", ["t1", "t2"]), Shelf("b", ["t3"], [0.0])], request_id="r1")
     assert example_to_page_log(page_log_to_example(log)).page == log.page

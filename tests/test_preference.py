@@ -166,6 +166,8 @@ def test_preference_stage_trains_from_the_run_that_made_the_pairs(tiny_pairs, ti
     result = run(cfg, str(tmp_path / "dpo"), init_from=tiny_checkpoint)
     assert result.step == 4 and np.isfinite(result.losses).all()
     assert 0.0 <= result.metrics["validation_preference_accuracy"] <= 1.0
+    # At the reference every margin is 0 (loss log 2); four steps move the policy toward the chosen pages.
+    assert result.metrics["reward_margin"] > 0 and result.metrics["preference_accuracy"] > 0.5
     assert "validation_loss" in result.metrics and "validation_preference_loss" in result.metrics
     assert cfg.data.data_dir == tfds_dir  # the data of the run that made the pairs
     tuned = PageEngine(str(tmp_path / "dpo"))
