@@ -40,10 +40,10 @@ from prometheus_client import (
 )
 
 from homegen.serving.catalog_files import CatalogDirectory, CatalogRefused
-from homegen.serving.experiments import Experiment, ExperimentFile
 from homegen.serving.html import render
 from homegen.serving.impressions import LogSettings, RotatingLog, impression_record, parse_events
 from homegen.serving.requests import RequestError, parse_request
+from homegen.serving.routing import TrafficRouter
 from homegen.serving.schemas import (
     CatalogBody,
     ErrorBody,
@@ -196,27 +196,13 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
     """The ASGI app serving `slot`'s engine; its decoding worker starts now and stops (after finishing what
     is queued) when the app shuts down. `arm_engine(path)` loads (and warms up) the engine of an experiment
     arm's checkpoint; the experiment file's checkpoints are loaded before this returns."""
-    metrics = Metrics(lambda: worker.depth(), lambda: slot.step)  # read at scrape time, when worker exists
+    metrics = Metrics(lambda: router.main.depth(), lambda: slot.step)  # read at scrape time
 
     def new_worker(engine_slot: EngineSlot) -> DecodeWorker:
         return DecodeWorker(engine_slot, engine_slot.engine.buckets.max_batch if engine_slot.engine.buckets else 16,
                             settings.max_wait_s, settings.max_queue, on_batch=metrics.batch)
 
-    worker = new_worker(slot)
-    workers: dict[str | None, DecodeWorker] = {None: worker}  # by arm checkpoint (None: the server's own)
-    experiments = ExperimentFile(settings.experiment_file) if settings.experiment_file else None
-
-    def start_arms(experiment: Experiment) -> None:
-        """Loads the arms' checkpoints that no worker serves yet (before the experiment takes effect)."""
-        for arm in experiment.arms:
-            if arm.checkpoint is not None and arm.checkpoint not in workers:
-                if arm_engine is None:
-                    raise ValueError(f"arm {arm.name!r} names a checkpoint, and this server cannot load one")
-                engine = arm_engine(arm.checkpoint)
-                workers[arm.checkpoint] = new_worker(EngineSlot(engine, lambda step, e=engine: e))
-
-    if experiments is not None:
-        start_arms(experiments.experiment)
+    router = TrafficRouter(slot, new_worker, settings.experiment_file, settings.exploration, arm_engine)
     stop_watching = threading.Event()
     impressions = events = None
     if settings.impressions_dir:
@@ -237,27 +223,20 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
     def watch_experiment() -> None:
         while not stop_watching.wait(settings.experiment_check_s):
             try:
-                changed = experiments.changed()
-                if changed is not None:
-                    start_arms(changed)
-                    experiments.experiment = changed
-                    log.info("experiment %r in force: %s", changed.name,
-                             ", ".join(f"{a.name} {a.share:g}" for a in changed.arms))
+                router.refresh()
             except Exception as e:  # a bad file or an arm that cannot load: the experiment in force stays
-                experiments.last_error = str(e)
                 metrics.errors.labels("experiment_file").inc()
-                log.error("experiment file not taken (%s); %r stays in force", e, experiments.experiment.name)
+                log.error("experiment file not taken (%s); %r stays in force", e, router.experiments.experiment.name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if settings.watch_s > 0:
             threading.Thread(target=watch, daemon=True, name="watch").start()
-        if experiments is not None:
+        if router.experiments is not None:
             threading.Thread(target=watch_experiment, daemon=True, name="experiment").start()
         yield
         stop_watching.set()
-        for running in workers.values():
-            await asyncio.to_thread(running.stop)
+        await asyncio.to_thread(router.stop)
         for opened in (impressions, events):
             if opened is not None:
                 await asyncio.to_thread(opened.close)
@@ -265,19 +244,14 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
     app = FastAPI(title="homegen", summary="Generates whole Home pages from a checkpoint (FORMATS.md §4)",
                   version="1", lifespan=lifespan)
     app.add_middleware(BodyGuard, max_body=settings.max_body, timeout_s=settings.client_timeout_s, metrics=metrics)
-    app.state.metrics, app.state.worker, app.state.slot = metrics, worker, slot
+    app.state.metrics, app.state.worker, app.state.slot = metrics, router.main, slot
 
     async def decode(obj) -> tuple[int, dict, dict | None]:
         """(status, body, headers) of one page request given as decoded JSON."""
         try:
             request = parse_request(obj)
-            request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
-            experiment = experiments.experiment if experiments is not None else None
-            arm = experiment.assign(request) if experiment is not None else None
-            if arm is not None:
-                request = Experiment.apply(arm, request)
-            request = settings.exploration.apply(request)
-            future = workers[arm.checkpoint if arm else None].submit(request, settings.deadline_s)
+            route = router.route(dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex))
+            future = route.worker.submit(route.request, settings.deadline_s)
         except RequestError as e:
             metrics.errors.labels("bad_request").inc()
             return 400, {"error": str(e)}, None
@@ -298,11 +272,12 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
             metrics.errors.labels("bad_request").inc()
             return 400, response, None
         metrics.pages.inc()
-        if arm is not None:
-            response["experiment"], response["arm"] = experiment.name, arm.name
-            metrics.arm_pages.labels(experiment.name, arm.name).inc()
+        response = {"request_id": route.request.request_id, **response}
+        if route.arm is not None:
+            response["experiment"], response["arm"] = route.experiment, route.arm
+            metrics.arm_pages.labels(route.experiment, route.arm).inc()
         if impressions is not None:
-            await log_impression(request, response)
+            await log_impression(route.request, response)
         return 200, response, None
 
     async def log_impression(request, response: dict) -> None:
@@ -424,10 +399,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
     async def healthz():
         return {"status": "ok", "checkpoint_step": slot.step, "reloading": slot.reloading,
                 **({"last_reload": slot.last_reload} if slot.last_reload else {}),
-                **({"experiment": {"name": experiments.experiment.name,
-                                   "arms": {a.name: a.share for a in experiments.experiment.arms},
-                                   **({"last_error": experiments.last_error} if experiments.last_error else {})}}
-                   if experiments is not None else {})}
+                **router.describe()}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus():

@@ -205,7 +205,7 @@ def impression_record(request, response: dict, timestamp: float | None = None) -
     page = [{"shelf": shelf["shelf"], "items": shelf["items"],
              **({"propensities": shelf["propensities"]} if "propensities" in shelf else {})}
             for shelf in response["page"]]
-    record = {"request_id": response["request_id"], "user_id": request.user_id,
+    record = {"request_id": request.request_id, "user_id": request.user_id,
               "timestamp": round(time.time() if timestamp is None else timestamp, 3), "context": context,
               "history": request.history, "page": page, "checkpoint_step": response["checkpoint_step"],
               "decoding": ({"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p,

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, free_port, running_server, tiny_config, train_cli
 
 from homegen.data.formats import DataFormatError, parse_page_log
-from homegen.serving.impressions import LogSettings, RotatingLog, join_logs, log_files, read_log_lines
+from homegen.serving.impressions import LogSettings, RotatingLog, log_files, read_log_lines
 
 
 def post(url: str, path: str, body) -> tuple[int, dict]:
@@ -73,6 +73,21 @@ def test_a_folder_that_cannot_be_written_drops_and_reports_then_recovers(tmp_pat
     assert log.append({"request_id": "kept"}).result(timeout=10) is True
     log.close()
     assert [r["request_id"] for r in logged(str(folder))] == ["kept"]
+
+
+def test_a_server_whose_log_folder_cannot_be_written_still_answers(tmp_path):
+    """Pages are answered 200 and the dropped records counted; nothing fails the request."""
+    from test_server import StubEngine
+
+    from homegen.serving.app import ServerSettings
+
+    blocked = tmp_path / "logs"
+    blocked.write_text("a file where the folder should be")
+    with running_server(StubEngine(), ServerSettings(impressions_dir=str(blocked))) as (url, _):
+        answers = [post(url, "/v1/pages", {"user_id": f"u{k}"}) for k in range(3)]
+        metrics = urllib.request.urlopen(url + "/metrics").read().decode()
+    assert [status for status, _ in answers] == [200] * 3 and all(body["request_id"] for _, body in answers)
+    assert 'homegen_log_records_total{log="impressions",result="dropped_EEXIST"} 3.0' in metrics
 
 
 def test_torn_last_line_is_skipped_and_a_bad_line_is_named(tmp_path, caplog):

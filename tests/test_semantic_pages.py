@@ -266,7 +266,8 @@ def test_semantic_checkpoint_pages_are_valid_in_every_mode(semantic_engine):
     scored = engine.score(requests + requests[:1], [r["page"] for r in responses])
     for response, forced in zip(responses[::2], scored[::2]):
         assert forced["log_prob"] == pytest.approx(response["log_prob"], abs=2e-3)
-        assert [{k: s[k] for k in ("shelf", "items", "item_scores")} for s in forced["page"]] == response["page"]
+        assert [{k: s[k] for k in ("shelf", "items", "item_scores")} for s in forced["page"]] == \
+                [{k: s[k] for k in ("shelf", "items", "item_scores")} for s in response["page"]]
     assert responses[0]["predicted_streams"] == pytest.approx(scored[0]["predicted_streams"], abs=2e-3)
 
 

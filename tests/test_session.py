@@ -25,7 +25,7 @@ def test_sampled_events_and_skip_memory():
     np.testing.assert_array_equal(streams, response.sample_streams(batch, np.random.default_rng(7)))
     assert not (streams & skips).any() and skips.sum() > streams.sum() > 0
     assert not skips[batch.items < 0].any()
-    # An item skipped this session keeps its examination and shelf factors and loses stream probability.
+    # An item skipped earlier in the session keeps its examination and shelf factors and loses stream probability.
     first = batch.items[:, 0, :1]
     skipped = PageBatch(batch.users, batch.contexts, batch.history, batch.shelves, batch.items, first)
     p, q = response.slot_probabilities(batch), response.slot_probabilities(skipped)

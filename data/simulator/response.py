@@ -73,7 +73,7 @@ class ResponseModel:
     def item_logits(self, users: np.ndarray, ctx: Contexts, history: np.ndarray,
                     items: np.ndarray, skipped: np.ndarray | None = None) -> np.ndarray:
         """(B, K) stream logits of items (B, K) (any index >= 0) for each request; an item in the request's
-        `skipped` (B, K') this session loses SKIP_PENALTY."""
+        `skipped` (B, K') (skipped earlier in the user's session) loses SKIP_PENALTY."""
         w, c = self.world.users, self.world.catalog
         safe = np.maximum(items, 0)
         rows = users[:, None]
