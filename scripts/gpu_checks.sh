@@ -10,7 +10,8 @@
 #      atomic tokens at the same sizes (run after part 4: the slowest), batch 1 and 64, beam 4, every page
 #      checked;
 #   4. a profile of gpu_100m's train step: the ops that take the most GPU time (trace kept in RESULTS), with
-#      XLA's attention and with cuDNN's fused attention (model.fused_attention), and the latter without remat.
+#      XLA's attention and with cuDNN's fused attention (model.fused_attention), and the latter without remat;
+#      first, scripts/check_fused_attention.py: the two attentions agree on packed rows with padding.
 #
 #   bash scripts/gpu_checks.sh [RESULTS_DIR]
 #   (PYTHON=... the interpreter; TRAIN=... train.py's path; PARTS="1 2 3 4" the parts to run; DEMO_STEPS=300;
@@ -45,6 +46,7 @@ fi
 
 if [[ $PARTS == *" 4 "* ]]; then
   echo "== 4. gpu_100m train step profile"
+  $PY scripts/check_fused_attention.py 2>&1 | tee "$RESULTS/fused_attention_check.txt"
   for fused in false true; do
     "${LIMIT[@]}" $PY scripts/benchmark_train.py --config configs/gpu_100m.py --steps 10 --noxla_flops \
       --config.model.fused_attention=$fused --profile_dir "$PROFILE_DIR/fused_$fused" --profile_steps 3 2>&1 \
