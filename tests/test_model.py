@@ -187,3 +187,15 @@ def test_embedding_dropout_acts_in_training_only():
     key = jax.random.key(3)
     trained, _ = dropped(tokens, positions, segments, dropout_key=key)
     assert not np.allclose(trained, plain(tokens, positions, segments, dropout_key=key)[0], atol=1e-3)
+
+
+def test_fused_attention_check_says_it_needs_a_gpu():
+    """scripts/check_fused_attention.py (run on GPUs by scripts/gpu_checks.sh) refuses a CPU with exit 2."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, "scripts/check_fused_attention.py"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "no GPU" in result.stderr
