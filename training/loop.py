@@ -301,6 +301,44 @@ def _preference_pairs(cfg, workdir: str, init_from: str | None) -> tuple[Prefere
     return pairs.split(cfg.preference.validation_fraction, cfg.seed)
 
 
+def _pipeline_config(cfg, nproc: int) -> PipelineConfig:
+    """How this process turns the data into token rows: its share of the global batch, the data options."""
+    return PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc, pack=cfg.data.pack,
+                          shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
+                          outcome_conditioning=cfg.data.outcome_conditioning, streamed_first=cfg.data.streamed_first,
+                          user_tokens=cfg.data.user_tokens, unknown_user_fraction=cfg.data.unknown_user_fraction)
+
+
+def _train_iterator(cfg, prepared, vocab: Vocabulary, pipeline_cfg: PipelineConfig, pairs, nproc: int,
+                    reporter: Reporter):
+    """This process's training batches: preference pairs in the preference stage, else the data's rows."""
+    if pairs:
+        train_pairs, validation_pairs = pairs
+        if int(train_pairs.tokens.max()) >= vocab.size:
+            raise ValueError(f"{cfg.preference.pairs} holds tokens beyond this run's vocabulary ({vocab.size:,})")
+        reporter.message(f"preference stage: {len(train_pairs):,} training pairs, {len(validation_pairs):,} "
+                         f"validation pairs from {cfg.preference.pairs}")
+        return iter(pair_dataset(train_pairs, cfg.train.batch_size // nproc, cfg.seed, jax.process_index(), nproc))
+    _report_cut_examples(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg, reporter)
+    return iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg, jax.process_index(), nproc))
+
+
+def _make_trainer(cfg, vocab: Vocabulary, item_counts, mesh, pairs) -> Trainer:
+    """The model (sized by the vocabulary and its item attributes) and its sharded trainer, with the loss the
+    config asks for (sampled softmax over the items' counts, the preference stage's DPO)."""
+    attribute_sizes = {} if vocab.attributes is None else {"num_attributes": vocab.attributes.num_attributes,
+                                                           "attributes_per_item": vocab.attributes.per_item}
+    model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict(), **attribute_sizes)
+    sampled = None
+    if cfg.loss.kind == "sampled":
+        sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
+    preference = (PreferenceConfig(cfg.preference.beta, cfg.preference.chosen_nll_weight,
+                                   cfg.preference.value_weight) if pairs else None)
+    return Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
+                   cfg.loss.value_weight, lora_config(cfg), preference, cfg.loss.label_smoothing,
+                   vocab.attribute_table())
+
+
 def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> RunResult:
     # Where: the workdir, the mesh, the data source; the config checked against them.
     workdir = os.path.abspath(workdir)
@@ -323,36 +361,12 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     prepared = prepare_data(cfg.data, os.path.join(workdir, "tfds"), leader, _barrier)
     vocab, item_counts, shelf_items = _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from,
                                                                 resume_step, reporter)
-    pipeline_cfg = PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc,
-                                  pack=cfg.data.pack, shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
-                                  outcome_conditioning=cfg.data.outcome_conditioning,
-                                  streamed_first=cfg.data.streamed_first, user_tokens=cfg.data.user_tokens,
-                                  unknown_user_fraction=cfg.data.unknown_user_fraction)
-    if pairs:
-        train_pairs, validation_pairs = pairs
-        if int(train_pairs.tokens.max()) >= vocab.size:
-            raise ValueError(f"{cfg.preference.pairs} holds tokens beyond this run's vocabulary ({vocab.size:,})")
-        train_iter = iter(pair_dataset(train_pairs, cfg.train.batch_size // nproc, cfg.seed, jax.process_index(),
-                                       nproc))
-        reporter.message(f"preference stage: {len(train_pairs):,} training pairs, {len(validation_pairs):,} "
-                         f"validation pairs from {cfg.preference.pairs}")
-    else:
-        train_iter = iter(make_dataset(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg,
-                                       jax.process_index(), nproc))
-        _report_cut_examples(prepared.sources["train"], vocab, prepared.kind, pipeline_cfg, reporter)
+    pipeline_cfg = _pipeline_config(cfg, nproc)
+    train_iter = _train_iterator(cfg, prepared, vocab, pipeline_cfg, pairs, nproc, reporter)
 
     # Model, trainer and the state to start from.
-    attribute_table = vocab.attribute_table()
-    attribute_sizes = {} if vocab.attributes is None else {"num_attributes": vocab.attributes.num_attributes,
-                                                           "attributes_per_item": vocab.attributes.per_item}
-    model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict(), **attribute_sizes)
-    sampled = None
-    if cfg.loss.kind == "sampled":
-        sampled = SampledSoftmax.create(vocab.item_offset, item_counts, cfg.loss.num_negatives, cfg.loss.sampler)
-    preference = (PreferenceConfig(cfg.preference.beta, cfg.preference.chosen_nll_weight,
-                                   cfg.preference.value_weight) if pairs else None)
-    trainer = Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
-                      cfg.loss.value_weight, lora_config(cfg), preference, cfg.loss.label_smoothing, attribute_table)
+    trainer = _make_trainer(cfg, vocab, item_counts, mesh, pairs)
+    model_cfg = trainer.model_cfg
     lora_base = _load_lora_base(trainer, checkpoints, init_from, resume_step, reporter) if trainer.lora else None
     start, state, progress = _initial_state(trainer, checkpoints, train_iter, workdir, init_from, resume_step,
                                             reporter, vocab, prepared.catalog_path)
