@@ -191,6 +191,77 @@ def _documented(*codes: int) -> dict:
     return {code: {"model": ErrorBody} for code in codes}
 
 
+async def _read_json(request: Request):
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("body is not valid JSON: nested too deeply") from None
+
+
+def _add_admin_routes(app: FastAPI, slot: EngineSlot, settings: ServerSettings, metrics: Metrics) -> None:
+    """The operator's endpoints, behind the admin token: POST /v1/catalog (a file of the catalog directory)
+    and POST /admin/reload."""
+    catalogs = CatalogDirectory(settings.catalog_dir) if settings.catalog_dir else None
+
+    def admin_refusal(request: Request, endpoint: str) -> JSONResponse | None:
+        """None when `request` carries the admin token, else the 401 / 403 that refuses it."""
+        if not settings.admin_token:
+            return _error(403, f"{endpoint} is off: the server was started without an admin token "
+                               "(HOMEGEN_ADMIN_TOKEN)")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
+            metrics.errors.labels("unauthorized").inc()
+            return _error(401, f"{endpoint} needs the admin token (Authorization: Bearer ...)",
+                          {"WWW-Authenticate": "Bearer"})
+        return None
+
+    @app.post("/v1/catalog", summary="Add the new items of a catalog file (semantic-ID checkpoints)",
+              responses=_documented(400, 401, 403), openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": CatalogBody.model_json_schema()}}}})
+    async def catalog(request: Request):
+        refused = admin_refusal(request, "POST /v1/catalog")
+        if refused is None and catalogs is None:
+            refused = _error(403, "catalog refresh is off: the server was started without a catalog directory "
+                                  "(serve.py --catalog_dir)")
+        if refused is not None:
+            metrics.requests.labels("/v1/catalog", str(refused.status_code)).inc()
+            return refused
+        try:
+            obj = await _read_json(request)
+            if not isinstance(obj, dict) or "catalog" not in obj:
+                raise RequestError('expected {"catalog": "NAME"}, a file in the server\'s catalog directory')
+            path, records = await asyncio.to_thread(catalogs.read, obj["catalog"])
+            result = await asyncio.to_thread(slot.engine.add_catalog, records, str(obj["catalog"]))
+        except (RequestError, CatalogRefused, ValueError) as e:
+            metrics.requests.labels("/v1/catalog", "400").inc()
+            return _error(400, str(e))
+        log.info("catalog refresh from %s: %s", path, result)
+        metrics.requests.labels("/v1/catalog", "200").inc()
+        return result
+
+    @app.post("/admin/reload", status_code=202, summary="Load a checkpoint of the run and swap it in",
+              responses=_documented(400, 401, 403, 409), openapi_extra={"requestBody": {"required": False, "content": {
+                  "application/json": {"schema": ReloadBody.model_json_schema()}}}})
+    async def reload(request: Request):
+        refused = admin_refusal(request, "POST /admin/reload")
+        if refused is not None:
+            return refused
+        body = await request.body()
+        try:
+            obj = json.loads(body) if body.strip() else {}
+            step = obj.get("step") if isinstance(obj, dict) else "bad"
+            if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+                raise ValueError
+        except (ValueError, RecursionError):
+            return _error(400, 'expected {"step": N} or an empty body (the newest readable step)')
+        if not slot.reload(step):
+            return _error(409, "a reload is already running")
+        return {"loading": step if step is not None else "newest", "serving": slot.step}
+
+
 def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
                arm_engine: Callable[[str], object] | None = None) -> FastAPI:
     """The ASGI app serving `slot`'s engine; its decoding worker starts now and stops (after finishing what
@@ -289,28 +360,6 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
         except TimeoutError:
             metrics.log_records.labels("impressions", "slow").inc()
 
-    catalogs = CatalogDirectory(settings.catalog_dir) if settings.catalog_dir else None
-
-    def admin_refusal(request: Request, endpoint: str) -> JSONResponse | None:
-        """None when `request` carries the admin token, else the 401 / 403 that refuses it."""
-        if not settings.admin_token:
-            return _error(403, f"{endpoint} is off: the server was started without an admin token "
-                               "(HOMEGEN_ADMIN_TOKEN)")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
-            metrics.errors.labels("unauthorized").inc()
-            return _error(401, f"{endpoint} needs the admin token (Authorization: Bearer ...)",
-                          {"WWW-Authenticate": "Bearer"})
-        return None
-
-    async def read_json(request: Request):
-        body = await request.body()
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise RequestError("body is not valid JSON: nested too deeply") from None
 
     @app.post("/v1/pages", summary="Generate a page", response_model=PageResponseBody,
               responses=_documented(400, 408, 413, 500, 503, 504),
@@ -320,7 +369,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
         start = time.perf_counter()
         with metrics.in_flight.track_inprogress():
             try:
-                obj = await read_json(request)
+                obj = await _read_json(request)
             except RequestError as e:
                 status, body, headers = 400, {"error": str(e)}, None
                 metrics.errors.labels("bad_request").inc()
@@ -339,7 +388,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
             return _error(403, "event logging is off: the server was started without an impressions folder "
                                "(serve.py --impressions)")
         try:
-            records = parse_events(await read_json(request))
+            records = parse_events(await _read_json(request))
         except ValueError as e:  # RequestError included
             metrics.requests.labels("/v1/events", "400").inc()
             return _error(400, str(e))
@@ -351,48 +400,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
         metrics.requests.labels("/v1/events", "202").inc()
         return JSONResponse({"accepted": sum(len(r["events"]) for r in records)}, status_code=202)
 
-    @app.post("/v1/catalog", summary="Add the new items of a catalog file (semantic-ID checkpoints)",
-              responses=_documented(400, 401, 403), openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": CatalogBody.model_json_schema()}}}})
-    async def catalog(request: Request):
-        refused = admin_refusal(request, "POST /v1/catalog")
-        if refused is None and catalogs is None:
-            refused = _error(403, "catalog refresh is off: the server was started without a catalog directory "
-                                  "(serve.py --catalog_dir)")
-        if refused is not None:
-            metrics.requests.labels("/v1/catalog", str(refused.status_code)).inc()
-            return refused
-        try:
-            obj = await read_json(request)
-            if not isinstance(obj, dict) or "catalog" not in obj:
-                raise RequestError('expected {"catalog": "NAME"}, a file in the server\'s catalog directory')
-            path, records = await asyncio.to_thread(catalogs.read, obj["catalog"])
-            result = await asyncio.to_thread(slot.engine.add_catalog, records, str(obj["catalog"]))
-        except (RequestError, CatalogRefused, ValueError) as e:
-            metrics.requests.labels("/v1/catalog", "400").inc()
-            return _error(400, str(e))
-        log.info("catalog refresh from %s: %s", path, result)
-        metrics.requests.labels("/v1/catalog", "200").inc()
-        return result
-
-    @app.post("/admin/reload", status_code=202, summary="Load a checkpoint of the run and swap it in",
-              responses=_documented(400, 401, 403, 409), openapi_extra={"requestBody": {"required": False, "content": {
-                  "application/json": {"schema": ReloadBody.model_json_schema()}}}})
-    async def reload(request: Request):
-        refused = admin_refusal(request, "POST /admin/reload")
-        if refused is not None:
-            return refused
-        body = await request.body()
-        try:
-            obj = json.loads(body) if body.strip() else {}
-            step = obj.get("step") if isinstance(obj, dict) else "bad"
-            if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-                raise ValueError
-        except (ValueError, RecursionError):
-            return _error(400, 'expected {"step": N} or an empty body (the newest readable step)')
-        if not slot.reload(step):
-            return _error(409, "a reload is already running")
-        return {"loading": step if step is not None else "newest", "serving": slot.step}
+    _add_admin_routes(app, slot, settings, metrics)
 
     @app.get("/healthz", summary="Liveness and the step being served")
     @app.head("/healthz", include_in_schema=False)
