@@ -3,6 +3,7 @@ atomic item tokens (one per item) or semantic IDs (3 levels of 256 codes and a c
 
     python scripts/benchmark_scale.py [--items 10000,100000,1000000,70000000] [--item_tokens atomic,semantic]
         [--batches 1,16] [--beam 4] [--calls 20] [--train_steps 5] [--train_batch 8]
+    python scripts/benchmark_scale.py --checkpoint RUN --requests REQUESTS.jsonl   # real requests' bytes
 
 For each catalog size: a model of the demo's shapes with random weights (the shapes, not the weights, set
 the cost), 30 shelf types whose static eligibility is a random 2-30% of the catalog each, two
@@ -19,6 +20,7 @@ size's p50 against the smallest catalog's in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -212,6 +214,35 @@ def measure_training(items: int, item_tokens: str, batch: int, steps: int, seed:
           f"pages/s; checkpoint {checkpoint / 2**20:,.1f} MiB; peak RSS so far {peak:,.2f} GiB", flush=True)
 
 
+def request_bytes_formula(pairs: int, excluded: int, shelves: int) -> int:
+    """What a request's rules take: int32 item and shelf per history-dependent pair, int32 per exclusion,
+    a byte per shelf type (allowed or not) and three int32 limits."""
+    return 8 * pairs + 4 * excluded + shelves + 12
+
+
+def measure_request_bytes(checkpoint: str, requests_path: str) -> None:
+    """Prints the bytes of the rules each request of `requests_path` (FORMATS.md §4 lines) really sends to the
+    decoder on `checkpoint`: its history-dependent pairs (from its real history), exclusions and flags."""
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import parse_request
+
+    engine = PageEngine(checkpoint)
+    sizes, pairs, excluded = [], [], []
+    with open(requests_path) as f:
+        for line in f:
+            rules = engine.request_rules(parse_request(json.loads(line)).with_session())
+            sizes.append(sum(np.asarray(v).nbytes for v in rules.values()))
+            pairs.append(len(rules["extra_items"]))
+            excluded.append(len(rules["excluded"]))
+    shelves = len(engine.vocab.shelves)
+    assert all(size == request_bytes_formula(p, e, shelves) for size, p, e in zip(sizes, pairs, excluded))
+    print(f"{len(sizes)} requests of {requests_path} on {checkpoint} ({shelves} shelf types): bytes of rules = "
+          f"8 x pairs + 4 x exclusions + {shelves} + 12, whatever the catalog's size")
+    for name, values in (("history-dependent pairs", pairs), ("exclusions", excluded), ("bytes", sizes)):
+        print(f"  {name:<24} mean {np.mean(values):,.1f}, p50 {np.percentile(values, 50):,.0f}, "
+              f"p99 {np.percentile(values, 99):,.0f}, max {max(values):,}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", default="10000,100000,1000000", help="comma-separated catalog sizes")
@@ -221,7 +252,14 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=20, help="timed calls per figure")
     parser.add_argument("--train_steps", type=int, default=5, help="timed training steps (0: no training figures)")
     parser.add_argument("--train_batch", type=int, default=8)
+    parser.add_argument("--checkpoint", default=None, help="with --requests: measure real requests' bytes and exit")
+    parser.add_argument("--requests", default=None, help="FORMATS.md §4 requests (JSON Lines) for --checkpoint")
     args = parser.parse_args(argv)
+    if args.checkpoint or args.requests:
+        if not (args.checkpoint and args.requests):
+            parser.error("--checkpoint and --requests go together")
+        measure_request_bytes(args.checkpoint, args.requests)
+        return 0
     print(f"demo-shaped model, random weights; {SHELVES} shelf types; pages of exactly {PAGE_SHELVES} x "
           f"{PAGE_ITEMS} items; {jax.devices()[0].device_kind}")
     batches = [int(b) for b in args.batches.split(",")]

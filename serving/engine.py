@@ -146,7 +146,7 @@ class PageEngine:
         return objective
 
     # --- request -> arrays ----------------------------------------------------------------------------
-    def _rules(self, request: PageRequest) -> dict[str, np.ndarray]:
+    def request_rules(self, request: PageRequest) -> dict[str, np.ndarray]:
         """The request's constraints as short arrays (none of them grows with the catalog)."""
         vocab = self.vocab
         shelves = np.ones(len(vocab.shelves), bool)
@@ -236,7 +236,7 @@ class PageEngine:
             try:
                 if self.buckets:
                     requests[k] = r = self.buckets.fit(r)
-                rules[k] = self._rules(r)
+                rules[k] = self.request_rules(r)
             except RequestError as e:
                 responses[k] = {"error": str(e)}
                 continue

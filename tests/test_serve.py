@@ -474,3 +474,22 @@ def test_batch_file_survives_hostile_lines(tiny_checkpoint, tmp_path):
     assert [o.get("line") for o in out] == [None, 2, 3, 4, None]
     assert "not valid Unicode" in out[1]["error"] and "nested too deeply" in out[2]["error"]
     assert "not UTF-8" in out[3]["error"] and out[0]["page"] and out[4]["page"]
+
+
+def test_request_bytes_follow_the_formula_on_real_requests(tiny_checkpoint, tmp_path):
+    """scripts/benchmark_scale.py --checkpoint --requests: what each real request sends is 8 x pairs +
+    4 x exclusions + shelf types + 12 bytes (checked request by request inside the script)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"user_id": f"u{k}", "history": [f"t{k + j}" for j in range(k)],
+                                            "exclude_items": [f"t{900 + j}" for j in range(k)]}) + "\n"
+                                for k in range(1, 6)))
+    result = subprocess.run([sys.executable, "scripts/benchmark_scale.py", "--checkpoint", tiny_checkpoint,
+                             "--requests", str(requests)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "8 x pairs + 4 x exclusions" in result.stdout and "exclusions               mean 3.0" in result.stdout
