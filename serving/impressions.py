@@ -55,7 +55,6 @@ class RotatingLog:
         self.on_written, self.on_dropped = on_written, on_dropped
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._fd: int | None = None
-        self._path: str | None = None
         self._size, self._opened, self._synced, self._sequence, self._last_error_log = 0, 0.0, True, 0, 0.0
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"log-{prefix}")
         self._thread.start()
@@ -70,11 +69,6 @@ class RotatingLog:
         """Writes what is queued, fsyncs and closes the file."""
         self._queue.put(None)
         self._thread.join(timeout_s)
-
-    @property
-    def path(self) -> str | None:
-        """The file being written now (None before the first write)."""
-        return self._path
 
     def _run(self) -> None:
         while True:
@@ -150,7 +144,7 @@ class RotatingLog:
             path = os.path.join(self.folder, f"{self.prefix}-{stamp}-{os.getpid()}-{self._sequence:06d}.jsonl")
             os.makedirs(self.folder, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            self._path, self._size, self._opened = path, 0, now
+            self._size, self._opened = 0, now
             self._prune()
 
     def _sync(self) -> None:
