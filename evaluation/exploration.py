@@ -8,10 +8,9 @@ import os
 
 import numpy as np
 
-from homegen.evaluation.pages import WorldJudge, read_split, standard_error, world_folder
+from homegen.evaluation.pages import WorldJudge, engine_world_folder, read_split, standard_error
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
-from homegen.training.checkpoints import checkpoint_dir
 
 
 def exploration_cost(checkpoint: str, temperatures: list[float], num_requests: int, split: str = "validation",
@@ -24,10 +23,7 @@ def exploration_cost(checkpoint: str, temperatures: list[float], num_requests: i
     world = engine.world
     if world is None:
         raise ValueError(f"{checkpoint} was not trained on the synthetic world: exploring costs are measured there")
-    ckpt_dir = checkpoint_dir(checkpoint)
-    workdir = os.path.dirname(ckpt_dir) if ckpt_dir != checkpoint else checkpoint
-    folder = world_folder({"config": engine.train_config}, workdir)
-    issued = read_split(os.path.join(folder, "requests.jsonl"), num_requests, split)
+    issued = read_split(os.path.join(engine_world_folder(engine), "requests.jsonl"), num_requests, split)
     requests = [{**r, "min_items_per_shelf": r.get("max_items_per_shelf", world.config.max_items)} for r in issued]
     judge = WorldJudge(world, requests)
 

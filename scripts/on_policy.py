@@ -42,7 +42,7 @@ def train(args, workdir: str, logs: list[str], extra: list[str]) -> None:
     run([sys.executable, "train.py", "--config", args.config, "--workdir", workdir,
          f"--config.data.page_logs={','.join(logs)}", f"--config.data.world={args.world}",
          f"--config.train.steps={args.steps}", f"--config.train.checkpoint_every={args.steps}",
-         f"--config.train.eval_every={args.steps}", *extra], os.path.join(workdir + ".log"))
+         f"--config.train.eval_every={args.steps}", *extra], workdir + ".log")
 
 
 def evaluate(args, workdir: str) -> dict:

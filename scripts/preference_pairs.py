@@ -29,11 +29,11 @@ from homegen.training.checkpoints import CheckpointError
 
 
 def _default_logs(engine: PageEngine, checkpoint: str) -> str:
-    from homegen.evaluation.pages import world_folder
+    from homegen.evaluation.pages import engine_world_folder
 
     if engine.world is None:
         raise ValueError(f"{checkpoint} was not trained on the synthetic world: pass --logs FILE.jsonl")
-    return os.path.join(world_folder({"config": engine.train_config}, checkpoint), "pages.jsonl")
+    return os.path.join(engine_world_folder(engine), "pages.jsonl")
 
 
 def _reward_engines(specs: list[str] | None, policy: PageEngine, policy_path: str,

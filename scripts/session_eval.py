@@ -29,20 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_users < 2:
         parser.error("--max_users must be >= 2")
 
-    from homegen.evaluation.pages import read_split, world_folder
+    from homegen.evaluation.pages import engine_world_folder, read_split
     from homegen.evaluation.session import regeneration_gain
     from homegen.serving.engine import PageEngine
-    from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
+    from homegen.training.checkpoints import CheckpointError
 
     try:
         engine = PageEngine(args.checkpoint, args.step)
         world = engine.world
         if world is None:
             raise ValueError(f"{args.checkpoint} was not trained on the synthetic world")
-        ckpt_dir = checkpoint_dir(args.checkpoint)
-        _, meta = Checkpoints(ckpt_dir, read_only=True).read_meta(engine.step)
-        workdir = os.path.dirname(ckpt_dir) if ckpt_dir != args.checkpoint else args.checkpoint
-        requests = read_split(os.path.join(world_folder(meta, workdir), "requests.jsonl"), args.max_users, args.split)
+        requests = read_split(os.path.join(engine_world_folder(engine), "requests.jsonl"), args.max_users, args.split)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"session_eval.py: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
@@ -321,7 +320,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
         """(status, body, headers) of one page request given as decoded JSON."""
         try:
             request = parse_request(obj)
-            route = router.route(dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex))
+            route = router.route(request.identified())
             future = route.worker.submit(route.request, settings.deadline_s)
         except RequestError as e:
             metrics.errors.labels("bad_request").inc()
@@ -343,7 +342,6 @@ def create_app(slot: EngineSlot, settings: ServerSettings = ServerSettings(),
             metrics.errors.labels("bad_request").inc()
             return 400, response, None
         metrics.pages.inc()
-        response = {"request_id": route.request.request_id, **response}
         if route.arm is not None:
             response["experiment"], response["arm"] = route.experiment, route.arm
             metrics.arm_pages.labels(route.experiment, route.arm).inc()

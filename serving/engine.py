@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import threading
 import time
 
@@ -306,7 +305,8 @@ class PageEngine:
         and the page's; with `policy_logps`, also each item's propensity (the decoding policy's probability of
         the item in its slot given everything before it, FORMATS.md §3) and the page's log-propensity."""
         page, total, codes, item_logp = [], 0.0, [], 0.0
-        policy = np.zeros(len(tokens)) if policy_logps is None else policy_logps
+        with_policy = policy_logps is not None
+        policy = policy_logps if with_policy else np.zeros(len(tokens))
         page_policy, item_policy = 0.0, 0.0
         for token, logp, policy_logp in zip(tokens.tolist(), logps.tolist(), policy.tolist()):
             if token in (PAD, EOS):
@@ -319,7 +319,7 @@ class PageEngine:
             page_policy += policy_logp
             if self.vocab.is_shelf(token):
                 page.append({"shelf": self.vocab.shelves[token - self.vocab.shelf_offset], "items": [], "item_scores": [],
-                             "propensities": []})
+                             **({"propensities": []} if with_policy else {})})
                 continue
             codes.append(token - self.vocab.item_offset)
             item_logp += logp
@@ -327,13 +327,13 @@ class PageEngine:
             if len(codes) == self.vocab.items.tokens_per_item:
                 page[-1]["items"].append(self.vocab.items.decode(codes))
                 page[-1]["item_scores"].append(round(item_logp, 4))
-                page[-1]["propensities"].append(float(f"{max(math.exp(item_policy), 1e-300):.6g}"))
+                if with_policy:
+                    page[-1]["propensities"].append(float(f"{max(math.exp(item_policy), 1e-300):.6g}"))
                 codes, item_logp, item_policy = [], 0.0, 0.0
-        if policy_logps is None:
-            for shelf in page:
-                del shelf["propensities"]
-            return {"page": page, "log_prob": round(total, 4)}
-        return {"page": page, "log_prob": round(total, 4), "log_propensity": round(min(page_policy, 0.0), 6)}
+        decoded = {"page": page, "log_prob": round(total, 4)}
+        if with_policy:
+            decoded["log_propensity"] = round(min(page_policy, 0.0), 6)
+        return decoded
 
     # --- scoring given pages ----------------------------------------------------------------------------
     def score(self, requests: list[PageRequest], pages: list[list[dict]], batch_size: int = 32) -> list[dict]:

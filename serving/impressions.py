@@ -11,8 +11,9 @@ of a request that was never answered; `read_log_lines` reports and skips it.
 
 Bounded: a file is rotated when it would pass `max_bytes` or is older than `max_age_s`; `keep_files` > 0
 deletes the oldest beyond that many. The folder is made when missing; one that cannot be made or written
-(read-only, full, a file in its place) never fails a request: the records are counted as dropped with the reason, a log line says what failed (at most once a
-minute), and every later batch tries again, so writing resumes when the folder recovers.
+(read-only, full, a file in its place) never fails a request: the records are counted as dropped with the
+reason, a log line says what failed (at most once a minute), and every later batch tries again, so writing
+resumes when the folder recovers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
-from homegen.data.formats import DataFormatError
+from homegen.data.formats import DataFormatError, json_lines
 
 log = logging.getLogger("homegen.impressions")
 EVENTS = ("stream", "skip", "save")  # what POST /v1/events accepts; streams count "stream" events
@@ -190,7 +191,7 @@ def log_files(folder: str, prefix: str) -> list[str]:
                   key=lambda p: (os.path.basename(p).split("-")[1], os.path.getmtime(p), p))
 
 
-def impression_record(request, response: dict, timestamp: float | None = None) -> dict:
+def impression_record(request, response: dict) -> dict:
     """The FORMATS.md §3 page-log line of one served page: the request as the model saw it (session events
     folded into history and exclusions), the page with its propensities, and how it was decoded."""
     context = dict(request.context)
@@ -200,7 +201,7 @@ def impression_record(request, response: dict, timestamp: float | None = None) -
              **({"propensities": shelf["propensities"]} if "propensities" in shelf else {})}
             for shelf in response["page"]]
     record = {"request_id": request.request_id, "user_id": request.user_id,
-              "timestamp": round(time.time() if timestamp is None else timestamp, 3), "context": context,
+              "timestamp": round(time.time(), 3), "context": context,
               "history": request.history, "page": page, "checkpoint_step": response["checkpoint_step"],
               "decoding": ({"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p,
                             "num_pages": request.num_pages, **({"exploration": True} if request.exploration else {})}
@@ -236,21 +237,32 @@ def read_log_lines(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, record) of a log file. A malformed line raises DataFormatError naming file and line,
     except an unterminated last line (a crash mid-write, whose request was never answered): skipped with a
     warning."""
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    torn = lines.pop()  # b"" when the file ends with a newline
+    torn = _unterminated_last_line(path)
+    try:
+        for number, record in json_lines(path):
+            if number == torn:
+                break
+            if not isinstance(record.get("request_id"), str):
+                raise DataFormatError(path, number, "a log record must be an object with a 'request_id'")
+            yield number, record
+    except DataFormatError as e:
+        if e.line != torn:
+            raise
     if torn:
-        log.warning("%s:%d: an unterminated last line (a write cut short by a crash) was skipped", path, len(lines) + 1)
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataFormatError(path, number, f"not a JSON record ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("request_id"), str):
-            raise DataFormatError(path, number, "a log record must be an object with a 'request_id'")
-        yield number, record
+        log.warning("%s:%d: an unterminated last line (a write cut short by a crash) was skipped", path, torn)
+
+
+def _unterminated_last_line(path: str) -> int | None:
+    """The number of the file's last line when it does not end with a newline (only then is the file read
+    through, to count its lines), else None."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return None
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return None
+        f.seek(0)
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) + 1
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 MAX_SHELVES = 20
 MAX_ITEMS_PER_SHELF = 50
@@ -40,6 +41,10 @@ class PageRequest:
     num_pages: int = 1
     session: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (item, event), oldest first
     exploration: bool = False  # set by the server (serving/traffic.py), never by a client
+
+    def identified(self) -> PageRequest:
+        """The request with its own request id, else a new one (echoed in the response and the impression log)."""
+        return self if self.request_id else dataclasses.replace(self, request_id=uuid.uuid4().hex)
 
     def with_session(self) -> PageRequest:
         """The request with its session events folded in: streamed and saved items join the history (newest

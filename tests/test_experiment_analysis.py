@@ -3,7 +3,6 @@ loop end to end: a server running an experiment file, the synthetic world's user
 HTTP day by day (scripts/online_world.py), their outcomes joined into page logs and analysed."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, running_server
 
-from homegen.evaluation.experiment import UserPanel, aa_rates, analyse, cuped, power, sequential, user_panel
+from homegen.evaluation.experiment import UserPanel, aa_rates, analyse, cuped, power, user_panel
 
 
 def panel(n=400, effect=0.0, looks=4, pre_corr=0.0, seed=0, share=0.5):
@@ -64,14 +63,12 @@ def test_logs_of_a_user_in_two_arms_are_refused():
 
 
 def test_online_experiment_end_to_end(tiny_checkpoint, tmp_path):
-    from homegen.evaluation.pages import world_folder
+    from homegen.evaluation.pages import engine_world_folder
     from homegen.serving.app import ServerSettings
     from homegen.serving.engine import PageEngine
-    from homegen.training.checkpoints import checkpoint_dir
 
     engine = PageEngine(tiny_checkpoint)
-    ckpt = checkpoint_dir(tiny_checkpoint)
-    world = world_folder({"config": engine.train_config}, os.path.dirname(ckpt) if ckpt != tiny_checkpoint else ckpt)
+    world = engine_world_folder(engine)
     arms = tmp_path / "arms.json"
     arms.write_text(json.dumps({"name": "pre", "salt": "p", "arms": [{"name": "all", "share": 1.0}]}))
     logs = str(tmp_path / "logs")

@@ -96,7 +96,7 @@ def test_torn_last_line_is_skipped_and_a_bad_line_is_named(tmp_path, caplog):
     assert [r["request_id"] for _, r in read_log_lines(str(path))] == ["a"]
     assert f"{path}:2: an unterminated last line" in caplog.text
     path.write_text('{"request_id": "a", "page": []}\nnot json\n{"request_id": "c", "page": []}\n')
-    with pytest.raises(DataFormatError, match=rf"{path}:2: not a JSON record"):
+    with pytest.raises(DataFormatError, match=rf"{path}:2: invalid JSON"):
         list(read_log_lines(str(path)))
 
 

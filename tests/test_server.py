@@ -34,7 +34,8 @@ class StubEngine:
         time.sleep(self.delay_s)
         if any(r.user_id == "boom" for r in requests):
             raise RuntimeError("a bug this request triggers")
-        return [{"user_id": r.user_id, "page": [{"shelf": "s", "items": ["t1"], "item_scores": [-1.0]}],
+        return [{"request_id": r.request_id, "user_id": r.user_id,
+                 "page": [{"shelf": "s", "items": ["t1"], "item_scores": [-1.0]}],
                  "log_prob": -1.0, "checkpoint_step": self.step} for r in requests]
 
     def describe(self, item_id):

@@ -52,9 +52,6 @@ def run_batch(engine, path: str, output: str, batch_size: int, impressions=None,
     request id (its own, else a new one); with `impressions` (a RotatingLog) each page served is logged; with
     `exploration` (serving/traffic.py) its share of beam requests is sampled instead. Returns the (line,
     error) of every failed line."""
-    import dataclasses
-    import uuid
-
     from homegen.serving.impressions import impression_record
     from homegen.serving.worker import generate_isolated
 
@@ -79,8 +76,7 @@ def run_batch(engine, path: str, output: str, batch_size: int, impressions=None,
 
         for number, request in _read_requests(path):
             if not isinstance(request, str):
-                request = dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex)
-                request = exploration.apply(request) if exploration else request
+                request = exploration.apply(request.identified()) if exploration else request.identified()
             pending.append((number, request))
             if len(pending) >= batch_size:
                 flush()
@@ -222,9 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         exploration(args)
     except ValueError as e:
         parser.error(str(e))
-    if args.explore_share > 0 and args.port is not None and 1 not in [int(w) for w in args.sample_widths.split(",")
-                                                                     if w.strip().isdigit()]:
-        parser.error("--explore_share samples one page per request: --sample_widths must include 1")
     if args.experiment is not None:
         from homegen.serving.experiments import read_experiment
 
@@ -253,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                                      (args.batch_sizes, args.beam_sizes, args.sample_widths)))
         except ValueError as e:
             parser.error(f"--batch_sizes/--beam_sizes/--sample_widths: {e}")
+        if args.explore_share > 0 and buckets.sample_widths[0] != 1:
+            parser.error("--explore_share samples one page per request: --sample_widths must include 1")
     try:
         engine = PageEngine(args.checkpoint, args.step, objective=args.objective, buckets=buckets,
                             stream_candidates=args.stream_candidates, prior_weight=args.prior_weight)
