@@ -116,11 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ranking = "auto"  # score (all items at the last position) | beam | auto: score if atomic
     c.eval.beam_size = 50  # items found by beam ranking (metrics@K need K <= beam_size)
 
-    # `streams` beam search (model/decoding.py), chosen on validation requests: scripts/evaluate.py --split
-    # validation --stream_candidates N --prior_weight W tries other values on a trained checkpoint.
+    # Beam search's settings (model/decoding.py), chosen on validation requests: scripts/evaluate.py --split
+    # validation --stream_candidates N --prior_weight W --item_width I tries others on a trained checkpoint.
     c.serve = ml_collections.ConfigDict()
-    c.serve.stream_candidates = 32  # items considered per step: the model's most likely allowed ones
-    c.serve.prior_weight = 0.01  # weight of every token's log-probability next to the predicted streams
+    c.serve.stream_candidates = 32  # `streams`: items considered per step, the model's most likely allowed ones
+    c.serve.prior_weight = 0.01  # `streams`: weight of every token's log-probability next to the predicted streams
+    c.serve.item_width = 1  # semantic IDs: hypotheses per beam inside an item (1: cut at every code)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over

@@ -211,8 +211,7 @@ def _log_metrics(page: list[dict], streamed: list[str]) -> tuple[float, float]:
 
 def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_requests: int,
                    full_shelves: bool = True, beam_size: int = 4, catalog: str | None = None,
-                   split: str = "test", watch_shelf: str | None = None, stream_candidates: int | None = None,
-                   prior_weight: float | None = None) -> dict:
+                   split: str = "test", watch_shelf: str | None = None, search: dict | None = None) -> dict:
     """The page-quality table on the world's first `num_requests` held-out requests (split "test"; the last
     `num_requests` for split "validation", where settings are chosen). With `full_shelves`
     the requests ask for full rows (min = max items per shelf, as the oracle's pages have); otherwise each
@@ -221,12 +220,12 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     (`PageEngine.refresh_catalog`; an atomic checkpoint cannot add them) and the table reports, per page,
     how many of them each method places, how many on "new_releases", and their expected streams. With
     `watch_shelf` it reports the share of pages that show that shelf type and the expected streams of its
-    slots per page (a shelf type added by vocabulary extension, say). `stream_candidates` and `prior_weight`
-    override the run's `serve` settings of streams beam search."""
+    slots per page (a shelf type added by vocabulary extension, say). `search` overrides the run's `serve`
+    settings of beam search (`PageEngine`'s stream_candidates, prior_weight, item_width)."""
     if meta["eligibility"]["kind"] != "world":
         raise ValueError(f"{checkpoint} was trained on page logs; page quality is measured under the synthetic "
                          "world's true response model, so it needs a checkpoint trained on the synthetic world")
-    engine = PageEngine(checkpoint, step, stream_candidates=stream_candidates, prior_weight=prior_weight)
+    engine = PageEngine(checkpoint, step, **(search or {}))
     known_before = set(engine.vocab.items.item_ids)
     refresh = {}
     if catalog:
@@ -339,5 +338,5 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
             print(f"{name} - {partners[name]}: {row['vs_pointwise']:+.3f} +- {row['vs_pointwise_se']:.3f} "
                   "expected streams per page (mean paired difference +- its standard error)")
     return {"requests": len(requests), "request_split": split, "full_shelves": full_shelves, "beam_size": beam_size,
-            "stream_candidates": engine.candidates, "prior_weight": engine.prior_weight, "pages": table,
+            **engine.search_settings, "pages": table,
             **({"catalog_refresh": refresh} if catalog else {})}

@@ -45,6 +45,7 @@ class Decoded:
 OBJECTIVES = ("likelihood", "streams")
 STREAM_CANDIDATES = 32  # `streams`: items considered per step (the model's most likely allowed ones)
 PRIOR_WEIGHT = 0.01  # `streams`: weight of every token's log-probability next to predicted streams
+ITEM_WIDTH = 1  # semantic IDs: hypotheses per beam inside an item (1: the beam is cut at every code)
 
 
 def pad_prompts(prompts: list[list[int]], rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,51 +154,68 @@ def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_of
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class BeamState:
-    """Beam search after `step` tokens: K alive hypotheses per request (beams folded into the rows of
-    `hidden`, `cache` and `fsm`) and the K best finished pages so far."""
+    """Beam search after `step` tokens: A = K x item_width alive hypotheses per request (beams folded into the
+    rows of `hidden`, `cache` and `fsm`; at most K of them between items) and the K best finished pages so
+    far."""
 
     step: jax.Array  # scalar int32
-    hidden: jax.Array  # (B * K, D) hidden state after each alive beam's last token
+    hidden: jax.Array  # (B * A, D) hidden state after each alive beam's last token
     cache: KVCache | None  # None when decoding without a cache
-    fsm: PageState  # (B * K) grammar state of each alive beam
-    alive_tokens: jax.Array  # (B, K, T)
-    alive_logps: jax.Array  # (B, K, T)
-    alive_score: jax.Array  # (B, K), NEG_INF for empty slots
+    fsm: PageState  # (B * A) grammar state of each alive beam
+    alive_tokens: jax.Array  # (B, A, T)
+    alive_logps: jax.Array  # (B, A, T)
+    alive_score: jax.Array  # (B, A), NEG_INF for empty slots
     done_tokens: jax.Array  # (B, K, T)
     done_logps: jax.Array  # (B, K, T)
     done_score: jax.Array  # (B, K) normalised score, NEG_INF for empty slots
-    item_value: jax.Array  # (B * K,) `streams`: stream probability counted for the item in progress
+    item_value: jax.Array  # (B * A,) `streams`: stream probability counted for the item in progress
+
+
+def cap_between_items(score: jax.Array, between_items: jax.Array, cap: int) -> jax.Array:
+    """`score` (B, C), sorted best first per row, with every candidate between items (`between_items`: it
+    ends an item, or is a shelf token) after the row's first `cap` such ones set to NEG_INF."""
+    rank = jnp.cumsum(between_items & (score > NEG_INF / 2), axis=1)
+    return jnp.where(between_items & (rank > cap), NEG_INF, score)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grammar", "beam_size", "max_new", "alpha", "use_cache",
-                                             "objective", "candidates", "prior_weight"))
+                                             "objective", "candidates", "prior_weight", "item_width"))
 def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, tables: ItemTables, *,
                 grammar: PageGrammar,
                 beam_size: int, max_new: int, alpha: float = 0.6, use_cache: bool = True,
                 objective: str = "likelihood", candidates: int = STREAM_CANDIDATES,
-                prior_weight: float = PRIOR_WEIGHT) -> Decoded:
+                prior_weight: float = PRIOR_WEIGHT, item_width: int = ITEM_WIDTH) -> Decoded:
     """Top `beam_size` pages per request under `objective` (see `_step_scores`); the grammar's mask only
     prunes. `likelihood` ranks finished pages by length-normalised log-probability (GNMT `alpha`);
     `streams` by predicted streams, unnormalised (a longer page has more chances to be streamed).
-    `use_cache=False` recomputes the whole sequence at every step (the baseline the cache is measured by)."""
+    `use_cache=False` recomputes the whole sequence at every step (the baseline the cache is measured by).
+
+    `item_width` W > 1 (semantic item IDs) searches item by item: inside an item's codes the beam holds
+    `beam_size` x W hypotheses, and only when items complete is it cut back to `beam_size`, so an item is
+    compared with other complete items rather than pruned with its cluster at its first code. A step costs
+    W times the rows."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if item_width < 1 or (item_width > 1 and grammar.levels == 1):
+        raise ValueError(f"item_width must be 1, or more for semantic item IDs (items of several codes); got "
+                         f"{item_width} for items of {grammar.levels} token(s)")
     model = nnx.merge(graphdef, params)
     if objective == "streams" and not model.cfg.value_head:
         raise ValueError("the 'streams' objective needs a model trained with a value head")
-    b, k = prompts.shape[0], beam_size
+    b, k, a = prompts.shape[0], beam_size, beam_size * item_width
     hidden, cache = prefill_hidden(model, prompts, lengths, prompts.shape[1] + max_new)
-    rows_rules = grammar.prepare(rules.take(jnp.repeat(jnp.arange(b), k)), tables)
-    row_prompts, row_lengths = jnp.repeat(prompts, k, axis=0), jnp.repeat(lengths, k)
+    rows_rules = grammar.prepare(rules.take(jnp.repeat(jnp.arange(b), a)), tables)
+    row_prompts, row_lengths = jnp.repeat(prompts, a, axis=0), jnp.repeat(lengths, a)
     penalty = (lambda length: length_penalty(length, alpha)) if objective == "likelihood" else (lambda length: 1.0)
-    empty_tokens, empty_logps = jnp.full((b, k, max_new), PAD, jnp.int32), jnp.zeros((b, k, max_new))
+    empty_tokens, empty_logps = jnp.full((b, a, max_new), PAD, jnp.int32), jnp.zeros((b, a, max_new))
     state = BeamState(
-        step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, k, axis=0),
-        cache=cache.repeat(k) if use_cache else None, fsm=grammar.init(rows_rules, tables, max_new),
+        step=jnp.zeros((), jnp.int32), hidden=jnp.repeat(hidden, a, axis=0),
+        cache=cache.repeat(a) if use_cache else None, fsm=grammar.init(rows_rules, tables, max_new),
         alive_tokens=empty_tokens, alive_logps=empty_logps,
-        alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
-        done_tokens=empty_tokens, done_logps=empty_logps, done_score=jnp.full((b, k), NEG_INF),
-        item_value=jnp.zeros((b * k,)))
+        alive_score=jnp.tile(jnp.array([0.0] + [NEG_INF] * (a - 1)), (b, 1)),
+        done_tokens=empty_tokens[:, :k], done_logps=empty_logps[:, :k], done_score=jnp.full((b, k), NEG_INF),
+        item_value=jnp.zeros((b * a,)))
+    last_level = grammar.item_offset + grammar.level_offsets[-1]  # item tokens below it leave an item open
 
     def running(s: BeamState) -> jax.Array:
         live = s.alive_score[:, 0] > NEG_INF / 2
@@ -213,10 +231,10 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
                                                  objective=objective, candidates=candidates,
                                                  prior_weight=prior_weight)
         vocab = logp.shape[-1]
-        candidates_score = (s.alive_score[:, :, None] + increments.reshape(b, k, vocab)).reshape(b, k * vocab)
-        top_score, top_index = jax.lax.top_k(candidates_score, 2 * k)
+        candidates_score = (s.alive_score[:, :, None] + increments.reshape(b, a, vocab)).reshape(b, a * vocab)
+        top_score, top_index = jax.lax.top_k(candidates_score, 2 * a)
         top_beam, top_token = top_index // vocab, top_index % vocab
-        beam_rows = jnp.arange(b)[:, None] * k + top_beam
+        beam_rows = jnp.arange(b)[:, None] * a + top_beam
         token_logp = logp[beam_rows, top_token]
         tokens = jnp.take_along_axis(s.alive_tokens, top_beam[:, :, None], 1).at[:, :, s.step].set(top_token)
         logps = jnp.take_along_axis(s.alive_logps, top_beam[:, :, None], 1).at[:, :, s.step].set(token_logp)
@@ -229,17 +247,20 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
         done_tokens = jnp.take_along_axis(jnp.concatenate([s.done_tokens, tokens], 1), keep[:, :, None], 1)
         done_logps = jnp.take_along_axis(jnp.concatenate([s.done_logps, logps], 1), keep[:, :, None], 1)
 
-        # The best K unfinished candidates go on.
-        alive_score, pick = jax.lax.top_k(jnp.where(is_eos | ~live, NEG_INF, top_score), k)
+        # The best unfinished candidates go on: K between items, up to K x item_width inside one.
+        open_score = jnp.where(is_eos | ~live, NEG_INF, top_score)
+        if item_width > 1:
+            open_score = cap_between_items(open_score, (top_token < grammar.item_offset) | (top_token >= last_level), k)
+        alive_score, pick = jax.lax.top_k(open_score, a)
         chosen_beam = jnp.take_along_axis(top_beam, pick, 1)
         chosen_token = jnp.take_along_axis(top_token, pick, 1).reshape(-1)
-        rows = (jnp.arange(b)[:, None] * k + chosen_beam).reshape(-1)
+        rows = (jnp.arange(b)[:, None] * a + chosen_beam).reshape(-1)
         alive_tokens = jnp.take_along_axis(tokens, pick[:, :, None], 1)
         cache = s.cache
         if use_cache:
             hidden, cache = decode_hidden(model, chosen_token, row_lengths + s.step, cache.take(rows))
         else:
-            hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * k, -1), s.step)
+            hidden = _full_forward_hidden(model, row_prompts, row_lengths, alive_tokens.reshape(b * a, -1), s.step)
         fsm = grammar.advance(s.fsm.take(rows), chosen_token, rows_rules, tables)
         item_value = s.item_value
         if streams is not None:  # the value counted so far for an item still in progress (semantic IDs)

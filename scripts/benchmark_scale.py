@@ -121,8 +121,10 @@ def _tuple_key(codes: np.ndarray) -> np.ndarray:
     return ((codes[:, 0] * 256 + codes[:, 1]) * 256 + codes[:, 2]) * 65536 + codes[:, 3]
 
 
-def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: int, seed: int = 0) -> dict:
-    """Prints, and returns as {batch: p50 seconds}, the decoding latency of one catalog size."""
+def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: int, item_width: int = 1,
+            seed: int = 0) -> dict:
+    """Prints, and returns as {batch: p50 seconds}, the decoding latency of one catalog size (`item_width`:
+    beam search's hypotheses per beam inside a semantic ID's codes; atomic items always use 1)."""
     rng = np.random.default_rng(seed)
     shelf_offset = NON_ITEM_TOKENS - SHELVES
     codes = semantic_code_table(rng, items) if item_tokens == "semantic" else None
@@ -158,7 +160,7 @@ def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: 
             lengths = jnp.full((batch,), PROMPT, jnp.int32)
             start = time.perf_counter()
             out = beam_search(graphdef, params, prompts, lengths, rules, tables, grammar=grammar,
-                              beam_size=beam, max_new=max_new)
+                              beam_size=beam, max_new=max_new, item_width=item_width if codes is not None else 1)
             valid = np.asarray(out.valid[:, 0])
             if call:
                 latencies.append(time.perf_counter() - start)
@@ -172,7 +174,7 @@ def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: 
                 checked += 1
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         p50[batch] = float(np.percentile(latencies, 50))
-        print(f"  batch {batch:>3}, beam {beam}: p50 {p50[batch] * 1e3:,.0f} ms, "
+        print(f"  batch {batch:>3}, beam {beam}{f', item width {item_width}' if codes is not None else ''}: p50 {p50[batch] * 1e3:,.0f} ms, "
               f"p99 {np.percentile(latencies, 99) * 1e3:,.0f} ms, {batch * calls / sum(latencies):,.2f} pages/s "
               f"({calls} calls); {checked} pages, all valid; peak RSS so far {peak:,.2f} GiB", flush=True)
     return p50
@@ -249,6 +251,9 @@ def main(argv=None) -> int:
     parser.add_argument("--item_tokens", default="atomic,semantic", help="atomic, semantic or both")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--item_width", default="1",
+                        help="semantic rows: comma-separated item widths of beam search (hypotheses per beam inside "
+                             "an item), each measured and compared with the first")
     parser.add_argument("--calls", type=int, default=20, help="timed calls per figure")
     parser.add_argument("--train_steps", type=int, default=5, help="timed training steps (0: no training figures)")
     parser.add_argument("--train_batch", type=int, default=8)
@@ -263,17 +268,22 @@ def main(argv=None) -> int:
     print(f"demo-shaped model, random weights; {SHELVES} shelf types; pages of exactly {PAGE_SHELVES} x "
           f"{PAGE_ITEMS} items; {jax.devices()[0].device_kind}")
     batches = [int(b) for b in args.batches.split(",")]
-    p50: dict[tuple[str, int], dict[int, float]] = {}
+    widths = [int(w) for w in args.item_width.split(",")]
+    p50: dict[tuple[str, int, int], dict[int, float]] = {}
     for items in (int(n) for n in args.items.split(",")):
         for item_tokens in args.item_tokens.split(","):
-            p50[item_tokens, items] = measure(items, item_tokens, batches, args.beam, args.calls)
+            for width in widths if item_tokens == "semantic" else [1]:
+                p50[item_tokens, items, width] = measure(items, item_tokens, batches, args.beam, args.calls, width)
             if args.train_steps:
                 measure_training(items, item_tokens, args.train_batch, args.train_steps)
-    print("\np50 latency against the smallest catalog of the same item tokens (this run):")
-    for (item_tokens, items), by_batch in p50.items():
-        smallest = p50[item_tokens, min(n for t, n in p50 if t == item_tokens)]
-        ratios = ", ".join(f"batch {b}: {by_batch[b] / smallest[b]:.2f}x" for b in batches)
-        print(f"  {item_tokens:<8} {items:>12,} items: {ratios}")
+    print("\np50 latency against the smallest catalog of the same item tokens and item width, and against the "
+          "first item width (this run):")
+    for (item_tokens, items, width), by_batch in p50.items():
+        smallest = p50[item_tokens, min(n for t, n, w in p50 if t == item_tokens and w == width), width]
+        narrow = p50[item_tokens, items, widths[0] if item_tokens == "semantic" else 1]
+        ratios = ", ".join(f"batch {b}: {by_batch[b] / smallest[b]:.2f}x, {by_batch[b] / narrow[b]:.2f}x"
+                           for b in batches)
+        print(f"  {item_tokens:<8} {items:>12,} items, width {width}: {ratios}")
     return 0
 
 

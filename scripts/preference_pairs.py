@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+from homegen.commands.search_flags import add_search_flags, search_overrides
 from homegen.data.formats import DataFormatError
 from homegen.evaluation.preference_pairs import logged_requests, make_pairs
 from homegen.serving.engine import PageEngine
@@ -70,17 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_shelves", type=int, default=None)
     parser.add_argument("--items_per_shelf", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stream_candidates", type=int, default=None,
-                        help="the beam's streams search: candidates per step (default: the run's serve config)")
-    parser.add_argument("--prior_weight", type=float, default=None,
-                        help="the beam's streams search: log-probability weight (default: the run's serve config)")
+    add_search_flags(parser)
     args = parser.parse_args(argv)
     if args.requests < 1 or args.samples < 1:
         parser.error("--requests and --samples must be >= 1")
     try:
         start = time.perf_counter()
-        engine = PageEngine(args.checkpoint, args.step, stream_candidates=args.stream_candidates,
-                            prior_weight=args.prior_weight)
+        engine = PageEngine(args.checkpoint, args.step, **search_overrides(args))
         reward_engines = _reward_engines(args.reward_model, engine, args.checkpoint, args.step)
         world = engine.world
         shelves, items = args.num_shelves, args.items_per_shelf

@@ -15,7 +15,8 @@ from homegen.data.formats import Shelf, read_catalog
 from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD, USER_FIELD
 from homegen.data.semantic_ids import catalog_attributes
 from homegen.data.vocab import EOS, PAD, Vocabulary
-from homegen.model.decoding import OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts, sample
+from homegen.model.decoding import (ITEM_WIDTH, OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts,
+                                    sample)
 from homegen.model.grammar import PageGrammar, PageRules
 from homegen.model.scoring import score_tokens
 from homegen.model.transformer import TransformerConfig, abstract_model
@@ -66,11 +67,12 @@ class PageEngine:
 
     def __init__(self, path: str, step: int | None = None, use_cache: bool = True, objective: str = "auto",
                  buckets: ShapeBuckets | None = None, stream_candidates: int | None = None,
-                 prior_weight: float | None = None):
+                 prior_weight: float | None = None, item_width: int | None = None):
         """`objective` of beam search: `likelihood`, `streams` (needs a value head) or `auto` (`streams`
         when the checkpoint has a value head). With `buckets` every request decodes in one of their shapes
         (compile them first with `warm_up`); without, shapes follow the requests. `stream_candidates` and
-        `prior_weight` (`streams` beam search) override the checkpoint config's `serve` settings."""
+        `prior_weight` (`streams` beam search) and `item_width` (beam search over semantic IDs, see
+        `model.decoding.beam_search`) override the checkpoint config's `serve` settings."""
         self.buckets = buckets
         self.use_cache = use_cache  # False: recompute every step (only to measure what the cache buys)
         checkpoints = Checkpoints(checkpoint_dir(path), read_only=True)
@@ -81,22 +83,35 @@ class PageEngine:
         self.seq_len = int(meta["config"]["data"]["seq_len"])  # the training rows' length: prompts stay within
         self.path = path
         self.objective = self._check_objective(objective)
-        self.candidates, self.prior_weight = self._stream_search(stream_candidates, prior_weight)
+        self.candidates, self.prior_weight, self.item_width = self._search_settings(
+            stream_candidates, prior_weight, item_width)
         self.eligibility_spec = meta.get("eligibility") or {"kind": "all"}
         self.catalog = (meta.get("catalog") or {}).get("items", {})
         self._lock = threading.RLock()  # a catalog refresh waits for the batch being decoded
         self._use_vocabulary(Vocabulary.from_json(meta["vocab"]))
+        if self.item_width > 1 and self.grammar.levels == 1:
+            raise ValueError(f"item_width {self.item_width} needs semantic item IDs; this checkpoint has one token "
+                             "per item (atomic item IDs), whose beam already compares whole items: use 1")
 
-    def _stream_search(self, candidates: int | None, prior_weight: float | None) -> tuple[int, float]:
-        """`streams` beam search's candidates per step and log-probability weight: the arguments, else the
-        checkpoint config's `serve` section (older checkpoints: the decoder's defaults)."""
+    def _search_settings(self, candidates: int | None, prior_weight: float | None,
+                         item_width: int | None) -> tuple[int, float, int]:
+        """`streams` beam search's candidates per step and log-probability weight, and beam search's item
+        width: the arguments, else the checkpoint config's `serve` section (older checkpoints: the decoder's
+        defaults)."""
         chosen = self.train_config.get("serve") or {}
         candidates = int(chosen.get("stream_candidates", STREAM_CANDIDATES) if candidates is None else candidates)
         prior_weight = float(chosen.get("prior_weight", PRIOR_WEIGHT) if prior_weight is None else prior_weight)
-        if candidates < 1 or prior_weight < 0:
-            raise ValueError(f"streams beam search needs stream_candidates >= 1 and prior_weight >= 0, got "
-                             f"{candidates} and {prior_weight}")
-        return candidates, prior_weight
+        item_width = int(chosen.get("item_width", ITEM_WIDTH) if item_width is None else item_width)
+        if candidates < 1 or prior_weight < 0 or item_width < 1:
+            raise ValueError(f"beam search needs stream_candidates >= 1, prior_weight >= 0 and item_width >= 1, "
+                             f"got {candidates}, {prior_weight} and {item_width}")
+        return candidates, prior_weight, item_width
+
+    @property
+    def search_settings(self) -> dict:
+        """Beam search's settings in force, as `PageEngine` keyword arguments (a reload keeps them)."""
+        return {"stream_candidates": self.candidates, "prior_weight": self.prior_weight,
+                "item_width": self.item_width}
 
     def _use_vocabulary(self, vocab: Vocabulary) -> None:
         """The vocabulary and everything decoding derives from it: grammar, eligibility and device tables."""
@@ -259,7 +274,8 @@ class PageEngine:
         if mode == "beam":
             out = beam_search(self.graphdef, self.params, tokens, lengths, rules, self.tables, grammar=self.grammar,
                               beam_size=width, max_new=max_new, use_cache=self.use_cache, objective=objective,
-                              candidates=self.candidates, prior_weight=self.prior_weight)
+                              candidates=self.candidates, prior_weight=self.prior_weight,
+                              item_width=self.item_width)
         else:
             repeat = lambda x: jnp.repeat(x, width, axis=0)  # noqa: E731
             rows = tokens.shape[0]

@@ -12,6 +12,7 @@ from homegen.data.vocab import EOS, PAD
 from homegen.model.decoding import (
     NEG_INF,
     beam_search,
+    cap_between_items,
     decode_step,
     kth_largest,
     length_penalty,
@@ -289,3 +290,56 @@ def test_counted_sparse_grammar_equals_dense_rules():
             tokens.append(token)
             state = advance(state, jnp.array([token]), r, shelf_items)
         assert not tokens or tokens[-1] == EOS, tokens  # a started page always ends
+
+
+def test_cap_between_items_keeps_the_best_few_between_items():
+    score = jnp.asarray([[9.0, 8.0, 7.0, 6.0, 5.0, NEG_INF]])
+    between = jnp.asarray([[True, False, True, True, False, True]])
+    got = np.asarray(cap_between_items(score, between, 2))[0]
+    np.testing.assert_array_equal(got, np.float32([9.0, 8.0, 7.0, NEG_INF, 5.0, NEG_INF]))
+
+
+# Semantic IDs: items are every (c1, c2) of 3 x 3 codes; one shelf of exactly two items.
+CODES = np.stack(np.meshgrid(np.arange(3), np.arange(3), indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
+SEM = PageGrammar(vocab_size=5 + S + 6, shelf_offset=5, num_shelves=S, item_offset=5 + S, num_items=len(CODES),
+                  level_sizes=(3, 3))
+SEM_TABLES = SEM.tables(np.ones((S, len(CODES)), bool), CODES)
+SEM_CFG = TransformerConfig(**{**CFG.__dict__, "vocab_size": SEM.vocab_size})
+
+
+def item_greedy_page(model, prompt: list[int], shelf: int, items: int) -> tuple[int, ...]:
+    """The page that places, one after the other, the unplaced item of highest log-probability (both codes),
+    found by scoring every item with full forward passes."""
+    page = [SEM.shelf_offset + shelf]
+    for _ in range(items):
+        candidates = [(SEM.item_offset + c1, SEM.item_offset + 3 + c2) for c1, c2 in CODES
+                      if (SEM.item_offset + c1, SEM.item_offset + 3 + c2) not in zip(page[1::2], page[2::2])]
+        tokens = jnp.asarray([prompt + page + list(c) for c in candidates])
+        logits, _ = model(tokens, jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        at = len(prompt) + len(page) - 1
+        totals = [logp[k, at, c[0]] + logp[k, at + 1, c[1]] for k, c in enumerate(candidates)]
+        page += list(candidates[int(np.argmax(totals))])
+    return tuple(page) + (EOS,)
+
+
+def test_item_level_search_compares_whole_items_where_a_code_beam_prunes_clusters():
+    """Beam 1 cut at every code is greedy per code; with item_width 3 (every first code kept) it is greedy per
+    item: it finds the most likely whole item, which the code-greedy search misses for some models."""
+    r = rules(max_items=2, min_items=2, max_shelves=1)
+    r = PageRules(*[getattr(r, f) for f in ("extra_items", "extra_shelves", "excluded")],
+                  jnp.asarray([[True, False]]), r.min_items, r.max_items, r.max_shelves)
+    prompt, missed = [1, 4, 3], 0
+    for seed in range(8):
+        model, graphdef, params = model_and_params(seed, SEM_CFG)
+        args = dict(grammar=SEM, beam_size=1, max_new=SEM.max_length(1, 2))
+        pages = {width: tuple(int(t) for t in np.asarray(beam_search(
+            graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), r, SEM_TABLES, item_width=width,
+            **args).tokens[0, 0]) if t != PAD) for width in (1, 3)}
+        assert pages[3] == item_greedy_page(model, prompt, shelf=0, items=2)
+        missed += pages[1] != pages[3]
+    assert missed > 0  # the random models are not all ones where a code-greedy search happens to be right
+    with pytest.raises(ValueError, match="item_width"):
+        _, graphdef, params = model_and_params(0)
+        beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(), ALL, grammar=GRAMMAR,
+                    beam_size=1, max_new=GRAMMAR.max_length(2, 2), item_width=2)

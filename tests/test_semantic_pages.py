@@ -246,7 +246,7 @@ def semantic_engine(tiny_semantic_checkpoint):
     return PageEngine(tiny_semantic_checkpoint)
 
 
-def test_semantic_checkpoint_pages_are_valid_in_every_mode(semantic_engine):
+def test_semantic_checkpoint_pages_are_valid_in_every_mode(semantic_engine, tiny_semantic_checkpoint):
     """Beam search under both objectives and sampling on a semantic checkpoint: full valid pages, multi-token
     items decoded to catalog items, and each beam page's log-probability (summed over its code tokens)
     equal to its teacher-forced score (sampling reports log-probabilities renormalised over the allowed
@@ -269,6 +269,12 @@ def test_semantic_checkpoint_pages_are_valid_in_every_mode(semantic_engine):
         assert [{k: s[k] for k in ("shelf", "items", "item_scores")} for s in forced["page"]] == \
                 [{k: s[k] for k in ("shelf", "items", "item_scores")} for s in response["page"]]
     assert responses[0]["predicted_streams"] == pytest.approx(scored[0]["predicted_streams"], abs=2e-3)
+    # Item-level search (every beam keeps 3 hypotheses inside an item): valid, and scored as it claims.
+    wide = PageEngine(tiny_semantic_checkpoint, item_width=3)
+    response = wide.generate(requests[:1])[0]
+    assert_valid(validator, requests[0], response)
+    assert engine.score(requests[:1], [response["page"]])[0]["predicted_streams"] == pytest.approx(
+        response["predicted_streams"], abs=2e-3)
 
 
 def test_semantic_pages_keep_every_rule_under_random_requests(semantic_engine):

@@ -143,7 +143,7 @@ def test_beam_pages_are_distinct_and_ranked(engine):
 
 
 def test_streams_search_settings_come_from_the_run_config_or_the_caller(engine, tiny_checkpoint):
-    """`serve.stream_candidates` / `serve.prior_weight` of the run's config set streams beam search; the
+    """`serve.stream_candidates` / `serve.prior_weight` / `serve.item_width` of the run's config set beam search; the
     constructor's arguments override them; a config without the section (older runs) gets the decoder's
     defaults; bad values are refused with the reason."""
     assert (engine.candidates, engine.prior_weight) == (engine.train_config["serve"]["stream_candidates"],
@@ -162,11 +162,16 @@ def test_streams_search_settings_come_from_the_run_config_or_the_caller(engine, 
     older = dict(engine.train_config)
     del older["serve"]
     wide.train_config = older
-    assert wide._stream_search(None, None) == (32, 0.01)
+    assert wide._search_settings(None, None, None) == (32, 0.01, 1)
     with pytest.raises(ValueError, match="stream_candidates >= 1"):
-        wide._stream_search(0, None)
+        wide._search_settings(0, None, None)
     with pytest.raises(ValueError, match="prior_weight >= 0"):
-        wide._stream_search(None, -1.0)
+        wide._search_settings(None, -1.0, None)
+    with pytest.raises(ValueError, match="item_width >= 1"):
+        wide._search_settings(None, None, 0)
+    assert wide.search_settings == {"stream_candidates": 1, "prior_weight": 0.5, "item_width": 1}
+    with pytest.raises(ValueError, match="item_width 2 needs semantic item IDs"):  # an atomic checkpoint
+        PageEngine(tiny_checkpoint, item_width=2)
 
 
 def test_scoring_given_pages(engine):

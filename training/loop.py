@@ -70,9 +70,11 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
         raise ValueError("data.item_tokens='semantic' needs loss.kind='full' (its vocabulary is small)")
     if cfg.eval.ranking not in ("auto",) + RANKING_METHODS:
         raise ValueError(f"eval.ranking must be one of auto, {', '.join(RANKING_METHODS)}; got {cfg.eval.ranking!r}")
-    if cfg.serve.stream_candidates < 1 or cfg.serve.prior_weight < 0:
-        raise ValueError(f"serve.stream_candidates must be >= 1 and serve.prior_weight >= 0, got "
-                         f"{cfg.serve.stream_candidates} and {cfg.serve.prior_weight}")
+    if cfg.serve.stream_candidates < 1 or cfg.serve.prior_weight < 0 or cfg.serve.item_width < 1:
+        raise ValueError(f"serve.stream_candidates must be >= 1, serve.item_width >= 1 and serve.prior_weight >= 0, "
+                         f"got {cfg.serve.stream_candidates}, {cfg.serve.item_width} and {cfg.serve.prior_weight}")
+    if cfg.serve.item_width > 1 and cfg.data.item_tokens != "semantic":
+        raise ValueError("serve.item_width > 1 searches inside semantic IDs' codes: it needs data.item_tokens='semantic'")
     if cfg.model.value_head and cfg.data.source == "interactions":
         raise ValueError("model.value_head learns from the streams of logged pages; interaction data has none")
     if t.patience and t.eval_every > t.steps:

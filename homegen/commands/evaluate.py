@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from homegen.commands.search_flags import add_search_flags, search_overrides
 from homegen.evaluation.next_item import TIGER, evaluate_next_item, print_ranking_table
 from homegen.evaluation.pages import evaluate_pages
 
@@ -42,10 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--catalog", default=None,
                         help="pages: add this catalog's new items (serve.py --catalog) before decoding, and report "
                              "where they land (a run trained with data.hold_out_release_days)")
-    parser.add_argument("--stream_candidates", type=int, default=None,
-                        help="pages: streams beam search's candidates per step (default: the run's serve config)")
-    parser.add_argument("--prior_weight", type=float, default=None,
-                        help="pages: streams beam search's log-probability weight (default: the run's serve config)")
+    add_search_flags(parser)
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
     args = parser.parse_args(argv)
 
@@ -85,8 +83,7 @@ def main(argv=None) -> int:
             summary.update(evaluate_pages(args.checkpoint, step, meta, workdir, args.max_users or 200,
                                           full_shelves=not args.shelves_as_requested,
                                           beam_size=args.beam_size or 4, catalog=args.catalog, split=args.split,
-                                          watch_shelf=args.watch_shelf, stream_candidates=args.stream_candidates,
-                                          prior_weight=args.prior_weight))
+                                          watch_shelf=args.watch_shelf, search=search_overrides(args)))
     except ValueError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

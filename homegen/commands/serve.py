@@ -24,6 +24,8 @@ import logging
 import os
 import sys
 
+from homegen.commands.search_flags import add_search_flags, search_overrides
+
 
 def _read_requests(path: str):
     """(line number, parsed request or error text) for every non-empty line."""
@@ -105,16 +107,13 @@ def serve_http(engine, args) -> int:
     start = time.perf_counter()
     warmed(engine)
     slot = EngineSlot(engine, lambda step: warmed(PageEngine(args.checkpoint, step, objective=args.objective,
-                                                             buckets=engine.buckets,
-                                                             stream_candidates=engine.candidates,
-                                                             prior_weight=engine.prior_weight)))
+                                                             buckets=engine.buckets, **engine.search_settings)))
     settings = ServerSettings(max_queue=args.max_queue, deadline_s=args.deadline_s, watch_s=args.watch_s,
                               admin_token=os.environ.get("HOMEGEN_ADMIN_TOKEN") or None, catalog_dir=args.catalog_dir,
                               impressions_dir=args.impressions, log_settings=log_settings(args),
                               exploration=exploration(args), experiment_file=args.experiment)
     app = create_app(slot, settings, arm_engine=lambda path: warmed(PageEngine(
-        path, objective=args.objective, buckets=engine.buckets, stream_candidates=args.stream_candidates,
-        prior_weight=args.prior_weight)))
+        path, objective=args.objective, buckets=engine.buckets, **search_overrides(args))))
     # Python's own asyncio loop rather than uvloop (which orbax installs): the loop is not this server's
     # bottleneck (decoding is), and it keeps libuv's native signal handling out of a process that runs JAX.
     config = uvicorn.Config(app, log_level="warning", http="h11", loop="asyncio", timeout_keep_alive=5,
@@ -167,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objective", default="auto", choices=("auto", "likelihood", "streams"),
                         help="what beam search maximises: the page's log-probability, or its streams as the "
                              "value head predicts them (auto: streams when the checkpoint has a value head)")
-    parser.add_argument("--stream_candidates", type=int, default=None,
-                        help="streams beam search: items considered per step (default: the run's serve config)")
-    parser.add_argument("--prior_weight", type=float, default=None,
-                        help="streams beam search: log-probability weight (default: the run's serve config)")
+    add_search_flags(parser)
     parser.add_argument("--requests", default=None, help="JSON Lines of requests (batch mode)")
     parser.add_argument("--output", default=None, help="where batch mode writes responses")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -250,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--explore_share samples one page per request: --sample_widths must include 1")
     try:
         engine = PageEngine(args.checkpoint, args.step, objective=args.objective, buckets=buckets,
-                            stream_candidates=args.stream_candidates, prior_weight=args.prior_weight)
+                            **search_overrides(args))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
