@@ -160,7 +160,7 @@ def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: 
             lengths = jnp.full((batch,), PROMPT, jnp.int32)
             start = time.perf_counter()
             out = beam_search(graphdef, params, prompts, lengths, rules, tables, grammar=grammar,
-                              beam_size=beam, max_new=max_new, item_width=item_width if codes is not None else 1)
+                              beam_size=beam, max_new=max_new, item_width=item_width if grammar.levels > 1 else 1)
             valid = np.asarray(out.valid[:, 0])
             if call:
                 latencies.append(time.perf_counter() - start)
@@ -174,7 +174,7 @@ def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: 
                 checked += 1
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         p50[batch] = float(np.percentile(latencies, 50))
-        print(f"  batch {batch:>3}, beam {beam}{f', item width {item_width}' if codes is not None else ''}: p50 {p50[batch] * 1e3:,.0f} ms, "
+        print(f"  batch {batch:>3}, beam {beam}{f', item width {item_width}' if grammar.levels > 1 else ''}: p50 {p50[batch] * 1e3:,.0f} ms, "
               f"p99 {np.percentile(latencies, 99) * 1e3:,.0f} ms, {batch * calls / sum(latencies):,.2f} pages/s "
               f"({calls} calls); {checked} pages, all valid; peak RSS so far {peak:,.2f} GiB", flush=True)
     return p50
