@@ -349,16 +349,19 @@ def test_html_view_renders_in_headless_chromium(server, tmp_path):
 
 def test_scale_benchmark_decodes_every_request(tmp_path):
     """scripts/benchmark_scale.py on a small catalog, atomic and semantic: every request (random index-list
-    rules) gets a page that the script's independent check finds valid, the per-request bytes depend
-    neither on the catalog nor on the item tokens, and a training figure is printed for each."""
+    rules) gets a page that the script's independent check finds valid (semantic pages at item widths 1 and 2), the
+    per-request bytes depend neither on the catalog nor on the item tokens, and a training figure is printed for
+    each."""
     result = subprocess.run([sys.executable, "scripts/benchmark_scale.py", "--items", "2000,8000", "--batches", "2",
-                             "--calls", "1", "--train_steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             "--calls", "1", "--train_steps", "1", "--item_width", "1,2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sizes = [line.split("per request ")[1].split(" bytes")[0] for line in result.stdout.splitlines()
              if "per request" in line]
-    assert len(sizes) == 4 and len(set(sizes)) == 1, result.stdout
-    assert result.stdout.count("batch   2, beam 4: p50") == 4 and result.stdout.count("tokens/s") == 4
-    assert result.stdout.count("4 pages, all valid") == 4, result.stdout
+    assert len(sizes) == 6 and len(set(sizes)) == 1, result.stdout  # atomic, semantic at widths 1 and 2
+    assert result.stdout.count("batch   2, beam 4: p50") == 2 and result.stdout.count("tokens/s") == 4
+    assert result.stdout.count("batch   2, beam 4, item width 2: p50") == 2, result.stdout
+    assert result.stdout.count("4 pages, all valid") == 6, result.stdout
 
 
 # --- hostile input (issue 12's defects, each reproduced before its fix) -----------------------------------
