@@ -21,7 +21,7 @@ from homegen.model.decoding import pad_prompts, prefill_hidden
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
 from homegen.serving.validity import PageValidator
-from homegen.training.checkpoints import checkpoint_dir
+from homegen.training.checkpoints import run_folder
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -41,9 +41,7 @@ def world_folder(meta: dict, workdir: str) -> str:
 
 def engine_world_folder(engine: PageEngine) -> str:
     """The world files folder of the run a synthetic-world engine was loaded from."""
-    ckpt_dir = checkpoint_dir(engine.path)
-    workdir = os.path.dirname(ckpt_dir) if ckpt_dir != engine.path else engine.path
-    return world_folder({"config": engine.train_config}, workdir)
+    return world_folder({"config": engine.train_config}, run_folder(engine.path))
 
 
 def read_split(path: str, limit: int, split: str = "test") -> list[dict]:

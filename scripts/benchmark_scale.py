@@ -124,7 +124,7 @@ def _tuple_key(codes: np.ndarray) -> np.ndarray:
 def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: int, item_width: int = 1,
             seed: int = 0) -> dict:
     """Prints, and returns as {batch: p50 seconds}, the decoding latency of one catalog size (`item_width`:
-    beam search's hypotheses per beam inside a semantic ID's codes; atomic items always use 1)."""
+    beam search's hypotheses per beam inside a semantic ID's codes; 1 for atomic items)."""
     rng = np.random.default_rng(seed)
     shelf_offset = NON_ITEM_TOKENS - SHELVES
     codes = semantic_code_table(rng, items) if item_tokens == "semantic" else None
@@ -160,7 +160,7 @@ def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: 
             lengths = jnp.full((batch,), PROMPT, jnp.int32)
             start = time.perf_counter()
             out = beam_search(graphdef, params, prompts, lengths, rules, tables, grammar=grammar,
-                              beam_size=beam, max_new=max_new, item_width=item_width if grammar.levels > 1 else 1)
+                              beam_size=beam, max_new=max_new, item_width=item_width)
             valid = np.asarray(out.valid[:, 0])
             if call:
                 latencies.append(time.perf_counter() - start)
@@ -174,7 +174,8 @@ def measure(items: int, item_tokens: str, batches: list[int], beam: int, calls: 
                 checked += 1
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         p50[batch] = float(np.percentile(latencies, 50))
-        print(f"  batch {batch:>3}, beam {beam}{f', item width {item_width}' if grammar.levels > 1 else ''}: p50 {p50[batch] * 1e3:,.0f} ms, "
+        width = f", item width {item_width}" if grammar.levels > 1 else ""
+        print(f"  batch {batch:>3}, beam {beam}{width}: p50 {p50[batch] * 1e3:,.0f} ms, "
               f"p99 {np.percentile(latencies, 99) * 1e3:,.0f} ms, {batch * calls / sum(latencies):,.2f} pages/s "
               f"({calls} calls); {checked} pages, all valid; peak RSS so far {peak:,.2f} GiB", flush=True)
     return p50

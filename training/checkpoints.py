@@ -37,6 +37,13 @@ def checkpoint_dir(path: str) -> str:
     return inner if os.path.isdir(inner) else path
 
 
+def run_folder(path: str) -> str:
+    """The folder a run's other files (tfds/, vocab/, eval/) sit under, for `path` naming either the run
+    folder or a folder that holds the checkpoints itself (then `path`)."""
+    inner = checkpoint_dir(path)
+    return os.path.dirname(inner) if inner != path else path
+
+
 def _first_line(error: Exception, limit: int = 400) -> str:
     """An exception's first line, shortened at a word boundary."""
     text = (str(error).strip().splitlines() or [""])[0]

@@ -47,12 +47,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for results.json (default: RUN/eval)")
     args = parser.parse_args(argv)
 
-    from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
+    from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir, run_folder
     from homegen.training.state import count_params
 
     try:
-        ckpt_dir = checkpoint_dir(args.checkpoint)
-        workdir = os.path.dirname(ckpt_dir) if ckpt_dir != args.checkpoint else args.checkpoint
+        ckpt_dir, workdir = checkpoint_dir(args.checkpoint), run_folder(args.checkpoint)
         checkpoints = Checkpoints(ckpt_dir, read_only=True)
         step, selected = checkpoints.selected_step(args.step)
         step, meta = checkpoints.read_meta(step)
