@@ -11,12 +11,18 @@
 #      checked;
 #   4. a profile of gpu_100m's train step: the ops that take the most GPU time (trace kept in RESULTS), with
 #      XLA's attention and with cuDNN's fused attention (model.fused_attention), and the latter without remat;
-#      first, scripts/check_fused_attention.py: the two attentions agree on packed rows with padding.
+#      first, scripts/check_fused_attention.py: the two attentions agree on packed rows with padding;
+#   5. Sports next-item with semantic IDs at more capacity than configs/amazon_sports.py:semantic (4 layers of
+#      d=256 instead of 2 of 128; with 20 and with 50 history items): each trained with the config's early
+#      stopping on validation users (seen filtered N@10) within PART_TIMEOUT, then the one with the best
+#      validation figure, and only that one, evaluated on the test users.
 #
 #   bash scripts/gpu_checks.sh [RESULTS_DIR]
 #   (PYTHON=... the interpreter; TRAIN=... train.py's path; PARTS="1 2 3 4" the parts to run; DEMO_STEPS=300;
-#    PART_TIMEOUT=seconds that parts 3 and 4 may each take, 0 for none; SCALE_ITEMS=10000,1000000,10000000;
-#    SCALE_BATCHES=1,64; PROFILE_DIR=where part 4's full trace goes, RESULTS/profile unless set)
+#    PART_TIMEOUT=seconds that each run of parts 3, 4 and 5 may take, 0 for none; SCALE_ITEMS=10000,1000000,10000000;
+#    SCALE_BATCHES=1,64; PROFILE_DIR=where part 4's full trace goes, RESULTS/profile unless set; SPORTS=the
+#    Sports sequence file, the config's default unless set; WORK_DIR=where part 5's runs go, RESULTS unless set;
+#    SPORTS_FLAGS=config flags added to every part 5 run)
 set -uo pipefail
 RESULTS=$(mkdir -p "${1:-runs/gpu_checks}" && cd "${1:-runs/gpu_checks}" && pwd)
 PY=$(command -v "${PYTHON:-python3}")
@@ -27,6 +33,7 @@ LIMIT=(timeout "${PART_TIMEOUT:-0}")
 SCALE=(scripts/benchmark_scale.py --items "${SCALE_ITEMS:-10000,1000000,10000000}" --batches "${SCALE_BATCHES:-1,64}"
        --train_steps 0)
 PROFILE_DIR=${PROFILE_DIR:-$RESULTS/profile}
+WORK_DIR=${WORK_DIR:-$RESULTS}
 export PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -55,6 +62,34 @@ if [[ $PARTS == *" 4 "* ]]; then
   done
   "${LIMIT[@]}" $PY scripts/benchmark_train.py --config configs/gpu_100m.py --steps 10 --noxla_flops \
     --config.model.fused_attention=true --config.model.remat=none 2>&1 | tee "$RESULTS/gpu_100m_fused_no_remat.txt"
+fi
+
+if [[ $PARTS == *" 5 "* ]]; then
+  echo "== 5. Sports semantic IDs at more capacity: chosen on validation, test once"
+  sports=("$TRAIN" --config configs/amazon_sports.py:semantic ${SPORTS:+--config.data.interactions="$SPORTS"}
+          --config.data.data_dir="$WORK_DIR/sports_tfds" --config.model.d_model=256 --config.model.num_layers=4
+          --config.model.num_heads=4 --config.model.num_kv_heads=4 --config.model.mlp_dim=1024 ${SPORTS_FLAGS:-})
+  for variant in history20 history50; do
+    history=()  # 50 history items + the target at 4 codes each, in rows of as many tokens per step as 20
+    [ $variant = history50 ] && history=(--config.data.seq_len=208 --config.train.batch_size=20)
+    start=$(date +%s)
+    "${LIMIT[@]}" $PY "${sports[@]}" "${history[@]}" --workdir "$WORK_DIR/sports_$variant" \
+      > "$RESULTS/sports_$variant.log" 2>&1
+    echo "$variant: exit $? in $(( $(date +%s) - start )) s; $(grep -m1 'model:' "$RESULTS/sports_$variant.log")"
+    grep "^eval step" "$RESULTS/sports_$variant.log"
+  done
+  best=$($PY - "$RESULTS" <<'EOF'
+import re, sys
+best = {}
+for variant in ("history20", "history50"):
+    scores = re.findall(r"validation_ndcg@10 ([0-9.]+)", open(f"{sys.argv[1]}/sports_{variant}.log").read())
+    best[variant] = max(map(float, scores), default=-1.0)
+print(max(best, key=best.get))
+EOF
+)
+  echo "best on validation: $best; its test users:"
+  "${LIMIT[@]}" $PY scripts/evaluate.py --checkpoint "$WORK_DIR/sports_$best" --split test --max_users 0 \
+    --out "$RESULTS/sports_test" 2>&1 | grep -v WARNING | tee "$RESULTS/sports_test.txt"
 fi
 
 if [[ $PARTS == *" 3 "* ]]; then
