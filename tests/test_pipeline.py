@@ -48,6 +48,32 @@ def test_resume_is_exact(records, pack):
             np.testing.assert_array_equal(a[key], b[key])
 
 
+
+def test_worker_processes_resume_exactly_and_cover_the_epoch(records):
+    """With grain worker processes the state resumes exactly, and one epoch holds the same rows as without."""
+    source, vocab = records
+    config = PipelineConfig(seq_len=48, batch_size=4, pack=False, shuffle_seed=3, workers=2)
+    it = iter(make_dataset(source, vocab, "pages", config))
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 5)
+    resumed = iter(make_dataset(source, vocab, "pages", config))
+    resumed.set_state(state)
+    for a, b in zip(expected, take(resumed, 5)):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    it.close(), resumed.close()
+
+    def epoch_rows(workers: int) -> list[bytes]:  # 5 rows a batch: each worker's 30 records fill its batches
+        one_epoch = PipelineConfig(seq_len=48, batch_size=5, pack=False, shuffle_seed=3, num_epochs=1, workers=workers)
+        iterator = iter(make_dataset(source, vocab, "pages", one_epoch))
+        rows = sorted(row.tobytes() for batch in iterator for row in batch["tokens"])
+        iterator.close()
+        return rows
+
+    in_process, with_workers = epoch_rows(0), epoch_rows(2)
+    assert len(in_process) == NUM and with_workers == in_process
+
 def test_packed_batches_are_well_formed(records):
     source, vocab = records
     batch = next(iter(make_dataset(source, vocab, "pages", PipelineConfig(seq_len=64, batch_size=4))))

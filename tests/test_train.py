@@ -132,11 +132,14 @@ def signal_mid_run(workdir, cfg, sig: int, after_step: int) -> tuple[int, str]:
     return proc.returncode, "".join(lines) + out
 
 
-def test_sigterm_saves_and_resumes_bitwise_identical(data_dir, tmp_path):
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_sigterm_saves_and_resumes_bitwise_identical(data_dir, tmp_path, workers):
     """SIGTERM (a scheduler's preemption) saves the current step and exits 75; the resumed run ends where an
-    uninterrupted one does. SIGINT takes the same path: test_a_signal_to_one_process_stops_every_process_at_the_same_step."""
+    uninterrupted one does, also with the batches prepared by grain worker processes (their state is in the
+    checkpoint). SIGINT takes the same path: test_a_signal_to_one_process_stops_every_process_at_the_same_step."""
     cfg = tiny_config(data_dir, steps=150, log_every=1, eval_every=1000, checkpoint_every=1000)
     cfg.mesh.devices = 2
+    cfg.data.workers = workers
     straight = train_cli(tmp_path / "straight", cfg)
     out, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, out

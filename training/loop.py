@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -82,6 +83,8 @@ def validate_config(cfg, num_processes: int, batch_axis: int) -> None:
                          f"train.steps={t.steps}")
     if cfg.data.seq_len < 16:
         raise ValueError("data.seq_len must be >= 16")
+    if cfg.data.workers < 0:
+        raise ValueError(f"data.workers must be >= 0 (0: batches prepared in the training process), got {cfg.data.workers}")
     if cfg.model.num_heads % cfg.mesh.tensor and cfg.mesh.tensor > 0:
         raise ValueError(f"model.num_heads={cfg.model.num_heads} must divide over mesh.tensor={cfg.mesh.tensor}")
 
@@ -308,7 +311,8 @@ def _pipeline_config(cfg, nproc: int) -> PipelineConfig:
     return PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc, pack=cfg.data.pack,
                           shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
                           outcome_conditioning=cfg.data.outcome_conditioning, streamed_first=cfg.data.streamed_first,
-                          user_tokens=cfg.data.user_tokens, unknown_user_fraction=cfg.data.unknown_user_fraction)
+                          user_tokens=cfg.data.user_tokens, unknown_user_fraction=cfg.data.unknown_user_fraction,
+                          workers=cfg.data.workers)
 
 
 def _train_iterator(cfg, prepared, vocab: Vocabulary, pipeline_cfg: PipelineConfig, pairs, nproc: int,
@@ -418,7 +422,7 @@ def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> R
     reporter.begin(start)
     train_size = len(pairs[0]) if pairs else len(prepared.sources["train"])
     resumed_at, seconds_before = time.time(), progress["seconds"]
-    with StopSignals() as signals:
+    with StopSignals() as signals, contextlib.closing(train_iter):  # closing: ends grain's worker processes
         for step in range(start + 1, end + 1):
             local = next(train_iter)
             if step == 1 and model_cfg.value_head and "outcomes" in local and not np.any(local["outcomes"]):
