@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.validation_fraction = 0.05
     c.data.seq_len = 256
     c.data.pack = True
-    c.data.workers = 0  # grain worker processes preparing training batches (0: the training process; see README)
+    c.data.workers = 0  # grain worker processes preparing training batches (0: the training process; docs/COMMANDS.md)
     c.data.stream_weight = 1.0
     c.data.streamed_first = False  # pages: train on shelves reordered with streamed items first
     c.data.outcome_conditioning = False  # pages: condition on the page's bucketed streams; serve the best bucket

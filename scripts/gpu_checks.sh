@@ -22,7 +22,7 @@
 #    PART_TIMEOUT=seconds that each run of parts 3, 4 and 5 may take, 0 for none; SCALE_ITEMS=10000,1000000,10000000;
 #    SCALE_BATCHES=1,64; PROFILE_DIR=where part 4's full trace goes, RESULTS/profile unless set; SPORTS=the
 #    Sports sequence file, the config's default unless set; WORK_DIR=where part 5's runs go, RESULTS unless set;
-#    SPORTS_FLAGS=config flags added to every part 5 run)
+#    SPORTS_FLAGS=config flags added to every part 5 run; DATA_WORKERS=part 5's grain worker processes, 8)
 set -uo pipefail
 RESULTS=$(mkdir -p "${1:-runs/gpu_checks}" && cd "${1:-runs/gpu_checks}" && pwd)
 PY=$(command -v "${PYTHON:-python3}")
@@ -68,7 +68,8 @@ if [[ $PARTS == *" 5 "* ]]; then
   echo "== 5. Sports semantic IDs at more capacity: chosen on validation, test once"
   sports=("$TRAIN" --config configs/amazon_sports.py:semantic ${SPORTS:+--config.data.interactions="$SPORTS"}
           --config.data.data_dir="$WORK_DIR/sports_tfds" --config.model.d_model=256 --config.model.num_layers=4
-          --config.model.num_heads=4 --config.model.num_kv_heads=4 --config.model.mlp_dim=1024 ${SPORTS_FLAGS:-})
+          --config.model.num_heads=4 --config.model.num_kv_heads=4 --config.model.mlp_dim=1024
+          --config.data.workers="${DATA_WORKERS:-8}" ${SPORTS_FLAGS:-})
   for variant in history20 history50; do
     history=()  # 50 history items + the target at 4 codes each, in rows of as many tokens per step as 20
     [ $variant = history50 ] && history=(--config.data.seq_len=208 --config.train.batch_size=20)
