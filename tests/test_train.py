@@ -175,6 +175,7 @@ def test_fine_tuning_with_frozen_groups(data_dir, tmp_path):
     (lambda c: c.loss.update(dict(kind="sampled", label_smoothing=0.1)), "label_smoothing .* needs loss.kind='full'"),
     (lambda c: c.loss.update(dict(label_smoothing=1.0)), "label_smoothing must be in"),
     (lambda c: c.serve.update(dict(stream_candidates=0)), "serve.stream_candidates must be >= 1"),
+    (lambda c: c.data.update(dict(workers=-1)), "data.workers must be >= 0"),
     (lambda c: c.mesh.update(dict(data=3, fsdp=-1)), "cannot fill mesh"),
     (lambda c: c.mesh.update(dict(data=3)), "needs 3 devices, have 8"),
     (lambda c: (c.data.update(dict(interactions="/data/toys.txt")), c.model.update(dict(value_head=True))),
