@@ -48,7 +48,6 @@ def test_resume_is_exact(records, pack):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-
 def test_worker_processes_resume_exactly_and_cover_the_epoch(records):
     """With grain worker processes the state resumes exactly, and one epoch holds the same rows as without."""
     source, vocab = records
@@ -73,6 +72,7 @@ def test_worker_processes_resume_exactly_and_cover_the_epoch(records):
 
     in_process, with_workers = epoch_rows(0), epoch_rows(2)
     assert len(in_process) == NUM and with_workers == in_process
+
 
 def test_packed_batches_are_well_formed(records):
     source, vocab = records

@@ -2,7 +2,6 @@
 HTTP API under concurrency, and the HTML view in headless Chromium."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -365,24 +364,21 @@ def test_scale_benchmark_decodes_every_request(tmp_path):
     assert result.stdout.count("4 pages, all valid") == 6, result.stdout
 
 
-
 def test_decode_step_benchmark_prints_a_row_per_shape(capsys):
     """scripts/benchmark_decode_step.py times each (rows, slots) with and without the beam reorder, and
     refuses a cache too short for the prompt and the steps."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import benchmark_decode_step
-    finally:
-        sys.path.pop(0)
+    from scripts.benchmark_decode_step import main
+
     tiny = ["--d_model", "32", "--num_layers", "2", "--num_heads", "2", "--num_kv_heads", "1", "--head_dim", "16",
             "--mlp_dim", "64", "--vocab", "100", "--steps", "8"]
-    benchmark_decode_step.main(["--rows", "2", "--slots", "72,96", *tiny])
+    main(["--rows", "2", "--slots", "72,96", *tiny])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[1]) for r in rows] == [("2", "72"), ("2", "96")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
     with pytest.raises(SystemExit):
-        benchmark_decode_step.main(["--slots", "71", *tiny])
+        main(["--slots", "71", *tiny])
     assert "at least 72" in capsys.readouterr().err
+
 
 # --- hostile input (issue 12's defects, each reproduced before its fix) -----------------------------------
 
