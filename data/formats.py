@@ -226,12 +226,18 @@ def _read_movielens(path: str) -> list[UserSequence]:
 
 def read_catalog(path: str) -> dict[str, CatalogItem]:
     """Catalog JSON Lines (FORMATS.md §2) keyed by item id."""
-    catalog: dict[str, CatalogItem] = {}
+    return {item.item_id: item for item in unique_catalog_items(path)}
+
+
+def unique_catalog_items(path: str) -> Iterator[CatalogItem]:
+    """The items of a catalog, read streaming (only their ids are held); a duplicate item id is a
+    DataFormatError naming its line."""
+    seen: set[str] = set()
     for number, item in iter_catalog(path):
-        if item.item_id in catalog:
+        if item.item_id in seen:
             raise DataFormatError(path, number, f"duplicate item_id {item.item_id!r}")
-        catalog[item.item_id] = item
-    return catalog
+        seen.add(item.item_id)
+        yield item
 
 
 def iter_catalog(path: str) -> Iterator[tuple[int, CatalogItem]]:

@@ -52,12 +52,26 @@ class CatalogColumns:
         at = np.minimum(np.searchsorted(ordered, wanted), self.num_items - 1)
         return np.where(ordered[at] == wanted, self.sorted_rows[at], -1)
 
+    def select(self, item_ids: Sequence[str]) -> CatalogColumns:
+        """The columns of these items, row k for `item_ids[k]`; an item the catalog does not hold has no
+        attribute values (and line 0)."""
+        rows = self.rows_of(item_ids)
+        held = rows >= 0
+        counts, values = self._values_of(np.where(held, rows, 0), held)
+        ids = np.array([i.encode() for i in item_ids]) if len(item_ids) else np.zeros(0, "S1")
+        return CatalogColumns(self.path, ids, np.where(held, self.lines[np.maximum(rows, 0)], 0),
+                              np.r_[0, np.cumsum(counts)], values, self.values, np.argsort(ids, kind="stable"))
+
+    def _values_of(self, rows: np.ndarray, keep: np.ndarray | bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """How many attribute values each row has (0 where `keep` is False) and their ids, row after row."""
+        counts = np.where(keep, self.offsets[rows + 1] - self.offsets[rows], 0)
+        starts = np.repeat(self.offsets[rows] - np.r_[0, np.cumsum(counts)[:-1]], counts)
+        return counts, self.attribute_ids[starts + np.arange(counts.sum())]
+
     def attribute_matrix(self, rows: np.ndarray, columns: np.ndarray) -> sp.csr_matrix:
         """Binary (len(rows), columns.max() + 1) matrix of these rows' attribute values, each value id v
         mapped to column `columns[v]` (values mapped to -1 left out)."""
-        counts = self.offsets[rows + 1] - self.offsets[rows]
-        starts = np.repeat(self.offsets[rows] - np.r_[0, np.cumsum(counts)[:-1]], counts)
-        values = self.attribute_ids[starts + np.arange(counts.sum())]
+        counts, values = self._values_of(rows)
         cols = columns[values]
         keep = cols >= 0
         return binary_rows(np.repeat(np.arange(len(rows)), counts)[keep], cols[keep],
@@ -300,10 +314,19 @@ def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequ
         prefixes, _ = residual_quantize(_unit_rows(embeddings, len(item_ids)), levels, codes, seed)
         progress(f"residual k-means, {levels} levels x {codes} codes")
         return SemanticItems(item_ids, with_collision_code(prefixes))
-    built = build_catalog_codes(columns_from_attributes(item_ids, attributes or {}), train_sequences,
-                                fit_items=fit_items, levels=levels, codes=codes, dim=dim, seed=seed,
-                                progress=progress)
-    items = SemanticItems(item_ids, built.codes, built.encoder)
+    return semantic_items_of_columns(columns_from_attributes(item_ids, attributes or {}), train_sequences,
+                                     levels=levels, codes=codes, dim=dim, seed=seed, fit_items=fit_items,
+                                     progress=progress)
+
+
+def semantic_items_of_columns(columns: CatalogColumns, train_sequences: Iterable[Sequence[str]], *, levels: int = 3,
+                              codes: int = 256, dim: int = 64, seed: int = 0, fit_items: int = 1_000_000,
+                              progress: Callable[[str], None] = lambda phase: None) -> SemanticItems:
+    """The tokenizer of `build_catalog_codes` for the items of `columns` (a catalog read as arrays, or items
+    held in memory), in their order."""
+    built = build_catalog_codes(columns, train_sequences, fit_items=fit_items, levels=levels, codes=codes, dim=dim,
+                                seed=seed, progress=progress)
+    items = SemanticItems([i.decode() for i in columns.item_ids.tolist()], built.codes, built.encoder)
     progress(f"tokenizer (level sizes {items.level_sizes})")
     return items
 

@@ -81,7 +81,7 @@ class SemanticItems:
                              self.encoder)
 
     def to_json(self) -> dict:
-        out = {"kind": "semantic", "item_ids": self.item_ids, "codes": self.codes.tolist()}
+        out = {"kind": "semantic", "item_ids": self.item_ids, "codes": _array_to_json(self.codes, "int32")}
         if self.encoder is not None:
             out["encoder"] = self.encoder.to_json()
         return out
@@ -89,15 +89,19 @@ class SemanticItems:
     @classmethod
     def from_json(cls, data: dict) -> SemanticItems:
         encoder = NewItemEncoder.from_json(data["encoder"]) if data.get("encoder") else None
-        return cls(data["item_ids"], np.asarray(data["codes"], np.int32), encoder)
+        codes = data["codes"]  # base64 int32 (older checkpoints: a list of lists)
+        return cls(data["item_ids"], _array_from_json(codes) if isinstance(codes, dict) else np.asarray(codes, np.int32),
+                   encoder)
 
 
-def _array_to_json(x: np.ndarray) -> dict:
-    return {"shape": list(x.shape), "float32": base64.b64encode(np.ascontiguousarray(x, np.float32)).decode("ascii")}
+def _array_to_json(x: np.ndarray, dtype: str = "float32") -> dict:
+    """An array as {"shape", dtype: base64 of its bytes}: compact, and quick to read back at 10^7 rows."""
+    return {"shape": list(x.shape), dtype: base64.b64encode(np.ascontiguousarray(x, dtype)).decode("ascii")}
 
 
 def _array_from_json(data: dict) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(data["float32"]), np.float32).reshape(data["shape"]).copy()
+    dtype = "int32" if "int32" in data else "float32"
+    return np.frombuffer(base64.b64decode(data[dtype]), dtype).reshape(data["shape"]).copy()
 
 
 @dataclasses.dataclass

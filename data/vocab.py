@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import json
 import os
+import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
@@ -34,6 +35,7 @@ UNKNOWN_VALUE = "<unk>"
 # Stream outcome of a target token, the value head's label (0 so that padding carries no label).
 NO_OUTCOME, SKIPPED, STREAMED = 0, 1, 2
 VOCAB_FILE = "vocab.json"  # what `Vocabulary.save` writes
+MAX_CATALOG_TEXTS = 1_000_000  # catalog item texts the sentencepiece model is trained on, at most
 
 
 class ItemTokenizer(Protocol):
@@ -308,12 +310,23 @@ class VocabularyBuilder:
         self.text: list[str] = []
         self._intents: set[str] = set()
 
-    def add_catalog(self, catalog: Iterable[CatalogItem]) -> None:
+    def add_catalog(self, catalog: Iterable[CatalogItem], max_texts: int = MAX_CATALOG_TEXTS, seed: int = 0) -> None:
+        """Every catalog item's id, and the text of at most `max_texts` of them for the sentencepiece model (a
+        seeded uniform sample of a larger catalog, so that a catalog of 10^7 items trains it in bounded memory)."""
+        rng = random.Random(seed)
+        texts: list[str] = []
+        seen = 0
         for item in catalog:
             self.items.setdefault(item.item_id)
             text = item.text()
-            if text:
-                self.text.append(text)
+            if not text:
+                continue
+            seen += 1
+            if len(texts) < max_texts:
+                texts.append(text)
+            elif (k := rng.randrange(seen)) < max_texts:  # reservoir sampling
+                texts[k] = text
+        self.text.extend(texts)
 
     def add_page(self, log: PageLog) -> None:
         for key, value in log.context.items():

@@ -40,6 +40,17 @@ def test_columns_hold_every_item_and_its_attributes_in_file_order(tiny_world_dir
     assert rows.tolist() == [5, -1, 599, 0]
 
 
+def test_selected_items_keep_their_attributes_and_unknown_items_have_none(tiny_world_dir):
+    columns = read_catalog_columns(os.path.join(tiny_world_dir, "catalog.jsonl"), _pieces)
+    chosen = columns.select(["t599", "new", "t0", "t5"])
+    assert chosen.item_ids.tolist() == [b"t599", b"new", b"t0", b"t5"] and chosen.lines.tolist() == [600, 0, 1, 6]
+    assert chosen.rows_of(["t0", "new", "t6"]).tolist() == [2, 1, -1]
+    expected = columns.attribute_matrix(np.array([599, 0, 5]), np.arange(len(columns.values))).toarray()
+    got = chosen.attribute_matrix(np.arange(4), np.arange(len(columns.values))).toarray()
+    np.testing.assert_array_equal(got[[0, 2, 3]], expected)
+    assert got[1].sum() == 0
+
+
 def test_bad_catalogs_name_the_line(tmp_path):
     path = tmp_path / "catalog.jsonl"
     path.write_text('{"item_id": "a"}\n\n{"item_id": "b"}\n{"item_id": "a", "genres": ["x"]}\n')

@@ -84,8 +84,12 @@ def test_semantic_tokenizer_round_trip_and_json():
     assert items.level_sizes == [3, 2, 2] and items.level_offsets == [0, 3, 5] and items.num_tokens == 7
     assert items.encode("y") == (0, 4, 6) and items.decode((0, 4, 6)) == "y"
     assert items.encode("nope") is None and items.decode((0, 4, 5)) == "x" and items.decode((2, 3, 6)) is None
-    again = item_tokenizer_from_json(items.to_json())
+    saved = items.to_json()
+    assert isinstance(saved["codes"], dict)  # base64, not a list per item
+    again = item_tokenizer_from_json(json.loads(json.dumps(saved)))
     assert [again.encode(i) for i in "xyz"] == [items.encode(i) for i in "xyz"]
+    older = item_tokenizer_from_json({**saved, "codes": items.codes.tolist()})  # checkpoints before the change
+    np.testing.assert_array_equal(older.codes, items.codes)
     with pytest.raises(ValueError, match="share a code tuple"):
         SemanticItems(["x", "y"], np.array([[0, 1], [0, 1]]))
 

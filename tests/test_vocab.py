@@ -81,3 +81,15 @@ def test_save_load(vocab, tmp_path):
     assert loaded.size == vocab.size
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         Vocabulary.load(str(tmp_path / "missing"))
+
+
+def test_a_large_catalog_gives_every_id_and_a_bounded_sample_of_its_text():
+    catalog = [CatalogItem(f"t{k}", f"title{k}") for k in range(50)]
+    builder = VocabularyBuilder()
+    builder.add_catalog(catalog, max_texts=10)
+    assert list(builder.items) == [f"t{k}" for k in range(50)]
+    assert len(builder.text) == 10 and len(set(builder.text)) == 10
+    assert any(int(t[5:]) >= 10 for t in builder.text)  # a sample of the whole catalog, not its head
+    whole = VocabularyBuilder()
+    whole.add_catalog(catalog)
+    assert whole.text == [f"title{k}" for k in range(50)]

@@ -14,10 +14,11 @@ from collections import Counter
 
 from homegen.data.attributes import catalog_item_attributes
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
-from homegen.data.formats import iter_page_logs, read_catalog, read_interactions, read_item_attributes
+from homegen.data.formats import (iter_catalog, iter_page_logs, read_catalog, read_interactions, read_item_attributes,
+                                  unique_catalog_items)
 from homegen.data.relabel import relabeler
-from homegen.data.semantic_catalog import build_semantic_items
-from homegen.data.semantic_ids import SemanticItems, catalog_attributes
+from homegen.data.semantic_catalog import build_semantic_items, read_catalog_columns, semantic_items_of_columns
+from homegen.data.semantic_ids import SemanticItems
 from homegen.data.simulator.world import EPOCH
 from homegen.data.text import load_sentencepiece
 from homegen.data.vocab import Vocabulary, VocabularyBuilder
@@ -120,8 +121,8 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     builder = VocabularyBuilder(min_context_count=data_cfg.min_context_count)
     counts: Counter = Counter()
     shelf_items: dict[str, dict[str, None]] = {}
-    catalog = read_catalog(prepared.catalog_path) if prepared.catalog_path else {}
-    builder.add_catalog(catalog.values())
+    if prepared.catalog_path:  # read streaming: a catalog of 10^7 items is never held as objects
+        builder.add_catalog(unique_catalog_items(prepared.catalog_path))
     # Item sequences semantic IDs learn co-occurrence from: the training part of each user's sequence, or a
     # logged page's history and items in page order (the first `semantic_max_sequences` pages).
     train_sequences: list[list[str]] = []
@@ -141,7 +142,7 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
                 if semantic and len(train_sequences) < data_cfg.semantic_max_sequences:
                     train_sequences.append(log.history[-data_cfg.max_history:] + [i for s in log.page for i in s.items])
-    for item in held_out_items(data_cfg, prepared, catalog):
+    for item in held_out_items(data_cfg, prepared):
         builder.items.pop(item, None)
     for shelf in filter(None, (s.strip() for s in data_cfg.hold_out_shelves.split(","))):
         if builder.shelves.pop(shelf, False) is False:
@@ -150,14 +151,14 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     sentencepiece_model = builder.sentencepiece(data_cfg.sentencepiece_vocab)
     items = None
     if semantic:
-        items = semantic_items(data_cfg, list(builder.items), train_sequences, catalog,
+        items = semantic_items(data_cfg, list(builder.items), train_sequences, prepared.catalog_path,
                                load_sentencepiece(sentencepiece_model))
     vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items, sentencepiece_model,
-                          item_attributes(data_cfg, catalog), data_cfg.max_item_attributes)
+                          item_attributes(data_cfg, prepared.catalog_path), data_cfg.max_item_attributes)
     return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
 
 
-def item_attributes(data_cfg, catalog: dict) -> dict[str, list] | None:
+def item_attributes(data_cfg, catalog_path: str | None) -> dict[str, list] | None:
     """With `data.item_attributes`: each item's attributes, from `item_features_path` or else the catalog's
     metadata (artist, genres, release month, extra fields); None without it."""
     if not data_cfg.item_attributes:
@@ -168,8 +169,8 @@ def item_attributes(data_cfg, catalog: dict) -> dict[str, list] | None:
     path = item_features_path(data_cfg)
     if path:
         return read_item_attributes(path)
-    if catalog:
-        return catalog_item_attributes(catalog)
+    if catalog_path:
+        return catalog_item_attributes(read_catalog(catalog_path))
     raise ValueError("data.item_attributes needs item attributes: --config.data.item_features=FILE, a "
                      "NAME_item2attributes.json next to the interaction file NAME.txt, or a catalog; or set "
                      "--config.data.item_attributes=False")
@@ -184,7 +185,7 @@ def item_features_path(data_cfg) -> str:
     return sibling if os.path.exists(sibling) else ""
 
 
-def held_out_items(data_cfg, prepared: PreparedData, catalog: dict) -> set[str]:
+def held_out_items(data_cfg, prepared: PreparedData) -> set[str]:
     """The synthetic world's items released in the last `data.hold_out_release_days` days, which the
     vocabulary leaves out as if they were released after training (to measure serving new releases after a
     catalog refresh); training drops them from pages and histories."""
@@ -195,28 +196,32 @@ def held_out_items(data_cfg, prepared: PreparedData, catalog: dict) -> set[str]:
         raise ValueError("data.hold_out_release_days needs the synthetic world (release days are known there)")
     with open(os.path.join(prepared.world_dir, "world.json")) as f:
         cutoff = (EPOCH + datetime.timedelta(days=json.load(f)["now_day"] - days)).isoformat()
-    return {item_id for item_id, item in catalog.items() if item.release_date and item.release_date[:10] > cutoff}
+    return {item.item_id for _, item in iter_catalog(prepared.catalog_path)
+            if item.release_date and item.release_date[:10] > cutoff}
 
 
-def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]], catalog: dict,
+def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]], catalog_path: str | None,
                    sentencepiece) -> SemanticItems:
     """Semantic IDs learned from co-occurrence in the training sequences, plus the item features of
-    `data.item_features` or the catalog's metadata (artist, genres, release month, title pieces); or, with
-    `data.semantic_from`, the item embeddings of that trained atomic run."""
+    `data.item_features` or the metadata of the catalog file (artist, genres, release month, title pieces;
+    read as arrays, `read_catalog_columns`); or, with `data.semantic_from`, the item embeddings of that
+    trained atomic run."""
     start = time.perf_counter()
 
     def progress(phase: str) -> None:
         print(f"semantic IDs: {phase} ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    embeddings, attributes, features = None, None, item_features_path(data_cfg)
+    settings = dict(levels=data_cfg.semantic_levels, codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim,
+                    fit_items=data_cfg.semantic_fit_items, progress=progress)
+    features = item_features_path(data_cfg)
     if data_cfg.semantic_from:
         embeddings, source = trained_item_embeddings(data_cfg.semantic_from, item_ids)
         progress(f"item embeddings of {source}")
-    elif features:
-        attributes = read_item_attributes(features)
-    elif catalog:
-        attributes = catalog_attributes(catalog, sentencepiece.encode_as_pieces)
-    return build_semantic_items(item_ids, train_sequences, attributes, levels=data_cfg.semantic_levels,
-                                codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim,
-                                fit_items=data_cfg.semantic_fit_items, embeddings=embeddings,
-                                progress=progress)
+        return build_semantic_items(item_ids, train_sequences, embeddings=embeddings, **settings)
+    if features:
+        return build_semantic_items(item_ids, train_sequences, read_item_attributes(features), **settings)
+    if catalog_path:
+        columns = read_catalog_columns(catalog_path, sentencepiece.encode_as_pieces)
+        progress(f"catalog read: {columns.num_items:,} items")
+        return semantic_items_of_columns(columns.select(item_ids), train_sequences, **settings)
+    return build_semantic_items(item_ids, train_sequences, **settings)

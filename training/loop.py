@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from homegen.data.formats import DataFormatError, read_catalog
+from homegen.data.formats import DataFormatError, iter_catalog, read_catalog
 from homegen.data.pipeline import PipelineConfig, encoder, make_dataset
 from homegen.data.vocab import Vocabulary
 from homegen.model.lora import LoraConfig
@@ -103,12 +103,16 @@ def _barrier(name: str) -> None:
 
 
 def _catalog_for_checkpoint(path: str | None) -> dict | None:
+    """The catalog's display fields, kept in the checkpoint up to `MAX_CATALOG_IN_CHECKPOINT` items (read
+    streaming, stopping there); a larger catalog is kept as its path."""
     if not path:
         return None
-    catalog = read_catalog(path)
-    if len(catalog) > MAX_CATALOG_IN_CHECKPOINT:
-        return {"path": os.path.abspath(path)}
-    return {"items": {k: v.display() for k, v in catalog.items()}}
+    items = {}
+    for _, item in iter_catalog(path):
+        if len(items) == MAX_CATALOG_IN_CHECKPOINT:
+            return {"path": os.path.abspath(path)}
+        items[item.item_id] = item.display()
+    return {"items": items}
 
 
 def _load_or_build_vocabulary(cfg, workdir, prepared, checkpoints, init_from, resume_step, reporter: Reporter
