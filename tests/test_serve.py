@@ -380,6 +380,23 @@ def test_decode_step_benchmark_prints_a_row_per_shape(capsys):
     assert "at least 72" in capsys.readouterr().err
 
 
+def test_startup_benchmark_times_a_real_server_and_checks_its_pages(tiny_semantic_checkpoint, tiny_world_dir,
+                                                                   tmp_path, capsys):
+    """scripts/benchmark_startup.py starts serve.py --port, waits for /healthz, sends requests over HTTP and
+    checks every page with PageValidator; a server that cannot start is a failure, not a hang."""
+    from scripts.benchmark_startup import main
+
+    requests = f"{tiny_world_dir}/requests.jsonl"
+    assert main(["--checkpoint", tiny_semantic_checkpoint, "--requests", requests, "--count", "3",
+                 "--", "--batch_sizes", "1", "--beam_sizes", "4", "--sample_widths", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| pages valid under PageValidator | 3 of 3 (0 errors) |" in out, out
+    startup = float(out.split("(load + compile) | ")[1].split(" s")[0])
+    assert startup > 0 and "decoding shapes" in out
+    assert main(["--checkpoint", str(tmp_path / "no_run"), "--requests", requests, "--count", "1"]) == 1
+    assert "exited with status" in capsys.readouterr().err
+
+
 # --- hostile input (issue 12's defects, each reproduced before its fix) -----------------------------------
 
 def test_one_failing_request_fails_alone():
