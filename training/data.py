@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from homegen.data.attributes import catalog_item_attributes
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
@@ -117,12 +118,19 @@ def raw_files(data_cfg, prepared: PreparedData) -> list[str]:
 
 def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Counter, dict[str, list[str]]]:
     """Vocabulary, item counts (for samplers) and the items seen on each shelf type (the shelf
-    eligibility the logs show), from the run's raw files in one streaming pass."""
+    eligibility the logs show), from the run's raw files in one streaming pass. Each phase is printed with
+    its time (at 10^7 catalog items they take minutes)."""
+    start = time.perf_counter()
+
+    def progress(phase: str) -> None:
+        print(f"vocabulary: {phase} ({time.perf_counter() - start:.0f} s)", flush=True)
+
     builder = VocabularyBuilder(min_context_count=data_cfg.min_context_count)
     counts: Counter = Counter()
     shelf_items: dict[str, dict[str, None]] = {}
     if prepared.catalog_path:  # read streaming: a catalog of 10^7 items is never held as objects
         builder.add_catalog(unique_catalog_items(prepared.catalog_path))
+        progress(f"catalog of {len(builder.items):,} items read")
     # Item sequences semantic IDs learn co-occurrence from: the training part of each user's sequence, or a
     # logged page's history and items in page order (the first `semantic_max_sequences` pages).
     train_sequences: list[list[str]] = []
@@ -142,6 +150,7 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
                 if semantic and len(train_sequences) < data_cfg.semantic_max_sequences:
                     train_sequences.append(log.history[-data_cfg.max_history:] + [i for s in log.page for i in s.items])
+    progress(f"logs read: {len(builder.items):,} items, {len(builder.shelves):,} shelf types")
     for item in held_out_items(data_cfg, prepared):
         builder.items.pop(item, None)
     for shelf in filter(None, (s.strip() for s in data_cfg.hold_out_shelves.split(","))):
@@ -149,10 +158,11 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
             raise ValueError(f"data.hold_out_shelves names {shelf!r}, which no page of the data has")
         shelf_items.pop(shelf, None)
     sentencepiece_model = builder.sentencepiece(data_cfg.sentencepiece_vocab)
+    progress(f"sentencepiece model of {len(builder.text):,} texts")
     items = None
     if semantic:
         items = semantic_items(data_cfg, list(builder.items), train_sequences, prepared.catalog_path,
-                               load_sentencepiece(sentencepiece_model))
+                               load_sentencepiece(sentencepiece_model), progress)
     vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items, sentencepiece_model,
                           item_attributes(data_cfg, prepared.catalog_path), data_cfg.max_item_attributes)
     return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
@@ -201,16 +211,11 @@ def held_out_items(data_cfg, prepared: PreparedData) -> set[str]:
 
 
 def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str]], catalog_path: str | None,
-                   sentencepiece) -> SemanticItems:
+                   sentencepiece, progress: Callable[[str], None]) -> SemanticItems:
     """Semantic IDs learned from co-occurrence in the training sequences, plus the item features of
     `data.item_features` or the metadata of the catalog file (artist, genres, release month, title pieces;
     read as arrays, `read_catalog_columns`); or, with `data.semantic_from`, the item embeddings of that
     trained atomic run."""
-    start = time.perf_counter()
-
-    def progress(phase: str) -> None:
-        print(f"semantic IDs: {phase} ({time.perf_counter() - start:.0f} s)", flush=True)
-
     settings = dict(levels=data_cfg.semantic_levels, codes=data_cfg.semantic_codes, dim=data_cfg.semantic_dim,
                     fit_items=data_cfg.semantic_fit_items, progress=progress)
     features = item_features_path(data_cfg)
