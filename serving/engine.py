@@ -223,12 +223,15 @@ class PageEngine:
         seconds it took."""
         start = time.perf_counter()
         shapes = self.buckets.shapes()
-        for mode, width, rows in shapes:
-            fields = {"beam_size": width} if mode == "beam" else {"temperature": 1.0, "num_pages": width,
-                                                                   "beam_size": width}
-            request = PageRequest(user_id="warm-up", num_shelves=1, min_items_per_shelf=1, max_items_per_shelf=1,
-                                  **fields)
-            self.generate([request] * rows)
+        with self._lock:
+            for mode, width, rows, page in shapes:
+                fields = {"beam_size": width} if mode == "beam" else {"temperature": 1.0, "num_pages": width,
+                                                                       "beam_size": width}
+                # A one-item page, decoded in the page buffer of `page`: quick, and the shape is compiled.
+                request = PageRequest(user_id="warm-up", num_shelves=1, min_items_per_shelf=1, max_items_per_shelf=1,
+                                      **fields).with_session()
+                key = (mode, width, *page, self.objective if mode == "beam" else None)
+                self._generate_group(key, [request] * rows, [self.request_rules(request)] * rows)
         return {"shapes": len(shapes), "seconds": time.perf_counter() - start}
 
     # --- decoding -------------------------------------------------------------------------------------
@@ -254,9 +257,8 @@ class PageEngine:
             except RequestError as e:
                 responses[k] = {"error": str(e)}
                 continue
-            if self.buckets:  # one page buffer for every request: the longest page the server allows
-                shape = (self.buckets.max_shelves, self.buckets.max_items_per_shelf)
-                width = self.buckets.width(r)
+            if self.buckets:  # the first of the server's page buffers that holds the page
+                shape, width = self.buckets.page_shape(r), self.buckets.width(r)
             else:
                 shape, width = (r.num_shelves, r.max_items_per_shelf), r.beam_size if r.temperature == 0 else r.num_pages
             key = ("beam", width, *shape, objective) if r.temperature == 0 else ("sample", width, *shape, None)

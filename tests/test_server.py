@@ -241,7 +241,8 @@ def test_sigterm_drains_requests_in_flight(tiny_checkpoint):
 
 def test_no_request_compiles_after_warm_up(tiny_checkpoint):
     """Every shape a request can take is compiled by warm_up: mixed beam sizes, page sizes, sampling, intents,
-    exclusions and batch sizes then decode with no XLA compile at all (beam sizes are rounded up)."""
+    exclusions and batch sizes then decode with no XLA compile at all (beam sizes are rounded up, pages go to
+    the smaller of two page buffers when it holds them)."""
     import jax
 
     from homegen.serving.buckets import ShapeBuckets
@@ -249,8 +250,9 @@ def test_no_request_compiles_after_warm_up(tiny_checkpoint):
     from homegen.serving.requests import parse_request
     from homegen.serving.worker import generate_isolated
 
-    engine = PageEngine(tiny_checkpoint, buckets=ShapeBuckets(rows=(1, 4), beam_sizes=(1, 4), sample_widths=(2,)))
-    assert engine.warm_up()["shapes"] == 6
+    engine = PageEngine(tiny_checkpoint, buckets=ShapeBuckets(rows=(1, 4), beam_sizes=(1, 4), sample_widths=(2,),
+                                                              page_shapes=((3, 10), (10, 20))))
+    assert engine.warm_up()["shapes"] == 12
     compiles = []
 
     def listen(event, duration, **kwargs):
@@ -272,3 +274,22 @@ def test_no_request_compiles_after_warm_up(tiny_checkpoint):
         assert "at most 4" in engine.generate([parse_request({"user_id": "u", "beam_size": 8})])[0]["error"]
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_a_request_decodes_in_the_first_page_buffer_that_holds_it():
+    from homegen.commands.serve import page_shapes
+    from homegen.serving.buckets import ShapeBuckets
+    from homegen.serving.requests import PageRequest
+
+    buckets = ShapeBuckets(page_shapes=((3, 10), (6, 5), (10, 20)))
+    shape = lambda shelves, items: buckets.page_shape(PageRequest(user_id="u", num_shelves=shelves,  # noqa: E731
+                                                                  max_items_per_shelf=items))
+    assert [shape(2, 10), shape(4, 5), shape(4, 6), shape(10, 20)] == [(3, 10), (6, 5), (10, 20), (10, 20)]
+    assert (buckets.max_shelves, buckets.max_items_per_shelf) == (10, 20)
+    assert len(buckets.shapes()) == 3 * 3 * (4 + 2)  # page shapes x rows x (beam sizes + sample widths)
+    for bad in ((), ((3, 10), (3, 10)), ((0, 5),), ((10, 20), (12, 5))):
+        with pytest.raises(ValueError, match="page_shapes|last page shape"):
+            ShapeBuckets(page_shapes=bad)
+    assert page_shapes("6x10, 10x20") == ((6, 10), (10, 20))
+    with pytest.raises(ValueError, match="SHELVESxITEMS .* '6 by 10'"):
+        page_shapes("6 by 10")

@@ -126,6 +126,17 @@ def serve_http(engine, args) -> int:
     return 0
 
 
+def page_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """"6x10,10x20" -> ((6, 10), (10, 20)); ValueError naming a malformed shape."""
+    shapes = []
+    for part in text.split(","):
+        shelves, _, items = part.strip().partition("x")
+        if not (shelves.isdigit() and items.isdigit()):
+            raise ValueError(f"a page shape is SHELVESxITEMS (e.g. 6x10), got {part.strip()!r}")
+        shapes.append((int(shelves), int(items)))
+    return tuple(shapes)
+
+
 def exploration(args):
     from homegen.serving.traffic import Exploration
 
@@ -176,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="HTTP: batch sizes compiled at start-up (the last is the largest batch)")
     parser.add_argument("--beam_sizes", default="1,2,4,8", help="HTTP: beam sizes compiled at start-up (rounded up to)")
     parser.add_argument("--sample_widths", default="1,4", help="HTTP: pages sampled per request (num_pages rounded up)")
+    parser.add_argument("--page_shapes", default="10x20",
+                        help="HTTP: page buffers compiled at start-up, SHELVESxITEMS, smallest first; a request decodes "
+                             "in the first that holds its page, and the last is the largest page allowed (e.g. "
+                             "6x10,10x20: 6 x 10 pages then cost a third of what they cost in a 10 x 20 buffer)")
     parser.add_argument("--max_queue", type=int, default=256, help="HTTP: requests waiting beyond it get 503")
     parser.add_argument("--deadline_s", type=float, default=30.0, help="HTTP: a request not answered by then gets 504")
     parser.add_argument("--max_connections", type=int, default=2048, help="HTTP: more get 503")
@@ -239,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.port is not None:
         try:
             buckets = ShapeBuckets(*(tuple(int(x) for x in text.split(",")) for text in
-                                     (args.batch_sizes, args.beam_sizes, args.sample_widths)))
+                                     (args.batch_sizes, args.beam_sizes, args.sample_widths)),
+                                   page_shapes=page_shapes(args.page_shapes))
         except ValueError as e:
-            parser.error(f"--batch_sizes/--beam_sizes/--sample_widths: {e}")
+            parser.error(f"--batch_sizes/--beam_sizes/--sample_widths/--page_shapes: {e}")
         if args.explore_share > 0 and buckets.sample_widths[0] != 1:
             parser.error("--explore_share samples one page per request: --sample_widths must include 1")
     try:
