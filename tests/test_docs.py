@@ -29,7 +29,8 @@ def documented_commands() -> dict[str, set[str]]:
                     program = match.group(1) or f"homegen {match.group(2)}"
                     rest = line[match.end():]
                     following = PROGRAM.search(rest)  # a second program on the line (after &&, |, ;)
-                    flags = FLAG.findall(rest[:following.start()] if following else rest)
+                    own = (rest[:following.start()] if following else rest).split(" -- ")[0]  # after --: passed on
+                    flags = FLAG.findall(own)
                     commands.setdefault(program, set()).update(f for f in flags if not f.startswith("config."))
     return commands
 
