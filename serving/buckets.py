@@ -2,7 +2,7 @@
 
 A request is served in one of a few fixed shapes: its beam size (or, when sampling, its number of pages) is
 rounded up to the next of `beam_sizes` (`sample_widths`), its batch is padded to the next of `rows`, every
-prompt to one length and its page buffer to the first of `page_shapes` (shelves, items per shelf) that holds
+prompt to one length (the longest history and context plus `intent_tokens` intent pieces) and its page buffer to the first of `page_shapes` (shelves, items per shelf) that holds
 its page. A decoding step attends to every slot of the buffer, so a page buffer sized for the longest page
 the server allows makes every shorter page pay for it (3x for 6 x 10 pages in a 10 x 20 buffer); a smaller
 page shape beside the largest one is the remedy, at the price of compiling each shape once more. What cannot
@@ -30,12 +30,15 @@ class ShapeBuckets:
     # Page buffers (shelves, items per shelf), smallest first; the last is the largest page a request may ask for.
     page_shapes: tuple[tuple[int, int], ...] = ((10, 20),)
     index_width: int = 1024  # exclusions a request may list; history-dependent eligibility pairs kept
+    intent_tokens: int = 64  # intent pieces the prompt buffer holds beside the longest history (the rest is cut)
 
     def __post_init__(self):
         for name in ("rows", "beam_sizes", "sample_widths"):
             sizes = getattr(self, name)
             if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
                 raise ValueError(f"{name} must be increasing positive sizes, got {sizes}")
+        if self.intent_tokens < 0:
+            raise ValueError(f"intent_tokens must be >= 0, got {self.intent_tokens}")
         shapes = self.page_shapes
         if not shapes or len(set(shapes)) != len(shapes) or min(min(s) for s in shapes) < 1:
             raise ValueError(f"page_shapes must be distinct positive (shelves, items per shelf), got {shapes}")

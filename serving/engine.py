@@ -196,6 +196,8 @@ class PageEngine:
             return without_intent
         page = self.grammar.max_length(request.num_shelves, request.max_items_per_shelf)
         room = max(self.seq_len - len(without_intent) - page, 0)
+        if self.buckets:  # and within the server's one prompt buffer
+            room = min(room, self.prompt_length - len(without_intent))
         return self.vocab.encode_prompt(context, request.intent, request.history, max_intent_tokens=room)
 
     def _batch(self, requests: list[PageRequest], rules: list[dict[str, np.ndarray]]):
@@ -212,11 +214,13 @@ class PageEngine:
 
     @property
     def prompt_length(self) -> int:
-        """The one padded prompt length with `buckets`: a training row, or the longest prompt without an
-        intent if that is longer (see `prompt`), in multiples of 16."""
+        """The one padded prompt length with `buckets`: the longest prompt without an intent plus
+        `buckets.intent_tokens` intent pieces, at most a training row (unless the prompt without an intent is
+        longer), in multiples of 16. Every decoding step attends to the whole buffer, so it is no longer than
+        that."""
         longest = 4 + len({t.split("=", 1)[0] for t in self.vocab.context_tokens}) + \
             self.vocab.max_history * self.vocab.items.tokens_per_item
-        return -(-max(self.seq_len, longest) // 16) * 16
+        return -(-max(longest, min(longest + self.buckets.intent_tokens, self.seq_len)) // 16) * 16
 
     def warm_up(self) -> dict[str, float]:
         """Compiles every shape of `buckets` (decoding a throwaway batch of each); returns how many and the

@@ -272,6 +272,10 @@ def test_no_request_compiles_after_warm_up(tiny_checkpoint):
             assert all("page" in r for r in responses), responses
         assert compiles == []
         assert "at most 4" in engine.generate([parse_request({"user_id": "u", "beam_size": 8})])[0]["error"]
+        # The long intent keeps at least 64 pieces (more where the history leaves room), within the one prompt
+        # buffer, which is at most a training row.
+        without = engine.prompt(parse_request({"user_id": "u2"}))
+        assert len(without) + 64 < len(engine.prompt(requests[1])) <= engine.prompt_length <= engine.seq_len
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
 

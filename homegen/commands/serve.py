@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="HTTP: page buffers compiled at start-up, SHELVESxITEMS, smallest first; a request decodes "
                              "in the first that holds its page, and the last is the largest page allowed (e.g. "
                              "6x10,10x20: 6 x 10 pages then cost a third of what they cost in a 10 x 20 buffer)")
+    parser.add_argument("--intent_tokens", type=int, default=64,
+                        help="HTTP: intent pieces the prompt buffer holds beside the longest history (a longer "
+                             "intent is cut); every decoding step attends to the whole buffer")
     parser.add_argument("--max_queue", type=int, default=256, help="HTTP: requests waiting beyond it get 503")
     parser.add_argument("--deadline_s", type=float, default=30.0, help="HTTP: a request not answered by then gets 504")
     parser.add_argument("--max_connections", type=int, default=2048, help="HTTP: more get 503")
@@ -255,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             buckets = ShapeBuckets(*(tuple(int(x) for x in text.split(",")) for text in
                                      (args.batch_sizes, args.beam_sizes, args.sample_widths)),
-                                   page_shapes=page_shapes(args.page_shapes))
+                                   page_shapes=page_shapes(args.page_shapes), intent_tokens=args.intent_tokens)
         except ValueError as e:
-            parser.error(f"--batch_sizes/--beam_sizes/--sample_widths/--page_shapes: {e}")
+            parser.error(f"--batch_sizes/--beam_sizes/--sample_widths/--page_shapes/--intent_tokens: {e}")
         if args.explore_share > 0 and buckets.sample_widths[0] != 1:
             parser.error("--explore_share samples one page per request: --sample_widths must include 1")
     try:
