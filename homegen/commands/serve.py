@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page_shapes", default="10x20",
                         help="HTTP: page buffers compiled at start-up, SHELVESxITEMS, smallest first; a request decodes "
                              "in the first that holds its page, and the last is the largest page allowed (e.g. "
-                             "6x10,10x20: 6 x 10 pages then cost a third of what they cost in a 10 x 20 buffer)")
+                             "6x10,10x20: a 6 x 10 page then decodes 1.55x faster than in a 10 x 20 buffer; each "
+                             "shape is compiled once more)")
     parser.add_argument("--intent_tokens", type=int, default=64,
                         help="HTTP: intent pieces the prompt buffer holds beside the longest history (a longer "
                              "intent is cut); every decoding step attends to the whole buffer")
