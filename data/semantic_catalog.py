@@ -314,19 +314,23 @@ def build_semantic_items(item_ids: Sequence[str], train_sequences: Iterable[Sequ
         prefixes, _ = residual_quantize(_unit_rows(embeddings, len(item_ids)), levels, codes, seed)
         progress(f"residual k-means, {levels} levels x {codes} codes")
         return SemanticItems(item_ids, with_collision_code(prefixes))
-    return semantic_items_of_columns(columns_from_attributes(item_ids, attributes or {}), train_sequences,
+    return semantic_items_of_columns(item_ids, columns_from_attributes(item_ids, attributes or {}), train_sequences,
                                      levels=levels, codes=codes, dim=dim, seed=seed, fit_items=fit_items,
                                      progress=progress)
 
 
-def semantic_items_of_columns(columns: CatalogColumns, train_sequences: Iterable[Sequence[str]], *, levels: int = 3,
-                              codes: int = 256, dim: int = 64, seed: int = 0, fit_items: int = 1_000_000,
+def semantic_items_of_columns(item_ids: Sequence[str], columns: CatalogColumns,
+                              train_sequences: Iterable[Sequence[str]], *, levels: int = 3, codes: int = 256,
+                              dim: int = 64, seed: int = 0, fit_items: int = 1_000_000,
                               progress: Callable[[str], None] = lambda phase: None) -> SemanticItems:
-    """The tokenizer of `build_catalog_codes` for the items of `columns` (a catalog read as arrays, or items
-    held in memory), in their order."""
+    """The tokenizer of `build_catalog_codes` for `item_ids`, whose columns (row k for `item_ids[k]`: a
+    catalog's `select`, or items held in memory) are `columns`; the ids are kept as given, not decoded again
+    from the columns' bytes (10^7 strings)."""
+    if len(item_ids) != columns.num_items:
+        raise ValueError(f"{len(item_ids)} item ids for {columns.num_items} rows of columns")
     built = build_catalog_codes(columns, train_sequences, fit_items=fit_items, levels=levels, codes=codes, dim=dim,
                                 seed=seed, progress=progress)
-    items = SemanticItems([i.decode() for i in columns.item_ids.tolist()], built.codes, built.encoder)
+    items = SemanticItems(item_ids, built.codes, built.encoder)
     progress(f"tokenizer (level sizes {items.level_sizes})")
     return items
 

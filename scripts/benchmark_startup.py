@@ -120,17 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         at_ready = memory_kib(server.pid)
         timed = [post_page(url, r) for r in requests]
         after = memory_kib(server.pid)
+        log.seek(0)
+        compiled = [line.strip() for line in log if line.startswith("compiled ")]
     finally:
         server.terminate()
         server.wait(timeout=120)
+        log.close()
+        os.unlink(log.name)
     seconds = np.array([t for t, _ in timed])
     answers = [a for _, a in timed]
     errors = [f"request {k}: {a['error']}" for k, a in enumerate(answers) if "error" in a]
     problems = page_violations(args.checkpoint, requests, answers)
     valid = sum(not p for p in problems.values())
     problems_listed = [f"request {k}: {p}" for k, found in problems.items() for p in found]
-    log.seek(0)
-    compiled = [line.strip() for line in log if line.startswith("compiled ")]
     print(f"| checkpoint | {args.checkpoint} |\n| --- | --- |")
     print(f"| start-up to the first 200 on /healthz (load + compile) | {ready:.1f} s |")
     if compiled:
@@ -142,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| pages valid under PageValidator | {valid} of {len(answers)} ({len(errors)} errors) |")
     for line in (errors + problems_listed)[:20]:
         print("  " + line)
-    os.unlink(log.name)
     return 1 if errors or problems_listed else 0
 
 

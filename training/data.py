@@ -228,5 +228,5 @@ def semantic_items(data_cfg, item_ids: list[str], train_sequences: list[list[str
     if catalog_path:
         columns = read_catalog_columns(catalog_path, sentencepiece.encode_as_pieces)
         progress(f"catalog read: {columns.num_items:,} items")
-        return semantic_items_of_columns(columns.select(item_ids), train_sequences, **settings)
+        return semantic_items_of_columns(item_ids, columns.select(item_ids), train_sequences, **settings)
     return build_semantic_items(item_ids, train_sequences, **settings)
