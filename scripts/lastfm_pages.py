@@ -1,0 +1,147 @@
+"""Home pages on real listening data: Last.fm (HetRec 2011) converted to page logs, and pages judged by what
+users tagged after a cut-off month (data/lastfm.py, evaluation/lastfm.py).
+
+    python scripts/lastfm_pages.py convert --data ../shared/data/lastfm-hetrec2011 --out DIR [--cutoff 2010-08]
+        [--themes 20] [--shelves 5] [--items 10] [--seed 0]
+        # DIR/catalog.jsonl, DIR/pages.jsonl (training page logs, FORMATS.md §3), DIR/requests_{split}.jsonl
+        # (FORMATS.md §4), DIR/heldout_{split}.jsonl and DIR/summary.json; splits: validation, test
+    python scripts/lastfm_pages.py benchmark --out DIR [--split validation] [--checkpoint RUN]
+        [--objective likelihood] [--tune]
+        # the page table: baselines, and with --checkpoint homegen's beam pages and its pointwise ranking;
+        # --tune prints the theme-then-artist policy's grid (on validation only)
+
+Train and serve homegen on DIR with the README's page-log commands (`train.py --config
+configs/pages_small.py --config.data.page_logs=DIR/pages.jsonl --config.data.catalog=DIR/catalog.jsonl`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+from homegen.data.formats import DataFormatError, json_lines
+from homegen.data.lastfm import build, parse_month, read_lastfm
+from homegen.evaluation.lastfm import METRICS, POPULAR, USER_TOP_ARTISTS, LogStatistics, ThemeThenArtist, judge_all
+from homegen.evaluation.pages import standard_error
+
+# Chosen on validation users with `--tune` (docs/BENCHMARKS.md, "Home pages on Last.fm").
+THEME_THEN_ARTIST = ThemeThenArtist(theme_prior=0.1, popularity=1.0, neighbours=0.3, own=3.0)
+GRID = {"theme_prior": (0.0, 0.1, 0.3, 1.0), "neighbours": (0.0, 0.3, 1.0, 3.0), "own": (1.0, 3.0, 10.0, 30.0)}
+
+
+def _write_lines(path: str, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def convert(args: argparse.Namespace) -> int:
+    data = read_lastfm(args.data)
+    built = build(data, parse_month(args.cutoff), themes=args.themes, num_shelves=args.shelves,
+                  items_per_shelf=args.items, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    _write_lines(os.path.join(args.out, "catalog.jsonl"), built.catalog)
+    _write_lines(os.path.join(args.out, "pages.jsonl"), built.pages)
+    for split in built.requests:
+        _write_lines(os.path.join(args.out, f"requests_{split}.jsonl"), built.requests[split])
+        _write_lines(os.path.join(args.out, f"heldout_{split}.jsonl"), built.heldout[split])
+    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(built.summary, f, indent=1)
+    print(json.dumps(built.summary))
+    return 0
+
+
+def _read(path: str) -> list[dict]:
+    return [record for _, record in json_lines(path)]
+
+
+def homegen_pages(checkpoint: str, requests: list[dict], objective: str) -> dict[str, list[list[dict]]]:
+    """homegen's beam pages, and its pointwise ranking filling the beam pages' shelves."""
+    from homegen.evaluation.pages import pointwise_pages
+    from homegen.serving.engine import PageEngine
+    from homegen.serving.requests import parse_request
+
+    engine = PageEngine(checkpoint, objective=objective)
+    parsed = [parse_request(r) for r in requests]
+    beam = engine.generate(parsed)
+    failed = [r["request_id"] for r, b in zip(requests, beam) if "error" in b]
+    if failed:
+        raise RuntimeError(f"homegen could not serve {len(failed)} request(s), first {failed[0]}: {beam[0]}")
+    pages = {f"homegen beam search ({engine.objective})": [b["page"] for b in beam]}
+    if engine.grammar.levels == 1:  # one token per item: the pointwise ranking is one forward pass per shelf
+        pages["homegen pointwise (same model, beam's shelves)"] = pointwise_pages(
+            engine, parsed, [[s["shelf"] for s in b["page"]] for b in beam])
+    return pages
+
+
+def table(pages: dict[str, list[list[dict]]], heldout: list[dict], requests: list[dict], partner: str | None) -> None:
+    """Prints mean +- standard error of each metric per policy, and the paired difference in the headline
+    metric against `partner`."""
+    scores = {name: judge_all(p, heldout, requests) for name, p in pages.items()}
+    print(f"{'policy':<48} " + " ".join(f"{m:>22}" for m in METRICS) + f" {'pair_ndcg vs ' + (partner or '-'):>30}")
+    for name, values in scores.items():
+        cells = " ".join(f"{v.mean():>13.4f} +- {standard_error(v):.4f}" for v in values.values())
+        diff = ""
+        if partner and name != partner:
+            gain = values["pair_ndcg"] - scores[partner]["pair_ndcg"]
+            diff = f"{gain.mean():+.4f} +- {standard_error(gain):.4f} ({gain.mean() / standard_error(gain):+.1f} se)"
+        print(f"{name:<48} {cells} {diff:>30}", flush=True)
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    requests = _read(os.path.join(args.out, f"requests_{args.split}.jsonl"))
+    heldout = _read(os.path.join(args.out, f"heldout_{args.split}.jsonl"))
+    stats = LogStatistics.from_pages(_read(os.path.join(args.out, "pages.jsonl")))
+    print(f"{len(requests)} {args.split} requests; {len(stats.items)} artists and {len(stats.shelves)} themes in the logs")
+    if args.tune:
+        if args.split != "validation":
+            print("lastfm_pages.py: error: --tune chooses settings, so it runs on validation only", file=sys.stderr)
+            return 2
+        for values in itertools.product(*GRID.values()):
+            policy = ThemeThenArtist(**dict(zip(GRID, values)))
+            ndcg = judge_all(policy.pages(stats, requests), heldout, requests)["pair_ndcg"]
+            print(f"{dict(zip(GRID, values))}: pair_ndcg {ndcg.mean():.4f} +- {standard_error(ndcg):.4f}", flush=True)
+        return 0
+    pages = {"popular themes, popular artists": POPULAR.pages(stats, requests),
+             "popular themes, the user's own artists first": USER_TOP_ARTISTS.pages(stats, requests),
+             "theme-then-artist (tuned on validation)": THEME_THEN_ARTIST.pages(stats, requests)}
+    partner = None
+    if args.checkpoint:
+        found = homegen_pages(args.checkpoint, requests, args.objective)
+        partner = next(iter(found))
+        pages = {**found, **pages}
+    table(pages, heldout, requests, partner)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("convert", help="Last.fm files -> catalog, page logs, requests and held-out assignments")
+    c.add_argument("--data", required=True, help="the lastfm-hetrec2011 folder")
+    c.add_argument("--out", required=True)
+    c.add_argument("--cutoff", default="2010-08", help="first held-out month, YYYY-MM")
+    c.add_argument("--themes", type=int, default=20, help="the most used tags before the cut-off become shelves")
+    c.add_argument("--shelves", type=int, default=5, help="shelves a request asks for")
+    c.add_argument("--items", type=int, default=10, help="artists per shelf a request asks for")
+    c.add_argument("--seed", type=int, default=0, help="the validation/test split of users")
+    b = commands.add_parser("benchmark", help="judge baselines (and a checkpoint's pages) on a split")
+    b.add_argument("--out", required=True, help="a `convert` folder")
+    b.add_argument("--split", default="validation", choices=["validation", "test"])
+    b.add_argument("--checkpoint", default=None, help="a run trained on the folder's pages.jsonl")
+    b.add_argument("--objective", default="likelihood", choices=["likelihood", "streams"],
+                   help="beam search's objective (every logged item is engaged, so the value head learns nothing)")
+    b.add_argument("--tune", action="store_true", help="print the theme-then-artist grid instead")
+    args = parser.parse_args(argv)
+    try:
+        return convert(args) if args.command == "convert" else benchmark(args)
+    except (DataFormatError, ValueError, FileNotFoundError) as e:
+        print(f"lastfm_pages.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
