@@ -12,12 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT
 
-PROGRAM = re.compile(r"(?:python3?|\.venv/bin/python)\s+((?:scripts/)?[\w/]+\.py)|\bhomegen (train|serve|evaluate|simulate|join)\b")
+PROGRAM = re.compile(r"(?:python3?|\.venv/bin/python)\s+((?:scripts/)?[\w/]+\.py)(?: ([a-z][a-z_]*)\b(?! *=))?"
+                     r"|\bhomegen (train|serve|evaluate|simulate|join)\b")
 FLAG = re.compile(r"(?<![\w-])--([a-zA-Z][\w-]*)")
 
 
 def documented_commands() -> dict[str, set[str]]:
-    """program (a script path, or `homegen NAME`) -> the flags the docs pass it."""
+    """program (a script path with its subcommand where it has one, or `homegen NAME`) -> the flags the docs pass
+    it."""
     commands: dict[str, set[str]] = {}
     for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
         with open(path) as f:
@@ -26,7 +28,7 @@ def documented_commands() -> dict[str, set[str]]:
             for line in block.replace("\\\n", " ").split("\n"):
                 line = line.split(" # ")[0]
                 for match in PROGRAM.finditer(line):
-                    program = match.group(1) or f"homegen {match.group(2)}"
+                    program = " ".join(filter(None, match.group(1, 2))) if match.group(1) else f"homegen {match.group(3)}"
                     rest = line[match.end():]
                     following = PROGRAM.search(rest)  # a second program on the line (after &&, |, ;)
                     own = (rest[:following.start()] if following else rest).split(" -- ")[0]  # after --: passed on
@@ -37,7 +39,7 @@ def documented_commands() -> dict[str, set[str]]:
 
 def help_text(program: str) -> str:
     argv = ([sys.executable, "-m", "homegen.cli", program.split()[1]] if program.startswith("homegen ")
-            else [sys.executable, program])
+            else [sys.executable, *program.split()])  # a script, then its subcommand if any
     result = subprocess.run(argv + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     text = result.stdout + result.stderr
     if "--helpfull" in text:  # absl programs list their flags there
@@ -52,7 +54,8 @@ def test_documented_commands_exist_with_their_flags():
     assert {"train.py", "serve.py", "scripts/evaluate.py", "homegen join"} <= set(commands)
     for program in commands:
         if not program.startswith("homegen "):
-            assert os.path.isfile(os.path.join(ROOT, program)), f"the docs run {program}, which does not exist"
+            script = program.split()[0]
+            assert os.path.isfile(os.path.join(ROOT, script)), f"the docs run {script}, which does not exist"
     with ThreadPoolExecutor(2) as pool:
         helps = dict(zip(commands, pool.map(help_text, commands)))
     missing = [f"{program} --{flag}" for program, flags in commands.items() for flag in sorted(flags)
