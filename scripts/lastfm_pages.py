@@ -5,7 +5,7 @@ users tagged after a cut-off month (data/lastfm.py, evaluation/lastfm.py).
         [--themes 20] [--shelves 5] [--items 10] [--seed 0]
         # DIR/catalog.jsonl, DIR/pages.jsonl (training page logs, FORMATS.md §3), DIR/requests_{split}.jsonl
         # (FORMATS.md §4), DIR/heldout_{split}.jsonl and DIR/summary.json; splits: validation, test
-    python scripts/lastfm_pages.py benchmark --out DIR [--split validation] [--checkpoint RUN]
+    python scripts/lastfm_pages.py benchmark --out DIR [--split validation] [--checkpoint RUN [--step N]]
         [--objective likelihood] [--tune]
         # the page table: baselines, and with --checkpoint homegen's beam pages and its pointwise ranking;
         # --tune prints the theme-then-artist policy's grid (on validation only)
@@ -58,13 +58,13 @@ def _read(path: str) -> list[dict]:
     return [record for _, record in json_lines(path)]
 
 
-def homegen_pages(checkpoint: str, requests: list[dict], objective: str) -> dict[str, list[list[dict]]]:
+def homegen_pages(checkpoint: str, step: int | None, requests: list[dict], objective: str) -> dict[str, list[list[dict]]]:
     """homegen's beam pages, and its pointwise ranking filling the beam pages' shelves."""
     from homegen.evaluation.pages import pointwise_pages
     from homegen.serving.engine import PageEngine
     from homegen.serving.requests import parse_request
 
-    engine = PageEngine(checkpoint, objective=objective)
+    engine = PageEngine(checkpoint, step, objective=objective)
     parsed = [parse_request(r) for r in requests]
     beam = engine.generate(parsed)
     failed = [r["request_id"] for r, b in zip(requests, beam) if "error" in b]
@@ -110,7 +110,7 @@ def benchmark(args: argparse.Namespace) -> int:
              "theme-then-artist (tuned on validation)": THEME_THEN_ARTIST.pages(stats, requests)}
     partner = None
     if args.checkpoint:
-        found = homegen_pages(args.checkpoint, requests, args.objective)
+        found = homegen_pages(args.checkpoint, args.step, requests, args.objective)
         partner = next(iter(found))
         pages = {**found, **pages}
     table(pages, heldout, requests, partner)
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True, help="a `convert` folder")
     b.add_argument("--split", default="validation", choices=["validation", "test"])
     b.add_argument("--checkpoint", default=None, help="a run trained on the folder's pages.jsonl")
+    b.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: its newest readable one)")
     b.add_argument("--objective", default="likelihood", choices=["likelihood", "streams"],
                    help="beam search's objective (every logged item is engaged, so the value head learns nothing)")
     b.add_argument("--tune", action="store_true", help="print the theme-then-artist grid instead")
