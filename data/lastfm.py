@@ -149,11 +149,14 @@ class LastfmPages:
 
 def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5, items_per_shelf: int = 10,
           max_history: int = 30, top_played: int = 20, validation_share: float = 0.5, seed: int = 0,
-          max_page_shelves: int = 10, max_page_items: int = 20) -> LastfmPages:
+          max_page_shelves: int = 10, max_page_items: int = 20, page_months: int = 1) -> LastfmPages:
     """Page logs, catalog, requests and held-out assignments (see the module docstring). `themes`: the most
     used tags before `cutoff` (a month index) become shelves; requests ask for `num_shelves` shelves of
-    exactly `items_per_shelf` artists; a training page holds at most `max_page_shelves` shelves of at most
-    `max_page_items` artists (a month with more fills several pages)."""
+    exactly `items_per_shelf` artists; a training page gathers `page_months` months of a user's assignments
+    (counted from the cut-off backwards, so no window straddles it) and holds at most `max_page_shelves` shelves
+    of at most `max_page_items` artists (a window with more fills several pages)."""
+    if page_months < 1:
+        raise ValueError(f"page_months must be >= 1, got {page_months}")
     before = [a for a in data.assignments if a.month < cutoff]
     after = [a for a in data.assignments if a.month >= cutoff]
     tag_use = collections.Counter(a.tag for a in before)
@@ -178,12 +181,13 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
         last = {artist: k for k, artist in enumerate(order)}
         return [item_id(a) for k, a in enumerate(order) if last[a] == k][-max_history:]
 
-    # Training pages: a user's theme assignments of a month, a shelf per theme.
+    # Training pages: a user's theme assignments of a window of months, a shelf per theme.
+    window = lambda month: cutoff - page_months * ((cutoff - month - 1) // page_months + 1)  # noqa: E731  first month
     pages = []
     by_user_month: dict[tuple[str, int], dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for a in before:
-        if a.tag in names and a.artist not in by_user_month[a.user, a.month][a.tag]:
-            by_user_month[a.user, a.month][a.tag].append(a.artist)
+        if a.tag in names and a.artist not in by_user_month[a.user, window(a.month)][a.tag]:
+            by_user_month[a.user, window(a.month)][a.tag].append(a.artist)
     for (user, month), shelves in sorted(by_user_month.items(), key=lambda kv: (int(kv[0][0]), kv[0][1])):
         rank = {a: k for k, a in enumerate(played(user))}
         ordered = sorted(shelves.items(), key=lambda kv: (-len(kv[1]), theme_tags.index(kv[0])))

@@ -2,11 +2,11 @@
 users tagged after a cut-off month (data/lastfm.py, evaluation/lastfm.py).
 
     python scripts/lastfm_pages.py convert --data ../shared/data/lastfm-hetrec2011 --out DIR [--cutoff 2010-08]
-        [--themes 20] [--shelves 5] [--items 10] [--seed 0]
+        [--themes 20] [--shelves 5] [--items 10] [--seed 0] [--page_months 1]
         # DIR/catalog.jsonl, DIR/pages.jsonl (training page logs, FORMATS.md §3), DIR/requests_{split}.jsonl
         # (FORMATS.md §4), DIR/heldout_{split}.jsonl and DIR/summary.json; splits: validation, test
     python scripts/lastfm_pages.py benchmark --out DIR [--split validation] [--checkpoint RUN [--step N]]
-        [--objective likelihood] [--tune]
+        [--beam_size N] [--objective likelihood] [--tune]
         # the page table: baselines, and with --checkpoint homegen's beam pages and its pointwise ranking;
         # --tune prints the theme-then-artist policy's grid (on validation only)
 
@@ -41,7 +41,7 @@ def _write_lines(path: str, records: list[dict]) -> None:
 def convert(args: argparse.Namespace) -> int:
     data = read_lastfm(args.data)
     built = build(data, parse_month(args.cutoff), themes=args.themes, num_shelves=args.shelves,
-                  items_per_shelf=args.items, seed=args.seed)
+                  items_per_shelf=args.items, seed=args.seed, page_months=args.page_months)
     os.makedirs(args.out, exist_ok=True)
     _write_lines(os.path.join(args.out, "catalog.jsonl"), built.catalog)
     _write_lines(os.path.join(args.out, "pages.jsonl"), built.pages)
@@ -58,19 +58,22 @@ def _read(path: str) -> list[dict]:
     return [record for _, record in json_lines(path)]
 
 
-def homegen_pages(checkpoint: str, step: int | None, requests: list[dict], objective: str) -> dict[str, list[list[dict]]]:
-    """homegen's beam pages, and its pointwise ranking filling the beam pages' shelves."""
+def homegen_pages(checkpoint: str, step: int | None, requests: list[dict], objective: str,
+                  beam_size: int | None = None) -> dict[str, list[list[dict]]]:
+    """homegen's beam pages (the requests' beam size, or `beam_size`), and its pointwise ranking filling the
+    beam pages' shelves."""
     from homegen.evaluation.pages import pointwise_pages
     from homegen.serving.engine import PageEngine
     from homegen.serving.requests import parse_request
 
     engine = PageEngine(checkpoint, step, objective=objective)
-    parsed = [parse_request(r) for r in requests]
+    parsed = [parse_request({**r, **({"beam_size": beam_size} if beam_size else {})}) for r in requests]
     beam = engine.generate(parsed)
     failed = [r["request_id"] for r, b in zip(requests, beam) if "error" in b]
     if failed:
         raise RuntimeError(f"homegen could not serve {len(failed)} request(s), first {failed[0]}: {beam[0]}")
-    pages = {f"homegen beam search ({engine.objective})": [b["page"] for b in beam]}
+    width = beam_size or parsed[0].beam_size
+    pages = {f"homegen beam search ({engine.objective}, beam {width})": [b["page"] for b in beam]}
     if engine.grammar.levels == 1:  # one token per item: the pointwise ranking is one forward pass per shelf
         pages["homegen pointwise (same model, beam's shelves)"] = pointwise_pages(
             engine, parsed, [[s["shelf"] for s in b["page"]] for b in beam])
@@ -110,7 +113,7 @@ def benchmark(args: argparse.Namespace) -> int:
              "theme-then-artist (tuned on validation)": THEME_THEN_ARTIST.pages(stats, requests)}
     partner = None
     if args.checkpoint:
-        found = homegen_pages(args.checkpoint, args.step, requests, args.objective)
+        found = homegen_pages(args.checkpoint, args.step, requests, args.objective, args.beam_size)
         partner = next(iter(found))
         pages = {**found, **pages}
     table(pages, heldout, requests, partner)
@@ -128,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--shelves", type=int, default=5, help="shelves a request asks for")
     c.add_argument("--items", type=int, default=10, help="artists per shelf a request asks for")
     c.add_argument("--seed", type=int, default=0, help="the validation/test split of users")
+    c.add_argument("--page_months", type=int, default=1, help="months of a user's tags gathered in one training page")
     b = commands.add_parser("benchmark", help="judge baselines (and a checkpoint's pages) on a split")
     b.add_argument("--out", required=True, help="a `convert` folder")
     b.add_argument("--split", default="validation", choices=["validation", "test"])
     b.add_argument("--checkpoint", default=None, help="a run trained on the folder's pages.jsonl")
     b.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: its newest readable one)")
+    b.add_argument("--beam_size", type=int, default=None, help="instead of the requests' own (4); 1 is greedy")
     b.add_argument("--objective", default="likelihood", choices=["likelihood", "streams"],
                    help="beam search's objective (every logged item is engaged, so the value head learns nothing)")
     b.add_argument("--tune", action="store_true", help="print the theme-then-artist grid instead")
