@@ -130,3 +130,16 @@ def test_the_real_files_convert_into_disjoint_validation_and_test_users(tmp_path
     assert splits["validation"].isdisjoint(splits["test"])
     assert lastfm_pages.main(["benchmark", "--out", str(tmp_path), "--split", "validation"]) == 0
     assert "theme-then-artist" in capsys.readouterr().out
+
+
+def test_training_pages_can_gather_several_months_without_crossing_the_cutoff(tmp_path):
+    data = read_lastfm(write_excerpt(tmp_path / "lastfm"))
+    built = build(data, parse_month("2010-08"), themes=2, page_months=6)  # one window: 2010-02 to 2010-07
+    u1 = [p for p in built.pages if p["user_id"] == "u1"]
+    assert [p["request_id"] for p in u1] == ["lastfm-1-2010-02-0"]
+    assert u1[0]["page"] == [{"shelf": "rock", "items": ["a10", "a11"], "streams": [1, 1]},
+                             {"shelf": "chill_out", "items": ["a12", "a13"], "streams": [1, 1]}]
+    assert u1[0]["history"] == ["a13", "a10", "a12"]  # as of the window's first month: only the most played
+    assert built.heldout == build(data, parse_month("2010-08"), themes=2).heldout  # what is judged is unchanged
+    with pytest.raises(ValueError, match="page_months"):
+        build(data, parse_month("2010-08"), page_months=0)
