@@ -138,6 +138,11 @@ def shelf_name(text: str) -> str:
     return "_".join(text.lower().split())
 
 
+def intent_text(tag_text: str) -> str:
+    """A tag as a request's free-text intent."""
+    return f"something {tag_text.lower()}"
+
+
 @dataclasses.dataclass
 class LastfmPages:
     catalog: list[dict]
@@ -149,12 +154,15 @@ class LastfmPages:
 
 def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5, items_per_shelf: int = 10,
           max_history: int = 30, top_played: int = 20, validation_share: float = 0.5, seed: int = 0,
-          max_page_shelves: int = 10, max_page_items: int = 20, page_months: int = 1) -> LastfmPages:
+          max_page_shelves: int = 10, max_page_items: int = 20, page_months: int = 1,
+          intent_share: float = 0.0) -> LastfmPages:
     """Page logs, catalog, requests and held-out assignments (see the module docstring). `themes`: the most
     used tags before `cutoff` (a month index) become shelves; requests ask for `num_shelves` shelves of
     exactly `items_per_shelf` artists; a training page gathers `page_months` months of a user's assignments
     (counted from the cut-off backwards, so no window straddles it) and holds at most `max_page_shelves` shelves
-    of at most `max_page_items` artists (a window with more fills several pages)."""
+    of at most `max_page_items` artists (a window with more fills several pages). A seeded `intent_share` of the
+    training pages carry their first (largest) theme as a free-text intent, "something <tag>": a tag is a real
+    theme and a real intent."""
     if page_months < 1:
         raise ValueError(f"page_months must be >= 1, got {page_months}")
     before = [a for a in data.assignments if a.month < cutoff]
@@ -184,6 +192,7 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
     # Training pages: a user's theme assignments of a window of months, a shelf per theme.
     window = lambda month: cutoff - page_months * ((cutoff - month - 1) // page_months + 1)  # noqa: E731  first month
     pages = []
+    intent_rng = np.random.default_rng(seed + 1)
     by_user_month: dict[tuple[str, int], dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for a in before:
         if a.tag in names and a.artist not in by_user_month[a.user, window(a.month)][a.tag]:
@@ -196,8 +205,10 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
                 for chunk in (artists[i:i + max_page_items] for i in range(0, len(artists), max_page_items))]
         for k in range(0, len(rows), max_page_shelves):
             stamp = datetime.datetime(month // 12, month % 12 + 1, 1, tzinfo=datetime.timezone.utc)
+            intent = intent_rng.random() < intent_share
             pages.append({"request_id": f"lastfm-{user}-{month_text(month)}-{k // max_page_shelves}",
                           "user_id": user_id(user), "timestamp": int(stamp.timestamp()),
+                          **({"context": {"intent": intent_text(data.tag_names.get(rows[k][0], f"tag {rows[k][0]}"))}} if intent else {}),
                           "history": history(user, month),
                           "page": [{"shelf": names[tag], "items": [item_id(a) for a in artists],
                                     "streams": [1] * len(artists)} for tag, artists in rows[k:k + max_page_shelves]]})
@@ -230,6 +241,8 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
         heldout[split] = [{"request_id": f"lastfm-{user}", "user_id": user_id(user),
                            "pairs": [list(p) for p in heldout_pairs[user]]} for user in members]
     summary = {"cutoff": month_text(cutoff), "themes": [names[t] for t in theme_tags],
+               "theme_intents": {names[t]: intent_text(data.tag_names.get(t, f"tag {t}")) for t in theme_tags},
+               "pages_with_intent": sum("context" in p for p in pages),
                "assignments_before": len(before), "assignments_after": len(after), "pages": len(pages),
                "catalog_items": len(catalog), **{f"{s}_users": len(m) for s, m in splits.items()},
                "heldout_pairs": sum(len(p) for p in heldout_pairs.values())}

@@ -50,6 +50,34 @@ def judge(page: list[dict], pairs: list[tuple[str, str]], num_shelves: int, item
             "theme_coverage": len(shelves & themes) / min(len(themes), num_shelves)}
 
 
+def intent_theme(pairs: list[tuple[str, str]], themes: list[str]) -> str:
+    """The theme a user assigned most after the cut-off (ties: the more used theme): the intent they are asked
+    with when intents are measured."""
+    counts = collections.Counter(shelf for shelf, _ in pairs)
+    return min(counts, key=lambda shelf: (-counts[shelf], themes.index(shelf)))
+
+
+def judge_intent(page: list[dict], pairs: list[tuple[str, str]], theme: str, items_per_shelf: int) -> dict[str, float]:
+    """How a page answers an intent for `theme`: whether a shelf of that theme is on it, whether it is the first
+    shelf, and the share of the user's held-out artists of that theme (at most a shelf's worth) on it."""
+    wanted = {artist for shelf, artist in pairs if shelf == theme}
+    shelf = next((s for s in page if s["shelf"] == theme), None)
+    found = len(wanted & set(shelf["items"])) if shelf else 0
+    return {"theme_shown": float(shelf is not None), "theme_first": float(bool(page) and page[0]["shelf"] == theme),
+            "theme_recall": found / min(len(wanted), items_per_shelf)}
+
+
+INTENT_METRICS = ("theme_shown", "theme_first", "theme_recall")
+
+
+def judge_intents(pages: list[list[dict]], heldout: list[dict], requests: list[dict], themes: list[str]
+                  ) -> dict[str, np.ndarray]:
+    """Per-request `judge_intent` arrays for the intent theme of each request's user."""
+    rows = [judge_intent(page, h["pairs"], theme, r["max_items_per_shelf"])
+            for page, h, r, theme in zip(pages, heldout, requests, themes, strict=True)]
+    return {m: np.array([row[m] for row in rows]) for m in INTENT_METRICS}
+
+
 def judge_all(pages: list[list[dict]], heldout: list[dict], requests: list[dict]) -> dict[str, np.ndarray]:
     """Per-request metric arrays for pages in the order of `requests` (and of `heldout`)."""
     rows = [judge(page, h["pairs"], r["num_shelves"], r["max_items_per_shelf"])
@@ -129,7 +157,9 @@ class ThemeThenArtist:
     own: float = 0.0
     personal_themes: bool = True
 
-    def pages(self, stats: LogStatistics, requests: list[dict]) -> list[list[dict]]:
+    def pages(self, stats: LogStatistics, requests: list[dict], first_themes: list[str] | None = None
+              ) -> list[list[dict]]:
+        """One page per request; with `first_themes`, request k's page opens with that theme (its intent)."""
         index = stats.item_index
         log_counts = np.log1p(stats.pair_counts)
         share = stats.pair_counts.sum(1) / stats.pair_counts.sum()
@@ -147,6 +177,9 @@ class ThemeThenArtist:
                 item_score = item_score.copy()
                 item_score[:, history] += self.own * (1 + np.arange(len(history)) / len(history))
             order = np.argsort(-theme_score, kind="stable")
+            if first_themes is not None:
+                first = stats.shelves.index(first_themes[len(pages)])
+                order = np.concatenate([[first], order[order != first]])
             pages.append(fill_page(stats, order, item_score, r["num_shelves"], r["max_items_per_shelf"]))
         return pages
 

@@ -3,12 +3,14 @@ users tagged after a cut-off month (data/lastfm.py, evaluation/lastfm.py).
 
     python scripts/lastfm_pages.py convert --data ../shared/data/lastfm-hetrec2011 --out DIR [--cutoff 2010-08]
         [--themes 20] [--shelves 5] [--items 10] [--seed 0] [--page_months 1]
+        [--intent_share 0]
         # DIR/catalog.jsonl, DIR/pages.jsonl (training page logs, FORMATS.md §3), DIR/requests_{split}.jsonl
         # (FORMATS.md §4), DIR/heldout_{split}.jsonl and DIR/summary.json; splits: validation, test
     python scripts/lastfm_pages.py benchmark --out DIR [--split validation] [--checkpoint RUN [--step N]]
-        [--beam_size N] [--objective likelihood] [--tune]
+        [--beam_size N] [--objective likelihood] [--tune | --intents]
         # the page table: baselines, and with --checkpoint homegen's beam pages and its pointwise ranking;
-        # --tune prints the theme-then-artist policy's grid (on validation only)
+        # --tune prints the theme-then-artist policy's grid (on validation only); --intents asks every request
+        # again with its user's most assigned later theme as a free-text intent ("something chillout")
 
 Train and serve homegen on DIR with the README's page-log commands (`train.py --config
 configs/pages_small.py --config.data.page_logs=DIR/pages.jsonl --config.data.catalog=DIR/catalog.jsonl`).
@@ -24,7 +26,17 @@ import sys
 
 from homegen.data.formats import DataFormatError, json_lines
 from homegen.data.lastfm import build, parse_month, read_lastfm
-from homegen.evaluation.lastfm import METRICS, POPULAR, USER_TOP_ARTISTS, LogStatistics, ThemeThenArtist, judge_all
+from homegen.evaluation.lastfm import (
+    INTENT_METRICS,
+    METRICS,
+    POPULAR,
+    USER_TOP_ARTISTS,
+    LogStatistics,
+    ThemeThenArtist,
+    intent_theme,
+    judge_all,
+    judge_intents,
+)
 from homegen.evaluation.pages import standard_error
 
 # Chosen on validation users with `--tune` (docs/BENCHMARKS.md, "Home pages on Last.fm").
@@ -41,7 +53,8 @@ def _write_lines(path: str, records: list[dict]) -> None:
 def convert(args: argparse.Namespace) -> int:
     data = read_lastfm(args.data)
     built = build(data, parse_month(args.cutoff), themes=args.themes, num_shelves=args.shelves,
-                  items_per_shelf=args.items, seed=args.seed, page_months=args.page_months)
+                  items_per_shelf=args.items, seed=args.seed, page_months=args.page_months,
+                  intent_share=args.intent_share)
     os.makedirs(args.out, exist_ok=True)
     _write_lines(os.path.join(args.out, "catalog.jsonl"), built.catalog)
     _write_lines(os.path.join(args.out, "pages.jsonl"), built.pages)
@@ -94,6 +107,35 @@ def table(pages: dict[str, list[list[dict]]], heldout: list[dict], requests: lis
         print(f"{name:<48} {cells} {diff:>30}", flush=True)
 
 
+def intents(args: argparse.Namespace, requests: list[dict], heldout: list[dict], stats: LogStatistics) -> int:
+    """Each request asked without and with an intent ("something <tag>") for the theme its user assigned most
+    after the cut-off; prints how the pages answer it (evaluation/lastfm.py `judge_intent`) and the paired gain
+    of the intent."""
+    with open(os.path.join(args.out, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    themes = [intent_theme([tuple(p) for p in h["pairs"]], summary["themes"]) for h in heldout]
+    asked = [{**r, "context": {**r.get("context", {}), "intent": summary["theme_intents"][t]}}
+             for r, t in zip(requests, themes)]
+    pages = {"theme-then-artist": THEME_THEN_ARTIST.pages(stats, requests),
+             "theme-then-artist, the intent's theme first": THEME_THEN_ARTIST.pages(stats, requests, themes)}
+    if args.checkpoint:
+        for label, batch in (("no intent", requests), ("intent", asked)):
+            found = homegen_pages(args.checkpoint, args.step, batch, args.objective, args.beam_size)
+            pages[f"homegen, {label}"] = next(iter(found.values()))
+    scores = {name: {**judge_intents(p, heldout, requests, themes), **judge_all(p, heldout, requests)}
+              for name, p in pages.items()}
+    columns = (*INTENT_METRICS, "pair_ndcg")
+    print(f"{'pages':<46} " + " ".join(f"{m:>20}" for m in columns))
+    for name, values in scores.items():
+        print(f"{name:<46} " + " ".join(f"{values[m].mean():>11.4f} +- {standard_error(values[m]):.4f}" for m in columns))
+    for with_intent, without in (("homegen, intent", "homegen, no intent"),
+                                 ("theme-then-artist, the intent's theme first", "theme-then-artist")):
+        if with_intent in scores:
+            gain = scores[with_intent]["theme_recall"] - scores[without]["theme_recall"]
+            print(f"theme_recall, {with_intent} minus {without}: {gain.mean():+.4f} +- {standard_error(gain):.4f}")
+    return 0
+
+
 def benchmark(args: argparse.Namespace) -> int:
     requests = _read(os.path.join(args.out, f"requests_{args.split}.jsonl"))
     heldout = _read(os.path.join(args.out, f"heldout_{args.split}.jsonl"))
@@ -108,6 +150,8 @@ def benchmark(args: argparse.Namespace) -> int:
             ndcg = judge_all(policy.pages(stats, requests), heldout, requests)["pair_ndcg"]
             print(f"{dict(zip(GRID, values))}: pair_ndcg {ndcg.mean():.4f} +- {standard_error(ndcg):.4f}", flush=True)
         return 0
+    if args.intents:
+        return intents(args, requests, heldout, stats)
     pages = {"popular themes, popular artists": POPULAR.pages(stats, requests),
              "popular themes, the user's own artists first": USER_TOP_ARTISTS.pages(stats, requests),
              "theme-then-artist (tuned on validation)": THEME_THEN_ARTIST.pages(stats, requests)}
@@ -131,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--shelves", type=int, default=5, help="shelves a request asks for")
     c.add_argument("--items", type=int, default=10, help="artists per shelf a request asks for")
     c.add_argument("--seed", type=int, default=0, help="the validation/test split of users")
+    c.add_argument("--intent_share", type=float, default=0.0,
+                   help="share of training pages whose first theme is also their intent ('something <tag>')")
     c.add_argument("--page_months", type=int, default=1, help="months of a user's tags gathered in one training page")
     b = commands.add_parser("benchmark", help="judge baselines (and a checkpoint's pages) on a split")
     b.add_argument("--out", required=True, help="a `convert` folder")
@@ -141,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--objective", default="likelihood", choices=["likelihood", "streams"],
                    help="beam search's objective (every logged item is engaged, so the value head learns nothing)")
     b.add_argument("--tune", action="store_true", help="print the theme-then-artist grid instead")
+    b.add_argument("--intents", action="store_true",
+                   help="ask each request with its user's most assigned later theme as an intent ('something <tag>')")
     args = parser.parse_args(argv)
     try:
         return convert(args) if args.command == "convert" else benchmark(args)

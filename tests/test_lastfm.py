@@ -143,3 +143,23 @@ def test_training_pages_can_gather_several_months_without_crossing_the_cutoff(tm
     assert built.heldout == build(data, parse_month("2010-08"), themes=2).heldout  # what is judged is unchanged
     with pytest.raises(ValueError, match="page_months"):
         build(data, parse_month("2010-08"), page_months=0)
+
+
+def test_intents_the_users_later_theme_and_how_a_page_answers_it(tmp_path):
+    from homegen.evaluation.lastfm import intent_theme, judge_intent
+
+    pairs = [("pop", "a1"), ("rock", "a2"), ("rock", "a3"), ("pop", "a4")]
+    assert intent_theme(pairs, ["rock", "pop"]) == "rock"  # a tie: the more used theme
+    assert intent_theme(pairs + [("pop", "a5")], ["rock", "pop"]) == "pop"
+    page = [{"shelf": "jazz", "items": ["a2"]}, {"shelf": "rock", "items": ["a9", "a3"]}]
+    assert judge_intent(page, pairs, "rock", items_per_shelf=10) == {
+        "theme_shown": 1.0, "theme_first": 0.0, "theme_recall": 0.5}  # a2 is on the wrong shelf
+    assert judge_intent(page, pairs, "pop", items_per_shelf=1)["theme_shown"] == 0.0
+    # Training pages may carry their first theme as an intent; requests and held-out pairs do not change.
+    data = read_lastfm(write_excerpt(tmp_path / "lastfm"))
+    built = build(data, parse_month("2010-08"), themes=2, intent_share=1.0)
+    assert all(p["context"] == {"intent": f"something {p['page'][0]['shelf'].replace('_', ' ')}"} for p in built.pages)
+    assert built.summary["theme_intents"] == {"rock": "something rock", "chill_out": "something chill out"}
+    plain = build(data, parse_month("2010-08"), themes=2)
+    assert built.requests == plain.requests and built.heldout == plain.heldout
+    assert not any("context" in p for p in plain.pages)
