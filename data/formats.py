@@ -93,21 +93,37 @@ def parse_timestamp(text: str) -> float:
     return value
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
+def text_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, text without its line end) of each non-blank line; DataFormatError at the first line that
+    is not `encoding` text."""
     number = 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=encoding) as f:
         try:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     yield number, line.rstrip("\n").rstrip("\r")
         except UnicodeDecodeError as e:
-            raise DataFormatError(path, number + 1, f"not UTF-8 text ({e.reason})") from None
+            line = _undecodable_line(path, encoding, number + 1)
+            raise DataFormatError(path, line, f"not {encoding.upper()} text ({e.reason})") from None
+
+
+def _undecodable_line(path: str, encoding: str, start: int) -> int:
+    """The first line from `start` on that is not `encoding` text. A text-mode file decodes a chunk of many
+    lines at once, so its error comes at the chunk's first line; only this error path reads line by line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number >= start:
+                try:
+                    raw.decode(encoding)
+                except UnicodeDecodeError:
+                    return number
+    return start
 
 
 def json_lines(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSON Lines file; DataFormatError names the line of
     anything that is not UTF-8 JSON holding an object."""
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -122,7 +138,7 @@ def _detect_format(path: str) -> str:
     if lower.endswith((".csv", ".tsv")):
         return "csv"
     seen, repeated, first = set(), False, None
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         fields = line.split()
         if first is None:
             first = fields
@@ -147,7 +163,7 @@ def read_interactions(path: str, fmt: str = "auto") -> list[UserSequence]:
     if fmt == "movielens":
         return _read_movielens(path)
     users: dict[str, UserSequence] = {}
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         fields = line.split()
         if fmt == "sequences":
             if len(fields) < 2:
@@ -208,7 +224,7 @@ def _in_time_order(rows: dict[str, list[tuple[float, int, str]]], has_time: bool
 def _read_movielens(path: str) -> list[UserSequence]:
     """MovieLens `ratings.dat` (ML-1M, ML-10M): `user::item::rating::timestamp`, unix seconds."""
     rows: dict[str, list[tuple[float, int, str]]] = {}
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         fields = line.split("::")
         if len(fields) != 4:
             raise DataFormatError(path, number, f"expected `user::item::rating::timestamp`, found {len(fields)} fields")

@@ -154,3 +154,10 @@ def test_non_utf8_is_reported(tmp_path):
     path.write_bytes(b"1 2 3\n2 \xff\xfe 4\n")
     with pytest.raises(DataFormatError, match="UTF-8"):
         read_interactions(str(path))
+
+
+def test_a_non_utf8_byte_is_reported_at_its_own_line_past_the_first_chunk(tmp_path):
+    path = tmp_path / "late.txt"  # 2,000 good lines: far past the chunk a text-mode file decodes at once
+    path.write_bytes(b"".join(f"u{k} t{k}\n".encode() for k in range(1, 2000)) + b"u\xff t\n")
+    with pytest.raises(DataFormatError, match=r"late.txt:2000: not UTF-8 text"):
+        read_interactions(str(path))
