@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from homegen.data.formats import DataFormatError
+from homegen.data.formats import DataFormatError, text_lines
 
 FILES = {  # file: (columns, encoding)
     "user_artists.dat": (("userID", "artistID", "weight"), "utf-8"),
@@ -39,19 +39,14 @@ FILES = {  # file: (columns, encoding)
 def read_table(path: str, columns: tuple[str, ...], encoding: str) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of each data row of a tab-separated file with a header row; DataFormatError
     for a row with fewer fields than `columns` or text that is not in `encoding`."""
-    with open(path, "rb") as f:  # decoded line by line, so that an undecodable byte is reported at its line
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode(encoding).rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataFormatError(path, number, f"not {encoding} text ({e.reason})") from None
-            if number == 1 or not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) < len(columns):
-                raise DataFormatError(path, number, f"expected {len(columns)} tab-separated columns "
-                                                    f"({', '.join(columns)}), got {len(fields)}")
-            yield number, fields
+    for number, line in text_lines(path, encoding):
+        if number == 1:
+            continue
+        fields = line.split("\t")
+        if len(fields) < len(columns):
+            raise DataFormatError(path, number, f"expected {len(columns)} tab-separated columns "
+                                                f"({', '.join(columns)}), got {len(fields)}")
+        yield number, fields
 
 
 def _integer(text: str, path: str, line: int, column: str) -> int:
@@ -169,7 +164,8 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
     after = [a for a in data.assignments if a.month >= cutoff]
     tag_use = collections.Counter(a.tag for a in before)
     theme_tags = [tag for tag, _ in sorted(tag_use.items(), key=lambda kv: (-kv[1], int(kv[0])))[:themes]]
-    names = {tag: shelf_name(data.tag_names.get(tag, f"tag {tag}")) for tag in theme_tags}
+    texts = {tag: data.tag_names.get(tag, f"tag {tag}") for tag in theme_tags}
+    names = {tag: shelf_name(text) for tag, text in texts.items()}
     if len(set(names.values())) != len(names):
         raise ValueError(f"two theme tags share a shelf name: {sorted(names.values())}")
     plays = data.plays
@@ -193,11 +189,12 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
     window = lambda month: cutoff - page_months * ((cutoff - month - 1) // page_months + 1)  # noqa: E731  first month
     pages = []
     intent_rng = np.random.default_rng(seed + 1)
-    by_user_month: dict[tuple[str, int], dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    by_user_window: dict[tuple[str, int], dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for a in before:
-        if a.tag in names and a.artist not in by_user_month[a.user, window(a.month)][a.tag]:
-            by_user_month[a.user, window(a.month)][a.tag].append(a.artist)
-    for (user, month), shelves in sorted(by_user_month.items(), key=lambda kv: (int(kv[0][0]), kv[0][1])):
+        shelf = by_user_window[a.user, window(a.month)][a.tag] if a.tag in names else None
+        if shelf is not None and a.artist not in shelf:
+            shelf.append(a.artist)
+    for (user, month), shelves in sorted(by_user_window.items(), key=lambda kv: (int(kv[0][0]), kv[0][1])):
         rank = {a: k for k, a in enumerate(played(user))}
         ordered = sorted(shelves.items(), key=lambda kv: (-len(kv[1]), theme_tags.index(kv[0])))
         rows = [(tag, chunk) for tag, artists in ordered
@@ -208,7 +205,7 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
             intent = intent_rng.random() < intent_share
             pages.append({"request_id": f"lastfm-{user}-{month_text(month)}-{k // max_page_shelves}",
                           "user_id": user_id(user), "timestamp": int(stamp.timestamp()),
-                          **({"context": {"intent": intent_text(data.tag_names.get(rows[k][0], f"tag {rows[k][0]}"))}} if intent else {}),
+                          **({"context": {"intent": intent_text(texts[rows[k][0]])}} if intent else {}),
                           "history": history(user, month),
                           "page": [{"shelf": names[tag], "items": [item_id(a) for a in artists],
                                     "streams": [1] * len(artists)} for tag, artists in rows[k:k + max_page_shelves]]})
@@ -241,7 +238,7 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
         heldout[split] = [{"request_id": f"lastfm-{user}", "user_id": user_id(user),
                            "pairs": [list(p) for p in heldout_pairs[user]]} for user in members]
     summary = {"cutoff": month_text(cutoff), "themes": [names[t] for t in theme_tags],
-               "theme_intents": {names[t]: intent_text(data.tag_names.get(t, f"tag {t}")) for t in theme_tags},
+               "theme_intents": {names[t]: intent_text(texts[t]) for t in theme_tags},
                "pages_with_intent": sum("context" in p for p in pages),
                "assignments_before": len(before), "assignments_after": len(after), "pages": len(pages),
                "catalog_items": len(catalog), **{f"{s}_users": len(m) for s, m in splits.items()},

@@ -73,16 +73,19 @@ INTENT_METRICS = ("theme_shown", "theme_first", "theme_recall")
 def judge_intents(pages: list[list[dict]], heldout: list[dict], requests: list[dict], themes: list[str]
                   ) -> dict[str, np.ndarray]:
     """Per-request `judge_intent` arrays for the intent theme of each request's user."""
-    rows = [judge_intent(page, h["pairs"], theme, r["max_items_per_shelf"])
-            for page, h, r, theme in zip(pages, heldout, requests, themes, strict=True)]
-    return {m: np.array([row[m] for row in rows]) for m in INTENT_METRICS}
+    return _columns([judge_intent(page, h["pairs"], theme, r["max_items_per_shelf"])
+                     for page, h, r, theme in zip(pages, heldout, requests, themes, strict=True)], INTENT_METRICS)
 
 
 def judge_all(pages: list[list[dict]], heldout: list[dict], requests: list[dict]) -> dict[str, np.ndarray]:
     """Per-request metric arrays for pages in the order of `requests` (and of `heldout`)."""
-    rows = [judge(page, h["pairs"], r["num_shelves"], r["max_items_per_shelf"])
-            for page, h, r in zip(pages, heldout, requests, strict=True)]
-    return {m: np.array([row[m] for row in rows]) for m in METRICS}
+    return _columns([judge(page, h["pairs"], r["num_shelves"], r["max_items_per_shelf"])
+                     for page, h, r in zip(pages, heldout, requests, strict=True)], METRICS)
+
+
+def _columns(rows: list[dict[str, float]], metrics: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per-request metric dicts as one array per metric."""
+    return {m: np.array([row[m] for row in rows]) for m in metrics}
 
 
 @dataclasses.dataclass
@@ -148,8 +151,7 @@ class ThemeThenArtist:
     in proportion) plus `theme_prior` x each theme's share of all placements; then each theme's artists by
     `popularity` x log(1 + placements under the theme) + `neighbours` x co-occurrence with the history
     (cosine over users) + `own` x [the artist is in the history] (x 1 to 2, rising along the history).
-    popularity=1 and the rest 0 is the
-    popular-themes, popular-artists baseline."""
+    `POPULAR` and `USER_TOP_ARTISTS` below are the baselines without personal themes."""
 
     theme_prior: float = 1.0
     popularity: float = 1.0
@@ -165,7 +167,7 @@ class ThemeThenArtist:
         share = stats.pair_counts.sum(1) / stats.pair_counts.sum()
         per_item = stats.pair_counts / np.maximum(stats.pair_counts.sum(0, keepdims=True), 1)
         pages = []
-        for r in requests:
+        for k, r in enumerate(requests):
             history = np.array([index[i] for i in r.get("history", []) if i in index], np.int64)
             theme_score = self.theme_prior * share
             if self.personal_themes and len(history):
@@ -178,7 +180,7 @@ class ThemeThenArtist:
                 item_score[:, history] += self.own * (1 + np.arange(len(history)) / len(history))
             order = np.argsort(-theme_score, kind="stable")
             if first_themes is not None:
-                first = stats.shelves.index(first_themes[len(pages)])
+                first = stats.shelves.index(first_themes[k])
                 order = np.concatenate([[first], order[order != first]])
             pages.append(fill_page(stats, order, item_score, r["num_shelves"], r["max_items_per_shelf"]))
         return pages

@@ -39,7 +39,7 @@ from homegen.evaluation.lastfm import (
 )
 from homegen.evaluation.pages import standard_error
 
-# Chosen on validation users with `--tune` (docs/BENCHMARKS.md, "Home pages on Last.fm").
+# Chosen on validation users with `--tune` (docs/BENCHMARKS.md, "Pages on real listening data: Last.fm").
 THEME_THEN_ARTIST = ThemeThenArtist(theme_prior=0.1, popularity=1.0, neighbours=0.3, own=3.0)
 GRID = {"theme_prior": (0.0, 0.1, 0.3, 1.0), "neighbours": (0.0, 0.3, 1.0, 3.0), "own": (1.0, 3.0, 10.0, 30.0)}
 
@@ -71,25 +71,35 @@ def _read(path: str) -> list[dict]:
     return [record for _, record in json_lines(path)]
 
 
-def homegen_pages(checkpoint: str, step: int | None, requests: list[dict], objective: str,
-                  beam_size: int | None = None) -> dict[str, list[list[dict]]]:
-    """homegen's beam pages (the requests' beam size, or `beam_size`), and its pointwise ranking filling the
-    beam pages' shelves."""
-    from homegen.evaluation.pages import pointwise_pages
+def homegen_engine(args: argparse.Namespace):
+    """The `--checkpoint` run's page engine (JAX and the model load only when one is asked for)."""
     from homegen.serving.engine import PageEngine
+
+    return PageEngine(args.checkpoint, args.step, objective=args.objective)
+
+
+def beam_pages(engine, requests: list[dict], beam_size: int | None) -> tuple[list, list[list[dict]]]:
+    """The parsed requests (with `beam_size` instead of their own, if given) and homegen's page for each;
+    RuntimeError if any request could not be served."""
     from homegen.serving.requests import parse_request
 
-    engine = PageEngine(checkpoint, step, objective=objective)
     parsed = [parse_request({**r, **({"beam_size": beam_size} if beam_size else {})}) for r in requests]
-    beam = engine.generate(parsed)
-    failed = [r["request_id"] for r, b in zip(requests, beam) if "error" in b]
+    responses = engine.generate(parsed)
+    failed = [(r["request_id"], b["error"]) for r, b in zip(requests, responses) if "error" in b]
     if failed:
-        raise RuntimeError(f"homegen could not serve {len(failed)} request(s), first {failed[0]}: {beam[0]}")
-    width = beam_size or parsed[0].beam_size
-    pages = {f"homegen beam search ({engine.objective}, beam {width})": [b["page"] for b in beam]}
+        raise RuntimeError(f"homegen could not serve {len(failed)} request(s), first {failed[0][0]}: {failed[0][1]}")
+    return parsed, [b["page"] for b in responses]
+
+
+def homegen_pages(engine, requests: list[dict], beam_size: int | None) -> dict[str, list[list[dict]]]:
+    """homegen's beam pages, and its pointwise ranking filling the beam pages' shelves."""
+    from homegen.evaluation.pages import pointwise_pages
+
+    parsed, beam = beam_pages(engine, requests, beam_size)
+    pages = {f"homegen beam search ({engine.objective}, beam {parsed[0].beam_size})": beam}
     if engine.grammar.levels == 1:  # one token per item: the pointwise ranking is one forward pass per shelf
         pages["homegen pointwise (same model, beam's shelves)"] = pointwise_pages(
-            engine, parsed, [[s["shelf"] for s in b["page"]] for b in beam])
+            engine, parsed, [[s["shelf"] for s in page] for page in beam])
     return pages
 
 
@@ -119,9 +129,9 @@ def intents(args: argparse.Namespace, requests: list[dict], heldout: list[dict],
     pages = {"theme-then-artist": THEME_THEN_ARTIST.pages(stats, requests),
              "theme-then-artist, the intent's theme first": THEME_THEN_ARTIST.pages(stats, requests, themes)}
     if args.checkpoint:
+        engine = homegen_engine(args)
         for label, batch in (("no intent", requests), ("intent", asked)):
-            found = homegen_pages(args.checkpoint, args.step, batch, args.objective, args.beam_size)
-            pages[f"homegen, {label}"] = next(iter(found.values()))
+            pages[f"homegen, {label}"] = beam_pages(engine, batch, args.beam_size)[1]
     scores = {name: {**judge_intents(p, heldout, requests, themes), **judge_all(p, heldout, requests)}
               for name, p in pages.items()}
     columns = (*INTENT_METRICS, "pair_ndcg")
@@ -157,7 +167,7 @@ def benchmark(args: argparse.Namespace) -> int:
              "theme-then-artist (tuned on validation)": THEME_THEN_ARTIST.pages(stats, requests)}
     partner = None
     if args.checkpoint:
-        found = homegen_pages(args.checkpoint, args.step, requests, args.objective, args.beam_size)
+        found = homegen_pages(homegen_engine(args), requests, args.beam_size)
         partner = next(iter(found))
         pages = {**found, **pages}
     table(pages, heldout, requests, partner)

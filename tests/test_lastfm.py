@@ -108,7 +108,7 @@ def test_baselines_keep_the_page_rules(tmp_path):
     ([(1, 10, 1, 1, 3)], None, "user_taggedartists.dat:2: expected 6 tab-separated columns"),
     ([(1, 10, 1, 1, 13, 2010)], None, "user_taggedartists.dat:2: bad date 2010-13-1"),
     ([(1, "x", 1, 1, 3, 2010)], None, "user_taggedartists.dat:2: artistID must be an integer"),
-    (TAGGED, b"id\tname\turl\tpictureURL\n10\tBj\xf6rk\tu\tp\n", "artists.dat:2: not utf-8 text"),
+    (TAGGED, b"id\tname\turl\tpictureURL\n10\tBj\xf6rk\tu\tp\n", "artists.dat:2: not UTF-8 text"),
 ])
 def test_a_bad_file_is_one_line_naming_file_and_line(tmp_path, capsys, tagged, artists, message):
     folder = write_excerpt(tmp_path / "lastfm", tagged=tagged, artists_bytes=artists)
