@@ -3,12 +3,15 @@ round's model measured against the oracle on the world's validation requests.
 
     python scripts/on_policy.py --world WORLD --out OUT [--config configs/demo.py] [--rounds 3] [--steps 600] \
         [--days 5] [--requests_per_day 400] [--explore_share 0.2] [--explore_temperature 0.5] \
-        [--eval_requests 100] [--port 8131] [-- CONFIG FLAGS ...]
+        [--eval_requests 100] [--served_repeats 1] [--validation_fraction 0.01] [--port 8131] [-- CONFIG FLAGS ...]
 
 Round 0 trains on the world's logged pages (WORLD/pages.jsonl, its logging policy). Round r serves the round
 r-1 model with `serve.py --impressions --explore_share`, plays the world's users against it for --days
 (scripts/online_world.py's driver), joins their outcomes, and trains a new model from scratch on the world's
-pages plus every round's served pages so far (`data.world` keeps the world's shelf rules and evaluation).
+pages plus every round's served pages so far (`data.world` keeps the world's shelf rules and evaluation), each
+round's pages --served_repeats times (weighting what the policy's own traffic taught against the world's logs).
+The training run's validation split is the newest --validation_fraction of the pages by time: the last round's
+served pages are the newest, so a large fraction would hold them out of training (the default keeps 1%).
 Each round: `scripts/evaluate.py --split validation` (expected streams of its beam pages over the oracle's),
 the streams per page its users gave the served pages, and the time each stage took; the curve goes to
 OUT/rounds.json. Each stage's output stays in OUT/round<r>/ (a rerun resumes from the last finished round).
@@ -39,8 +42,11 @@ def run(cmd: list[str], log: str) -> None:
 
 
 def train(args, workdir: str, logs: list[str], extra: list[str]) -> None:
+    """Trains a round's model from scratch on the world's logs and every served log, each `served_repeats` times."""
+    files = logs[:1] + [path for path in logs[1:] for _ in range(args.served_repeats)]
     run([sys.executable, "train.py", "--config", args.config, "--workdir", workdir,
-         f"--config.data.page_logs={','.join(logs)}", f"--config.data.world={args.world}",
+         f"--config.data.page_logs={','.join(files)}", f"--config.data.world={args.world}",
+         f"--config.data.validation_fraction={args.validation_fraction}",
          f"--config.train.steps={args.steps}", f"--config.train.checkpoint_every={args.steps}",
          f"--config.train.eval_every={args.steps}", *extra], workdir + ".log")
 
@@ -98,10 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore_share", type=float, default=0.2)
     parser.add_argument("--explore_temperature", type=float, default=0.5)
     parser.add_argument("--eval_requests", type=int, default=100)
+    parser.add_argument("--served_repeats", type=int, default=1,
+                        help="how many times each round's served pages appear in the training logs")
+    parser.add_argument("--validation_fraction", type=float, default=0.01,
+                        help="the newest share of the pages held out as each run's validation split")
     parser.add_argument("--port", type=int, default=8131)
     parser.add_argument("extra", nargs="*", help="config flags for every round's training (after --)")
     args = parser.parse_args(argv)
     args.world, args.out = os.path.abspath(args.world), os.path.abspath(args.out)
+    if args.served_repeats < 1 or not 0 < args.validation_fraction < 0.5:
+        parser.error(f"--served_repeats must be >= 1 and --validation_fraction in (0, 0.5), got "
+                     f"{args.served_repeats} and {args.validation_fraction}")
     try:
         world = OnlineWorld(world_config_of(args.world), seed=0)
     except (FileNotFoundError, TypeError) as e:

@@ -97,3 +97,22 @@ def test_arms_serve_name_and_log_their_requests_and_the_file_reloads(tiny_checkp
     records = logged(folder)
     assert len(records) == 66 and [r["arm"] for r in records[:30]] == [first[k]["arm"] for k in range(30)]
     assert {r["decoding"]["beam_size"] for r in records if r["arm"] in ("beam1", "all-beam1")} == {1}
+
+
+def test_on_policy_rounds_weight_served_pages_and_hold_out_few(monkeypatch, tmp_path):
+    """A round trains on the world's logs once and every served log --served_repeats times, with a small time
+    holdout (the newest pages are the last round's served ones); bad settings are refused."""
+    import scripts.on_policy as on_policy
+
+    commands = []
+    monkeypatch.setattr(on_policy, "run", lambda cmd, log: commands.append(cmd))
+    args = on_policy.argparse.Namespace(config="configs/demo.py", world="/w", steps=10, served_repeats=3,
+                                        validation_fraction=0.01)
+    on_policy.train(args, str(tmp_path / "run"), ["/w/pages.jsonl", "/r1/pages.jsonl", "/r2/pages.jsonl"], [])
+    flags = dict(a.split("=", 1) for a in commands[0] if a.startswith("--config.data."))
+    logs = flags["--config.data.page_logs"].split(",")
+    assert logs.count("/w/pages.jsonl") == 1 and logs.count("/r1/pages.jsonl") == 3 and logs.count("/r2/pages.jsonl") == 3
+    assert flags["--config.data.validation_fraction"] == "0.01"
+    for bad in (["--served_repeats", "0"], ["--validation_fraction", "0.6"]):
+        with pytest.raises(SystemExit):
+            on_policy.main(["--world", str(tmp_path), "--out", str(tmp_path / "out"), *bad])
