@@ -63,7 +63,7 @@ def intent_table(engine: PageEngine, requests: list[dict], beam_size: int = 4) -
     """One row per wording (and the oracle's two pages): expected streams under the intent, the paired gain
     over the page without an intent (mean and standard error), and the page's profile. The requests share one
     page shape and ask for full shelves, as the oracle's pages have them."""
-    world, cfg = engine.eligibility.world, engine.eligibility.world.config
+    world, cfg = engine.world, engine.world.config
     shapes = {(r.get("num_shelves", cfg.num_shelves), r.get("max_items_per_shelf", cfg.max_items)) for r in requests}
     if len(shapes) != 1:
         raise ValueError(f"the requests must share one page shape (the oracle builds one), got {sorted(shapes)}")
@@ -82,10 +82,10 @@ def intent_table(engine: PageEngine, requests: list[dict], beam_size: int = 4) -
         if failed:
             raise RuntimeError(f"{len(failed)} request(s) could not be served ({wording}): {failed[0]['error']}")
         pages[wording] = [resp["page"] for resp in responses]
-    judge = WorldJudge(world, asked[WORDINGS[1]], engine.eligibility.rules)  # the user's need: with the intent
+    judge = WorldJudge(world, asked[WORDINGS[1]], engine.shelf_rules)  # the user's need: with the intent
     values = {w: judge.slot_probabilities(p).sum(axis=(1, 2)) for w, p in pages.items()}
     oracle = OraclePolicy(judge.response)
-    without = WorldJudge(world, asked[WORDINGS[0]], engine.eligibility.rules)
+    without = WorldJudge(world, asked[WORDINGS[0]], engine.shelf_rules)
     oracle_pages = {"oracle, no intent": oracle.build(judge.users, without.contexts, judge.history, num_shelves, max_items),
                     "oracle, intent": oracle.build(judge.users, judge.contexts, judge.history, num_shelves, max_items)}
     for name, (shelves, items) in oracle_pages.items():

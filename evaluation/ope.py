@@ -206,11 +206,11 @@ def sampling_log_probs(engine, requests: list, logged: LoggedPages) -> np.ndarra
     for page in logged.pages:
         keep = []
         for shelf in page:
-            if engine.vocab.shelf_token(shelf["shelf"]) is None:
+            if not engine.knows_shelf(shelf["shelf"]):
                 break
             known = []
             for item in shelf["items"]:
-                if engine.vocab.item_tokens(item) is None:
+                if not engine.knows_item(item):
                     break
                 known.append(item)
             if known:
@@ -339,7 +339,7 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
                              f"{checkpoint} was trained on ({dataclasses.asdict(world.config)})")
     value_engines = [PageEngine(path) for path in value_models] if value_models else [engine]
     for path, value_engine in zip(value_models or [checkpoint], value_engines):
-        if not value_engine.model_cfg.value_head:
+        if not value_engine.has_value_head:
             raise ValueError(f"{path} has no value head: DM and DR need one")
     value_model = ValueModel(value_engines)
     logged = read_logged_pages(os.path.join(logs, "heldout_pages.jsonl") if os.path.isdir(logs) else logs, num_pages)
@@ -366,7 +366,7 @@ def off_policy_evaluation(checkpoint: str, logs: str, num_pages: int, step: int 
         "homegen sampling": Target([[s[k]["page"] for s in sampled] for k in range(len(requests))],
                                    sampling_log_probs(engine, parsed, logged)),
     }
-    if engine.grammar.levels == 1:
+    if not engine.semantic_ids:
         shelves = [[s["shelf"] for s in page] for page in beam_pages]
         targets["pointwise (same model)"] = deterministic(pointwise_pages(engine, parsed, shelves))
     return {name: estimate(target, logged, judge, value_model, parsed, calibrations, rounds)

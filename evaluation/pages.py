@@ -4,23 +4,18 @@ homegen's pages and the baselines, validity, diversity, coverage and offline log
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 
-import jax
 import numpy as np
-from flax import nnx
 
 from homegen.data.builders import SyntheticWorldDataset
 from homegen.data.simulator.policies import OraclePolicy, SamplingPolicy, popularity_pages, random_policy
 from homegen.data.simulator.response import PageBatch, ResponseModel
 from homegen.data.simulator.shelves import ShelfRules
 from homegen.data.simulator.world import Contexts, World, parse_context
-from homegen.model.decoding import pad_prompts, prefill_hidden
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
-from homegen.serving.validity import PageValidator
 from homegen.training.checkpoints import run_folder
 
 
@@ -106,42 +101,23 @@ class WorldJudge:
         return self.response.slot_probabilities(self.page_batch(pages))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "head"))
-def _next_token_scores(graphdef, params, tokens, lengths, head: str) -> jax.Array:
-    """(B, V) scores of every next token after each prompt: the model's logits, or with `head="values"`
-    the value head's stream logits."""
-    model = nnx.merge(graphdef, params)
-    last, _ = prefill_hidden(model, tokens, lengths, tokens.shape[1])
-    return model.values(last) if head == "values" else model.logits(last)
-
-
 def pointwise_pages(engine: PageEngine, requests: list, shelf_lists: list[list[str]], batch: int = 64,
                     head: str = "logits") -> list[list[dict]]:
     """The pointwise baseline: for each request and shelf, the same model's next-item scores right after
     the shelf token (the first item slot), slotted greedily (best unused eligible item first) into the
     given shelves, each filled up to the request's maximum. `head="values"` ranks by the value head's
     stream logits instead of the next-item logits."""
-    vocab = engine.vocab
     rows = [(k, name) for k, shelves in enumerate(shelf_lists) for name in shelves]
-    prompts = [engine.prompt(r) for r in requests]
-    sequences = [prompts[k] + [vocab.shelf_token(name)] for k, name in rows]
-    width = max(map(len, sequences), default=1)
-    first = vocab.item_offset
-    scores = []
-    for start in range(0, len(sequences), batch):
-        chunk = sequences[start:start + batch]
-        tokens, lengths = pad_prompts(chunk, batch, width)
-        scores.append(np.asarray(_next_token_scores(engine.graphdef, engine.params, tokens, lengths, head))
-                      [:len(chunk), first:])
-    scores = np.concatenate(scores) if scores else np.zeros((0, vocab.items.num_tokens))
+    scores = engine.first_slot_scores([requests[k] for k, _ in rows], [name for _, name in rows], head, batch)
+    items, shelf_types = engine.item_ids, engine.shelf_types
     pages: list[list[dict]] = [[] for _ in requests]
     used: list[set] = [set() for _ in requests]
-    eligible = [engine.eligibility.matrix(r.history) for r in requests]
+    eligible = [engine.eligible(r.history) for r in requests]
     for (k, name), row_scores in zip(rows, scores):
-        request, shelf_row = requests[k], vocab.shelves.index(name)
+        request, shelf_row = requests[k], shelf_types.index(name)
         chosen = []
         for j in np.argsort(-row_scores):
-            item = vocab.items.item_ids[j]
+            item = items[j]
             if eligible[k][shelf_row, j] and item not in used[k] and item not in request.exclude_items:
                 chosen.append(item)
                 if len(chosen) == request.max_items_per_shelf:
@@ -224,7 +200,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         raise ValueError(f"{checkpoint} was trained on page logs; page quality is measured under the synthetic "
                          "world's true response model, so it needs a checkpoint trained on the synthetic world")
     engine = PageEngine(checkpoint, step, **(search or {}))
-    known_before = set(engine.vocab.items.item_ids)
+    known_before = set(engine.item_ids)
     refresh = {}
     if catalog:
         try:
@@ -232,9 +208,9 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
         except ValueError as e:  # an atomic checkpoint: the new items stay unplaceable
             refresh = {"added": 0, "error": str(e)}
         print(f"catalog refresh: {refresh}")
-    has_value_head = engine.model_cfg.value_head
-    world, rules = engine.eligibility.world, engine.eligibility.rules
-    validator = PageValidator(engine.vocab, engine.eligibility_spec)
+    has_value_head = engine.has_value_head
+    world, rules = engine.world, engine.shelf_rules
+    validator = engine.validator()
     folder = world_folder(meta, workdir)
     issued = read_split(os.path.join(folder, "requests.jsonl"), num_requests, split)
     requests = issued
@@ -250,7 +226,7 @@ def evaluate_pages(checkpoint: str, step: int, meta: dict, workdir: str, num_req
     beam_shelves = [[s["shelf"] for s in b["page"]] for b in beam]
     # The pointwise baseline ranks every item by its first-slot score: one token per item. With semantic IDs an
     # item's score is a path through the code trie (a forward pass per prefix), so the baseline is left out.
-    pointwise = engine.grammar.levels == 1
+    pointwise = not engine.semantic_ids
     pages = {
         f"homegen beam search ({engine.objective})": [b["page"] for b in beam],
         "homegen sampling": [s["page"] for s in sampled],

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from homegen.data.formats import PageLog, Shelf, iter_page_logs
+from homegen.data.formats import PageLog, iter_page_logs
 from homegen.data.vocab import PAD
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
@@ -70,14 +70,9 @@ def page_rewards(reward_engines: list[PageEngine], scored: list[list[dict]], pes
 
 def _value_row(engine: PageEngine, body: list[int], probs: list[list[float]]) -> np.ndarray:
     """The stream probability of each item at its last token of `body`, -1 elsewhere."""
-    vocab, out = engine.vocab, np.full(len(body), -1.0, np.float32)
-    flat = iter(p for shelf in probs for p in shelf)
-    codes = 0
-    for t, token in enumerate(body):
-        if vocab.is_item(token):
-            codes += 1
-            if codes == vocab.items.tokens_per_item:
-                out[t], codes = next(flat), 0
+    out = np.full(len(body), -1.0, np.float32)
+    ends = engine.item_ends(body)
+    out[ends] = [p for shelf in probs for p in shelf]
     return out
 
 
@@ -129,8 +124,8 @@ def make_pairs(engine: PageEngine, reward_engines: list[PageEngine], requests: l
             prompt = engine.prompt(request)
             pair = []
             for k in (best, worst):
-                body = engine.vocab.encode_page([Shelf(x["shelf"], list(x["items"])) for x in candidates[k]]).tokens
-                pair.append((prompt, body.tolist(), _value_row(engine, body.tolist(), probs[k]),
+                body = engine.page_tokens(candidates[k])
+                pair.append((prompt, body, _value_row(engine, body, probs[k]),
                              reference[k]["log_prob"]))
             rows.append(pair)
         if report:
@@ -160,6 +155,6 @@ def _as_arrays(rows: list, engine: PageEngine, reward_engines: list[PageEngine],
     data = engine.train_config["data"]
     meta = {"checkpoint": os.path.abspath(engine.path), "step": engine.step,
             "reward_models": [os.path.abspath(e.path) for e in reward_engines], "samples": samples,
-            "pessimism": pessimism, "vocab_size": engine.vocab.size,
+            "pessimism": pessimism, "vocab_size": engine.vocab_size,
             "data_dir": data["data_dir"] or os.path.join(os.path.abspath(engine.path), "tfds"), **summary}
     return PreferencePairs(tokens, lengths, page_mask, values, ref, meta)

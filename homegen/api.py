@@ -43,12 +43,12 @@ class PageModel:
     @property
     def shelves(self) -> list[str]:
         """The shelf types the model knows."""
-        return list(self.engine.vocab.shelves)
+        return list(self.engine.shelf_types)
 
     @property
     def items(self) -> list[str]:
         """The item ids the model knows."""
-        return list(self.engine.vocab.items.item_ids)
+        return list(self.engine.item_ids)
 
     def generate(self, requests: Sequence[dict], objective: str | None = None) -> list[dict]:
         """One response per request (FORMATS.md §4): the best page, its log-probability and, with a value

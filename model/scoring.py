@@ -1,5 +1,6 @@
 """Teacher-forced scoring of given token sequences: each token's log-probability under the model and, for
-a model with a value head, the predicted stream probability of each token where it stands."""
+a model with a value head, the predicted stream probability of each token where it stands; and the scores of
+every next token after a prompt."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from homegen.model.decoding import prefill_hidden
 from homegen.model.loss import token_log_probs
 
 
@@ -25,3 +27,12 @@ def score_tokens(graphdef: nnx.GraphDef, params, tokens: jax.Array, lengths: jax
     logp = token_log_probs(model, hidden, targets)
     streams = jax.nn.sigmoid(model.values(hidden, targets)) if model.cfg.value_head else None
     return logp, streams
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "head"))
+def next_token_scores(graphdef: nnx.GraphDef, params, tokens: jax.Array, lengths: jax.Array, head: str) -> jax.Array:
+    """(B, V) scores of every next token after each right-padded prompt of `lengths` tokens: the model's
+    logits, or with `head="values"` the value head's stream logits."""
+    model = nnx.merge(graphdef, params)
+    last, _ = prefill_hidden(model, tokens, lengths, tokens.shape[1])
+    return model.values(last) if head == "values" else model.logits(last)

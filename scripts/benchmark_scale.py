@@ -237,7 +237,7 @@ def measure_request_bytes(checkpoint: str, requests_path: str) -> None:
             sizes.append(sum(np.asarray(v).nbytes for v in rules.values()))
             pairs.append(len(rules["extra_items"]))
             excluded.append(len(rules["excluded"]))
-    shelves = len(engine.vocab.shelves)
+    shelves = len(engine.shelf_types)
     assert all(size == request_bytes_formula(p, e, shelves) for size, p, e in zip(sizes, pairs, excluded))
     print(f"{len(sizes)} requests of {requests_path} on {checkpoint} ({shelves} shelf types): bytes of rules = "
           f"8 x pairs + 4 x exclusions + {shelves} + 12, whatever the catalog's size")

@@ -35,7 +35,7 @@ from homegen.serving.requests import parse_request
 def make_requests(engine: PageEngine, count: int, shelves: int, items: int, seed: int = 0) -> list[dict]:
     """`count` requests for pages of exactly `shelves` x `items` (min = max items per shelf)."""
     rng = np.random.default_rng(seed)
-    ids = engine.vocab.items.item_ids
+    ids = engine.item_ids
     return [{"user_id": f"u{k}", "history": [ids[i] for i in rng.choice(len(ids), 10, replace=False)],
              "context": {"hour": int(rng.integers(24)), "device": "mobile"}, "num_shelves": shelves,
              "min_items_per_shelf": items, "max_items_per_shelf": items} for k in range(count)]
@@ -59,11 +59,6 @@ class Timing:
                 "p99 ms": float(np.percentile(self.latencies, 99) * 1e3)}
 
 
-def page_tokens(page: list[dict], tokens_per_item: int) -> int:
-    """Tokens a decoded page took: each shelf token, its items' tokens, and EOS."""
-    return sum(1 + tokens_per_item * len(shelf["items"]) for shelf in page) + 1
-
-
 def time_ours(engine: PageEngine, requests: list[dict], beam: int, batch: int, calls: int) -> Timing:
     parsed = [parse_request({**r, "beam_size": beam}) for r in requests]
     for chunk in chunks(parsed, batch, -(-len(parsed) // batch)):  # compile every shape the requests need
@@ -75,7 +70,7 @@ def time_ours(engine: PageEngine, requests: list[dict], beam: int, batch: int, c
         timing.latencies.append(time.perf_counter() - t)
         if any("error" in r for r in responses):
             raise RuntimeError(f"a benchmark request failed: {responses}")
-        timing.tokens += [page_tokens(r["page"], engine.vocab.items.tokens_per_item) for r in responses]
+        timing.tokens += [len(engine.page_tokens(r["page"])) for r in responses]
     return timing
 
 
@@ -85,7 +80,7 @@ class GrammarForHF:
     def __init__(self, engine: PageEngine, requests: list[dict], prompt_width: int):
         v = engine.vocab
         self.v, self.width = v, prompt_width
-        self.eligible = [engine.eligibility.matrix(r["history"]) for r in requests]
+        self.eligible = [engine.eligible(r["history"]) for r in requests]
         self.requests = requests
 
     def __call__(self, batch_id: int, input_ids) -> list[int]:
@@ -125,7 +120,7 @@ def grammar_logits_processor(engine: PageEngine, requests: list[dict], prompt_wi
     import transformers
 
     v = engine.vocab
-    eligible = torch.as_tensor(np.stack([engine.eligibility.matrix(r["history"]) for r in requests]))
+    eligible = torch.as_tensor(np.stack([engine.eligible(r["history"]) for r in requests]))
     eligible = eligible.repeat_interleave(beams, dim=0)  # (R, S, N)
     min_items = torch.tensor([r["min_items_per_shelf"] for r in requests]).repeat_interleave(beams)
     max_items = torch.tensor([r["max_items_per_shelf"] for r in requests]).repeat_interleave(beams)
@@ -184,14 +179,13 @@ def time_hf(engine: PageEngine, requests: list[dict], beam: int, batch: int, cal
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=engine.vocab.size, n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+        vocab_size=engine.vocab_size, n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
         n_inner=cfg.mlp_dim, n_positions=512, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)).eval()
     r = requests[0]
-    max_new = engine.grammar.max_length(r["num_shelves"], r["max_items_per_shelf"])
+    max_new = engine.max_page_tokens(r["num_shelves"], r["max_items_per_shelf"])
     timing = Timing([], [])
     for call, chunk in enumerate(chunks(requests, batch, calls + 1)):  # the first call warms up, untimed
-        prompts = [engine.vocab.encode_prompt({k: str(x) for k, x in r["context"].items()}, None, r["history"])
-                   for r in chunk]
+        prompts = [engine.prompt(parse_request(r)) for r in chunk]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -227,12 +221,12 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     engine = PageEngine(args.checkpoint, objective="likelihood")
     skip = set(args.skip.split(","))
-    if engine.grammar.levels > 1 and not {"hf_host", "hf_vectorised"} <= skip:
+    if engine.semantic_ids and not {"hf_host", "hf_vectorised"} <= skip:
         print(f"{args.checkpoint} uses semantic item IDs; the transformers baselines mask one token per item: "
               "pass --skip hf_host,hf_vectorised", file=sys.stderr)
         return 2
     requests = make_requests(engine, args.requests, args.shelves, args.items)
-    print(f"model {engine.model_cfg.num_params():,} parameters, vocabulary {engine.vocab.size:,}; pages of exactly "
+    print(f"model {engine.model_cfg.num_params():,} parameters, vocabulary {engine.vocab_size:,}; pages of exactly "
           f"{args.shelves} shelves x {args.items} items; {args.calls} timed calls per row")
     print(f"{'system':<38}{'beam':>5}{'batch':>6}" + "".join(f"{c:>12}" for c in COLUMNS))
     systems = [("homegen (KV cache)", lambda beam, batch: time_ours(engine, requests, beam, batch, args.calls))]
@@ -240,7 +234,7 @@ def main(argv=None) -> int:
         no_cache = PageEngine(args.checkpoint, use_cache=False, objective="likelihood")
         systems.append(("homegen without KV cache",
                         lambda beam, batch: time_ours(no_cache, requests, beam, batch, args.calls)))
-    if engine.model_cfg.value_head and "streams" not in skip:
+    if engine.has_value_head and "streams" not in skip:
         streams = PageEngine(args.checkpoint, objective="streams")
         systems.append(("homegen, streams objective",
                         lambda beam, batch: time_ours(streams, requests, beam, batch, args.calls)))

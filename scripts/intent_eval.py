@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         engine = PageEngine(args.checkpoint)
-        if engine.eligibility_spec.get("kind") != "world":
+        if engine.world is None:
             raise ValueError(f"{args.checkpoint} was not trained on the synthetic world: intents are judged by its "
                              "response model")
         requests = read_split(os.path.join(engine_world_folder(engine), "requests.jsonl"), args.requests, args.split)

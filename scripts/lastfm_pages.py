@@ -97,7 +97,7 @@ def homegen_pages(engine, requests: list[dict], beam_size: int | None) -> dict[s
 
     parsed, beam = beam_pages(engine, requests, beam_size)
     pages = {f"homegen beam search ({engine.objective}, beam {parsed[0].beam_size})": beam}
-    if engine.grammar.levels == 1:  # one token per item: the pointwise ranking is one forward pass per shelf
+    if not engine.semantic_ids:  # one token per item: the pointwise ranking is one forward pass per shelf
         pages["homegen pointwise (same model, beam's shelves)"] = pointwise_pages(
             engine, parsed, [[s["shelf"] for s in page] for page in beam])
     return pages

@@ -50,7 +50,7 @@ def _reward_engines(specs: list[str] | None, policy: PageEngine, policy_path: st
         same_run = os.path.abspath(path) == os.path.abspath(policy_path)
         engine = policy if same_run and (step == policy.step or (step is None and policy_step is None)) \
             else PageEngine(path, step)
-        if not engine.model_cfg.value_head:
+        if not engine.has_value_head:
             raise ValueError(f"{spec} has no value head: it cannot rank pages")
         engines.append(engine)
     return engines

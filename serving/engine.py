@@ -15,14 +15,22 @@ from homegen.data.formats import Shelf, read_catalog
 from homegen.data.relabel import BEST_OUTCOME, OUTCOME_FIELD, USER_FIELD
 from homegen.data.semantic_ids import catalog_attributes
 from homegen.data.vocab import EOS, PAD, Vocabulary
-from homegen.model.decoding import (ITEM_WIDTH, OBJECTIVES, PRIOR_WEIGHT, STREAM_CANDIDATES, beam_search, pad_prompts,
-                                    sample)
+from homegen.model.decoding import (
+    ITEM_WIDTH,
+    OBJECTIVES,
+    PRIOR_WEIGHT,
+    STREAM_CANDIDATES,
+    beam_search,
+    pad_prompts,
+    sample,
+)
 from homegen.model.grammar import PageGrammar, PageRules
-from homegen.model.scoring import score_tokens
+from homegen.model.scoring import next_token_scores, score_tokens
 from homegen.model.transformer import TransformerConfig, abstract_model
 from homegen.serving.buckets import ShapeBuckets, smallest_at_least
 from homegen.serving.eligibility import Eligibility
 from homegen.serving.requests import PageRequest, RequestError
+from homegen.serving.validity import PageValidator
 from homegen.training.checkpoints import CheckpointError, Checkpoints, checkpoint_dir
 
 
@@ -63,7 +71,13 @@ def stack_rules(rules: list[dict[str, np.ndarray]], rows: int, width: int | None
 
 
 class PageEngine:
-    """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog."""
+    """Everything needed to serve one checkpoint: parameters, vocabulary, grammar, eligibility, catalog.
+
+    Public: `generate` and `score` (responses are FORMATS.md §4 dictionaries, the fields of
+    `serving.schemas.PageResponseBody` and `ScoredPageBody`), `prompt`, the checkpoint's view below
+    "what the checkpoint knows" (item ids, shelf types, eligibility, a page validator, the world), `step`,
+    `objective`, `model_cfg`, `train_config`, and `vocab` for token-level tools (the Vocabulary's own API).
+    Grammar, device tables, parameters and eligibility internals are the engine's own."""
 
     def __init__(self, path: str, step: int | None = None, use_cache: bool = True, objective: str = "auto",
                  buckets: ShapeBuckets | None = None, stream_candidates: int | None = None,
@@ -405,11 +419,87 @@ class PageEngine:
                 shelf["stream_probs"] = [round(next(remaining), 4) for _ in shelf["items"]]
         return out
 
+    # --- what the checkpoint knows: the public view for scripts and evaluation --------------------------
+    @property
+    def item_ids(self) -> list[str]:
+        """The item ids the checkpoint can place (items of refreshed catalogs included), in token order; the
+        engine's own list, not to be modified."""
+        return self.vocab.items.item_ids
+
+    @property
+    def shelf_types(self) -> list[str]:
+        """The shelf types the checkpoint knows, in token order (the rows of `eligible`)."""
+        return self.vocab.shelves
+
+    @property
+    def semantic_ids(self) -> bool:
+        """True when items are tuples of semantic codes (several tokens each), False for one token per item."""
+        return self.grammar.levels > 1
+
+    @property
+    def has_value_head(self) -> bool:
+        """Whether the model predicts each item's stream probability (the `streams` objective needs it)."""
+        return bool(self.model_cfg.value_head)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.size
+
+    def knows_shelf(self, shelf: str) -> bool:
+        return self.vocab.shelf_token(shelf) is not None
+
+    def knows_item(self, item: str) -> bool:
+        return self.vocab.item_tokens(item) is not None
+
+    def eligible(self, history: list[str]) -> np.ndarray:
+        """(shelf types, items) bool: the items each shelf type admits for a user with `history` (the
+        checkpoint's eligibility rules, history-dependent pools included)."""
+        return self.eligibility.matrix(history)
+
+    def validator(self) -> PageValidator:
+        """An independent checker of this checkpoint's pages (grammar, duplicates, eligibility, exclusions)."""
+        return PageValidator(self.vocab, self.eligibility_spec)
+
+    def max_page_tokens(self, num_shelves: int, max_items_per_shelf: int) -> int:
+        """The most tokens a page of this shape takes (the decoder's `max_new`)."""
+        return self.grammar.max_length(num_shelves, max_items_per_shelf)
+
+    def page_tokens(self, page: list[dict]) -> list[int]:
+        """The token sequence of a page ([{"shelf", "items"}, ...]; EOS included), as the model reads it."""
+        return self.vocab.encode_page([Shelf(s["shelf"], list(s["items"])) for s in page]).tokens.tolist()
+
+    def item_ends(self, tokens: list[int]) -> np.ndarray:
+        """bool per token of `page_tokens`' output: True at each item's last token (where its stream
+        probability is predicted)."""
+        return np.asarray(tokens) >= self.vocab.item_offset + self.grammar.level_offsets[-1]
+
+    def first_slot_scores(self, requests: list[PageRequest], shelves: list[str], head: str = "logits",
+                          batch: int = 64) -> np.ndarray:
+        """(len(requests), items) each item's score in the first slot of shelf `shelves[k]` of request k
+        (right after the shelf token): the model's next-item logits, or with `head="values"` the value head's
+        stream logits. One token per item only (a semantic item's score is a path through the code trie)."""
+        if self.semantic_ids:
+            raise ValueError("first-slot scores need one token per item; this checkpoint has semantic item IDs")
+        sequences = [self.prompt(r) + [self.vocab.shelf_token(name)] for r, name in zip(requests, shelves, strict=True)]
+        width, first = max(map(len, sequences), default=1), self.vocab.item_offset
+        scores = [np.zeros((0, self.vocab.items.num_tokens), np.float32)]
+        for start in range(0, len(sequences), batch):
+            chunk = sequences[start:start + batch]
+            tokens, lengths = pad_prompts(chunk, batch, width)
+            scores.append(np.asarray(next_token_scores(self.graphdef, self.params, tokens, lengths, head))
+                          [:len(chunk), first:])
+        return np.concatenate(scores)
+
     @property
     def world(self):
         """The synthetic world the checkpoint was trained in (its users, rules and response model), or None for
         a checkpoint of other data."""
         return getattr(self.eligibility, "world", None)
+
+    @property
+    def shelf_rules(self):
+        """The synthetic world's shelf rules (`ShelfRules`), or None for a checkpoint of other data."""
+        return getattr(self.eligibility, "rules", None)
 
     def describe(self, item_id: str) -> dict:
         """Display fields of an item from the catalog saved in the checkpoint."""

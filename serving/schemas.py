@@ -3,7 +3,7 @@ Validation itself is `serving/requests.py`'s, whose messages name the bad field.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from homegen.serving.requests import MAX_BEAM, MAX_IDS, MAX_INTENT, MAX_ITEMS_PER_SHELF, MAX_SHELVES, MAX_TEXT
 
@@ -41,6 +41,8 @@ class PageRequestBody(BaseModel):
 
 
 class ShelfOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a response carries these fields and no others
+
     shelf: str
     items: list[str]
     item_scores: list[float] = Field(description="each item's log-probability")
@@ -50,12 +52,18 @@ class ShelfOut(BaseModel):
 
 
 class PageOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     page: list[ShelfOut]
     log_prob: float
     log_propensity: float | None = None
 
 
 class PageResponseBody(BaseModel):
+    """What `PageEngine.generate` returns for a request it served (and /v1/pages answers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     request_id: str | None = Field(None, description="the request's own, or the one the server assigned")
     user_id: str | None
     page: list[ShelfOut]
@@ -67,6 +75,26 @@ class PageResponseBody(BaseModel):
     checkpoint_step: int = Field(description="the checkpoint step that generated this page")
     predicted_streams: float | None = Field(None, description="with the streams objective")
     pages: list[PageOut] | None = Field(None, description="when num_pages > 1, best first")
+
+
+class ScoredShelf(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shelf: str
+    items: list[str]
+    item_scores: list[float] = Field(description="each item's log-probability where it stands")
+    shelf_score: float = Field(description="the shelf token's log-probability")
+    stream_probs: list[float] | None = Field(None, description="each item's predicted stream probability (value head)")
+
+
+class ScoredPageBody(BaseModel):
+    """What `PageEngine.score` returns for a page it scored (teacher-forced)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    page: list[ScoredShelf]
+    log_prob: float = Field(description="the page's log-probability, EOS included")
+    predicted_streams: float | None = Field(None, description="the sum of the page's stream_probs (value head)")
 
 
 class OutcomeEvent(BaseModel):

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from homegen.serving.app import ServerSettings
 from homegen.serving.engine import PageEngine
 from homegen.serving.requests import parse_request
+from homegen.serving.schemas import PageResponseBody, ScoredPageBody
 from homegen.serving.validity import PageValidator
 
 
@@ -183,6 +184,38 @@ def test_scoring_given_pages(engine):
     probs = [p for s in scored["page"] for p in s["stream_probs"]]
     assert all(0 < p < 1 for p in probs) and scored["predicted_streams"] == pytest.approx(sum(probs), abs=1e-3)
     assert unknown == {"error": "unknown shelves or items: ['nope']"}
+
+
+def test_engine_results_are_the_public_response_types(engine):
+    """Every kind of result the engine gives (beam pages by both objectives, one and several sampled pages,
+    several beam pages, scored pages) has exactly the public schema's fields: nothing private travels."""
+    base = {"user_id": "u3", "num_shelves": 2, "max_items_per_shelf": 4, "request_id": "r1"}
+    kinds = [(base, None), (base, "likelihood"), ({**base, "num_pages": 3}, None),
+             ({**base, "temperature": 1.0}, None), ({**base, "temperature": 1.0, "num_pages": 2}, None)]
+    for body, objective in kinds:
+        [response] = engine.generate([parse_request(body)], objective=objective)
+        assert PageResponseBody.model_validate(response).request_id == "r1"
+    [scored] = engine.score([parse_request(base)], [response["page"]])
+    assert ScoredPageBody.model_validate(scored).predicted_streams is not None
+    with pytest.raises(ValueError, match="_stats"):  # a private key would be refused
+        PageResponseBody.model_validate({**response, "_stats": {}})
+
+
+def test_the_engine_view_scripts_use(engine):
+    """The public view of what a checkpoint knows agrees with the engine's own decoding state."""
+    assert engine.item_ids[:3] and all(engine.knows_item(i) for i in engine.item_ids[:3])
+    assert engine.knows_shelf(engine.shelf_types[0]) and not engine.knows_shelf("nope") and not engine.knows_item("nope")
+    assert not engine.semantic_ids and engine.has_value_head and engine.world is not None
+    history = engine.item_ids[:8]
+    assert engine.eligible(history).shape == (len(engine.shelf_types), len(engine.item_ids))
+    request = parse_request({"user_id": "u3", "num_shelves": 2, "max_items_per_shelf": 4})
+    [response] = engine.generate([request])
+    tokens = engine.page_tokens(response["page"])
+    assert len(tokens) <= engine.max_page_tokens(2, 4) and engine.item_ends(tokens).sum() == sum(
+        len(s["items"]) for s in response["page"])
+    assert engine.validator().violations(request, response["page"]) == []
+    scores = engine.first_slot_scores([request], [response["page"][0]["shelf"]])
+    assert scores.shape == (1, len(engine.item_ids)) and np.isfinite(scores).all()
 
 
 def test_session_events_change_the_prompt_and_the_page(engine, validator):
