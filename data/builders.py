@@ -11,8 +11,10 @@ Records keep ids as strings; tokenization happens in the input pipeline with the
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -22,7 +24,7 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 from homegen.data.formats import PageLog, Shelf, UserSequence, iter_page_logs, read_interactions
 from homegen.data.simulator.simulate import write_world
 from homegen.data.simulator.world import WorldConfig
-from homegen.data.splits import leave_one_out, page_split
+from homegen.data.splits import leave_one_out, page_split, time_cut_offs
 
 _TEXTS = tfds.features.Sequence(tfds.features.Text())
 PAGE_FEATURES = {
@@ -112,25 +114,39 @@ def _fingerprint(*paths: str | None) -> str:
     return digest.hexdigest()[:12]
 
 
-def _page_examples(paths: Sequence[str], cuts, split: str) -> Iterator[tuple[str, dict]]:
-    """The page logs of `paths` that fall in `split` (all of them when `cuts` is None), keyed by file:line (a
-    file is named by its position in `paths` too where two files share a name, e.g. LOGS/pages.jsonl and
-    RUN/pages.jsonl)."""
+def page_log_files(patterns: Sequence[str]) -> list[str]:
+    """The files named by `patterns` (paths or globs, each glob's matches sorted), in order; a pattern that
+    names no file is an error naming it."""
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"page log file {pattern} does not exist" if not glob.has_magic(pattern)
+                                    else f"no page log file matches {pattern}")
+        paths += matches
+    return paths
+
+
+def file_prefixes(paths: Sequence[str]) -> list[str]:
+    """How each file names its records' keys: its base name, or `n/name` (its position in `paths` too) where
+    two files share a name, e.g. LOGS/pages.jsonl and RUN/pages.jsonl."""
     names = [os.path.basename(path) for path in paths]
-    for n, (path, name) in enumerate(zip(paths, names)):
-        prefix = f"{n}/{name}" if names.count(name) > 1 else name
+    return [f"{n}/{name}" if names.count(name) > 1 else name for n, name in enumerate(names)]
+
+
+def _page_examples(paths: Sequence[str], cuts, split: str) -> Iterator[tuple[str, dict]]:
+    """The page logs of `paths` that fall in `split` (all of them when `cuts` is None), keyed `prefix:k` for
+    the k-th record of a file (`file_prefixes`)."""
+    for path, prefix in zip(paths, file_prefixes(paths)):
         for k, log in enumerate(iter_page_logs(path)):
             if cuts is None or page_split(log, *cuts) == split:
                 yield f"{prefix}:{k}", page_log_to_example(log)
 
 
 def _time_cuts(paths: Sequence[str], validation_fraction: float, test_fraction: float):
-    stamps = np.array([log.timestamp for path in paths for log in iter_page_logs(path)
-                       if log.timestamp is not None])
-    if len(stamps) == 0:
-        return None, None
-    return (float(np.quantile(stamps, 1 - validation_fraction - test_fraction)) if validation_fraction else None,
-            float(np.quantile(stamps, 1 - test_fraction)) if test_fraction else None)
+    stamps = Counter(log.timestamp for path in paths for log in iter_page_logs(path) if log.timestamp is not None)
+    return time_cut_offs(stamps, validation_fraction, test_fraction)
 
 
 @dataclasses.dataclass

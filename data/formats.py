@@ -10,7 +10,7 @@ import dataclasses
 import datetime
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 INTERACTION_FORMATS = ("auto", "sequences", "pairs", "csv", "movielens")
 
@@ -377,7 +377,28 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def iter_page_logs(path: str) -> Iterator[PageLog]:
-    """Streams page-log JSON Lines (FORMATS.md §3)."""
-    for number, record in json_lines(path):
-        yield parse_page_log(record, path, number)
+def iter_page_logs(path: str, skip_lines: Container[int] = frozenset()) -> Iterator[PageLog]:
+    """Streams page-log JSON Lines (FORMATS.md §3), leaving out the lines numbered in `skip_lines` (those a
+    preparation found malformed and skipped, say)."""
+    if not skip_lines:
+        for number, record in json_lines(path):
+            yield parse_page_log(record, path, number)
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip() and number not in skip_lines:
+                yield parse_page_log(json_object(raw, path, number), path, number)
+
+
+def json_object(raw: bytes, path: str, number: int) -> dict:
+    """The JSON object of one raw line `number` of `path`; DataFormatError when it is not UTF-8 JSON holding an
+    object."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, number, f"not UTF-8 text (byte {e.start} of the line)") from None
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, number, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataFormatError(path, number, f"expected a JSON object, got {type(record).__name__}")
+    return record

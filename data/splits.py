@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+import numpy as np
 
 from homegen.data.formats import PageLog, UserSequence
 
@@ -47,12 +49,39 @@ def split_sequences_by_time(users: Iterable[UserSequence], valid_start: float,
     return out
 
 
-def page_split(page: PageLog, valid_start: float | None, test_start: float | None) -> str:
-    """The split of one page log by its timestamp (pages without one go to train)."""
-    if page.timestamp is None:
+def time_split(timestamp: float | None, valid_start: float | None, test_start: float | None) -> str:
+    """The split of a page logged at `timestamp` (pages without one go to train)."""
+    if timestamp is None:
         return "train"
-    if test_start is not None and page.timestamp >= test_start:
+    if test_start is not None and timestamp >= test_start:
         return "test"
-    if valid_start is not None and page.timestamp >= valid_start:
+    if valid_start is not None and timestamp >= valid_start:
         return "validation"
     return "train"
+
+
+def page_split(page: PageLog, valid_start: float | None, test_start: float | None) -> str:
+    """The split of one page log by its timestamp (pages without one go to train)."""
+    return time_split(page.timestamp, valid_start, test_start)
+
+
+def time_cut_offs(histogram: Mapping[float, int], validation_fraction: float,
+                  test_fraction: float) -> tuple[float | None, float | None]:
+    """(validation start, test start): the linear quantiles 1 - validation - test and 1 - test of every
+    timestamp, from each distinct timestamp's count (so its size is the number of distinct timestamps, not of
+    pages); None for a fraction of 0 or no timestamps."""
+    if not histogram:
+        return None, None
+    values = sorted(histogram)
+    ends = np.cumsum([histogram[v] for v in values])  # sorted position after each value's last copy
+    total = int(ends[-1])
+
+    def quantile(q: float) -> float:
+        position = q * (total - 1)
+        below = int(np.floor(position))
+        lo = values[int(np.searchsorted(ends, below, side="right"))]
+        hi = values[int(np.searchsorted(ends, min(below + 1, total - 1), side="right"))]
+        return float(lo + (hi - lo) * (position - below))
+
+    return (quantile(1 - validation_fraction - test_fraction) if validation_fraction else None,
+            quantile(1 - test_fraction) if test_fraction else None)

@@ -5,6 +5,7 @@
     homegen evaluate --checkpoint runs/demo --split validation
     homegen simulate --out world --items 10000
     homegen join --impressions logs --output pages.jsonl    # served pages + outcome events -> page logs
+    homegen prepare --logs 'logs/*.jsonl' --data_dir data   # page logs -> training dataset, with Apache Beam
 
 Each command takes the same flags as the checkout's script of that name (`--help` lists them).
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "evaluate": "homegen.commands.evaluate",
     "simulate": "homegen.commands.simulate",
     "join": "homegen.commands.join",
+    "prepare": "homegen.commands.prepare",
 }
 
 

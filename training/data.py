@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from homegen.data.attributes import catalog_item_attributes
-from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset
+from homegen.data.beam_prepare import skipped_lines
+from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset, page_log_files
 from homegen.data.formats import (iter_catalog, iter_page_logs, read_catalog, read_interactions, read_item_attributes,
                                   unique_catalog_items)
 from homegen.data.relabel import relabeler
@@ -60,11 +61,17 @@ DATA_FILES_READ = ("page_logs", "interactions", "catalog", "item_features")  # t
 def absolute_data_paths(data_cfg) -> None:
     """Makes `data_cfg`'s files and folders absolute (a relative one is taken from the current directory), so
     that the config a checkpoint keeps names its data wherever it is later read from (`evaluate.py`,
-    `homegen.load`); a data file that does not exist is a FileNotFoundError naming the flag that sets it."""
+    `homegen.load`); page-log globs become the files they match. A data file that does not exist is a
+    FileNotFoundError naming the flag that sets it."""
     for field in DATA_PATHS:
         if not data_cfg[field]:
             continue
         paths = [os.path.abspath(os.path.expanduser(p)) for p in data_cfg[field].split(",") if p]
+        if field == "page_logs":  # globs name their files, sorted, from here on
+            try:
+                paths = page_log_files(paths)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"data.page_logs: {e} (set --config.data.page_logs=FILES)") from None
         for path in paths:
             if field in DATA_FILES_READ and not os.path.isfile(path):
                 raise FileNotFoundError(f"data.{field}: {path} does not exist (set --config.data.{field}=FILE)")
@@ -79,6 +86,12 @@ class PreparedData:
     kind: str  # "pages" or "sequences"
     catalog_path: str | None
     world_dir: str | None  # the synthetic world's files: the synthetic source's, or data.world's
+    skipped: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)  # file -> lines `homegen prepare` skipped
+
+
+def page_log_paths(data_cfg) -> list[str]:
+    """The files of `data.page_logs`: comma-separated paths or globs (`homegen prepare --logs` takes the same)."""
+    return page_log_files([p for p in data_cfg.page_logs.split(",") if p])
 
 
 def _builder(data_cfg, data_dir: str):
@@ -86,8 +99,7 @@ def _builder(data_cfg, data_dir: str):
     if source == "synthetic":
         return SyntheticWorldDataset(config=data_cfg.preset, data_dir=data_dir, file_format="array_record")
     if source == "page_logs":
-        paths = [p for p in data_cfg.page_logs.split(",") if p]
-        return PageLogDataset.for_files(paths, data_dir, data_cfg.validation_fraction)
+        return PageLogDataset.for_files(page_log_paths(data_cfg), data_dir, data_cfg.validation_fraction)
     if source == "interactions":
         return InteractionDataset.for_file(data_cfg.interactions, data_dir, data_cfg.interactions_format)
     raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -105,14 +117,19 @@ def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> P
     kind = "sequences" if data_cfg.source == "interactions" else "pages"
     world_dir = builder.world_dir() if data_cfg.source == "synthetic" else (data_cfg.get("world") or None)
     catalog = data_cfg.catalog or (os.path.join(world_dir, "catalog.jsonl") if world_dir else None)
-    return PreparedData(builder.as_data_source(), kind, catalog, world_dir)
+    skipped: dict[str, set[int]] = {}
+    if data_cfg.source == "page_logs":  # malformed lines a Beam preparation left out of the dataset
+        for error in skipped_lines(data_dir, builder.builder_config.name):
+            skipped.setdefault(error.path, set()).add(error.line)
+    return PreparedData(builder.as_data_source(), kind, catalog, world_dir,
+                        {path: frozenset(lines) for path, lines in skipped.items()})
 
 
 def raw_files(data_cfg, prepared: PreparedData) -> list[str]:
     if data_cfg.source == "synthetic":
         return [os.path.join(prepared.world_dir, "pages.jsonl")]
     if data_cfg.source == "page_logs":
-        return [p for p in data_cfg.page_logs.split(",") if p]
+        return page_log_paths(data_cfg)
     return [data_cfg.interactions]
 
 
@@ -143,14 +160,16 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
                 counts.update(user.items[:-2])
                 train_sequences.append(user.items[:-2])
         else:
-            for log in iter_page_logs(path):
+            for log in iter_page_logs(path, prepared.skipped.get(path, frozenset())):
                 builder.add_page(label(log))
                 for shelf in log.page:
                     counts.update(shelf.items)
                     shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
                 if semantic and len(train_sequences) < data_cfg.semantic_max_sequences:
                     train_sequences.append(log.history[-data_cfg.max_history:] + [i for s in log.page for i in s.items])
-    progress(f"logs read: {len(builder.items):,} items, {len(builder.shelves):,} shelf types")
+    skipped = sum(map(len, prepared.skipped.values()))
+    progress(f"logs read: {len(builder.items):,} items, {len(builder.shelves):,} shelf types"
+             + (f"; {skipped:,} malformed lines left out as `homegen prepare` left them out" if skipped else ""))
     for item in held_out_items(data_cfg, prepared):
         builder.items.pop(item, None)
     for shelf in filter(None, (s.strip() for s in data_cfg.hold_out_shelves.split(","))):
