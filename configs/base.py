@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.semantic_fit_items = 1_000_000  # items the codes are fitted on; the rest are coded from metadata
     c.data.item_attributes = False  # atomic items: embed each item's attributes beside its token (data/attributes.py)
     c.data.max_item_attributes = 8  # attributes embedded per item (its first ones)
+    # > 0: an attribute's embedding adds its value's words (at most this many text tokens, the ones intents are
+    # written in), so "jazz" in an intent and genre=jazz share an embedding (needs data.item_attributes)
+    c.data.attribute_words = 0
     c.data.item_features = ""  # {item_id: [attribute ids]} JSON (S3-Rec); default: NAME_item2attributes.json by NAME.txt
 
     c.model = ml_collections.ConfigDict()

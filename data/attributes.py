@@ -51,6 +51,12 @@ class ItemAttributes:
         """Fraction of items with at least one attribute."""
         return float(np.mean((self.table != NO_ATTRIBUTE).any(axis=1))) if len(self.table) else 0.0
 
+    def words(self) -> list[str]:
+        """Each attribute's value as words (`genre=jazz` -> "jazz", `artist=Nina Simone` -> "nina simone"), ""
+        for a value without letters (a date, a number)."""
+        values = [name.split("=", 1)[-1].split(":", 1)[-1].lstrip("\u2581") for name in self.names]
+        return [v.lower() if any(c.isalpha() for c in v) else "" for v in values]
+
     def token_table(self, vocab_size: int, item_offset: int) -> np.ndarray:
         """(vocab_size, per_item) attribute ids of every token: the items' rows, NO_ATTRIBUTE elsewhere."""
         out = np.full((vocab_size, self.per_item), NO_ATTRIBUTE, np.int32)

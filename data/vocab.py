@@ -237,6 +237,19 @@ class Vocabulary:
         """(size, per_item) attribute ids of every token (`ItemAttributes.token_table`), or None."""
         return None if self.attributes is None else self.attributes.token_table(self.size, self.item_offset)
 
+    def attribute_word_table(self, per_attribute: int) -> np.ndarray:
+        """(num_attributes + 1, per_attribute) the text tokens of each attribute's value (`ItemAttributes.words`,
+        its first `per_attribute` sentencepiece pieces, the tokens an intent is written in), PAD elsewhere:
+        the model adds their mean embedding to the attribute's, so an intent's words and the items whose
+        metadata holds them share embeddings."""
+        if self.attributes is None:
+            raise ValueError("attribute words need item attributes (data.item_attributes)")
+        out = np.full((self.attributes.num_attributes + 1, per_attribute), PAD, np.int32)
+        for a, words in enumerate(self.attributes.words(), start=1):
+            pieces = [self.text_offset + p for p in self.sp.encode(words)][:per_attribute] if words else []
+            out[a, :len(pieces)] = pieces
+        return out
+
     def with_items(self, items: ItemTokenizer) -> Vocabulary:
         """The same vocabulary over another item tokenizer with the same token layout (a catalog refresh)."""
         if items.num_tokens != self.items.num_tokens or items.tokens_per_item != self.items.tokens_per_item:

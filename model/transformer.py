@@ -50,6 +50,9 @@ class TransformerConfig:
     # token's embedding adds the mean of its attributes' embeddings (0: no attributes).
     num_attributes: int = 0
     attributes_per_item: int = 0
+    # > 0: each attribute's embedding also adds the mean embedding of (at most this many) text tokens of its
+    # value (Vocabulary.attribute_word_table), the tokens intents are written in.
+    attribute_words: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -60,6 +63,8 @@ class TransformerConfig:
             raise ValueError("head_dim must be even for RoPE")
         if (self.num_attributes > 0) != (self.attributes_per_item > 0):
             raise ValueError("num_attributes and attributes_per_item are both set or both 0")
+        if self.attribute_words and not self.num_attributes:
+            raise ValueError("attribute_words needs item attributes (num_attributes > 0)")
 
     def num_params(self) -> int:
         d, h, k, hd, m = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
@@ -247,13 +252,22 @@ class Transformer(nnx.Module):
                                           scale=1.0 / math.sqrt(cfg.d_model))
             self.attribute_ids = AttributeIds(jnp.zeros((cfg.vocab_size, cfg.attributes_per_item), jnp.int32),
                                               logical_axes=("vocab", None))
+        if cfg.attribute_words:  # text token ids of each attribute's value; PAD (0) is never read
+            self.attribute_words = AttributeIds(jnp.zeros((cfg.num_attributes + 1, cfg.attribute_words), jnp.int32),
+                                                logical_axes=(None, None))
 
     def _attribute_means(self, token_ids: jax.Array | None = None) -> jax.Array:
         """(..., D) mean attribute embedding of token_ids[...] (every token: (V, D)); zero for a token that
         has none (every token that is not an item)."""
         ids = self.attribute_ids[...] if token_ids is None else self.attribute_ids[...][token_ids]
         present = (ids > 0)[..., None]
-        rows = jnp.where(present, self.attribute_embed[...][ids], 0.0)
+        table = self.attribute_embed[...]
+        if self.cfg.attribute_words:  # each attribute's row plus the mean embedding of its value's words
+            words = self.attribute_words[...]
+            has_word = (words > 0)[..., None]
+            table = table + (jnp.where(has_word, self.embed[...][words], 0.0).sum(axis=1)
+                             / jnp.maximum(has_word.sum(axis=1), 1))
+        rows = jnp.where(present, table[ids], 0.0)
         return rows.sum(axis=-2) / jnp.maximum(present.sum(axis=-2), 1)
 
     def _embedding_rows(self, token_ids: jax.Array | None = None) -> jax.Array:

@@ -62,12 +62,47 @@ def test_an_items_embedding_is_its_row_plus_the_mean_of_its_attributes():
         TransformerConfig(vocab_size=6, num_attributes=3)
 
 
+def test_attribute_words_add_the_embedding_of_their_text_tokens():
+    """With attribute_words, attribute a's row is its own plus the mean of the token embeddings of its value's
+    words, so an item and an intent written with those words share a trained component."""
+    cfg = TransformerConfig(vocab_size=6, d_model=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
+                            mlp_dim=16, num_attributes=2, attributes_per_item=1, attribute_words=2)
+    model = Transformer(cfg, nnx.Rngs(0))
+    model.attribute_ids[...] = jnp.asarray([[0], [0], [0], [1], [2], [0]], jnp.int32)
+    model.attribute_words[...] = jnp.asarray([[0, 0], [1, 2], [0, 0]], jnp.int32)  # attribute 2 has no words
+    embed, attr = np.asarray(model.embed[...]), np.asarray(model.attribute_embed[...])
+    expected = embed.copy()
+    expected[3] += attr[1] + (embed[1] + embed[2]) / 2
+    expected[4] += attr[2]
+    np.testing.assert_allclose(model.output_rows(), expected, rtol=1e-6)
+    grads = nnx.grad(lambda m: (m.output_rows()[3] ** 2).sum())(model)  # a loss on item 3 ...
+    assert np.abs(np.asarray(grads["embed"][...])[[1, 2]]).min() > 0  # ... trains its words' embeddings
+    with pytest.raises(ValueError, match="needs item attributes"):
+        TransformerConfig(vocab_size=6, attribute_words=2)
+
+
+def test_attribute_word_table_holds_each_values_pieces(tiny_checkpoint):
+    plain = Vocabulary.load(f"{tiny_checkpoint}/vocab")
+    items = plain.items.item_ids
+    attrs = ItemAttributes.from_mapping(items, {items[0]: ["genre=jazz", "released=2024-06"], items[1]: ["mood=sad"]},
+                                        per_item=2)
+    assert attrs.words() == ["jazz", "", "sad"]
+    vocab = Vocabulary(plain.context_tokens, plain.shelves, plain.items, plain.sentencepiece_model,
+                       plain.max_history, attrs)
+    table = vocab.attribute_word_table(3)
+    assert table.shape == (4, 3) and (table[0] == 0).all() and (table[2] == 0).all()
+    jazz = [t for t in table[1] if t]
+    assert jazz == [vocab.text_offset + p for p in vocab.sp.encode("jazz")][:3]
+    assert vocab.encode_prompt({}, "jazz", [])[1:1 + len(jazz) + 1][-len(jazz):] == jazz  # an intent's tokens
+
+
 def test_a_sharded_run_learns_attribute_embeddings_and_serves_pages(data_dir, tmp_path):
     """On 8 devices (data 2 x fsdp 2 x tensor 2): the catalog's artist/genre/release attributes are in the
     vocabulary and the checkpoint; their embeddings train while the id table stays the vocabulary's; the
     checkpoint serves valid pages."""
     cfg = tiny_config(data_dir, steps=8, log_every=4, eval_every=8, checkpoint_every=8)
     cfg.data.item_attributes = True
+    cfg.data.attribute_words = 3
     cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
     result = run(cfg, str(tmp_path))
     assert result.losses[-1] < result.losses[0]
@@ -76,6 +111,8 @@ def test_a_sharded_run_learns_attribute_embeddings_and_serves_pages(data_dir, tm
     assert {name.split("=")[0] for name in vocab.attributes.names} >= {"artist", "genre", "released", "mood", "energy"}
     params = params_of(str(tmp_path))  # the checkpoint's
     np.testing.assert_array_equal(params["attribute_ids"], vocab.attribute_table())
+    np.testing.assert_array_equal(params["attribute_words"], vocab.attribute_word_table(3))
+    assert (params["attribute_words"] > 0).any()  # genres and moods are words
     assert result.trainer.model_cfg.num_attributes == vocab.attributes.num_attributes
     first = jax.device_get(result.trainer.fresh_params()["attribute_embed"])  # the same seed's start
     assert np.abs(params["attribute_embed"] - first).max() > 1e-4

@@ -336,8 +336,12 @@ def _train_iterator(cfg, prepared, vocab: Vocabulary, pipeline_cfg: PipelineConf
 def _make_trainer(cfg, vocab: Vocabulary, item_counts, mesh, pairs) -> Trainer:
     """The model (sized by the vocabulary and its item attributes) and its sharded trainer, with the loss the
     config asks for (sampled softmax over the items' counts, the preference stage's DPO)."""
+    words = cfg.data.attribute_words
     attribute_sizes = {} if vocab.attributes is None else {"num_attributes": vocab.attributes.num_attributes,
-                                                           "attributes_per_item": vocab.attributes.per_item}
+                                                           "attributes_per_item": vocab.attributes.per_item,
+                                                           "attribute_words": words}
+    if words and vocab.attributes is None:
+        raise ValueError("data.attribute_words needs item attributes: set --config.data.item_attributes=True")
     model_cfg = TransformerConfig(vocab_size=vocab.size, **cfg.model.to_dict(), **attribute_sizes)
     sampled = None
     if cfg.loss.kind == "sampled":
@@ -346,7 +350,7 @@ def _make_trainer(cfg, vocab: Vocabulary, item_counts, mesh, pairs) -> Trainer:
                                    cfg.preference.value_weight) if pairs else None)
     return Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.rules], sampled, cfg.seed,
                    cfg.loss.value_weight, lora_config(cfg), preference, cfg.loss.label_smoothing,
-                   vocab.attribute_table())
+                   vocab.attribute_table(), vocab.attribute_word_table(words) if words else None)
 
 
 def _run(cfg, workdir: str, init_from: str | None, resume_step: int | None) -> RunResult:

@@ -51,6 +51,7 @@ class Trainer:
     preference: PreferenceConfig | None = None  # how batches of preference pairs are scored (DPO)
     label_smoothing: float = 0.0  # full-softmax training loss: this share of each target spread over the vocabulary
     attribute_table: np.ndarray | None = None  # new parameters' AttributeIds (Vocabulary.attribute_table)
+    attribute_word_table: np.ndarray | None = None  # and their attribute words (Vocabulary.attribute_word_table)
 
     def __post_init__(self):
         self.graphdef, abstract_params, self.param_axes = abstract_model(self.model_cfg)
@@ -93,13 +94,13 @@ class Trainer:
 
     def _make_params(self, key: jax.Array) -> dict:
         params = nnx.to_pure_dict(nnx.state(Transformer(self.model_cfg, nnx.Rngs(params=key))))
-        if "attribute_ids" in params:
-            expected = params["attribute_ids"].shape
-            if self.attribute_table is None or self.attribute_table.shape != expected:
-                shape = None if self.attribute_table is None else self.attribute_table.shape
-                raise ValueError(f"new parameters with item attributes need an attribute table of shape {expected}, "
-                                 f"got {shape}")
-            params["attribute_ids"] = jnp.asarray(self.attribute_table, jnp.int32)
+        for name, table in (("attribute_ids", self.attribute_table), ("attribute_words", self.attribute_word_table)):
+            if name in params:
+                expected = params[name].shape
+                if table is None or table.shape != expected:
+                    raise ValueError(f"new parameters with item attributes need a {name} table of shape {expected}, "
+                                     f"got {None if table is None else table.shape}")
+                params[name] = jnp.asarray(table, jnp.int32)
         return params
 
     def fresh_params(self) -> dict:
