@@ -3,6 +3,8 @@ builder (examples, splits, order), malformed lines reported with file and line a
 vocabulary too, --strict failing without leaving a dataset, and train.py opening the result without
 rebuilding it."""
 
+import glob
+import json
 import os
 import shutil
 
@@ -131,3 +133,16 @@ def test_prepare_command_reports_errors_in_one_line(log_files, tmp_path, capsys)
                          "--", *ONE_WORKER]) == 1
     out = capsys.readouterr().out
     assert f"skipped {dirty}:{line}:" in out and "1 malformed line(s) skipped" in out and "--config.data.page_logs=" in out
+
+
+def test_prepare_benchmark_times_both_methods_on_the_same_files(log_files, tmp_path, capsys):
+    from scripts.benchmark_prepare import main
+
+    assert main(["--logs", log_files[0], "--out", str(tmp_path), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2,400 pages in 3 file(s)" in out and "| builder |" in out and "| beam |" in out
+    report = json.load(open(tmp_path / "prepare_benchmark.json"))
+    assert [r["method"] for r in report["rows"]] == ["builder", "beam"]
+    assert all(r["seconds"] > 0 and r["peak_rss"] > 0 for r in report["rows"])
+    for method in ("builder", "beam"):  # each wrote a complete dataset
+        assert PageLogDataset.for_files(sorted(glob.glob(log_files[0])), str(tmp_path / method)).is_prepared()
