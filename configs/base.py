@@ -29,6 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.outcome_conditioning = False  # pages: condition on the page's bucketed streams; serve the best bucket
     c.data.user_tokens = False  # pages: a context token per user seen in training (data/relabel.py:with_user)
     c.data.unknown_user_fraction = 0.1  # with user_tokens: training pages shown as an unknown user
+    # Pages: this share of the pages logged without an intent is shown with one written from what was streamed
+    # on it, the streamed items' most common value of each field (data/relabel.py:with_hindsight_intent;
+    # needs data.item_attributes)
+    c.data.hindsight_intents = 0.0
+    c.data.hindsight_intent_fields = "mood,genre"
     c.data.max_history = 30
     c.data.sentencepiece_vocab = 1000
     c.data.min_context_count = 1

@@ -16,6 +16,7 @@ depend on the number of workers (same workers, same batches; the state resumes e
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import grain
@@ -24,7 +25,7 @@ from absl import flags
 
 from homegen.data.builders import example_to_page_log, example_to_sequence
 from homegen.data.formats import PageLog, Shelf, UserSequence
-from homegen.data.relabel import relabeler
+from homegen.data.relabel import item_words, relabeler, with_hindsight_intent
 from homegen.data.vocab import NEXT_ITEM_SHELF, Encoded, Vocabulary
 
 
@@ -41,6 +42,8 @@ class PipelineConfig:
     streamed_first: bool = False  # pages: train on shelves reordered with streamed items first
     user_tokens: bool = False  # pages: the user's id as a context token (`data.relabel.with_user`)
     unknown_user_fraction: float = 0.1  # with user_tokens: pages shown with the unknown-user token instead
+    hindsight_intents: float = 0.0  # pages: this share of intent-less pages gets a hindsight intent (data.relabel)
+    hindsight_intent_fields: tuple[str, ...] = ("mood", "genre")  # the item attributes it is written from
     workers: int = 0  # grain worker processes running the pipeline (0: in this process)
 
 # Threads reading and encoding records ahead of the packer, and how many records they may hold ready.
@@ -62,12 +65,26 @@ def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[d
     """Stored record -> Encoded tokens, for `kind` in {'pages', 'sequences'}."""
     if kind == "pages":
         label = relabeler(config.outcome_conditioning, config.streamed_first, config.user_tokens,
-                          config.unknown_user_fraction)
+                          config.unknown_user_fraction, hindsight_relabeling(vocab, config))
         return lambda example: vocab.encode(label(example_to_page_log(example)), config.stream_weight)
     if kind == "sequences":
         capacity = sequence_capacity(vocab, config.seq_len)
         return lambda example: vocab.encode(sequence_to_page_log(example_to_sequence(example), capacity))
     raise ValueError(f"unknown record kind {kind!r}")
+
+
+def hindsight_relabeling(vocab: Vocabulary, config: PipelineConfig) -> Callable[[PageLog], PageLog] | None:
+    """`with_hindsight_intent` over the vocabulary's item attributes, or None when the config asks for none."""
+    if not config.hindsight_intents:
+        return None
+    if vocab.attributes is None:
+        raise ValueError("data.hindsight_intents writes intents from item attributes: set "
+                         "--config.data.item_attributes=True")
+    fields = config.hindsight_intent_fields
+    words = item_words(vocab.attributes.names, vocab.attributes.table, vocab.items.item_ids, fields)
+    if not words:
+        raise ValueError(f"data.hindsight_intents: no item has an attribute of the fields {list(fields)}")
+    return functools.partial(with_hindsight_intent, words=words, fields=fields, share=config.hindsight_intents)
 
 
 def _fixed_length(encoded: Encoded, length: int) -> dict[str, np.ndarray]:

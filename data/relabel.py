@@ -9,13 +9,17 @@
   taste from all of their logged pages (a user-ID token, as TIGER and OneRec prepend); a fixed fraction of
   pages shows the field's unknown value instead, so that users the vocabulary does not know are served
   from their history alone.
+- `with_hindsight_intent`: a page logged without an intent gets one written from what its user streamed on
+  it (the mood and genre most of the streamed items share, say "sad jazz"), so that the model sees many
+  intents next to pages that served them, not only the few logged with one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 
 from homegen.data.formats import PageLog, Shelf
 
@@ -56,12 +60,50 @@ def with_user(log: PageLog, unknown_fraction: float = 0.0) -> PageLog:
     return dataclasses.replace(log, context={**log.context, USER_FIELD: NO_USER if hidden else log.user_id})
 
 
-def relabeler(outcome: bool, order_by_streams: bool, user_tokens: bool = False, unknown_user_fraction: float = 0.0
-              ) -> Callable[[PageLog], PageLog]:
-    """The configured relabelings, applied in turn."""
+def item_words(attribute_names: Sequence[str], table, item_ids: Sequence[str], fields: Sequence[str]
+               ) -> dict[str, dict[str, str]]:
+    """{item: {field: word}} of the `fields` among each item's attributes (`ItemAttributes` names such as
+    `mood=sad`, `genre=jazz`; the first value of a field per item)."""
+    wanted = set(fields)
+    parsed = [name.split("=", 1) if "=" in name else ("", "") for name in attribute_names]
+    out: dict[str, dict[str, str]] = {}
+    for item, row in zip(item_ids, table):
+        words: dict[str, str] = {}
+        for a in row:
+            if a > 0 and parsed[a - 1][0] in wanted:
+                words.setdefault(parsed[a - 1][0], parsed[a - 1][1].lower())
+        if words:
+            out[item] = words
+    return out
+
+
+def with_hindsight_intent(log: PageLog, words: Mapping[str, Mapping[str, str]], fields: Sequence[str],
+                          share: float, min_streams: int = 2) -> PageLog:
+    """For a fixed `share` of the pages logged without an intent (chosen by a hash of the page, the same on
+    every pass), the intent the page served in hindsight: for each of `fields` in order, the value that most of
+    the page's streamed items have (`words`: item -> field -> word), if at least `min_streams` of them do
+    ("sad jazz"). Pages with an intent, with fewer streams, or outside the share are unchanged."""
+    if log.intent or share <= 0:
+        return log
+    key = f"{log.user_id}|{log.request_id or ''}|{log.timestamp or 0}|intent".encode()
+    if zlib.crc32(key) / 2**32 >= share:
+        return log
+    streamed = [item for shelf in log.page for item, s in zip(shelf.items, shelf.streams or ()) if s > 0]
+    chosen = []
+    for field in fields:
+        counts = Counter(words[item][field] for item in streamed if field in words.get(item, {}))
+        if counts and (best := counts.most_common(1)[0])[1] >= min_streams:
+            chosen.append(best[0])
+    return dataclasses.replace(log, intent=" ".join(chosen)) if chosen else log
+
+
+def relabeler(outcome: bool, order_by_streams: bool, user_tokens: bool = False, unknown_user_fraction: float = 0.0,
+              hindsight_intent: Callable[[PageLog], PageLog] | None = None) -> Callable[[PageLog], PageLog]:
+    """The configured relabelings, applied in turn (`hindsight_intent`, e.g. a `with_hindsight_intent`
+    partial, first)."""
     add_user = lambda log: with_user(log, unknown_user_fraction)  # noqa: E731
-    steps = [f for f, on in ((with_outcome, outcome), (streamed_first, order_by_streams), (add_user, user_tokens))
-             if on]
+    steps = [f for f, on in ((hindsight_intent, hindsight_intent is not None), (with_outcome, outcome),
+                             (streamed_first, order_by_streams), (add_user, user_tokens)) if on]
 
     def apply(log: PageLog) -> PageLog:
         for step in steps:

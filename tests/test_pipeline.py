@@ -163,6 +163,26 @@ def test_streamed_first_moves_streamed_items_to_the_front_of_each_shelf():
     assert relabeler(False, False)(log) is log
 
 
+def test_hindsight_intents_are_written_from_what_most_streamed_items_share():
+    from homegen.data.relabel import item_words, with_hindsight_intent
+
+    words = item_words(["mood=sad", "genre=jazz", "genre=rock", "artist=X"],
+                       np.array([[1, 2], [1, 3], [1, 2], [4, 0]]), ["a", "b", "c", "d"], ["mood", "genre"])
+    assert words == {"a": {"mood": "sad", "genre": "jazz"}, "b": {"mood": "sad", "genre": "rock"},
+                     "c": {"mood": "sad", "genre": "jazz"}}
+    log = PageLog("u", [Shelf("s", ["a", "b", "c", "d"], [1.0, 1.0, 2.0, 1.0])], request_id="r1")
+    assert with_hindsight_intent(log, words, ["mood", "genre"], 1.0).intent == "sad jazz"
+    assert with_hindsight_intent(log, words, ["genre"], 1.0).intent == "jazz"
+    only_one = PageLog("u", [Shelf("s", ["a", "b", "c"], [1.0, 1.0, 0.0])], request_id="r1")
+    assert with_hindsight_intent(only_one, words, ["mood", "genre"], 1.0).intent == "sad"  # genres split 1-1
+    asked = PageLog("u", log.page, request_id="r1", intent="workout energy")
+    assert with_hindsight_intent(asked, words, ["mood"], 1.0) is asked  # a logged intent is kept
+    pages = [PageLog(f"u{k}", log.page, request_id=f"r{k}") for k in range(400)]
+    shown = [with_hindsight_intent(p, words, ["mood"], 0.25).intent for p in pages]
+    assert 60 < sum(x is not None for x in shown) < 140  # the share, fixed by the page's hash
+    assert shown == [with_hindsight_intent(p, words, ["mood"], 0.25).intent for p in pages]
+
+
 def test_user_tokens_name_known_users_and_a_fixed_share_of_pages_hides_them():
     from types import SimpleNamespace
 

@@ -316,6 +316,9 @@ def _pipeline_config(cfg, nproc: int) -> PipelineConfig:
                           shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
                           outcome_conditioning=cfg.data.outcome_conditioning, streamed_first=cfg.data.streamed_first,
                           user_tokens=cfg.data.user_tokens, unknown_user_fraction=cfg.data.unknown_user_fraction,
+                          hindsight_intents=cfg.data.hindsight_intents,
+                          hindsight_intent_fields=tuple(f.strip() for f in cfg.data.hindsight_intent_fields.split(",")
+                                                        if f.strip()),
                           workers=cfg.data.workers)
 
 
