@@ -141,6 +141,19 @@ class PlackettLucePolicy(SamplingPolicy):
         """Pages as (shelves (B, S), items (B, S, L), propensities (B, S, L)): each item's probability given
         everything placed before it on the page, the first item of a row including the row's shelf-type
         draw, so that the log-propensities of a page sum to the log-probability of the whole page."""
+        return self._play(users, ctx, history, num_shelves, max_items, rng=rng)
+
+    def propensities_of(self, users: np.ndarray, ctx: Contexts, history: np.ndarray, shelves: np.ndarray,
+                        items: np.ndarray) -> np.ndarray:
+        """(B, S, L) the probability this policy gives each decision of the given pages (as
+        `build_with_propensities` reports them for its own pages; 0 for a choice it could not make): a
+        target policy's side of off-policy evaluation from another policy's logs."""
+        return self._play(users, ctx, history, items.shape[1], items.shape[2], pages=(shelves, items))[2]
+
+    def _play(self, users: np.ndarray, ctx: Contexts, history: np.ndarray, num_shelves: int, max_items: int,
+              rng: np.random.Generator | None = None, pages: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Draws pages with `rng`, or replays `pages` (shelves, items), with each decision's probability."""
         b, c, num_types = len(users), self.world.catalog, len(self.rules.names)
         share = _history_genre_share(self.world, history)
         weights = self._shelf_weights(ctx, history, share)
@@ -157,13 +170,25 @@ class PlackettLucePolicy(SamplingPolicy):
                          weights, 0.0)
             total = w.sum(axis=1)
             for row in np.flatnonzero(total > 0):
-                t = int(np.searchsorted(np.cumsum(w[row]), rng.random() * total[row], side="right"))
-                t = min(t, num_types - 1)
-                while w[row, t] <= 0:  # rounding at the top of the cumulative sum
-                    t -= 1
+                if pages is None:
+                    t = int(np.searchsorted(np.cumsum(w[row]), rng.random() * total[row], side="right"))
+                    t = min(t, num_types - 1)
+                    while w[row, t] <= 0:  # rounding at the top of the cumulative sum
+                        t -= 1
+                else:
+                    t = int(pages[0][row, s])
+                    if t < 0 or w[row, t] <= 0:  # no row here, or one this policy could not start
+                        continue
                 pool = pools[row][t][~used[row, pools[row][t]]]
                 scores = logits[row, pool]
-                chosen = np.argsort(-(scores + _gumbel(rng, len(pool))))[:max_items]
+                if pages is None:
+                    chosen = np.argsort(-(scores + _gumbel(rng, len(pool))))[:max_items]
+                else:
+                    where = {int(item): k for k, item in enumerate(pool)}
+                    given = [int(i) for i in pages[1][row, s] if i >= 0]
+                    if len(given) != max_items or any(i not in where for i in given):
+                        continue  # a row this policy could not have filled: probability 0
+                    chosen = np.array([where[i] for i in given])
                 mass = np.exp(scores - scores.max())
                 remaining = mass.sum() - np.concatenate([[0.0], np.cumsum(mass[chosen])[:-1]])
                 shelves[row, s], items[row, s] = t, pool[chosen]
