@@ -51,10 +51,14 @@ class ItemAttributes:
         """Fraction of items with at least one attribute."""
         return float(np.mean((self.table != NO_ATTRIBUTE).any(axis=1))) if len(self.table) else 0.0
 
+    def fields(self) -> list[tuple[str, str]]:
+        """Each attribute as (field, value): `genre=jazz` -> ("genre", "jazz"); ("", name) for a bare id."""
+        return [tuple(name.split("=", 1)) if "=" in name else ("", name) for name in self.names]
+
     def words(self) -> list[str]:
         """Each attribute's value as words (`genre=jazz` -> "jazz", `artist=Nina Simone` -> "nina simone"), ""
         for a value without letters (a date, a number)."""
-        values = [name.split("=", 1)[-1].split(":", 1)[-1].lstrip("\u2581") for name in self.names]
+        values = [value.split(":", 1)[-1].lstrip("\u2581") for _, value in self.fields()]
         return [v.lower() if any(c.isalpha() for c in v) else "" for v in values]
 
     def token_table(self, vocab_size: int, item_offset: int) -> np.ndarray:

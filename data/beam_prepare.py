@@ -121,4 +121,5 @@ def prepare(patterns: Sequence[str], data_dir: str, validation_fraction: float =
                                           errors_prefix=os.path.join(errors_folder(data_dir, name), "errors"))
         beam_builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             beam_options=beam.options.pipeline_options.PipelineOptions(flags)))
+    # A builder opened after the pipeline wrote the dataset reads its splits (the one above predates them).
     return PageLogDataset.for_files(paths, data_dir, validation_fraction, test_fraction), skipped_lines(data_dir, name)

@@ -124,13 +124,18 @@ def json_lines(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSON Lines file; DataFormatError names the line of
     anything that is not UTF-8 JSON holding an object."""
     for number, line in text_lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, number, f"invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataFormatError(path, number, f"expected a JSON object, got {type(record).__name__}")
-        yield number, record
+        yield number, _json_record(line, path, number)
+
+
+def _json_record(line: str, path: str, number: int) -> dict:
+    """The JSON object of text line `number` of `path`; DataFormatError when it is not JSON holding an object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, number, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataFormatError(path, number, f"expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _detect_format(path: str) -> str:
@@ -394,11 +399,7 @@ def json_object(raw: bytes, path: str, number: int) -> dict:
     """The JSON object of one raw line `number` of `path`; DataFormatError when it is not UTF-8 JSON holding an
     object."""
     try:
-        record = json.loads(raw.decode("utf-8"))
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataFormatError(path, number, f"not UTF-8 text (byte {e.start} of the line)") from None
-    except json.JSONDecodeError as e:
-        raise DataFormatError(path, number, f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise DataFormatError(path, number, f"expected a JSON object, got {type(record).__name__}")
-    return record
+    return _json_record(line, path, number)

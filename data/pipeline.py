@@ -81,7 +81,7 @@ def hindsight_relabeling(vocab: Vocabulary, config: PipelineConfig) -> Callable[
         raise ValueError("data.hindsight_intents writes intents from item attributes: set "
                          "--config.data.item_attributes=True")
     fields = config.hindsight_intent_fields
-    words = item_words(vocab.attributes.names, vocab.attributes.table, vocab.items.item_ids, fields)
+    words = item_words(vocab.attributes, vocab.items.item_ids, fields)
     if not words:
         raise ValueError(f"data.hindsight_intents: no item has an attribute of the fields {list(fields)}")
     return functools.partial(with_hindsight_intent, words=words, fields=fields, share=config.hindsight_intents)

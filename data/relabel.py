@@ -21,6 +21,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
+from homegen.data.attributes import ItemAttributes
 from homegen.data.formats import PageLog, Shelf
 
 OUTCOME_FIELD = "outcome"  # context field holding a logged page's engagement (outcome-conditioned training)
@@ -55,19 +56,24 @@ def with_user(log: PageLog, unknown_fraction: float = 0.0) -> PageLog:
     """The log with its user's id as the context field `user_id`; for a fixed `unknown_fraction` of pages
     (chosen by a hash of the user and the page, the same on every pass) an id no vocabulary holds, so
     that the field's unknown token learns to stand for a user the model has not seen."""
-    key = f"{log.user_id}|{log.request_id or ''}|{log.timestamp or 0}".encode()
-    hidden = unknown_fraction > 0 and zlib.crc32(key) / 2**32 < unknown_fraction
+    hidden = unknown_fraction > 0 and _page_hash(log) < unknown_fraction
     return dataclasses.replace(log, context={**log.context, USER_FIELD: NO_USER if hidden else log.user_id})
 
 
-def item_words(attribute_names: Sequence[str], table, item_ids: Sequence[str], fields: Sequence[str]
-               ) -> dict[str, dict[str, str]]:
-    """{item: {field: word}} of the `fields` among each item's attributes (`ItemAttributes` names such as
-    `mood=sad`, `genre=jazz`; the first value of a field per item)."""
+def _page_hash(log: PageLog, salt: str = "") -> float:
+    """A number in [0, 1) fixed by the page (its user, request and time) and `salt`: the same on every pass,
+    so a relabeling chosen for a share of the pages picks the same pages each epoch."""
+    key = f"{log.user_id}|{log.request_id or ''}|{log.timestamp or 0}{salt}".encode()
+    return zlib.crc32(key) / 2**32
+
+
+def item_words(attributes: ItemAttributes, item_ids: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, str]]:
+    """{item: {field: word}} of the `fields` among each item's attributes (`mood=sad`, `genre=jazz`; the first
+    value of a field per item), for `item_ids` in the attribute table's row order."""
     wanted = set(fields)
-    parsed = [name.split("=", 1) if "=" in name else ("", "") for name in attribute_names]
+    parsed = attributes.fields()
     out: dict[str, dict[str, str]] = {}
-    for item, row in zip(item_ids, table):
+    for item, row in zip(item_ids, attributes.table):
         words: dict[str, str] = {}
         for a in row:
             if a > 0 and parsed[a - 1][0] in wanted:
@@ -85,8 +91,7 @@ def with_hindsight_intent(log: PageLog, words: Mapping[str, Mapping[str, str]], 
     ("sad jazz"). Pages with an intent, with fewer streams, or outside the share are unchanged."""
     if log.intent or share <= 0:
         return log
-    key = f"{log.user_id}|{log.request_id or ''}|{log.timestamp or 0}|intent".encode()
-    if zlib.crc32(key) / 2**32 >= share:
+    if _page_hash(log, "|intent") >= share:
         return log
     streamed = [item for shelf in log.page for item, s in zip(shelf.items, shelf.streams or ()) if s > 0]
     chosen = []

@@ -164,10 +164,12 @@ def test_streamed_first_moves_streamed_items_to_the_front_of_each_shelf():
 
 
 def test_hindsight_intents_are_written_from_what_most_streamed_items_share():
+    from homegen.data.attributes import ItemAttributes
     from homegen.data.relabel import item_words, with_hindsight_intent
 
-    words = item_words(["mood=sad", "genre=jazz", "genre=rock", "artist=X"],
-                       np.array([[1, 2], [1, 3], [1, 2], [4, 0]]), ["a", "b", "c", "d"], ["mood", "genre"])
+    attributes = ItemAttributes(["mood=sad", "genre=jazz", "genre=rock", "artist=X"],
+                                np.array([[1, 2], [1, 3], [1, 2], [4, 0]]))
+    words = item_words(attributes, ["a", "b", "c", "d"], ["mood", "genre"])
     assert words == {"a": {"mood": "sad", "genre": "jazz"}, "b": {"mood": "sad", "genre": "rock"},
                      "c": {"mood": "sad", "genre": "jazz"}}
     log = PageLog("u", [Shelf("s", ["a", "b", "c", "d"], [1.0, 1.0, 2.0, 1.0])], request_id="r1")
