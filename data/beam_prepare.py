@@ -1,58 +1,207 @@
-"""Page logs prepared by an Apache Beam pipeline, for logs too large for one process.
+"""Page logs prepared by an Apache Beam pipeline, for logs too large for one process or one machine's memory.
 
 `BeamPageLogDataset` writes the same TFDS dataset as `PageLogDataset` (same folder, config name, keys, time
-split and array_record shards), so `train.py --config.data.page_logs=...` with the same files opens it as
-already prepared. The work is spread by the Beam runner: each input file is parsed by one worker, lines
-that are not page logs are collected as `file:line: reason` (or, with `strict`, fail the job), the time
-cut-offs are computed exactly from a histogram of timestamps (its size is the number of distinct
-timestamps, not of pages), and TFDS's Beam writer shuffles and shards each split. TFDS writes into a
-temporary folder and renames it when every split is written, so a failed run leaves nothing that reads as
-complete.
+split, examples in the same order, array_record shards), so `train.py --config.data.page_logs=...` with the
+same files opens it as already prepared.
+
+The pipeline never holds the log, or a split of it, in one place: every large collection travels through
+files (under the dataset's temporary folder), and Beam carries only file names, counts and the timestamp
+histogram. So a worker's memory is bounded by one shard (`max_shard_bytes` of examples, 256 MiB by default)
+and one write buffer, whatever the log's size, on the DirectRunner as on a cluster runner.
+
+1. **Parse** (one input file per unit of work): each line is parsed and checked; a malformed one becomes
+   `file:line: reason` in the errors output (or, with `strict`, fails the job); each page is serialized as
+   TFDS serializes it and written to the file's spill with its key and timestamp. A histogram of timestamps
+   (pages and bytes per distinct timestamp) goes on.
+2. **Plan**: the exact time cut-offs (`time_cut_offs`, as the builder computes them), and each split's shard
+   count from its bytes.
+3. **Bucket** (one spill per unit of work): each page goes to its split and to the shard its hashed key falls
+   in. TFDS orders a split by the MD5 of its keys salted with the split's name; a shard is a range of that
+   hash, so the shards read in order are the builder's order.
+4. **Write** (one shard per unit of work): a shard's pages sorted by hash, written as array_record.
+
+TFDS writes into a temporary folder and renames it when every split is written, so a failed run leaves
+nothing that reads as complete.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 
-from homegen.data.builders import PageLogDataset, file_prefixes, page_log_files, page_log_to_example
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer, hashing
+from tensorflow_datasets.core import shuffle as tfds_shuffle
+from tensorflow_datasets.core import writer as tfds_writer
+
+from homegen.data.builders import PAGE_FEATURES, PageLogDataset, file_prefixes, page_log_files, page_log_to_example
 from homegen.data.formats import DataFormatError, json_object, parse_page_log
 from homegen.data.splits import time_cut_offs, time_split
 
+SPLITS = ("train", "validation", "test")
+BUFFER_BYTES = 64 << 20  # what the bucket stage buffers per worker before writing its pieces out
+MAX_SHARD_BYTES = 256 << 20
+_NO_TIME = float("nan")  # a page without a timestamp, in a spill
 
-def parse_file(entry: tuple[str, str], strict: bool) -> Iterator:
-    """(key, timestamp, example) for each page log of file `entry = (path, key prefix)`, keyed as
-    `PageLogDataset` keys them (`prefix:k` for the k-th page log of the file); a malformed line becomes a tagged
-    `errors` output (a JSON line: path, line, reason), or with `strict` fails the job."""
+
+def _write_frames(path: str, frames: Iterable[tuple[bytes, bytes]]) -> None:
+    """Writes (head, body) byte pairs to `path` (any Beam filesystem) as length-prefixed frames."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f:
+        for head, body in frames:
+            f.write(struct.pack("<II", len(head), len(body)) + head + body)
+
+
+def _read_frames(path: str) -> Iterator[tuple[bytes, bytes]]:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as f:
+        while header := f.read(8):
+            head_size, body_size = struct.unpack("<II", header)
+            yield f.read(head_size), f.read(body_size)
+
+
+def _serializer():
+    """(encode, serialize) of a page example, as TFDS's writer does it for `PageLogDataset`."""
+    features = tfds.features.FeaturesDict(PAGE_FEATURES)
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    return lambda example: serializer.serialize_example(features.encode_example(example))
+
+
+def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator:
+    """Parses input file `entry = (index, path, key prefix)` into the spill `temp/parsed/INDEX`: one frame per
+    page log, head = its timestamp (float64, NaN for none) and key (`prefix:k` for the k-th page log of the
+    file, as `PageLogDataset` keys it), body = its serialized example. Yields the spill's path with its
+    histogram {timestamp: [pages, bytes]}; a malformed line becomes a tagged `errors` output (a JSON line:
+    path, line, reason), or with `strict` fails the job."""
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
-    path, prefix = entry
-    k = 0
-    with FileSystems.open(path) as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                log = parse_page_log(json_object(raw, path, number), path, number)
-            except DataFormatError as e:
-                if strict:
-                    raise
-                yield beam.pvalue.TaggedOutput("errors", json.dumps({"path": e.path, "line": e.line, "reason": e.reason}))
-                continue
-            yield f"{prefix}:{k}", log.timestamp, page_log_to_example(log)
-            k += 1
+    index, path, prefix = entry
+    serialize = _serializer()
+    histogram: dict[float | None, list[int]] = {}
+    errors: list[str] = []
+
+    def frames() -> Iterator[tuple[bytes, bytes]]:
+        k = 0
+        with FileSystems.open(path) as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    log = parse_page_log(json_object(raw, path, number), path, number)
+                except DataFormatError as e:
+                    if strict:
+                        raise
+                    errors.append(json.dumps({"path": e.path, "line": e.line, "reason": e.reason}))
+                    continue
+                body = serialize(page_log_to_example(log))
+                counts = histogram.setdefault(log.timestamp, [0, 0])
+                counts[0] += 1
+                counts[1] += len(body)
+                stamp = _NO_TIME if log.timestamp is None else float(log.timestamp)
+                yield struct.pack("<d", stamp) + f"{prefix}:{k}".encode(), body
+                k += 1
+
+    spill = FileSystems.join(temp, "parsed", f"{index:06d}")
+    _write_frames(spill, frames())
+    for error in errors:
+        yield beam.pvalue.TaggedOutput("errors", error)
+    yield spill, histogram
 
 
-def _in_split(page: tuple, cuts: tuple[float | None, float | None], split: str) -> bool:
-    return time_split(page[1], *cuts) == split
+def merge_histograms(histograms: Iterable[dict]) -> dict:
+    """The sum of timestamp histograms ({timestamp: [pages, bytes]})."""
+    total: dict = {}
+    for histogram in histograms:
+        for stamp, (pages, size) in histogram.items():
+            counts = total.setdefault(stamp, [0, 0])
+            counts[0] += pages
+            counts[1] += size
+    return total
 
 
-def _cuts(histogram: list[tuple[float, int]], validation_fraction: float, test_fraction: float):
-    return time_cut_offs(dict(histogram), validation_fraction, test_fraction)
+def plan_splits(histogram: dict, validation_fraction: float, test_fraction: float,
+                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """The time cut-offs (exact, from the histogram) and each split's shard count: its bytes over
+    `max_shard_bytes`, rounded up (a shard is a range of hashed keys, so shards are even up to sampling
+    noise). A split that would be empty is an error, as it is for TFDS's writers."""
+    cuts = time_cut_offs({s: n for s, (n, _) in histogram.items() if s is not None}, validation_fraction,
+                         test_fraction)
+    wanted = ["train"] + (["validation"] if validation_fraction else []) + (["test"] if test_fraction else [])
+    sizes = {split: [0, 0] for split in wanted}
+    for stamp, (pages, size) in histogram.items():
+        split = time_split(stamp, *cuts)
+        sizes[split][0] += pages
+        sizes[split][1] += size
+    for split, (pages, _) in sizes.items():
+        if not pages:
+            raise ValueError(f"the {split} split would hold no page: the logs' timestamps cannot be split "
+                             f"{1 - validation_fraction - test_fraction:g} / {validation_fraction:g} / {test_fraction:g}")
+    return {"cuts": cuts, "shards": {split: min(pages, max(1, math.ceil(size / max_shard_bytes)))
+                                     for split, (pages, size) in sizes.items()}}
+
+
+def bucket_spill(spill: str, plan: dict, temp: str, buffer_bytes: int = BUFFER_BYTES) -> Iterator:
+    """Sends each page of a parse spill to its split's shard: appended to the shard's folder
+    `temp/buckets/SPLIT/SHARD/` as pieces of at most `buffer_bytes` per flush, head = the page's 128-bit hashed
+    key (big-endian). Deletes the spill when done; yields ((split, shard), pages) for each shard it fed."""
+    from apache_beam.io.filesystems import FileSystems
+
+    hashers = {split: hashing.Hasher(split) for split in plan["shards"]}
+    buffers: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
+    counts: dict[tuple[str, int], int] = {}
+    name, piece, buffered = os.path.basename(spill), 0, 0
+
+    def flush() -> None:
+        nonlocal piece, buffered
+        for (split, shard), frames in buffers.items():
+            _write_frames(FileSystems.join(temp, "buckets", split, f"{shard:05d}", f"{name}-{piece:05d}"), frames)
+        buffers.clear()
+        piece, buffered = piece + 1, 0
+
+    for head, body in _read_frames(spill):
+        (stamp,) = struct.unpack("<d", head[:8])
+        split = time_split(None if math.isnan(stamp) else stamp, *plan["cuts"])
+        hkey = hashers[split].hash_key(head[8:])
+        shard = tfds_shuffle.get_bucket_number(hkey, plan["shards"][split])
+        buffers.setdefault((split, shard), []).append((hkey.to_bytes(16, "big"), body))
+        counts[split, shard] = counts.get((split, shard), 0) + 1
+        buffered += len(body) + 24
+        if buffered >= buffer_bytes:
+            flush()
+    flush()
+    FileSystems.delete([spill])
+    yield from counts.items()
+
+
+def write_shard(entry: tuple[tuple[str, int], int], non_empty: list[tuple[str, int]], temp: str,
+                dataset: tuple[str, str, str]) -> tuple[str, int, int, int]:
+    """Writes shard `entry = ((split, bucket), pages)` from its pieces, sorted by hashed key, as the split's
+    file number (its rank among the split's non-empty buckets) of `dataset = (data path, dataset name, file
+    suffix)`. Deletes the pieces; returns (split, shard index, pages, bytes)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    (split, bucket), pages = entry
+    ranks = sorted(b for s, b in non_empty if s == split)
+    folder = FileSystems.join(temp, "buckets", split, f"{bucket:05d}")
+    pieces = [m.path for m in FileSystems.match([FileSystems.join(folder, "*")])[0].metadata_list]
+    examples = sorted((int.from_bytes(head, "big"), body) for path in pieces for head, body in _read_frames(path))
+    if len(examples) != pages:
+        raise RuntimeError(f"shard {split}/{bucket} holds {len(examples)} pages, {pages} were sent to it")
+    data_path, name, suffix = dataset
+    template = tfds.core.naming.ShardedFileTemplate(data_dir=data_path, dataset_name=name, split=split,
+                                                    filetype_suffix=suffix)
+    path = template.sharded_filepath(shard_index=ranks.index(bucket), num_shards=len(ranks))
+    tfds_writer.ExampleWriter(tfds.core.FileFormat.ARRAY_RECORD).write(path, examples)
+    FileSystems.delete([folder])
+    return split, ranks.index(bucket), pages, sum(len(body) for _, body in examples)
 
 
 class BeamPageLogDataset(PageLogDataset, skip_registration=True):
@@ -60,30 +209,60 @@ class BeamPageLogDataset(PageLogDataset, skip_registration=True):
 
     name = "page_log_dataset"
 
-    def __init__(self, *, errors_prefix: str, strict: bool = False, **kwargs):
+    def __init__(self, *, errors_prefix: str, strict: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.errors_prefix, self.strict = errors_prefix, strict
+        self.errors_prefix, self.strict, self.max_shard_bytes = errors_prefix, strict, max_shard_bytes
 
-    def _split_generators(self, dl_manager, pipeline):
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
         import apache_beam as beam
 
         cfg = self.builder_config
-        parsed = (pipeline
-                  | "Files" >> beam.Create(list(zip(cfg.page_logs, file_prefixes(cfg.page_logs))))
-                  | "Spread files" >> beam.Reshuffle()
-                  | "Parse" >> beam.FlatMap(parse_file, self.strict).with_outputs("errors", main="pages"))
-        pages = parsed.pages
-        _ = parsed.errors | "Write errors" >> beam.io.WriteToText(self.errors_prefix, file_name_suffix=".jsonl")
-        cuts = (pages
-                | "Timestamps" >> beam.FlatMap(lambda page: [] if page[1] is None else [page[1]])
-                | "Count timestamps" >> beam.combiners.Count.PerElement()
-                | "Histogram" >> beam.combiners.ToList()
-                | "Cut-offs" >> beam.Map(_cuts, cfg.validation_fraction, cfg.test_fraction))
-        splits = ["train"] + (["validation"] if cfg.validation_fraction else []) + (["test"] if cfg.test_fraction else [])
-        return {split: (pages
-                        | f"Select {split}" >> beam.Filter(_in_split, beam.pvalue.AsSingleton(cuts), split)
-                        | f"Examples {split}" >> beam.Map(lambda page: (page[0], page[2])))
-                for split in splits}
+        temp = os.path.join(str(self.data_path), "beam_temp")  # inside TFDS's temporary folder
+        files = [(k, path, prefix) for k, (path, prefix) in enumerate(zip(cfg.page_logs, file_prefixes(cfg.page_logs)))]
+        dataset = (str(self.data_path), self.name, self.info.file_format.file_suffix)
+        with beam.Pipeline(options=download_config.beam_options) as pipeline:
+            parsed = (pipeline
+                      | "Files" >> beam.Create(files)
+                      | "Spread files" >> beam.Reshuffle()
+                      | "Parse" >> beam.FlatMap(parse_file, temp, self.strict).with_outputs("errors", main="spills"))
+            _ = parsed.errors | "Write errors" >> beam.io.WriteToText(self.errors_prefix, file_name_suffix=".jsonl")
+            plan = beam.pvalue.AsSingleton(
+                parsed.spills
+                | "Histograms" >> beam.Values()
+                | "Histogram" >> beam.CombineGlobally(merge_histograms)
+                | "Plan" >> beam.Map(plan_splits, cfg.validation_fraction, cfg.test_fraction, self.max_shard_bytes))
+            shards = (parsed.spills
+                      | "Spills" >> beam.Keys()
+                      | "Spread spills" >> beam.Reshuffle()
+                      | "Bucket" >> beam.FlatMap(bucket_spill, plan, temp, min(BUFFER_BYTES, self.max_shard_bytes))
+                      | "Count shards" >> beam.CombinePerKey(sum))
+            non_empty = beam.pvalue.AsSingleton(shards | "Shard ids" >> beam.Keys() | beam.combiners.ToList())
+            _ = (shards
+                 | "Spread shards" >> beam.Reshuffle()
+                 | "Write shards" >> beam.Map(write_shard, non_empty, temp, dataset)
+                 | "Shard infos" >> beam.combiners.ToList()
+                 | "Save shard infos" >> beam.Map(_save_json, os.path.join(temp, "shards.json")))
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.open(os.path.join(temp, "shards.json")) as f:
+            written = json.load(f)
+        FileSystems.delete([temp])
+        split_infos = []
+        for split in SPLITS:
+            rows = sorted((index, pages, size) for s, index, pages, size in written if s == split)
+            if rows:
+                split_infos.append(tfds.core.SplitInfo(
+                    name=split, shard_lengths=[pages for _, pages, _ in rows], num_bytes=sum(r[2] for r in rows),
+                    filename_template=self._get_filename_template(split)))
+        self.info.set_splits(tfds.core.SplitDict(split_infos))
+
+
+def _save_json(value, path: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(value).encode())
 
 
 def errors_folder(data_dir: str, config_name: str) -> str:
@@ -99,13 +278,14 @@ def skipped_lines(data_dir: str, config_name: str) -> list[DataFormatError]:
 
 
 def prepare(patterns: Sequence[str], data_dir: str, validation_fraction: float = 0.05, test_fraction: float = 0.0,
-            beam_flags: Sequence[str] = (), strict: bool = False) -> tuple[PageLogDataset, list[DataFormatError]]:
+            beam_flags: Sequence[str] = (), strict: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES
+            ) -> tuple[PageLogDataset, list[DataFormatError]]:
     """Prepares the page logs of `patterns` (files or globs) with Beam into `data_dir`, as `PageLogDataset`
     would. Returns the dataset's builder (ready for `as_data_source`) and the malformed lines skipped (also
     listed in `errors_folder`, where training's vocabulary pass skips them too). `beam_flags` are Beam
-    pipeline options (`--runner=...` with its own options; default: the DirectRunner on every core here)."""
+    pipeline options (`--runner=...` with its own options; default: the DirectRunner on every core here);
+    `max_shard_bytes` bounds a shard, and so what one worker holds."""
     import apache_beam as beam
-    import tensorflow_datasets as tfds
 
     paths = page_log_files(patterns)
     flags = list(beam_flags)
@@ -117,7 +297,7 @@ def prepare(patterns: Sequence[str], data_dir: str, validation_fraction: float =
     if not builder.is_prepared():  # else its dataset and its errors are those of the run that prepared it
         shutil.rmtree(errors_folder(data_dir, name), ignore_errors=True)
         beam_builder = BeamPageLogDataset(config=builder.builder_config, data_dir=data_dir,
-                                          file_format="array_record", strict=strict,
+                                          file_format="array_record", strict=strict, max_shard_bytes=max_shard_bytes,
                                           errors_prefix=os.path.join(errors_folder(data_dir, name), "errors"))
         beam_builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             beam_options=beam.options.pipeline_options.PipelineOptions(flags)))

@@ -3,17 +3,24 @@
 and the peak memory of its whole process tree (sampled every 0.2 s).
 
     python scripts/benchmark_prepare.py --logs 'LOGS/*.jsonl' --out DIR [--workers 2] [--methods builder,beam]
+
+A log of any size for it: `--tile LOG --pages N [--files 16]` first writes N pages to OUT/logs/part-*.jsonl by
+repeating LOG (a world's pages.jsonl, say), each repetition with its request ids suffixed `~c` and its
+timestamps shifted past the previous one's, so every page is distinct and the time split stays meaningful;
+the measurement then runs on those files (`--logs` is not needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import psutil
 
@@ -46,15 +53,47 @@ def measure(code: str) -> tuple[float, int]:
     return seconds, peak
 
 
+def tile_log(source: str, pages: int, files: int, folder: str) -> list[str]:
+    """Writes `pages` page logs as `files` JSON Lines files in `folder` by repeating `source` (streamed:
+    nothing is held but a line); returns their paths."""
+    stamps = [t for line in open(source, "rb") if line.strip() and (t := json.loads(line).get("timestamp")) is not None]
+    span = max(stamps) - min(stamps) + 1 if stamps else 0
+
+    def repeated() -> Iterator[str]:
+        for copy in itertools.count():
+            for line in open(source, "rb"):
+                if line.strip():
+                    record = json.loads(line)
+                    if record.get("request_id"):
+                        record["request_id"] = f"{record['request_id']}~{copy}"
+                    if record.get("timestamp") is not None:
+                        record["timestamp"] += copy * span
+                    yield json.dumps(record) + "\n"
+
+    os.makedirs(folder, exist_ok=True)
+    lines, paths = repeated(), []
+    for k in range(files):
+        paths.append(os.path.join(folder, f"part-{k:05d}.jsonl"))
+        with open(paths[-1], "w") as f:
+            f.writelines(itertools.islice(lines, pages * (k + 1) // files - pages * k // files))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--logs", action="append", required=True, help="page log files or globs")
+    parser.add_argument("--logs", action="append", help="page log files or globs")
+    parser.add_argument("--tile", metavar="LOG", help="write --pages pages by repeating this page log (see above)")
+    parser.add_argument("--pages", type=int, help="with --tile: how many pages")
+    parser.add_argument("--files", type=int, default=16, help="with --tile: into how many files")
     parser.add_argument("--out", required=True, help="a scratch folder (each method's dataset is written there)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--methods", default="builder,beam")
     args = parser.parse_args(argv)
+    if bool(args.logs) == bool(args.tile) or bool(args.tile) != bool(args.pages):
+        parser.error("give --logs, or --tile LOG with --pages N")
     try:
-        paths = page_log_files(args.logs)
+        paths = tile_log(args.tile, args.pages, args.files, os.path.join(args.out, "logs")) if args.tile \
+            else page_log_files(args.logs)
     except FileNotFoundError as e:
         print(f"benchmark_prepare.py: error: {e}", file=sys.stderr)
         return 2

@@ -52,14 +52,18 @@ def test_time_cut_offs_are_numpys_linear_quantiles():
 
 
 def test_beam_dataset_equals_the_builders_and_train_opens_it(log_files, tmp_path, monkeypatch):
-    """Several workers (multi-processing DirectRunner), a glob and a repeated base name: every split holds
-    the builder's examples in the builder's order; train.py's data preparation then opens it as is."""
+    """Several workers (multi-processing DirectRunner), a glob, a repeated base name and shards small enough
+    that each split has several: every split holds the builder's examples in the builder's order; train.py's
+    data preparation then opens it as is."""
     patterns = list(log_files)
     beam_dir, plain_dir = str(tmp_path / "beam"), str(tmp_path / "plain")
     builder, errors = prepare(patterns, beam_dir, 0.1, 0.05,
                               ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
-                               "--direct_num_workers=2"])
+                               "--direct_num_workers=2"], max_shard_bytes=200_000)
     assert errors == []
+    shards = {name: split.num_shards for name, split in builder.info.splits.items()}
+    assert shards["train"] >= 4 and shards["validation"] >= 2, shards  # order holds across hash-range shards
+    assert not os.path.exists(os.path.join(builder.data_dir, "beam_temp"))
     plain = PageLogDataset.for_files(builder.builder_config.page_logs, plain_dir, 0.1, 0.05)
     plain.download_and_prepare()
     ours, theirs = builder.as_data_source(), plain.as_data_source()
@@ -136,13 +140,20 @@ def test_prepare_command_reports_errors_in_one_line(log_files, tmp_path, capsys)
 
 
 def test_prepare_benchmark_times_both_methods_on_the_same_files(log_files, tmp_path, capsys):
+    """A 600-page log tiled 4 times into 2,400 distinct pages in 3 files; both methods prepare them."""
     from scripts.benchmark_prepare import main
 
-    assert main(["--logs", log_files[0], "--out", str(tmp_path), "--workers", "1"]) == 0
+    assert main(["--tile", log_files[1], "--pages", "2400", "--files", "3", "--out", str(tmp_path), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "2,400 pages in 3 file(s)" in out and "| builder |" in out and "| beam |" in out
+    tiled = [json.loads(line) for path in sorted(glob.glob(str(tmp_path / "logs" / "*.jsonl"))) for line in open(path)]
+    source = [json.loads(line) for line in open(log_files[1])]
+    assert len(tiled) == 2400 and len({r["request_id"] for r in tiled}) == 2400
+    span = max(r["timestamp"] for r in source) - min(r["timestamp"] for r in source) + 1
+    assert tiled[1800]["timestamp"] == source[0]["timestamp"] + 3 * span and tiled[1800]["page"] == source[0]["page"]
     report = json.load(open(tmp_path / "prepare_benchmark.json"))
     assert [r["method"] for r in report["rows"]] == ["builder", "beam"]
     assert all(r["seconds"] > 0 and r["peak_rss"] > 0 for r in report["rows"])
+    logs = sorted(glob.glob(str(tmp_path / "logs" / "*.jsonl")))
     for method in ("builder", "beam"):  # each wrote a complete dataset
-        assert PageLogDataset.for_files(sorted(glob.glob(log_files[0])), str(tmp_path / method)).is_prepared()
+        assert PageLogDataset.for_files(logs, str(tmp_path / method)).is_prepared()

@@ -2,14 +2,16 @@
 time, shuffled and written as the array_record dataset that `train.py` reads (data/beam_prepare.py).
 
     homegen prepare --logs 'LOGS/*.jsonl' --data_dir DATA [--validation_fraction 0.05] [--test_fraction 0] \
-        [--strict] [-- BEAM PIPELINE OPTIONS]
+        [--strict] [--max_shard_mib 256] [-- BEAM PIPELINE OPTIONS]
 
 Then train on it with the same files and folder (the dataset is opened, not rebuilt):
 
     python train.py --config ... --config.data.page_logs='LOGS/*.jsonl' --config.data.data_dir=DATA
 
 By default the pipeline runs on this machine (Beam's DirectRunner, one worker per core; a file is one unit of
-work, so give a large log as many files). Beam options after `--` choose another runner, e.g.
+work, so give a large log as many files). The log is never held in memory: it moves between the stages
+through files in the dataset's temporary folder, and a worker holds at most one shard (--max_shard_mib) and a
+64 MiB buffer. Beam options after `--` choose another runner, e.g.
 `-- --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp` (Dataflow),
 `-- --runner=FlinkRunner --flink_master=HOST:8081` or `-- --runner=SparkRunner --spark_master_url=...`,
 with the inputs and DATA on storage the workers reach. Malformed lines are skipped and listed
@@ -38,16 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation_fraction", type=float, default=0.05, help="the newest pages held out")
     parser.add_argument("--test_fraction", type=float, default=0.0)
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed line")
+    parser.add_argument("--max_shard_mib", type=float, default=256,
+                        help="the largest shard (MiB of examples): what one worker holds while writing it")
     parser.add_argument("--max_errors", type=int, default=None,
                         help="exit 1 (the dataset is still written) when more lines than this were malformed")
     args = parser.parse_args(argv)
     if not (0 <= args.validation_fraction < 1 and 0 <= args.test_fraction < 1
             and args.validation_fraction + args.test_fraction < 1):
         parser.error("--validation_fraction and --test_fraction must be in [0, 1) with a sum below 1")
+    if args.max_shard_mib <= 0:
+        parser.error(f"--max_shard_mib must be positive, got {args.max_shard_mib}")
     start = time.perf_counter()
     try:
         builder, errors = prepare(args.logs, args.data_dir, args.validation_fraction, args.test_fraction,
-                                  beam_flags, args.strict)
+                                  beam_flags, args.strict, int(args.max_shard_mib * 2**20))
     except FileNotFoundError as e:
         print(f"homegen prepare: error: {e}", file=sys.stderr)
         return 2
