@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pack = True
     c.data.workers = 0  # grain worker processes preparing training batches (0: the training process; docs/COMMANDS.md)
     c.data.stream_weight = 1.0
+    # Pages: loss weight of an item shown and not streamed (1: the policy imitates whole logged pages; below 1 it
+    # learns mostly from what earned streams, e.g. its own served pages; the value head learns from both)
+    c.data.skip_weight = 1.0
     c.data.streamed_first = False  # pages: train on shelves reordered with streamed items first
     c.data.outcome_conditioning = False  # pages: condition on the page's bucketed streams; serve the best bucket
     c.data.user_tokens = False  # pages: a context token per user seen in training (data/relabel.py:with_user)

@@ -37,6 +37,7 @@ class PipelineConfig:
     shuffle_seed: int = 0
     num_epochs: int | None = None  # None: repeat forever
     stream_weight: float = 1.0  # extra loss weight per stream of a target item
+    skip_weight: float = 1.0  # loss weight of a target item logged with no stream (1: imitated like any other)
     packing_bins: int = 0  # 0: batch_size
     outcome_conditioning: bool = False  # pages: add each page's bucketed streams to its context
     streamed_first: bool = False  # pages: train on shelves reordered with streamed items first
@@ -66,7 +67,8 @@ def encoder(vocab: Vocabulary, kind: str, config: PipelineConfig) -> Callable[[d
     if kind == "pages":
         label = relabeler(config.outcome_conditioning, config.streamed_first, config.user_tokens,
                           config.unknown_user_fraction, hindsight_relabeling(vocab, config))
-        return lambda example: vocab.encode(label(example_to_page_log(example)), config.stream_weight)
+        return lambda example: vocab.encode(label(example_to_page_log(example)), config.stream_weight,
+                                             config.skip_weight)
     if kind == "sequences":
         capacity = sequence_capacity(vocab, config.seq_len)
         return lambda example: vocab.encode(sequence_to_page_log(example_to_sequence(example), capacity))

@@ -166,9 +166,10 @@ class Vocabulary:
         tokens.append(PAGE)
         return tokens
 
-    def encode_page(self, page: Sequence[Shelf], stream_weight: float = 0.0) -> Encoded:
-        """SHELF item... EOS with per-token weights (1, plus `stream_weight` x streams for streamed items)
-        and outcomes. Unknown shelves and items are dropped (and shelves left empty with them)."""
+    def encode_page(self, page: Sequence[Shelf], stream_weight: float = 0.0, skip_weight: float = 1.0) -> Encoded:
+        """SHELF item... EOS with per-token weights (1, plus `stream_weight` x streams for streamed items;
+        `skip_weight` for an item logged with no stream, 1 for one logged without outcomes) and outcomes.
+        Unknown shelves and items are dropped (and shelves left empty with them)."""
         tokens, weights, outcomes = [], [], []
         for shelf in page:
             shelf_token = self.shelf_token(shelf.shelf)
@@ -182,7 +183,8 @@ class Vocabulary:
                 stream = shelf.streams[k] if shelf.streams is not None else 0.0
                 outcome = NO_OUTCOME if shelf.streams is None else STREAMED if stream > 0 else SKIPPED
                 body += codes
-                body_weights += [1.0 + stream_weight * float(stream)] * len(codes)
+                weight = skip_weight if outcome == SKIPPED else 1.0 + stream_weight * float(stream)
+                body_weights += [weight] * len(codes)
                 body_outcomes += [outcome] * len(codes)
             if body:
                 tokens += [shelf_token, *body]
@@ -191,9 +193,9 @@ class Vocabulary:
         return Encoded(np.asarray(tokens + [EOS], np.int32), np.asarray(weights + [1.0], np.float32),
                        np.asarray(outcomes + [NO_OUTCOME], np.int32))
 
-    def encode(self, log: PageLog, stream_weight: float = 0.0) -> Encoded:
+    def encode(self, log: PageLog, stream_weight: float = 0.0, skip_weight: float = 1.0) -> Encoded:
         prompt = self.encode_prompt(log.context, log.intent, log.history)
-        page = self.encode_page(log.page, stream_weight)
+        page = self.encode_page(log.page, stream_weight, skip_weight)
         return Encoded(np.concatenate([np.asarray(prompt, np.int32), page.tokens]),
                        np.concatenate([np.zeros(len(prompt), np.float32), page.weights]),
                        np.concatenate([np.zeros(len(prompt), np.int32), page.outcomes]))

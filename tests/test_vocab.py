@@ -39,6 +39,11 @@ def test_page_round_trip(vocab):
     # Only the generated part is a target; a streamed item weighs 1 + 0.5 * streams.
     assert np.all(enc.weights[:page_start] == 0) and np.all(enc.weights[page_start:] > 0)
     assert enc.weights[page_start + 2] == 2.0 and enc.weights[page_start + 1] == 1.0
+    # skip_weight: an item shown and not streamed weighs that; one logged without streams still weighs 1.
+    unskipped = vocab.encode(log, stream_weight=0.5, skip_weight=0.0)
+    assert unskipped.weights[page_start + 1] == 0.0 and unskipped.weights[page_start + 2] == 2.0
+    assert unskipped.weights[page_start + 4] == 1.0 and tokens[page_start + 3] == vocab.shelf_token("next")
+    np.testing.assert_array_equal(unskipped.outcomes, enc.outcomes)
     # Stream outcomes label the items of shelves with known streams, nothing else.
     outcomes = np.zeros(len(tokens), np.int32)
     outcomes[page_start + 1:page_start + 3] = [SKIPPED, STREAMED]

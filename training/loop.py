@@ -314,7 +314,7 @@ def _pipeline_config(cfg, nproc: int) -> PipelineConfig:
     """How this process turns the data into token rows: its share of the global batch, the data options."""
     return PipelineConfig(seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size // nproc, pack=cfg.data.pack,
                           shuffle_seed=cfg.seed, stream_weight=cfg.data.stream_weight,
-                          outcome_conditioning=cfg.data.outcome_conditioning, streamed_first=cfg.data.streamed_first,
+                          skip_weight=cfg.data.skip_weight,                          outcome_conditioning=cfg.data.outcome_conditioning, streamed_first=cfg.data.streamed_first,
                           user_tokens=cfg.data.user_tokens, unknown_user_fraction=cfg.data.unknown_user_fraction,
                           hindsight_intents=cfg.data.hindsight_intents,
                           hindsight_intent_fields=tuple(f.strip() for f in cfg.data.hindsight_intent_fields.split(",")

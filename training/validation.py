@@ -22,7 +22,8 @@ def validation_loss(trainer, params, source, vocab: Vocabulary, kind: str, pipel
                     num_batches: int, shard_index: int, shard_count: int) -> dict[str, float]:
     """Mean cross-entropy per target token over `num_batches` fixed validation batches (`validation_loss`)
     and, for a model with a value head, its mean cross-entropy per logged item (`validation_value_loss`)."""
-    cfg = dataclasses.replace(pipeline_cfg, pack=False, shuffle_seed=1234, stream_weight=0.0, workers=0)
+    cfg = dataclasses.replace(pipeline_cfg, pack=False, shuffle_seed=1234, stream_weight=0.0, skip_weight=1.0,
+                              workers=0)
     iterator = iter(make_dataset(source, vocab, kind, cfg, shard_index, shard_count))
     sums: dict[str, float] = {}
     for _ in range(num_batches):
