@@ -45,7 +45,7 @@ from homegen.data.splits import time_cut_offs, time_split
 
 SPLITS = ("train", "validation", "test")
 BUFFER_BYTES = 64 << 20  # what the bucket stage buffers per worker before writing its pieces out
-MAX_SHARD_BYTES = 256 << 20
+MAX_SHARD_BYTES = 256 << 20  # examples per shard, at most: what a worker holds while it sorts and writes one
 _NO_TIME = float("nan")  # a page without a timestamp, in a spill
 
 
@@ -68,7 +68,7 @@ def _read_frames(path: str) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _serializer():
-    """(encode, serialize) of a page example, as TFDS's writer does it for `PageLogDataset`."""
+    """A page example's serialized bytes, as TFDS's writer encodes and serializes them for `PageLogDataset`."""
     features = tfds.features.FeaturesDict(PAGE_FEATURES)
     serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
     return lambda example: serializer.serialize_example(features.encode_example(example))

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 from conftest import ROOT, running_server
 from test_impressions import logged, post
@@ -116,3 +117,42 @@ def test_on_policy_rounds_weight_served_pages_and_hold_out_few(monkeypatch, tmp_
     for bad in (["--served_repeats", "0"], ["--validation_fraction", "0.6"]):
         with pytest.raises(SystemExit):
             on_policy.main(["--world", str(tmp_path), "--out", str(tmp_path / "out"), *bad])
+
+
+def test_on_policy_promotes_a_candidate_only_when_it_wins_its_ab_test(tmp_path):
+    """--promote: the round's experiment file pits the server's checkpoint against the newest model, half the
+    users each; the joined pages decide (CUPED over the users' earlier-round pages), in both directions."""
+    import scripts.on_policy as on_policy
+
+    candidate = tmp_path / "round1" / "run"
+    candidate.mkdir(parents=True)
+    path = on_policy.write_experiment(str(tmp_path), 2, str(candidate))
+    experiment = read_experiment(path)
+    assert [(a.name, a.share, a.checkpoint) for a in experiment.arms] == [
+        ("incumbent", 0.5, None), ("candidate", 0.5, str(candidate))]
+    rng = np.random.default_rng(0)
+    users = [f"u{k}" for k in range(300)]
+    taste = {u: rng.uniform(0.5, 2.0) for u in users}  # what CUPED's pre-period predicts
+
+    def page(mean: float) -> list[dict]:
+        return [{"shelf": "s", "items": ["a", "b", "c"], "streams": list(rng.poisson(mean / 3, 3).astype(float))}]
+
+    earlier = tmp_path / "round1.jsonl"
+    earlier.write_text("".join(json.dumps({"request_id": f"pre-{k}", "user_id": u, "timestamp": 100.0 + k,
+                                           "page": page(taste[u])}) + "\n"
+                               for k, u in enumerate(users)))
+    for lift, promoted in ((1.5, True), (0.7, False)):
+        records = []
+        for day in range(3):
+            for u in users:
+                arm = experiment.assign(parse_request({"user_id": u})).name
+                mean = taste[u] * (lift if arm == "candidate" else 1.0)
+                records.append({"request_id": f"{day}-{u}", "user_id": u, "timestamp": 1000.0 + 100 * day,
+                                "experiment": "round2", "arm": arm, "page": page(mean)})
+        served = tmp_path / f"round2_{lift}.jsonl"
+        served.write_text("".join(json.dumps(r) + "\n" for r in records))
+        days = [{"start": 1000.0 + 100 * d} for d in range(3)]
+        decision = on_policy.promotion(path, [str(earlier), str(served)], days, 0.05)
+        assert decision["promoted"] is promoted, decision
+        assert (decision["diff_cuped"] > 0) is promoted and decision["p_cuped"] < 0.05
+        assert sum(decision["users"].values()) == 300
