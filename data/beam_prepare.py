@@ -5,16 +5,18 @@ split, examples in the same order, array_record shards), so `train.py --config.d
 same files opens it as already prepared.
 
 The pipeline never holds the log, or a split of it, in one place: every large collection travels through
-files (under the dataset's temporary folder), and Beam carries only file names, counts and the timestamp
-histogram. So a worker's memory is bounded by one shard (`max_shard_bytes` of examples, 256 MiB by default)
+files (under the dataset's temporary folder), and Beam carries only file names, counts and an hourly
+histogram of timestamps. So a worker's memory is bounded by one shard (`max_shard_bytes` of examples, 256 MiB by default)
 and one write buffer, whatever the log's size, on the DirectRunner as on a cluster runner.
 
 1. **Parse** (one input file per unit of work): each line is parsed and checked; a malformed one becomes
    `file:line: reason` in the errors output (or, with `strict`, fails the job); each page is serialized as
-   TFDS serializes it and written to the file's spill with its key and timestamp. A histogram of timestamps
-   (pages and bytes per distinct timestamp) goes on.
-2. **Plan**: the exact time cut-offs (`time_cut_offs`, as the builder computes them), and each split's shard
-   count from its bytes.
+   TFDS serializes it and written to the file's spill with its key and timestamp. An hourly histogram of
+   timestamps (pages and bytes per hour) goes on: its size is the log's span in hours, not its pages.
+2. **Plan**: the time cut-offs, exactly as the builder computes them (`time_cut_offs`: linear quantiles of
+   every timestamp). The histogram says which hours hold the few sorted positions a quantile interpolates;
+   one more read of the spills collects the timestamps of those hours alone, and the quantiles come from
+   them. Then each split's shard count from its bytes.
 3. **Bucket** (one spill per unit of work): each page goes to its split and to the shard its hashed key falls
    in. TFDS orders a split by the MD5 of its keys salted with the split's name; a shard is a range of that
    hash, so the shards read in order are the builder's order.
@@ -26,7 +28,9 @@ nothing that reads as complete.
 
 from __future__ import annotations
 
+import bisect
 import glob
+import itertools
 import json
 import math
 import os
@@ -41,11 +45,12 @@ from tensorflow_datasets.core import writer as tfds_writer
 
 from homegen.data.builders import PAGE_FEATURES, PageLogDataset, file_prefixes, page_log_files, page_log_to_example
 from homegen.data.formats import DataFormatError, json_object, parse_page_log
-from homegen.data.splits import time_cut_offs, time_split
+from homegen.data.splits import cut_off_quantiles, cut_offs_from_ranks, quantile_ranks, time_split
 
 SPLITS = ("train", "validation", "test")
 BUFFER_BYTES = 64 << 20  # what the bucket stage buffers per worker before writing its pieces out
 MAX_SHARD_BYTES = 256 << 20  # examples per shard, at most: what a worker holds while it sorts and writes one
+HOUR = 3600.0  # the histogram's bin
 _NO_TIME = float("nan")  # a page without a timestamp, in a spill
 
 
@@ -58,13 +63,28 @@ def _write_frames(path: str, frames: Iterable[tuple[bytes, bytes]]) -> None:
             f.write(struct.pack("<II", len(head), len(body)) + head + body)
 
 
-def _read_frames(path: str) -> Iterator[tuple[bytes, bytes]]:
+def _read_frames(path: str, bodies: bool = True) -> Iterator[tuple[bytes, bytes | int]]:
+    """The (head, body) pairs of a frame file; with `bodies=False`, (head, body size), bodies skipped."""
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(path) as f:
         while header := f.read(8):
             head_size, body_size = struct.unpack("<II", header)
-            yield f.read(head_size), f.read(body_size)
+            head = f.read(head_size)
+            if bodies:
+                yield head, f.read(body_size)
+            else:
+                f.seek(body_size, os.SEEK_CUR)
+                yield head, body_size
+
+
+def _hour(stamp: float | None) -> float | None:
+    return None if stamp is None else math.floor(stamp / HOUR)
+
+
+def _stamp(head: bytes) -> float | None:
+    (stamp,) = struct.unpack("<d", head[:8])
+    return None if math.isnan(stamp) else stamp
 
 
 def _serializer():
@@ -78,7 +98,7 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
     """Parses input file `entry = (index, path, key prefix)` into the spill `temp/parsed/INDEX`: one frame per
     page log, head = its timestamp (float64, NaN for none) and key (`prefix:k` for the k-th page log of the
     file, as `PageLogDataset` keys it), body = its serialized example. Yields the spill's path with its
-    histogram {timestamp: [pages, bytes]}; a malformed line becomes a tagged `errors` output (a JSON line:
+    hourly histogram {hour: [pages, bytes]} (hour = floor(timestamp / 3600), None without one); a malformed line becomes a tagged `errors` output (a JSON line:
     path, line, reason), or with `strict` fails the job."""
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
@@ -102,7 +122,7 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
                     errors.append(json.dumps({"path": e.path, "line": e.line, "reason": e.reason}))
                     continue
                 body = serialize(page_log_to_example(log))
-                counts = histogram.setdefault(log.timestamp, [0, 0])
+                counts = histogram.setdefault(_hour(log.timestamp), [0, 0])
                 counts[0] += 1
                 counts[1] += len(body)
                 stamp = _NO_TIME if log.timestamp is None else float(log.timestamp)
@@ -117,7 +137,7 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
 
 
 def merge_histograms(histograms: Iterable[dict]) -> dict:
-    """The sum of timestamp histograms ({timestamp: [pages, bytes]})."""
+    """The sum of hourly histograms ({hour: [pages, bytes]})."""
     total: dict = {}
     for histogram in histograms:
         for stamp, (pages, size) in histogram.items():
@@ -127,18 +147,55 @@ def merge_histograms(histograms: Iterable[dict]) -> dict:
     return total
 
 
+def boundary_hours(histogram: dict, validation_fraction: float, test_fraction: float) -> list[float]:
+    """The hours that hold the sorted timestamp positions the cut-off quantiles interpolate."""
+    hours = sorted(h for h in histogram if h is not None)
+    ends = list(itertools.accumulate(histogram[h][0] for h in hours))
+    if not ends:
+        return []
+    ranks = {rank for q in cut_off_quantiles(validation_fraction, test_fraction) for rank in quantile_ranks(ends[-1], q)}
+    return sorted({hours[bisect.bisect_right(ends, rank)] for rank in ranks})
+
+
+def boundary_pages(spill: str, hours: list[float]) -> Iterator[tuple[float, int]]:
+    """(timestamp, bytes) of each page of a parse spill logged in one of `hours`."""
+    wanted = set(hours)
+    for head, size in _read_frames(spill, bodies=False):
+        stamp = _stamp(head)
+        if stamp is not None and _hour(stamp) in wanted:
+            yield stamp, size
+
+
 def plan_splits(histogram: dict, validation_fraction: float, test_fraction: float,
-                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
-    """The time cut-offs (exact, from the histogram) and each split's shard count: its bytes over
-    `max_shard_bytes`, rounded up (a shard is a range of hashed keys, so shards are even up to sampling
-    noise). A split that would be empty is an error, as it is for TFDS's writers."""
-    cuts = time_cut_offs({s: n for s, (n, _) in histogram.items() if s is not None}, validation_fraction,
-                         test_fraction)
+                boundary: list[tuple[float, int]], max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """The time cut-offs, exact (the hourly `histogram` ranks the `boundary` pages, every page of the hours
+    `boundary_hours` named), and each split's shard count: its bytes over `max_shard_bytes`, rounded up (a
+    shard is a range of hashed keys, so shards are even up to sampling noise). A split that would be empty is
+    an error, as it is for TFDS's writers."""
+    hours = sorted(h for h in histogram if h is not None)
+    before = dict(zip(hours, itertools.accumulate([0] + [histogram[h][0] for h in hours[:-1]])))
+    inside: dict[float, list[float]] = {}
+    for stamp, _ in boundary:
+        inside.setdefault(_hour(stamp), []).append(stamp)
+    for stamps in inside.values():
+        stamps.sort()
+
+    def value_at(rank: int) -> float:
+        hour = max(h for h in inside if before[h] <= rank)
+        return inside[hour][rank - before[hour]]
+
+    total = sum(histogram[h][0] for h in hours)
+    cuts = cut_offs_from_ranks(total, value_at, validation_fraction, test_fraction) if total else (None, None)
     wanted = ["train"] + (["validation"] if validation_fraction else []) + (["test"] if test_fraction else [])
     sizes = {split: [0, 0] for split in wanted}
-    for stamp, (pages, size) in histogram.items():
+    for hour, (pages, size) in histogram.items():
+        if hour not in inside:  # a whole hour on one side of every cut-off
+            split = time_split(None if hour is None else hour * HOUR, *cuts)
+            sizes[split][0] += pages
+            sizes[split][1] += size
+    for stamp, size in boundary:
         split = time_split(stamp, *cuts)
-        sizes[split][0] += pages
+        sizes[split][0] += 1
         sizes[split][1] += size
     for split, (pages, _) in sizes.items():
         if not pages:
@@ -167,8 +224,7 @@ def bucket_spill(spill: str, plan: dict, temp: str, buffer_bytes: int = BUFFER_B
         piece, buffered = piece + 1, 0
 
     for head, body in _read_frames(spill):
-        (stamp,) = struct.unpack("<d", head[:8])
-        split = time_split(None if math.isnan(stamp) else stamp, *plan["cuts"])
+        split = time_split(_stamp(head), *plan["cuts"])
         hkey = hashers[split].hash_key(head[8:])
         shard = tfds_shuffle.get_bucket_number(hkey, plan["shards"][split])
         buffers.setdefault((split, shard), []).append((hkey.to_bytes(16, "big"), body))
@@ -227,14 +283,16 @@ class BeamPageLogDataset(PageLogDataset, skip_registration=True):
                       | "Spread files" >> beam.Reshuffle()
                       | "Parse" >> beam.FlatMap(parse_file, temp, self.strict).with_outputs("errors", main="spills"))
             _ = parsed.errors | "Write errors" >> beam.io.WriteToText(self.errors_prefix, file_name_suffix=".jsonl")
+            fractions = (cfg.validation_fraction, cfg.test_fraction)
+            histogram = parsed.spills | "Histograms" >> beam.Values() | "Histogram" >> beam.CombineGlobally(merge_histograms)
+            spills = parsed.spills | "Spills" >> beam.Keys() | "Spread spills" >> beam.Reshuffle()
+            hours = beam.pvalue.AsSingleton(histogram | "Boundary hours" >> beam.Map(boundary_hours, *fractions))
+            boundary = beam.pvalue.AsSingleton(spills
+                                               | "Boundary pages" >> beam.FlatMap(boundary_pages, hours)
+                                               | "Collect boundary" >> beam.combiners.ToList())
             plan = beam.pvalue.AsSingleton(
-                parsed.spills
-                | "Histograms" >> beam.Values()
-                | "Histogram" >> beam.CombineGlobally(merge_histograms)
-                | "Plan" >> beam.Map(plan_splits, cfg.validation_fraction, cfg.test_fraction, self.max_shard_bytes))
-            shards = (parsed.spills
-                      | "Spills" >> beam.Keys()
-                      | "Spread spills" >> beam.Reshuffle()
+                histogram | "Plan" >> beam.Map(plan_splits, *fractions, boundary, self.max_shard_bytes))
+            shards = (spills
                       | "Bucket" >> beam.FlatMap(bucket_spill, plan, temp, min(BUFFER_BYTES, self.max_shard_bytes))
                       | "Count shards" >> beam.CombinePerKey(sum))
             non_empty = beam.pvalue.AsSingleton(shards | "Shard ids" >> beam.Keys() | beam.combiners.ToList())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -74,13 +74,31 @@ def time_cut_offs(histogram: Mapping[float, int], validation_fraction: float,
         return None, None
     values = sorted(histogram)
     ends = np.cumsum([histogram[v] for v in values])  # sorted position after each value's last copy
-    total = int(ends[-1])
+    return cut_offs_from_ranks(int(ends[-1]), lambda rank: values[int(np.searchsorted(ends, rank, side="right"))],
+                               validation_fraction, test_fraction)
+
+
+def cut_off_quantiles(validation_fraction: float, test_fraction: float) -> list[float]:
+    """The quantiles of the timestamps at which validation and test start (for the fractions that are > 0)."""
+    return ([1 - validation_fraction - test_fraction] if validation_fraction else []) + \
+        ([1 - test_fraction] if test_fraction else [])
+
+
+def quantile_ranks(total: int, q: float) -> tuple[int, int]:
+    """The two sorted positions (0-based) among `total` timestamps that the linear quantile `q` interpolates."""
+    below = int(np.floor(q * (total - 1)))
+    return below, min(below + 1, total - 1)
+
+
+def cut_offs_from_ranks(total: int, value_at: Callable[[int], float], validation_fraction: float,
+                        test_fraction: float) -> tuple[float | None, float | None]:
+    """`time_cut_offs` given `total` timestamps and `value_at(rank)`, the timestamp at a sorted position (only
+    `quantile_ranks` positions are asked: a caller in bounded memory finds just those)."""
 
     def quantile(q: float) -> float:
         position = q * (total - 1)
-        below = int(np.floor(position))
-        lo = values[int(np.searchsorted(ends, below, side="right"))]
-        hi = values[int(np.searchsorted(ends, min(below + 1, total - 1), side="right"))]
+        below, above = quantile_ranks(total, q)
+        lo, hi = value_at(below), value_at(above)
         return float(lo + (hi - lo) * (position - below))
 
     return (quantile(1 - validation_fraction - test_fraction) if validation_fraction else None,

@@ -51,6 +51,36 @@ def test_time_cut_offs_are_numpys_linear_quantiles():
     assert time_cut_offs({}, 0.05, 0.0) == (None, None)
 
 
+def test_the_pipelines_hourly_plan_finds_the_exact_cut_offs():
+    """The Beam plan ranks only the pages of the hours that hold a quantile's positions, yet its cut-offs and
+    split sizes equal those from every timestamp (pages without one go to train)."""
+    from homegen.data.beam_prepare import _hour, boundary_hours, merge_histograms, plan_splits
+    from homegen.data.splits import time_split
+
+    rng = np.random.default_rng(1)
+    for n, spread in ((1, 3), (7, 2), (500, 40), (3000, 400)):
+        stamps = list(rng.integers(0, spread * 3600, n) // 900 * 900 + 0.25) + [None] * 3  # repeats, several per hour
+        sizes = rng.integers(50, 500, len(stamps))
+        histogram = merge_histograms([{_hour(t): [1, int(b)]} for t, b in zip(stamps, sizes)])
+        for valid, test in ((0.05, 0.0), (0.1, 0.05), (0.3, 0.2)):
+            hours = boundary_hours(histogram, valid, test)
+            boundary = [(t, int(b)) for t, b in zip(stamps, sizes) if t is not None and _hour(t) in hours]
+            assert len(hours) <= 4 and len(boundary) <= n
+            try:
+                plan = plan_splits(histogram, valid, test, boundary, max_shard_bytes=1000)
+            except ValueError as e:
+                assert "would hold no page" in str(e) and n < 20
+                continue
+            expected = time_cut_offs(dict(zip(*np.unique([t for t in stamps if t is not None], return_counts=True))),
+                                     valid, test)
+            assert plan["cuts"] == expected
+            bytes_of = {}
+            for t, b in zip(stamps, sizes):
+                split = time_split(t, *expected)
+                bytes_of[split] = bytes_of.get(split, 0) + int(b)
+            assert plan["shards"] == {split: max(1, -(-size // 1000)) for split, size in bytes_of.items()}
+
+
 def test_beam_dataset_equals_the_builders_and_train_opens_it(log_files, tmp_path, monkeypatch):
     """Several workers (multi-processing DirectRunner), a glob, a repeated base name and shards small enough
     that each split has several: every split holds the builder's examples in the builder's order; train.py's
