@@ -6,8 +6,8 @@ same files opens it as already prepared.
 
 The pipeline never holds the log, or a split of it, in one place: every large collection travels through
 files (under the dataset's temporary folder), and Beam carries only file names, counts and an hourly
-histogram of timestamps. So a worker's memory is bounded by one shard (`max_shard_bytes` of examples, 256 MiB by default)
-and one write buffer, whatever the log's size, on the DirectRunner as on a cluster runner.
+histogram of timestamps. So a worker's memory is bounded by one shard (`max_shard_bytes` of examples, 256 MiB
+by default) and one write buffer, whatever the log's size, on the DirectRunner as on a cluster runner.
 
 1. **Parse** (one input file per unit of work): each line is parsed and checked; a malformed one becomes
    `file:line: reason` in the errors output (or, with `strict`, fails the job); each page is serialized as
@@ -45,9 +45,8 @@ from tensorflow_datasets.core import writer as tfds_writer
 
 from homegen.data.builders import PAGE_FEATURES, PageLogDataset, file_prefixes, page_log_files, page_log_to_example
 from homegen.data.formats import DataFormatError, json_object, parse_page_log
-from homegen.data.splits import cut_off_quantiles, cut_offs_from_ranks, quantile_ranks, time_split
+from homegen.data.splits import SPLITS, cut_off_quantiles, cut_offs_from_ranks, quantile_ranks, time_split, time_splits
 
-SPLITS = ("train", "validation", "test")
 BUFFER_BYTES = 64 << 20  # what the bucket stage buffers per worker before writing its pieces out
 MAX_SHARD_BYTES = 256 << 20  # examples per shard, at most: what a worker holds while it sorts and writes one
 HOUR = 3600.0  # the histogram's bin
@@ -98,8 +97,8 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
     """Parses input file `entry = (index, path, key prefix)` into the spill `temp/parsed/INDEX`: one frame per
     page log, head = its timestamp (float64, NaN for none) and key (`prefix:k` for the k-th page log of the
     file, as `PageLogDataset` keys it), body = its serialized example. Yields the spill's path with its
-    hourly histogram {hour: [pages, bytes]} (hour = floor(timestamp / 3600), None without one); a malformed line becomes a tagged `errors` output (a JSON line:
-    path, line, reason), or with `strict` fails the job."""
+    hourly histogram {hour: [pages, bytes]} (hour = floor(timestamp / 3600), None without one); a malformed
+    line becomes a tagged `errors` output (a JSON line: path, line, reason), or with `strict` fails the job."""
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
@@ -153,7 +152,8 @@ def boundary_hours(histogram: dict, validation_fraction: float, test_fraction: f
     ends = list(itertools.accumulate(histogram[h][0] for h in hours))
     if not ends:
         return []
-    ranks = {rank for q in cut_off_quantiles(validation_fraction, test_fraction) for rank in quantile_ranks(ends[-1], q)}
+    quantiles = cut_off_quantiles(validation_fraction, test_fraction)
+    ranks = {rank for q in quantiles for rank in quantile_ranks(ends[-1], q)}
     return sorted({hours[bisect.bisect_right(ends, rank)] for rank in ranks})
 
 
@@ -186,8 +186,7 @@ def plan_splits(histogram: dict, validation_fraction: float, test_fraction: floa
 
     total = sum(histogram[h][0] for h in hours)
     cuts = cut_offs_from_ranks(total, value_at, validation_fraction, test_fraction) if total else (None, None)
-    wanted = ["train"] + (["validation"] if validation_fraction else []) + (["test"] if test_fraction else [])
-    sizes = {split: [0, 0] for split in wanted}
+    sizes = {split: [0, 0] for split in time_splits(validation_fraction, test_fraction)}
     for hour, (pages, size) in histogram.items():
         if hour not in inside:  # a whole hour on one side of every cut-off
             split = time_split(None if hour is None else hour * HOUR, *cuts)
@@ -199,8 +198,8 @@ def plan_splits(histogram: dict, validation_fraction: float, test_fraction: floa
         sizes[split][1] += size
     for split, (pages, _) in sizes.items():
         if not pages:
-            raise ValueError(f"the {split} split would hold no page: the logs' timestamps cannot be split "
-                             f"{1 - validation_fraction - test_fraction:g} / {validation_fraction:g} / {test_fraction:g}")
+            shares = f"{1 - validation_fraction - test_fraction:g} / {validation_fraction:g} / {test_fraction:g}"
+            raise ValueError(f"the {split} split would hold no page: the logs' timestamps cannot be split {shares}")
     return {"cuts": cuts, "shards": {split: min(pages, max(1, math.ceil(size / max_shard_bytes)))
                                      for split, (pages, size) in sizes.items()}}
 
@@ -246,6 +245,7 @@ def write_shard(entry: tuple[tuple[str, int], int], non_empty: list[tuple[str, i
 
     (split, bucket), pages = entry
     ranks = sorted(b for s, b in non_empty if s == split)
+    index = ranks.index(bucket)
     folder = FileSystems.join(temp, "buckets", split, f"{bucket:05d}")
     pieces = [m.path for m in FileSystems.match([FileSystems.join(folder, "*")])[0].metadata_list]
     examples = sorted((int.from_bytes(head, "big"), body) for path in pieces for head, body in _read_frames(path))
@@ -254,10 +254,10 @@ def write_shard(entry: tuple[tuple[str, int], int], non_empty: list[tuple[str, i
     data_path, name, suffix = dataset
     template = tfds.core.naming.ShardedFileTemplate(data_dir=data_path, dataset_name=name, split=split,
                                                     filetype_suffix=suffix)
-    path = template.sharded_filepath(shard_index=ranks.index(bucket), num_shards=len(ranks))
+    path = template.sharded_filepath(shard_index=index, num_shards=len(ranks))
     tfds_writer.ExampleWriter(tfds.core.FileFormat.ARRAY_RECORD).write(path, examples)
     FileSystems.delete([folder])
-    return split, ranks.index(bucket), pages, sum(len(body) for _, body in examples)
+    return split, index, pages, sum(len(body) for _, body in examples)
 
 
 class BeamPageLogDataset(PageLogDataset, skip_registration=True):
@@ -284,7 +284,9 @@ class BeamPageLogDataset(PageLogDataset, skip_registration=True):
                       | "Parse" >> beam.FlatMap(parse_file, temp, self.strict).with_outputs("errors", main="spills"))
             _ = parsed.errors | "Write errors" >> beam.io.WriteToText(self.errors_prefix, file_name_suffix=".jsonl")
             fractions = (cfg.validation_fraction, cfg.test_fraction)
-            histogram = parsed.spills | "Histograms" >> beam.Values() | "Histogram" >> beam.CombineGlobally(merge_histograms)
+            histogram = (parsed.spills
+                         | "Histograms" >> beam.Values()
+                         | "Histogram" >> beam.CombineGlobally(merge_histograms))
             spills = parsed.spills | "Spills" >> beam.Keys() | "Spread spills" >> beam.Reshuffle()
             hours = beam.pvalue.AsSingleton(histogram | "Boundary hours" >> beam.Map(boundary_hours, *fractions))
             boundary = beam.pvalue.AsSingleton(spills

@@ -24,7 +24,7 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 from homegen.data.formats import PageLog, Shelf, UserSequence, iter_page_logs, read_interactions
 from homegen.data.simulator.simulate import write_world
 from homegen.data.simulator.world import WorldConfig
-from homegen.data.splits import leave_one_out, page_split, time_cut_offs
+from homegen.data.splits import leave_one_out, page_split, time_cut_offs, time_splits
 
 _TEXTS = tfds.features.Sequence(tfds.features.Text())
 PAGE_FEATURES = {
@@ -178,8 +178,8 @@ class PageLogDataset(_InMemoryShuffle):
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         cuts = _time_cuts(cfg.page_logs, cfg.validation_fraction, cfg.test_fraction)
-        splits = ["train"] + (["validation"] if cfg.validation_fraction else []) + (["test"] if cfg.test_fraction else [])
-        return {s: self._generate_examples(cfg.page_logs, cuts, s) for s in splits}
+        return {s: self._generate_examples(cfg.page_logs, cuts, s)
+                for s in time_splits(cfg.validation_fraction, cfg.test_fraction)}
 
     def _generate_examples(self, paths, cuts, split) -> Iterator[tuple[str, dict]]:
         return _page_examples(paths, cuts, split)

@@ -78,6 +78,11 @@ def time_cut_offs(histogram: Mapping[float, int], validation_fraction: float,
                                validation_fraction, test_fraction)
 
 
+def time_splits(validation_fraction: float, test_fraction: float) -> list[str]:
+    """The splits a time split makes: train, then validation and test where their fraction is > 0."""
+    return ["train"] + (["validation"] if validation_fraction else []) + (["test"] if test_fraction else [])
+
+
 def cut_off_quantiles(validation_fraction: float, test_fraction: float) -> list[float]:
     """The quantiles of the timestamps at which validation and test start (for the fractions that are > 0)."""
     return ([1 - validation_fraction - test_fraction] if validation_fraction else []) + \

@@ -22,7 +22,9 @@ days are an A/B test: the incumbent (the last promoted model; round 0's at first
 round r-1 trained) each serve half the users, chosen by a salted hash of the user id, both with the same
 exploration. `evaluation/experiment.py` then compares the arms' streams per page per user (Welch, CUPED with
 the users' pages of earlier rounds as the pre-period); the candidate is promoted when it is better at
---promote_alpha. Both arms' pages are training data. The decision, with its figures, is in the round's row. Each stage's output stays in OUT/round<r>/ (a rerun resumes from the last finished round).
+--promote_alpha. Both arms' pages are training data. The decision, with its figures, is in the round's row.
+
+Each stage's output stays in OUT/round<r>/ (a rerun resumes from the last finished round).
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def promotion(experiment_path: str, pages: list[str], days: list[dict], alpha: f
             "candidate_streams_per_page": table["arms"]["candidate"]["streams_per_page"],
             "users": table["srm"]["users"], "srm_p": table["srm"]["p"], "diff_cuped": test["diff"],
             "ci_cuped": test["ci"], "p_cuped": test["p"], "promoted": bool(test["diff"] > 0 and test["p"] < alpha)}
+
+
+def ab_summary(decision: dict) -> str:
+    """One line's part on a round's A/B test (`promotion`'s result)."""
+    outcome = "promoted" if decision["promoted"] else "kept the incumbent"
+    return f"A/B {decision['diff_cuped']:+.3f} streams a page (p {decision['p_cuped']:.3g}): {outcome}; "
 
 
 def serve_round(args, checkpoint: str, folder: str, world: OnlineWorld, first_day: int,
@@ -198,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(curve, f, indent=1)
         print(f"round {r}: {row['of_oracle']:.3f} of the oracle on validation ({row['method']}); "
               + (f"served {row['served']} pages at {row['served_streams_per_page']:.2f} streams; " if r else "")
-              + (f"A/B {row['experiment']['diff_cuped']:+.3f} streams a page (p {row['experiment']['p_cuped']:.3g}): "
-                 f"{'promoted' if row['experiment']['promoted'] else 'kept the incumbent'}; " if "experiment" in row else "")
+              + (ab_summary(row["experiment"]) if "experiment" in row else "")
               + f"{row['logged_pages']} pages trained on; serve {row['serve_s']} s, train {row['train_s']} s, "
                 f"eval {row['eval_s']} s", flush=True)
     return 0

@@ -173,7 +173,8 @@ def test_prepare_benchmark_times_both_methods_on_the_same_files(log_files, tmp_p
     """A 600-page log tiled 4 times into 2,400 distinct pages in 3 files; both methods prepare them."""
     from scripts.benchmark_prepare import main
 
-    assert main(["--tile", log_files[1], "--pages", "2400", "--files", "3", "--out", str(tmp_path), "--workers", "1"]) == 0
+    assert main(["--tile", log_files[1], "--pages", "2400", "--files", "3", "--out", str(tmp_path),
+                 "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "2,400 pages in 3 file(s)" in out and "| builder |" in out and "| beam |" in out
     tiled = [json.loads(line) for path in sorted(glob.glob(str(tmp_path / "logs" / "*.jsonl"))) for line in open(path)]
