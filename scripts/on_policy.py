@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.served_repeats < 1 or not 0 < args.validation_fraction < 0.5:
         parser.error(f"--served_repeats must be >= 1 and --validation_fraction in (0, 0.5), got "
                      f"{args.served_repeats} and {args.validation_fraction}")
+    if not 0 < args.promote_alpha < 1:
+        parser.error(f"--promote_alpha must be in (0, 1), got {args.promote_alpha}")
     try:
         world = OnlineWorld(world_config_of(args.world), seed=0)
     except (FileNotFoundError, TypeError) as e:

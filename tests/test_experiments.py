@@ -114,7 +114,7 @@ def test_on_policy_rounds_weight_served_pages_and_hold_out_few(monkeypatch, tmp_
     logs = flags["--config.data.page_logs"].split(",")
     assert logs.count("/w/pages.jsonl") == 1 and logs.count("/r1/pages.jsonl") == 3 and logs.count("/r2/pages.jsonl") == 3
     assert flags["--config.data.validation_fraction"] == "0.01"
-    for bad in (["--served_repeats", "0"], ["--validation_fraction", "0.6"]):
+    for bad in (["--served_repeats", "0"], ["--validation_fraction", "0.6"], ["--promote_alpha", "1.5"]):
         with pytest.raises(SystemExit):
             on_policy.main(["--world", str(tmp_path), "--out", str(tmp_path / "out"), *bad])
 
