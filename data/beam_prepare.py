@@ -12,7 +12,9 @@ by default) and one write buffer, whatever the log's size, on the DirectRunner a
 1. **Parse** (one input file per unit of work): each line is parsed and checked; a malformed one becomes
    `file:line: reason` in the errors output (or, with `strict`, fails the job); each page is serialized as
    TFDS serializes it and written to the file's spill with its key and timestamp. An hourly histogram of
-   timestamps (pages and bytes per hour) goes on: its size is the log's span in hours, not its pages.
+   timestamps (pages and bytes per hour) goes on: its size is the log's span in hours, not its pages. The
+   file's vocabulary counts (`LogCounts`) are saved beside its spill; merged in file order, they are written
+   into the dataset's folder (`LOG_COUNTS_FILE`), and training builds its vocabulary from them.
 2. **Plan**: the time cut-offs, exactly as the builder computes them (`time_cut_offs`: linear quantiles of
    every timestamp). The histogram says which hours hold the few sorted positions a quantile interpolates;
    one more read of the spills collects the timestamps of those hours alone, and the quantiles come from
@@ -45,6 +47,7 @@ from tensorflow_datasets.core import writer as tfds_writer
 
 from homegen.data.builders import PAGE_FEATURES, PageLogDataset, file_prefixes, page_log_files, page_log_to_example
 from homegen.data.formats import DataFormatError, json_object, parse_page_log
+from homegen.data.log_counts import LOG_COUNTS_FILE, LogCounts
 from homegen.data.splits import SPLITS, cut_off_quantiles, cut_offs_from_ranks, quantile_ranks, time_split, time_splits
 
 BUFFER_BYTES = 64 << 20  # what the bucket stage buffers per worker before writing its pieces out
@@ -97,8 +100,9 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
     """Parses input file `entry = (index, path, key prefix)` into the spill `temp/parsed/INDEX`: one frame per
     page log, head = its timestamp (float64, NaN for none) and key (`prefix:k` for the k-th page log of the
     file, as `PageLogDataset` keys it), body = its serialized example. Yields the spill's path with its
-    hourly histogram {hour: [pages, bytes]} (hour = floor(timestamp / 3600), None without one); a malformed
-    line becomes a tagged `errors` output (a JSON line: path, line, reason), or with `strict` fails the job."""
+    hourly histogram {hour: [pages, bytes]} (hour = floor(timestamp / 3600), None without one), and as a tagged
+    `counts` output (index, path of the file's `LogCounts` as JSON); a malformed line becomes a tagged `errors`
+    output (a JSON line: path, line, reason), or with `strict` fails the job."""
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
 
@@ -106,6 +110,7 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
     serialize = _serializer()
     histogram: dict[float | None, list[int]] = {}
     errors: list[str] = []
+    log_counts = LogCounts()
 
     def frames() -> Iterator[tuple[bytes, bytes]]:
         k = 0
@@ -120,6 +125,7 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
                         raise
                     errors.append(json.dumps({"path": e.path, "line": e.line, "reason": e.reason}))
                     continue
+                log_counts.add_page(log)
                 body = serialize(page_log_to_example(log))
                 counts = histogram.setdefault(_hour(log.timestamp), [0, 0])
                 counts[0] += 1
@@ -130,9 +136,24 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
 
     spill = FileSystems.join(temp, "parsed", f"{index:06d}")
     _write_frames(spill, frames())
+    counts_path = FileSystems.join(temp, "counts", f"{index:06d}.json")
+    _save_json(log_counts.to_json(), counts_path)
     for error in errors:
         yield beam.pvalue.TaggedOutput("errors", error)
+    yield beam.pvalue.TaggedOutput("counts", (index, counts_path))
     yield spill, histogram
+
+
+def merge_counts(entries: list[tuple[int, str]], path: str) -> None:
+    """Merges the per-file counts `entries = [(file index, counts path)]` in file order (what training's
+    vocabulary pass would count reading the files one after another) and saves the total at `path`."""
+    from apache_beam.io.filesystems import FileSystems
+
+    total = LogCounts()
+    for _, counts_path in sorted(entries):
+        with FileSystems.open(counts_path) as f:
+            total.merge(LogCounts.from_json(json.loads(f.read())))
+    _save_json(total.to_json(), path)
 
 
 def merge_histograms(histograms: Iterable[dict]) -> dict:
@@ -281,8 +302,12 @@ class BeamPageLogDataset(PageLogDataset, skip_registration=True):
             parsed = (pipeline
                       | "Files" >> beam.Create(files)
                       | "Spread files" >> beam.Reshuffle()
-                      | "Parse" >> beam.FlatMap(parse_file, temp, self.strict).with_outputs("errors", main="spills"))
+                      | "Parse" >> beam.FlatMap(parse_file, temp, self.strict).with_outputs("errors", "counts",
+                                                                                             main="spills"))
             _ = parsed.errors | "Write errors" >> beam.io.WriteToText(self.errors_prefix, file_name_suffix=".jsonl")
+            _ = (parsed.counts
+                 | "Collect counts" >> beam.combiners.ToList()
+                 | "Merge counts" >> beam.Map(merge_counts, os.path.join(str(self.data_path), LOG_COUNTS_FILE)))
             fractions = (cfg.validation_fraction, cfg.test_fraction)
             histogram = (parsed.spills
                          | "Histograms" >> beam.Values()

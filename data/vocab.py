@@ -36,6 +36,7 @@ UNKNOWN_VALUE = "<unk>"
 NO_OUTCOME, SKIPPED, STREAMED = 0, 1, 2
 VOCAB_FILE = "vocab.json"  # what `Vocabulary.save` writes
 MAX_CATALOG_TEXTS = 1_000_000  # catalog item texts the sentencepiece model is trained on, at most
+MAX_INTENTS = 100_000  # distinct intent texts it is trained on, at most (the first seen)
 
 
 class ItemTokenizer(Protocol):
@@ -315,15 +316,23 @@ class Vocabulary:
 
 
 class VocabularyBuilder:
-    """Counts what a dataset holds, in one streaming pass, and turns it into a Vocabulary."""
+    """Counts what a dataset holds, in one streaming pass, and turns it into a Vocabulary. Builders that read
+    separate parts of the logs merge (`merge`) into the builder that read them one after another."""
 
     def __init__(self, min_context_count: int = 1):
         self.min_context_count = min_context_count
         self.context = Counter()
         self.shelves: dict[str, None] = {}
         self.items: dict[str, None] = {}
-        self.text: list[str] = []
-        self._intents: set[str] = set()
+        self.catalog_text: list[str] = []
+        self.intents: dict[str, None] = {}  # distinct intents, first seen first (at most MAX_INTENTS)
+        self.page_text: list[tuple[str, str]] = []  # ("intent", intent) / ("shelf", shelf), first seen first
+
+    @property
+    def text(self) -> list[str]:
+        """What the sentencepiece model learns from: catalog texts, then intents and shelf names in the order
+        the logs first showed them."""
+        return self.catalog_text + [key if kind == "intent" else key.replace("_", " ") for kind, key in self.page_text]
 
     def add_catalog(self, catalog: Iterable[CatalogItem], max_texts: int = MAX_CATALOG_TEXTS, seed: int = 0) -> None:
         """Every catalog item's id, and the text of at most `max_texts` of them for the sentencepiece model (a
@@ -341,22 +350,43 @@ class VocabularyBuilder:
                 texts.append(text)
             elif (k := rng.randrange(seen)) < max_texts:  # reservoir sampling
                 texts[k] = text
-        self.text.extend(texts)
+        self.catalog_text.extend(texts)
+
+    def _add_text(self, kind: str, key: str) -> None:
+        if kind == "intent":
+            if key in self.intents or len(self.intents) >= MAX_INTENTS:
+                return
+            self.intents.setdefault(key)
+        elif key in self.shelves:
+            return
+        else:
+            self.shelves.setdefault(key)
+        self.page_text.append((kind, key))
 
     def add_page(self, log: PageLog) -> None:
         for key, value in log.context.items():
             self.context[f"{key}={value}"] += 1
-        if log.intent and log.intent not in self._intents and len(self._intents) < 100_000:
-            self._intents.add(log.intent)
-            self.text.append(log.intent)
+        if log.intent:
+            self._add_text("intent", log.intent)
         for item in log.history:
             self.items.setdefault(item)
         for shelf in log.page:
-            if shelf.shelf not in self.shelves:
-                self.shelves.setdefault(shelf.shelf)
-                self.text.append(shelf.shelf.replace("_", " "))
+            self._add_text("shelf", shelf.shelf)
             for item in shelf.items:
                 self.items.setdefault(item)
+
+    def merge(self, other: VocabularyBuilder) -> None:
+        """Adds what `other` counted, as if its pages had been added here after this builder's own (item,
+        shelf, intent and text order included). `other` must not have read a catalog: a catalog comes first."""
+        if other.catalog_text:
+            raise ValueError("merge a builder of page logs only; add the catalog to the builder merged into")
+        self.context.update(other.context)
+        for item in other.items:
+            self.items.setdefault(item)
+        for kind, key in other.page_text:
+            self._add_text(kind, key)
+        for shelf in other.shelves:  # a sequence's NEXT_ITEM_SHELF has no text
+            self.shelves.setdefault(shelf)
 
     def add_sequence(self, user: UserSequence) -> None:
         self.shelves.setdefault(NEXT_ITEM_SHELF)

@@ -3,6 +3,7 @@ builder (examples, splits, order), malformed lines reported with file and line a
 vocabulary too, --strict failing without leaving a dataset, and train.py opening the result without
 rebuilding it."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ from homegen.configs.demo import get_config
 from homegen.data.beam_prepare import prepare
 from homegen.data.builders import PageLogDataset
 from homegen.data.splits import time_cut_offs
+from homegen.training import data as training_data
 from homegen.training.data import absolute_data_paths, build_vocabulary, prepare_data, resolve_source
 
 ONE_WORKER = ["--runner=DirectRunner", "--direct_num_workers=1"]
@@ -115,6 +117,33 @@ def test_beam_dataset_equals_the_builders_and_train_opens_it(log_files, tmp_path
     monkeypatch.setattr(PageLogDataset, "_generate_examples", rebuild)
     prepared = prepare_data(cfg, beam_dir, True, lambda name: None)
     assert len(prepared.sources["train"]) == len(ours["train"]) and prepared.skipped == {}
+    assert prepared.log_counts == os.path.join(builder.data_dir, "log_counts.json")
+
+    # The vocabulary from the counts Beam wrote equals training's own pass over the logs, for any relabeling;
+    # the logs are then read only for semantic IDs' sequences, and only as far as they need.
+    pages_read = []
+
+    def counted(*args):
+        for log in real_iter_page_logs(*args):
+            pages_read.append(log)
+            yield log
+
+    real_iter_page_logs = training_data.iter_page_logs
+    monkeypatch.setattr(training_data, "iter_page_logs", counted)
+    for outcome, user, tokens in ((False, False, "atomic"), (True, True, "atomic"), (False, True, "semantic")):
+        variant = cfg.copy_and_resolve_references()
+        variant.update(dict(outcome_conditioning=outcome, user_tokens=user, item_tokens=tokens, sentencepiece_vocab=100,
+                            semantic_levels=2, semantic_codes=8, semantic_max_sequences=300))
+        pages_read.clear()
+        vocab, counts, shelf_items = build_vocabulary(variant, prepared)
+        assert len(pages_read) == (300 if tokens == "semantic" else 0)
+        pages_read.clear()
+        streamed_vocab, streamed_counts, streamed_shelf_items = build_vocabulary(
+            variant, dataclasses.replace(prepared, log_counts=None))
+        assert len(pages_read) == 3000
+        assert vocab.to_json() == streamed_vocab.to_json(), (outcome, user, tokens)
+        assert counts == streamed_counts and shelf_items == streamed_shelf_items
+        assert ("user_id=<unk>" in vocab.context_tokens) == user
 
 
 def test_malformed_lines_are_listed_skipped_and_left_out_of_the_vocabulary(log_files, tmp_path):

@@ -18,7 +18,7 @@ from homegen.data.beam_prepare import skipped_lines
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset, page_log_files
 from homegen.data.formats import (iter_catalog, iter_page_logs, read_catalog, read_interactions, read_item_attributes,
                                   unique_catalog_items)
-from homegen.data.relabel import relabeler
+from homegen.data.log_counts import LogCounts, prepared_counts_path
 from homegen.data.semantic_catalog import build_semantic_items, read_catalog_columns, semantic_items_of_columns
 from homegen.data.semantic_ids import SemanticItems
 from homegen.data.simulator.world import EPOCH
@@ -87,6 +87,7 @@ class PreparedData:
     catalog_path: str | None
     world_dir: str | None  # the synthetic world's files: the synthetic source's, or data.world's
     skipped: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)  # file -> lines `homegen prepare` skipped
+    log_counts: str | None = None  # the counts of the logs `homegen prepare` wrote with the dataset (data.log_counts)
 
 
 def page_log_paths(data_cfg) -> list[str]:
@@ -122,7 +123,8 @@ def prepare_data(data_cfg, default_data_dir: str, is_leader: bool, barrier) -> P
         for error in skipped_lines(data_dir, builder.builder_config.name):
             skipped.setdefault(error.path, set()).add(error.line)
     return PreparedData(builder.as_data_source(), kind, catalog, world_dir,
-                        {path: frozenset(lines) for path, lines in skipped.items()})
+                        {path: frozenset(lines) for path, lines in skipped.items()},
+                        prepared_counts_path(builder.data_dir) if data_cfg.source == "page_logs" else None)
 
 
 def raw_files(data_cfg, prepared: PreparedData) -> list[str]:
@@ -143,8 +145,6 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
         print(f"vocabulary: {phase} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     builder = VocabularyBuilder(min_context_count=data_cfg.min_context_count)
-    counts: Counter = Counter()
-    shelf_items: dict[str, dict[str, None]] = {}
     if prepared.catalog_path:  # read streaming: a catalog of 10^7 items is never held as objects
         builder.add_catalog(unique_catalog_items(prepared.catalog_path))
         progress(f"catalog of {len(builder.items):,} items read")
@@ -152,21 +152,22 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     # logged page's history and items in page order (the first `semantic_max_sequences` pages).
     train_sequences: list[list[str]] = []
     semantic = data_cfg.item_tokens == "semantic"
-    label = relabeler(data_cfg.outcome_conditioning, False, data_cfg.user_tokens)  # what the prompts show
-    for path in raw_files(data_cfg, prepared):
-        if prepared.kind == "sequences":
-            for user in read_interactions(path, data_cfg.interactions_format):
-                builder.add_sequence(user)
-                counts.update(user.items[:-2])
-                train_sequences.append(user.items[:-2])
-        else:
-            for log in iter_page_logs(path, prepared.skipped.get(path, frozenset())):
-                builder.add_page(label(log))
-                for shelf in log.page:
-                    counts.update(shelf.items)
-                    shelf_items.setdefault(shelf.shelf, {}).update(dict.fromkeys(shelf.items))
-                if semantic and len(train_sequences) < data_cfg.semantic_max_sequences:
-                    train_sequences.append(log.history[-data_cfg.max_history:] + [i for s in log.page for i in s.items])
+    if prepared.kind == "sequences":
+        counts: Counter = Counter()
+        for user in read_interactions(data_cfg.interactions, data_cfg.interactions_format):
+            builder.add_sequence(user)
+            counts.update(user.items[:-2])
+            train_sequences.append(user.items[:-2])
+        shelf_items: dict[str, dict[str, None]] = {}
+    else:
+        log_counts = LogCounts.load(prepared.log_counts) if prepared.log_counts else None
+        if log_counts is not None:
+            progress(f"log counts of `homegen prepare` read ({prepared.log_counts})")
+        log_counts, train_sequences = read_page_logs(raw_files(data_cfg, prepared), prepared.skipped, log_counts,
+                                                     data_cfg.semantic_max_sequences if semantic else 0,
+                                                     data_cfg.max_history)
+        log_counts.add_to(builder, data_cfg.outcome_conditioning, data_cfg.user_tokens)
+        counts, shelf_items = log_counts.item_counts, log_counts.shelf_items
     skipped = sum(map(len, prepared.skipped.values()))
     progress(f"logs read: {len(builder.items):,} items, {len(builder.shelves):,} shelf types"
              + (f"; {skipped:,} malformed lines left out as `homegen prepare` left them out" if skipped else ""))
@@ -185,6 +186,28 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     vocab = builder.build(data_cfg.max_history, data_cfg.sentencepiece_vocab, items, sentencepiece_model,
                           item_attributes(data_cfg, prepared.catalog_path), data_cfg.max_item_attributes)
     return vocab, counts, {shelf: list(items) for shelf, items in shelf_items.items()}
+
+
+def read_page_logs(paths: list[str], skipped: dict[str, frozenset[int]], counts: LogCounts | None,
+                   max_sequences: int, max_history: int) -> tuple[LogCounts, list[list[str]]]:
+    """One pass over the page logs (leaving out the `skipped` lines): their counts, unless `counts` are given
+    already, and the first `max_sequences` pages as item sequences (history, then the page's items). With
+    `counts` given, the pass stops once it has the sequences."""
+    sequences: list[list[str]] = []
+    counting = counts is None
+    if counting:
+        counts = LogCounts()
+    elif not max_sequences:
+        return counts, sequences
+    for path in paths:
+        for log in iter_page_logs(path, skipped.get(path, frozenset())):
+            if counting:
+                counts.add_page(log)
+            if len(sequences) < max_sequences:
+                sequences.append(log.history[-max_history:] + [item for shelf in log.page for item in shelf.items])
+                if not counting and len(sequences) == max_sequences:
+                    return counts, sequences
+    return counts, sequences
 
 
 def item_attributes(data_cfg, catalog_path: str | None) -> dict[str, list] | None:
