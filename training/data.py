@@ -16,8 +16,14 @@ from collections.abc import Callable
 from homegen.data.attributes import catalog_item_attributes
 from homegen.data.beam_prepare import skipped_lines
 from homegen.data.builders import InteractionDataset, PageLogDataset, SyntheticWorldDataset, page_log_files
-from homegen.data.formats import (iter_catalog, iter_page_logs, read_catalog, read_interactions, read_item_attributes,
-                                  unique_catalog_items)
+from homegen.data.formats import (
+    iter_catalog,
+    iter_page_logs,
+    read_catalog,
+    read_interactions,
+    read_item_attributes,
+    unique_catalog_items,
+)
 from homegen.data.log_counts import LogCounts, prepared_counts_path
 from homegen.data.semantic_catalog import build_semantic_items, read_catalog_columns, semantic_items_of_columns
 from homegen.data.semantic_ids import SemanticItems
@@ -162,7 +168,7 @@ def build_vocabulary(data_cfg, prepared: PreparedData) -> tuple[Vocabulary, Coun
     else:
         log_counts = LogCounts.load(prepared.log_counts) if prepared.log_counts else None
         if log_counts is not None:
-            progress(f"log counts of `homegen prepare` read ({prepared.log_counts})")
+            progress(f"log counts of homegen prepare read ({prepared.log_counts})")
         log_counts, train_sequences = read_page_logs(raw_files(data_cfg, prepared), prepared.skipped, log_counts,
                                                      data_cfg.semantic_max_sequences if semantic else 0,
                                                      data_cfg.max_history)
