@@ -165,6 +165,23 @@ def test_fine_tuning_with_frozen_groups(data_dir, tmp_path):
     assert not np.array_equal(np.asarray(after["blocks"]["mlp"]["up"]), np.asarray(before["blocks"]["mlp"]["up"]))
 
 
+def test_rowwise_adagrad_embedding_trains_alike_on_one_and_eight_devices(data_dir, tmp_path):
+    """train.embedding_optimizer=rowwise_adagrad: one accumulator per embedding row in the state, the loss falls,
+    and a data x fsdp x tensor mesh computes what one device does."""
+    single = run(tiny_config(data_dir, steps=30, log_every=1, embedding_optimizer="rowwise_adagrad",
+                             embedding_learning_rate=0.02), str(tmp_path / "one"))
+    cfg = tiny_config(data_dir, steps=30, log_every=1, embedding_optimizer="rowwise_adagrad",
+                      embedding_learning_rate=0.02)
+    cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    sharded = run(cfg, str(tmp_path / "eight"))
+    np.testing.assert_allclose(sharded.losses, single.losses, rtol=2e-5)
+    assert single.losses[-1] < single.losses[0] - 0.3, single.losses
+    vocab_size = sharded.state["params"]["embed"].shape[0]
+    accumulators = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(sharded.state["opt_state"])
+                    if "sum_of_squares" in jax.tree_util.keystr(path)]
+    assert [a.shape for a in accumulators] == [(vocab_size,)] and float(accumulators[0].max()) > 0
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.train.update(dict(batch_size=12)), "multiple of the mesh's batch axes"),
     (lambda c: (c.data.update(dict(source="interactions", interactions="/nonexistent/file.txt")),
