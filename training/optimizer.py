@@ -12,7 +12,6 @@ import optax
 
 from homegen.model.lora import path_name
 
-
 EMBEDDING_OPTIMIZERS = ("adamw", "rowwise_adagrad")
 EMBEDDING_PATH = "embed"  # the token embedding table (V, D), tied to the output layer by default
 
@@ -38,10 +37,12 @@ def scale_by_rowwise_adagrad(eps: float = 1e-8) -> optax.GradientTransformation:
     def init(params):
         return RowwiseAdagradState(jax.tree.map(lambda p: jnp.zeros_like(p, shape=p.shape[:1]), params))
 
+    def row_mean_square(g):
+        return jnp.mean(jnp.square(g), axis=tuple(range(1, g.ndim)))
+
     def update(updates, state, params=None):
         del params
-        row_mean = lambda g: jnp.mean(jnp.square(g), axis=tuple(range(1, g.ndim)))  # noqa: E731
-        sums = jax.tree.map(lambda g, a: a + row_mean(g), updates, state.sum_of_squares)
+        sums = jax.tree.map(lambda g, a: a + row_mean_square(g), updates, state.sum_of_squares)
         scaled = jax.tree.map(lambda g, a: g / (jnp.sqrt(a) + eps).reshape((-1,) + (1,) * (g.ndim - 1)), updates, sums)
         return scaled, RowwiseAdagradState(sums)
 
