@@ -41,11 +41,17 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import example_serializer, hashing
+from tensorflow_datasets.core import hashing
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 from tensorflow_datasets.core import writer as tfds_writer
 
-from homegen.data.builders import PAGE_FEATURES, PageLogDataset, file_prefixes, page_log_files, page_log_to_example
+from homegen.data.builders import (
+    PageLogDataset,
+    file_prefixes,
+    page_log_files,
+    page_log_to_example,
+    serialize_page_example,
+)
 from homegen.data.formats import DataFormatError, json_object, parse_page_log
 from homegen.data.log_counts import LOG_COUNTS_FILE, LogCounts
 from homegen.data.splits import SPLITS, cut_off_quantiles, cut_offs_from_ranks, quantile_ranks, time_split, time_splits
@@ -89,13 +95,6 @@ def _stamp(head: bytes) -> float | None:
     return None if math.isnan(stamp) else stamp
 
 
-def _serializer():
-    """A page example's serialized bytes, as TFDS's writer encodes and serializes them for `PageLogDataset`."""
-    features = tfds.features.FeaturesDict(PAGE_FEATURES)
-    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-    return lambda example: serializer.serialize_example(features.encode_example(example))
-
-
 def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator:
     """Parses input file `entry = (index, path, key prefix)` into the spill `temp/parsed/INDEX`: one frame per
     page log, head = its timestamp (float64, NaN for none) and key (`prefix:k` for the k-th page log of the
@@ -107,7 +106,6 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
     from apache_beam.io.filesystems import FileSystems
 
     index, path, prefix = entry
-    serialize = _serializer()
     histogram: dict[float | None, list[int]] = {}
     errors: list[str] = []
     log_counts = LogCounts()
@@ -126,7 +124,7 @@ def parse_file(entry: tuple[int, str, str], temp: str, strict: bool) -> Iterator
                     errors.append(json.dumps({"path": e.path, "line": e.line, "reason": e.reason}))
                     continue
                 log_counts.add_page(log)
-                body = serialize(page_log_to_example(log))
+                body = serialize_page_example(page_log_to_example(log))
                 counts = histogram.setdefault(_hour(log.timestamp), [0, 0])
                 counts[0] += 1
                 counts[1] += len(body)

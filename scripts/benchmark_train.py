@@ -186,6 +186,8 @@ def main(argv):
     loss = (f"sampled softmax, {cfg.loss.num_negatives:,} negatives" if sampled else "full softmax")
     print(f"{'loss':<24}{loss:>16}" + (" + value head" if model_cfg.value_head else ""))
     print(f"{'vocabulary':<24}{vocab:>16,} ({items:,} items)")
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state["opt_state"]))
+    print(f"{'optimizer state':<24}{state_bytes / 2**20:>12,.1f} MiB  (embedding: {cfg.train.embedding_optimizer})")
     attention = "cuDNN fused" if model_cfg.fused_attention and jax.default_backend() == "gpu" else "XLA"
     print(f"{'attention':<24}{attention:>16}")
     print(f"{'first-step loss':<24}{first_loss:>16.6f}  (seeded parameters and batch: equal settings give equal loss)")

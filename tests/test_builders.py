@@ -1,15 +1,19 @@
 import os
 
 import pytest
+import tensorflow_datasets as tfds
 from conftest import shared_file
+from tensorflow_datasets.core import example_serializer
 
 from homegen.data.builders import (
+    PAGE_FEATURES,
     InteractionDataset,
     PageLogDataset,
     SyntheticWorldDataset,
     example_to_page_log,
     example_to_sequence,
     page_log_to_example,
+    serialize_page_example,
 )
 from homegen.data.formats import PageLog, Shelf, iter_page_logs
 
@@ -92,3 +96,19 @@ def test_interactions_builder_on_toys(tmp_path):
     for k in range(0, 19_412, 1000):
         val = example_to_sequence(source["validation"][k])
         assert val.items == by_user[val.user_id][:-1]
+
+
+def test_page_examples_serialize_to_the_bytes_tfds_writes():
+    """`serialize_page_example` builds the tf.train.Example itself; TFDS's generic encoder and serializer give
+    the same bytes, for pages with and without context, history, intent, timestamp and streams."""
+    features = tfds.features.FeaturesDict(PAGE_FEATURES)
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    logs = [
+        PageLog("u1", [Shelf("made_for_you", ["t1", "t2"], [2.0, 0.0]), Shelf("new_releases", ["t3"], None)],
+                request_id="r1", timestamp=1_700_000_000.25, context={"hour": "8", "device": "tv"},
+                intent="calme, ça va", history=["t9", "t8"]),
+        PageLog("ü", [Shelf("s", ["t1"])]),  # no request id, time, context, intent, history or streams
+    ]
+    for log in logs:
+        example = page_log_to_example(log)
+        assert serialize_page_example(example) == serializer.serialize_example(features.encode_example(example))
