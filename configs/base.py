@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "rowwise_adagrad": the token embedding table by row-wise Adagrad (one accumulator per row, untouched rows
     # stay still) instead of AdamW (two moments per parameter): a fraction of the optimizer state for 10^6+ items
     c.train.embedding_optimizer = "adamw"
-    c.train.embedding_learning_rate = 0.0  # with rowwise_adagrad: its peak rate (0: train.learning_rate)
+    c.train.embedding_learning_rate = 0.0  # with rowwise_adagrad: its peak rate (0: 10 x train.learning_rate)
     c.train.log_every = 50
     c.train.eval_every = 500
     c.train.eval_batches = 8

@@ -30,7 +30,7 @@ def _grads():
 
 def test_rowwise_adagrad_moves_touched_rows_by_their_root_mean_square_and_leaves_the_rest():
     params, grads = _params(), _grads()
-    tx = make_optimizer(_train_cfg(warmup_steps=1), params)  # warmup of one step: the rate is 0.1 from step 1
+    tx = make_optimizer(_train_cfg(warmup_steps=1), params)  # warmup of one step: the rates are full from step 1
     state = tx.init(params)
     sums = [leaf for leaf in optax.tree_utils.tree_get_all_with_path(state, "sum_of_squares")][0][1]
     assert sums["embed"].shape == (4,)  # one number per row, not two per parameter
@@ -40,7 +40,7 @@ def test_rowwise_adagrad_moves_touched_rows_by_their_root_mean_square_and_leaves
         params = optax.apply_updates(params, updates)
     # Step 2: each row's accumulator holds twice its gradient's mean square; the update is -lr g / sqrt(that).
     embed = np.asarray(grads["embed"])
-    expected = -0.1 * embed / (np.sqrt(2 * np.mean(embed**2, axis=1, keepdims=True)) + 1e-8)
+    expected = -1.0 * embed / (np.sqrt(2 * np.mean(embed**2, axis=1, keepdims=True)) + 1e-8)  # 10x the run's 0.1
     np.testing.assert_allclose(np.asarray(updates["embed"]), expected, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(params["embed"])[[1, 3]], np.ones((2, 3)))  # untouched rows stay
 
