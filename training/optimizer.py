@@ -71,14 +71,15 @@ def make_optimizer(train_cfg, params) -> optax.GradientTransformation:
     such as `model.transformer.AttributeIds`) get zero updates. With `train.embedding_optimizer=rowwise_adagrad`
     the token embedding table is trained by row-wise Adagrad at `train.embedding_learning_rate` (default:
     ROWWISE_RATE_FACTOR x the run's rate) on the same schedule; the global-norm clip still spans every trained parameter."""
-    if train_cfg.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+    embedding_optimizer = train_cfg.get("embedding_optimizer", "adamw")  # absent in configs older than it
+    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise ValueError(f"train.embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
-                         f"got {train_cfg.embedding_optimizer!r}")
+                         f"got {embedding_optimizer!r}")
     decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
                         weight_decay=train_cfg.weight_decay, mask=decay_mask)
     frozen = jax.tree.map(lambda f, p: f or is_constant(p), frozen_mask(params, train_cfg.freeze), params)
-    rowwise = train_cfg.embedding_optimizer == "rowwise_adagrad"
+    rowwise = embedding_optimizer == "rowwise_adagrad"
     labels = jax.tree_util.tree_map_with_path(
         lambda path, f: "frozen" if f else "embedding" if rowwise and path_name(path) == EMBEDDING_PATH else "trained",
         frozen)
