@@ -71,8 +71,7 @@ class LogCounts:
     # --- persistence ---------------------------------------------------------------------------------
     def to_json(self) -> dict:
         items = list(self.item_counts)
-        return {"version": FORMAT_VERSION, "context": dict(self.pages.context), "items": list(self.pages.items),
-                "shelves": list(self.pages.shelves), "page_text": self.pages.page_text,
+        return {"version": FORMAT_VERSION, **self.pages.pages_to_json(),
                 "logged": {f: dict(c) for f, c in self.logged.items()},
                 "relabeled": {f: dict(c) for f, c in self.relabeled.items()},
                 "item_counts": [items, [self.item_counts[i] for i in items]],
@@ -83,11 +82,7 @@ class LogCounts:
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"log counts of format {data.get('version')!r}; this homegen reads {FORMAT_VERSION}")
         out = cls()
-        out.pages.context = Counter(data["context"])
-        out.pages.items = dict.fromkeys(data["items"])
-        out.pages.shelves = dict.fromkeys(data["shelves"])
-        out.pages.page_text = [(kind, key) for kind, key in data["page_text"]]
-        out.pages.intents = dict.fromkeys(key for kind, key in out.pages.page_text if kind == "intent")
+        out.pages = VocabularyBuilder.pages_from_json(data)
         out.logged = {f: Counter(data["logged"][f]) for f in RELABELINGS}
         out.relabeled = {f: Counter(data["relabeled"][f]) for f in RELABELINGS}
         out.item_counts = Counter(dict(zip(*data["item_counts"])))

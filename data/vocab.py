@@ -388,6 +388,24 @@ class VocabularyBuilder:
         for shelf in other.shelves:  # a sequence's NEXT_ITEM_SHELF has no text
             self.shelves.setdefault(shelf)
 
+    def pages_to_json(self) -> dict:
+        """What a builder of page logs only counted (`merge`'s input), as JSON-ready data."""
+        if self.catalog_text:
+            raise ValueError("only a builder of page logs is saved; add the catalog where it is loaded")
+        return {"context": dict(self.context), "items": list(self.items), "shelves": list(self.shelves),
+                "page_text": self.page_text}
+
+    @classmethod
+    def pages_from_json(cls, data: dict) -> VocabularyBuilder:
+        """Inverse of `pages_to_json`."""
+        out = cls()
+        out.context = Counter(data["context"])
+        out.items = dict.fromkeys(data["items"])
+        out.shelves = dict.fromkeys(data["shelves"])
+        out.page_text = [(kind, key) for kind, key in data["page_text"]]
+        out.intents = dict.fromkeys(key for kind, key in out.page_text if kind == "intent")
+        return out
+
     def add_sequence(self, user: UserSequence) -> None:
         self.shelves.setdefault(NEXT_ITEM_SHELF)
         for item in user.items:

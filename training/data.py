@@ -93,7 +93,7 @@ class PreparedData:
     catalog_path: str | None
     world_dir: str | None  # the synthetic world's files: the synthetic source's, or data.world's
     skipped: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)  # file -> lines `homegen prepare` skipped
-    log_counts: str | None = None  # the counts of the logs `homegen prepare` wrote with the dataset (data.log_counts)
+    log_counts: str | None = None  # where `homegen prepare` saved the logs' counts with the dataset (data/log_counts.py)
 
 
 def page_log_paths(data_cfg) -> list[str]:
