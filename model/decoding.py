@@ -86,6 +86,16 @@ def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, cac
     return model.logits(hidden), cache
 
 
+def boost_items(logits: jax.Array, rules: PageRules, item_offset: int) -> jax.Array:
+    """`logits` (R, V) with each row's `rules.boost` added at the tokens of its `rules.boosted` items (atomic
+    item IDs; -1 pads): the request's familiarity, a prior that multiplies those items' odds by e^boost
+    before the grammar's mask. Rules without a familiarity bonus leave the logits as they are."""
+    if rules.boosted is None:
+        return logits
+    target = jnp.where(rules.boosted >= 0, item_offset + rules.boosted, logits.shape[1])  # pads fall off the end
+    return logits.at[jnp.arange(logits.shape[0])[:, None], target].add(rules.boost[:, None], mode="drop")
+
+
 def constrained_logp(logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Log-probabilities renormalised over the allowed tokens."""
     return jax.nn.log_softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
@@ -126,8 +136,9 @@ def kth_largest(x: jax.Array, k: int, iterations: int = 40) -> jax.Array:
     return jnp.min(jnp.where(x >= lo, x, jnp.inf), axis=-1, keepdims=True)
 
 
-def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_offset: int, item_value: jax.Array, *,
-                 objective: str, candidates: int, prior_weight: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, rules: PageRules, item_offset: int,
+                 item_value: jax.Array, *, objective: str, candidates: int, prior_weight: float
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(score increment of every next token (R, V), NEG_INF where not allowed; its log-probability; the value
     head's stream probability of every token (R, V), or None for `likelihood`).
 
@@ -138,8 +149,10 @@ def _step_scores(model: Transformer, hidden: jax.Array, mask: jax.Array, item_of
     first token): an atomic item adds its stream probability; a semantic ID's codes add the successive
     refinements of its prefix's, so the page's score counts each item's last-code probability once while
     every code choice already sees the value. Any token adds `prior_weight` x its log-probability (which
-    alone orders shelves and EOS, and breaks ties); item tokens outside the candidates are pruned."""
-    logp = jnp.where(mask, jax.nn.log_softmax(model.logits(hidden), axis=-1), NEG_INF)
+    alone orders shelves and EOS, and breaks ties); item tokens outside the candidates are pruned. The
+    log-probabilities are those of the model with the rows' familiarity bonus (`boost_items`)."""
+    logits = boost_items(model.logits(hidden), rules, item_offset)
+    logp = jnp.where(mask, jax.nn.log_softmax(logits, axis=-1), NEG_INF)
     if objective == "likelihood":
         return logp, logp, None
     item_logp = logp[:, item_offset:]
@@ -227,7 +240,7 @@ def beam_search(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRul
 
     def body(s: BeamState) -> BeamState:
         mask = grammar.allowed(s.fsm, rows_rules, tables)
-        increments, logp, streams = _step_scores(model, s.hidden, mask, grammar.item_offset, s.item_value,
+        increments, logp, streams = _step_scores(model, s.hidden, mask, rows_rules, grammar.item_offset, s.item_value,
                                                  objective=objective, candidates=candidates,
                                                  prior_weight=prior_weight)
         vocab = logp.shape[-1]
@@ -304,12 +317,13 @@ def sample(graphdef: nnx.GraphDef, params, prompts, lengths, rules: PageRules, t
     def body(s):
         step = s["step"]
         mask = grammar.allowed(s["fsm"], rules, tables)
-        filtered = filter_logits(jnp.where(mask, s["logits"], NEG_INF), temperature, top_k, top_p)
+        boosted = boost_items(s["logits"], rules, grammar.item_offset)
+        filtered = filter_logits(jnp.where(mask, boosted, NEG_INF), temperature, top_k, top_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         drawn_from = jnp.where(mask, filtered, NEG_INF)
         token = jax.vmap(jax.random.categorical)(step_keys, drawn_from)
         token = jnp.where(s["fsm"].done, PAD, token)
-        logp = jnp.take_along_axis(constrained_logp(s["logits"], mask), token[:, None], 1)[:, 0]
+        logp = jnp.take_along_axis(constrained_logp(boosted, mask), token[:, None], 1)[:, 0]
         logp = jnp.where(s["fsm"].done, 0.0, logp)
         policy_logp = jnp.take_along_axis(jax.nn.log_softmax(drawn_from), token[:, None], 1)[:, 0]
         policy_logp = jnp.where(s["fsm"].done, 0.0, policy_logp)

@@ -37,8 +37,9 @@ __all__ = ["ItemTables", "PageGrammar", "PageRules", "PageState"]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PageRules:
-    """Per-request constraints (one row per request, or per beam once gathered). Index lists are padded
-    with -1. Extra pairs are distinct and never repeat a pair the checkpoint's eligibility already admits;
+    """Per-request constraints (one row per request, or per beam once gathered), and the request's
+    familiarity bonus (`boosted` items' logits raised by `boost`; a preference, not a rule: decoding applies
+    it, the grammar ignores it). Index lists are padded with -1. Extra pairs are distinct and never repeat a pair the checkpoint's eligibility already admits;
     exclusions are distinct. The last four fields are derived from the others (the listed items' trie paths,
     which pairs survive the exclusions, which shelves admitted each excluded item); `PageGrammar.prepare`
     fills them once per batch (decoding does it before its loop)."""
@@ -54,6 +55,8 @@ class PageRules:
     extra_live: jax.Array | None = None  # (R, E) bool: a pair whose item is not excluded
     excluded_paths: jax.Array | None = None  # (R, X, L)
     excluded_on: jax.Array | None = None  # (R, X, S) bool: the shelves that admitted each excluded item
+    boosted: jax.Array | None = None  # (R, H) int32: items (atomic IDs) whose logits are raised ...
+    boost: jax.Array | None = None  # (R,) float32: ... by this much
 
     def take(self, rows: jax.Array) -> PageRules:
         return jax.tree.map(lambda x: x[rows], self)

@@ -7,9 +7,11 @@ users tagged after a cut-off month (data/lastfm.py, evaluation/lastfm.py).
         # DIR/catalog.jsonl, DIR/pages.jsonl (training page logs, FORMATS.md §3), DIR/requests_{split}.jsonl
         # (FORMATS.md §4), DIR/heldout_{split}.jsonl and DIR/summary.json; splits: validation, test
     python scripts/lastfm_pages.py benchmark --out DIR [--split validation] [--checkpoint RUN [--step N]]
-        [--beam_size N] [--objective likelihood] [--tune | --intents]
+        [--beam_size N] [--objective likelihood] [--familiarity F[,F...]] [--tune | --intents]
         # the page table: baselines, and with --checkpoint homegen's beam pages and its pointwise ranking;
-        # --tune prints the theme-then-artist policy's grid (on validation only); --intents asks every request
+        # --familiarity: beam pages with each request's `familiarity` set to each value (the first one's pages
+        # are the partner of the paired differences); --tune prints the theme-then-artist policy's grid (on
+        # validation only); --intents asks every request
         # again with its user's most assigned later theme as a free-text intent ("something chillout")
 
 Train and serve homegen on DIR with the README's page-log commands (`train.py --config
@@ -78,12 +80,14 @@ def homegen_engine(args: argparse.Namespace):
     return PageEngine(args.checkpoint, args.step, objective=args.objective)
 
 
-def beam_pages(engine, requests: list[dict], beam_size: int | None) -> tuple[list, list[list[dict]]]:
-    """The parsed requests (with `beam_size` instead of their own, if given) and homegen's page for each;
-    RuntimeError if any request could not be served."""
+def beam_pages(engine, requests: list[dict], beam_size: int | None, familiarity: float = 0.0
+               ) -> tuple[list, list[list[dict]]]:
+    """The parsed requests (with `beam_size` instead of their own, if given, and `familiarity`) and homegen's
+    page for each; RuntimeError if any request could not be served."""
     from homegen.serving.requests import parse_request
 
-    parsed = [parse_request({**r, **({"beam_size": beam_size} if beam_size else {})}) for r in requests]
+    parsed = [parse_request({**r, **({"beam_size": beam_size} if beam_size else {}), "familiarity": familiarity})
+              for r in requests]
     responses = engine.generate(parsed)
     failed = [(r["request_id"], b["error"]) for r, b in zip(requests, responses) if "error" in b]
     if failed:
@@ -91,15 +95,18 @@ def beam_pages(engine, requests: list[dict], beam_size: int | None) -> tuple[lis
     return parsed, [b["page"] for b in responses]
 
 
-def homegen_pages(engine, requests: list[dict], beam_size: int | None) -> dict[str, list[list[dict]]]:
-    """homegen's beam pages, and its pointwise ranking filling the beam pages' shelves."""
+def homegen_pages(engine, requests: list[dict], beam_size: int | None, familiarities: list[float]
+                  ) -> dict[str, list[list[dict]]]:
+    """homegen's beam pages at each familiarity, and its pointwise ranking filling the first one's shelves."""
     from homegen.evaluation.pages import pointwise_pages
 
-    parsed, beam = beam_pages(engine, requests, beam_size)
-    pages = {f"homegen beam search ({engine.objective}, beam {parsed[0].beam_size})": beam}
-    if not engine.semantic_ids:  # one token per item: the pointwise ranking is one forward pass per shelf
-        pages["homegen pointwise (same model, beam's shelves)"] = pointwise_pages(
-            engine, parsed, [[s["shelf"] for s in page] for page in beam])
+    pages = {}
+    for familiarity in familiarities:
+        parsed, beam = beam_pages(engine, requests, beam_size, familiarity)
+        pages[f"homegen beam ({engine.objective}, beam {parsed[0].beam_size}, familiarity {familiarity:g})"] = beam
+        if len(pages) == 1 and not engine.semantic_ids:  # one token per item: one forward pass per shelf
+            pages["homegen pointwise (same model, beam's shelves)"] = pointwise_pages(
+                engine, parsed, [[s["shelf"] for s in page] for page in beam])
     return pages
 
 
@@ -131,7 +138,7 @@ def intents(args: argparse.Namespace, requests: list[dict], heldout: list[dict],
     if args.checkpoint:
         engine = homegen_engine(args)
         for label, batch in (("no intent", requests), ("intent", asked)):
-            pages[f"homegen, {label}"] = beam_pages(engine, batch, args.beam_size)[1]
+            pages[f"homegen, {label}"] = beam_pages(engine, batch, args.beam_size, args.familiarity[0])[1]
     scores = {name: {**judge_intents(p, heldout, requests, themes), **judge_all(p, heldout, requests)}
               for name, p in pages.items()}
     columns = (*INTENT_METRICS, "pair_ndcg")
@@ -167,11 +174,18 @@ def benchmark(args: argparse.Namespace) -> int:
              "theme-then-artist (tuned on validation)": THEME_THEN_ARTIST.pages(stats, requests)}
     partner = None
     if args.checkpoint:
-        found = homegen_pages(homegen_engine(args), requests, args.beam_size)
+        found = homegen_pages(homegen_engine(args), requests, args.beam_size, args.familiarity)
         partner = next(iter(found))
         pages = {**found, **pages}
     table(pages, heldout, requests, partner)
     return 0
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--beam_size", type=int, default=None, help="instead of the requests' own (4); 1 is greedy")
     b.add_argument("--objective", default="likelihood", choices=["likelihood", "streams"],
                    help="beam search's objective (every logged item is engaged, so the value head learns nothing)")
+    b.add_argument("--familiarity", type=_numbers, default=[0.0],
+                   help="comma-separated values of the requests' familiarity (history items' logit bonus)")
     b.add_argument("--tune", action="store_true", help="print the theme-then-artist grid instead")
     b.add_argument("--intents", action="store_true",
                    help="ask each request with its user's most assigned later theme as an intent ('something <tag>')")

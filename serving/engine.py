@@ -43,7 +43,7 @@ def _restore_model(checkpoints: Checkpoints, step: int) -> tuple[dict, nnx.Graph
     return meta, graphdef, checkpoints.restore_model_params(step, target)[1]
 
 
-INDEX_LISTS = ("extra_items", "extra_shelves", "excluded")  # PageRules fields padded with -1
+INDEX_LISTS = ("extra_items", "extra_shelves", "excluded", "boosted")  # PageRules fields padded with -1
 
 
 def _bucket(n: int, minimum: int, factor: int = 2) -> int:
@@ -194,7 +194,19 @@ class PageEngine:
                                "after exclusions")
         return {"extra_items": extra_items, "extra_shelves": extra_shelves, "excluded": excluded,
                 "allowed_shelves": shelves, "min_items": np.int32(request.min_items_per_shelf),
-                "max_items": np.int32(request.max_items_per_shelf), "max_shelves": np.int32(request.num_shelves)}
+                "max_items": np.int32(request.max_items_per_shelf), "max_shelves": np.int32(request.num_shelves),
+                "boosted": self._familiar_items(request), "boost": np.float32(request.familiarity)}
+
+    def _familiar_items(self, request: PageRequest) -> np.ndarray:
+        """The items whose logits the request's `familiarity` raises: its history's known items, newest first
+        (a bucket's index width keeps the newest); none when `familiarity` is 0."""
+        if not request.familiarity:
+            return np.zeros(0, np.int32)
+        if self.grammar.levels > 1:
+            raise RequestError("'familiarity' needs a checkpoint with one token per item (atomic item IDs); this "
+                               "one writes items as semantic ID codes")
+        index = self.vocab.items.index
+        return np.array([index[item] for item in dict.fromkeys(reversed(request.history)) if item in index], np.int32)
 
     def prompt(self, request: PageRequest) -> list[int]:
         """The request's prompt tokens; a model trained with user tokens sees the request's user (the

@@ -14,6 +14,7 @@ MAX_TEXT = 256  # characters of an id, a context key or value
 MAX_INTENT = 1_000  # characters of a free-text intent
 MAX_IDS = 10_000  # entries of history, exclude_items
 MAX_CONTEXT_FIELDS = 64
+MAX_FAMILIARITY = 20.0  # |familiarity|: e^20 already makes any known item outrank every unknown one
 SESSION_EVENTS = ("stream", "skip", "save")  # FORMATS.md §4; other event names are ignored
 
 
@@ -40,6 +41,7 @@ class PageRequest:
     seed: int = 0
     num_pages: int = 1
     session: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (item, event), oldest first
+    familiarity: float = 0.0  # added to the logits of the history's items: > 0 familiar pages, < 0 discovery
     exploration: bool = False  # set by the server (serving/traffic.py), never by a client
 
     def identified(self) -> PageRequest:
@@ -159,6 +161,7 @@ def parse_request(obj) -> PageRequest:
         temperature=_float(obj, "temperature", 0.0, 0.0, 100.0),
         top_k=_int(obj, "top_k", 0, 0, 1 << 30), top_p=_float(obj, "top_p", 1.0, 1e-6, 1.0),
         seed=_int(obj, "seed", 0, 0, 2**31 - 1), num_pages=_int(obj, "num_pages", 1, 1, MAX_BEAM),
+        familiarity=_float(obj, "familiarity", 0.0, -MAX_FAMILIARITY, MAX_FAMILIARITY),
         session=_session(obj))
     if request.min_items_per_shelf > request.max_items_per_shelf:
         raise RequestError("'min_items_per_shelf' must not exceed 'max_items_per_shelf'")

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from homegen.serving.requests import MAX_BEAM, MAX_IDS, MAX_INTENT, MAX_ITEMS_PER_SHELF, MAX_SHELVES, MAX_TEXT
+from homegen.serving.requests import (
+    MAX_BEAM,
+    MAX_FAMILIARITY,
+    MAX_IDS,
+    MAX_INTENT,
+    MAX_ITEMS_PER_SHELF,
+    MAX_SHELVES,
+    MAX_TEXT,
+)
 
 
 class SessionEvent(BaseModel):
@@ -38,6 +46,9 @@ class PageRequestBody(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = Field(0, ge=0)
     num_pages: int = Field(1, ge=1, le=MAX_BEAM)
+    familiarity: float = Field(0.0, ge=-MAX_FAMILIARITY, le=MAX_FAMILIARITY,
+                               description="added to the logit of every history item: > 0 favours what the user "
+                                           "knows, < 0 discovery (checkpoints with one token per item)")
 
 
 class ShelfOut(BaseModel):

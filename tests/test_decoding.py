@@ -1,6 +1,7 @@
 """Decoding: cached prefill/decode equals a full forward pass; beam search finds the brute-force best
-page on a tiny vocabulary; sampling is reproducible by seed."""
+page on a tiny vocabulary (with and without a familiarity bonus); sampling is reproducible by seed."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -82,14 +83,14 @@ def enumerate_pages(min_items=1, max_items=2, max_shelves=2, excluded=()):
     return out
 
 
-def likelihood_scores(model, prompt, pages, alpha=0.6) -> dict:
+def likelihood_scores(model, prompt, pages, alpha=0.6, bias=0.0) -> dict:
     """{page: length-normalised log-probability after `prompt`} by one batched forward pass (pages padded at the
-    end, which a causal model does not see from earlier positions)."""
+    end, which a causal model does not see from earlier positions), with `bias` (V,) added to every logit."""
     tokens = np.full((len(pages), len(prompt) + max(map(len, pages))), PAD, np.int32)
     for row, seq in enumerate(pages):
         tokens[row, :len(prompt) + len(seq)] = list(prompt) + list(seq)
     logits, _ = model(jnp.asarray(tokens), jnp.arange(tokens.shape[1])[None], jnp.ones_like(tokens))
-    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    logp = np.asarray(jax.nn.log_softmax(logits + bias, axis=-1))
     return {seq: sum(float(logp[row, len(prompt) - 1 + t, token]) for t, token in enumerate(seq))
             / float(length_penalty(len(seq), alpha)) for row, seq in enumerate(pages)}
 
@@ -113,6 +114,54 @@ def test_beam_search_finds_the_brute_force_best_page():
         assert list(np.asarray(out.scores[0])) == sorted(np.asarray(out.scores[0]), reverse=True)
         for page, s in zip(returned, np.asarray(out.scores[0])):
             np.testing.assert_allclose(s, scores[page], rtol=1e-4)
+
+
+def with_familiarity(r: PageRules, items: list[int], boost: float) -> PageRules:
+    rows = r.min_items.shape[0]
+    return dataclasses.replace(r, boosted=jnp.asarray([items + [-1]] * rows, jnp.int32),
+                               boost=jnp.full((rows,), boost, jnp.float32))
+
+
+def test_familiarity_is_beam_search_under_the_raised_logits():
+    """A request's familiarity adds its boost to the boosted items' logits at every step: beam search then finds
+    the brute-force best page of that adjusted model, and a strong boost puts those items on the page."""
+    pages = enumerate_pages()
+    items = [0, 2]
+    bias = np.zeros(CFG.vocab_size, np.float32)
+    bias[[GRAMMAR.item_offset + i for i in items]] = 1.5
+    changed = 0
+    for seed in range(3):
+        model, graphdef, params = model_and_params(seed)
+        prompt = [1, 4, 3]
+        scores = likelihood_scores(model, prompt, pages, bias=bias)
+        best = max(scores, key=scores.get)
+        args = dict(grammar=GRAMMAR, beam_size=8, max_new=GRAMMAR.max_length(2, 2))
+        out = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]),
+                          with_familiarity(rules(), items, 1.5), ALL, **args)
+        found = tuple(int(t) for t in np.asarray(out.tokens[0, 0]) if t != PAD)
+        assert found == best, (found, best)
+        np.testing.assert_allclose(float(out.scores[0, 0]), scores[best], rtol=1e-4)
+        plain = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]), rules(), ALL, **args)
+        changed += not np.array_equal(plain.tokens, out.tokens)
+        strong = beam_search(graphdef, params, jnp.asarray([prompt]), jnp.asarray([3]),
+                             with_familiarity(rules(max_items=1), [1], 20.0), ALL, **args)
+        placed = [int(t) - GRAMMAR.item_offset for t in np.asarray(strong.tokens[0, 0]) if t >= GRAMMAR.item_offset]
+        assert placed[0] == 1  # the first slot goes to the boosted item
+    assert changed  # the boost changed some page
+
+
+def test_sampling_draws_from_the_raised_logits():
+    """With a strong familiarity boost the first item sampled is the boosted one, at propensity ~1."""
+    _, graphdef, params = model_and_params(1)
+    prompts, lengths = jnp.asarray([[1, 4, 3]] * 4), jnp.asarray([3] * 4)
+    r = with_familiarity(rules(4), [2], 20.0)
+    t, k, p = jnp.full((4,), 1.0), jnp.zeros((4,), jnp.int32), jnp.ones((4,))
+    out = sample(graphdef, params, prompts, lengths, r, ALL, jnp.arange(4), t, k, p, grammar=GRAMMAR,
+                 max_new=GRAMMAR.max_length(2, 2))
+    tokens, policy = np.asarray(out.tokens[:, 0]), np.asarray(out.policy_logps[:, 0])
+    for row in range(4):
+        first = next(j for j, token in enumerate(tokens[row]) if token >= GRAMMAR.item_offset)
+        assert tokens[row, first] == GRAMMAR.item_offset + 2 and policy[row, first] > -1e-3
 
 
 def streams_scores(model, prompt, pages, prior_weight, candidates):

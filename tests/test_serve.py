@@ -94,7 +94,8 @@ def request_strategy(engine):
                "num_shelves": draw(st.sampled_from([2, 4])), "min_items_per_shelf": min_items,
                "max_items_per_shelf": draw(st.sampled_from([3, 5])),
                "exclude_items": draw(st.lists(st.sampled_from(items), max_size=30)),
-               "beam_size": draw(st.sampled_from([1, 3])), "seed": draw(st.integers(0, 1000))}
+               "beam_size": draw(st.sampled_from([1, 3])), "seed": draw(st.integers(0, 1000)),
+               "familiarity": draw(st.sampled_from([0.0, 3.0, -3.0]))}
         if draw(st.booleans()):
             obj["allowed_shelves"] = draw(st.lists(st.sampled_from(shelves), min_size=1, max_size=8, unique=True))
         if draw(st.booleans()):
@@ -240,6 +241,28 @@ def test_session_events_change_the_prompt_and_the_page(engine, validator):
     assert validator.violations(folded, again["page"]) == []
     scored = engine.score([request], [again["page"]])[0]  # scoring reads the same folded prompt
     assert scored["predicted_streams"] == pytest.approx(again["predicted_streams"], abs=2e-3)
+
+
+def test_familiarity_brings_the_users_own_items_onto_the_page(engine, validator, tiny_semantic_checkpoint):
+    """A positive familiarity places more of the history's items (beam search and sampling), a negative one
+    fewer, every page still valid; a semantic-ID checkpoint refuses it with a reason."""
+    history = engine.vocab.items.item_ids[100:160]
+    base = {"user_id": "u3", "history": history, "num_shelves": 4, "min_items_per_shelf": 5, "max_items_per_shelf": 5}
+    known = set(history)
+
+    def own(fields: dict) -> int:
+        request = parse_request({**base, **fields})
+        response = engine.generate([request])[0]
+        assert_valid(validator, request, response)
+        return sum(item in known for s in response["page"] for item in s["items"])
+
+    for mode in ({"beam_size": 2}, {"temperature": 1.0, "seed": 3}):
+        plain, familiar, discovery = (own({**mode, "familiarity": f}) for f in (0.0, 8.0, -8.0))
+        assert familiar > plain >= discovery and familiar >= 10, (mode, plain, familiar, discovery)
+    from homegen.serving.requests import RequestError
+
+    with pytest.raises(RequestError, match="one token per item"):
+        PageEngine(tiny_semantic_checkpoint).request_rules(parse_request({**base, "familiarity": 1.0}))
 
 
 def test_objectives(engine):
@@ -456,6 +479,8 @@ def test_one_failing_request_fails_alone():
     ({"user_id": "u", "session": [{"item": "t1"}]}, "'session' event 0 needs"),
     ({"user_id": "u", "session": [{"item": ["t1"], "event": "stream"}]}, "'session' event 0 needs"),
     ({"user_id": "u", "session": [{"item": "t1", "event": "skip"}] * 10_001}, "'session' has 10,001 events"),
+    ({"user_id": "u", "familiarity": 50}, "'familiarity' must be between -20.0 and 20.0"),
+    ({"user_id": "u", "familiarity": "high"}, "'familiarity' must be a number"),
 ])
 def test_hostile_fields_are_refused_with_a_reason(body, reason):
     from homegen.serving.requests import RequestError
