@@ -150,16 +150,21 @@ class LastfmPages:
 def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5, items_per_shelf: int = 10,
           max_history: int = 30, top_played: int = 20, validation_share: float = 0.5, seed: int = 0,
           max_page_shelves: int = 10, max_page_items: int = 20, page_months: int = 1,
-          intent_share: float = 0.0) -> LastfmPages:
+          page_stride: int | None = None, intent_share: float = 0.0) -> LastfmPages:
     """Page logs, catalog, requests and held-out assignments (see the module docstring). `themes`: the most
     used tags before `cutoff` (a month index) become shelves; requests ask for `num_shelves` shelves of
     exactly `items_per_shelf` artists; a training page gathers `page_months` months of a user's assignments
-    (counted from the cut-off backwards, so no window straddles it) and holds at most `max_page_shelves` shelves
-    of at most `max_page_items` artists (a window with more fills several pages). A seeded `intent_share` of the
+    (windows end every `page_stride` months, default `page_months`, counted from the cut-off backwards, so no
+    window straddles it; a stride below the window's length makes overlapping windows: more pages of the
+    requests' shape, an assignment in several of them) and holds at most `max_page_shelves` shelves of at most
+    `max_page_items` artists (a window with more fills several pages). A seeded `intent_share` of the
     training pages carry their first (largest) theme as a free-text intent, "something <tag>": a tag is a real
     theme and a real intent."""
     if page_months < 1:
         raise ValueError(f"page_months must be >= 1, got {page_months}")
+    stride = page_months if page_stride is None else page_stride
+    if not 1 <= stride <= page_months:
+        raise ValueError(f"page_stride must be between 1 and page_months ({page_months}), got {page_stride}")
     before = [a for a in data.assignments if a.month < cutoff]
     after = [a for a in data.assignments if a.month >= cutoff]
     tag_use = collections.Counter(a.tag for a in before)
@@ -185,15 +190,21 @@ def build(data: LastfmData, cutoff: int, themes: int = 20, num_shelves: int = 5,
         last = {artist: k for k, artist in enumerate(order)}
         return [item_id(a) for k, a in enumerate(order) if last[a] == k][-max_history:]
 
+    def windows(month: int) -> range:
+        """The first months of the windows holding `month`: [cutoff - stride * j - page_months, cutoff - stride * j)
+        for every j >= 0 that contains it."""
+        last, first = (cutoff - month - 1) // stride, max(0, -(-(cutoff - page_months - month) // stride))
+        return range(cutoff - stride * last - page_months, cutoff - stride * first - page_months + 1, stride)
+
     # Training pages: a user's theme assignments of a window of months, a shelf per theme.
-    window = lambda month: cutoff - page_months * ((cutoff - month - 1) // page_months + 1)  # noqa: E731  first month
     pages = []
     intent_rng = np.random.default_rng(seed + 1)
     by_user_window: dict[tuple[str, int], dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for a in before:
-        shelf = by_user_window[a.user, window(a.month)][a.tag] if a.tag in names else None
-        if shelf is not None and a.artist not in shelf:
-            shelf.append(a.artist)
+        for start in windows(a.month) if a.tag in names else ():
+            shelf = by_user_window[a.user, start][a.tag]
+            if a.artist not in shelf:
+                shelf.append(a.artist)
     for (user, month), shelves in sorted(by_user_window.items(), key=lambda kv: (int(kv[0][0]), kv[0][1])):
         rank = {a: k for k, a in enumerate(played(user))}
         ordered = sorted(shelves.items(), key=lambda kv: (-len(kv[1]), theme_tags.index(kv[0])))

@@ -3,7 +3,7 @@ users tagged after a cut-off month (data/lastfm.py, evaluation/lastfm.py).
 
     python scripts/lastfm_pages.py convert --data ../shared/data/lastfm-hetrec2011 --out DIR [--cutoff 2010-08]
         [--themes 20] [--shelves 5] [--items 10] [--seed 0] [--page_months 1]
-        [--intent_share 0]
+        [--page_stride N] [--intent_share 0]
         # DIR/catalog.jsonl, DIR/pages.jsonl (training page logs, FORMATS.md §3), DIR/requests_{split}.jsonl
         # (FORMATS.md §4), DIR/heldout_{split}.jsonl and DIR/summary.json; splits: validation, test
     python scripts/lastfm_pages.py benchmark --out DIR [--split validation] [--checkpoint RUN [--step N]]
@@ -55,7 +55,7 @@ def _write_lines(path: str, records: list[dict]) -> None:
 def convert(args: argparse.Namespace) -> int:
     data = read_lastfm(args.data)
     built = build(data, parse_month(args.cutoff), themes=args.themes, num_shelves=args.shelves,
-                  items_per_shelf=args.items, seed=args.seed, page_months=args.page_months,
+                  items_per_shelf=args.items, seed=args.seed, page_months=args.page_months, page_stride=args.page_stride,
                   intent_share=args.intent_share)
     os.makedirs(args.out, exist_ok=True)
     _write_lines(os.path.join(args.out, "catalog.jsonl"), built.catalog)
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--intent_share", type=float, default=0.0,
                    help="share of training pages whose first theme is also their intent ('something <tag>')")
     c.add_argument("--page_months", type=int, default=1, help="months of a user's tags gathered in one training page")
+    c.add_argument("--page_stride", type=int, default=None,
+                   help="months between training windows' ends (default --page_months; less: overlapping windows)")
     b = commands.add_parser("benchmark", help="judge baselines (and a checkpoint's pages) on a split")
     b.add_argument("--out", required=True, help="a `convert` folder")
     b.add_argument("--split", default="validation", choices=["validation", "test"])

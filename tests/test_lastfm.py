@@ -145,6 +145,25 @@ def test_training_pages_can_gather_several_months_without_crossing_the_cutoff(tm
         build(data, parse_month("2010-08"), page_months=0)
 
 
+def test_overlapping_windows_give_a_page_for_every_window_that_holds_an_assignment(tmp_path):
+    """6-month windows ending every month before the cut-off: u1's March tags fall in the 5 windows starting
+    2009-10 to 2010-02, its May tag in the last 3; each window's history is as of its first month."""
+    data = read_lastfm(write_excerpt(tmp_path / "lastfm"))
+    built = build(data, parse_month("2010-08"), themes=2, page_months=6, page_stride=1)
+    u1 = [p for p in built.pages if p["user_id"] == "u1"]
+    assert [p["request_id"] for p in u1] == [f"lastfm-1-{m}-0" for m in
+                                             ("2009-10", "2009-11", "2009-12", "2010-01", "2010-02")]
+    march_only = [{"shelf": "rock", "items": ["a10", "a11"], "streams": [1, 1]},
+                  {"shelf": "chill_out", "items": ["a12"], "streams": [1]}]
+    assert u1[0]["page"] == u1[1]["page"] == march_only
+    gathered = build(data, parse_month("2010-08"), themes=2, page_months=6)
+    assert u1[2]["page"] == u1[4]["page"] == gathered.pages[0]["page"]  # March and May
+    assert all(p["history"] == ["a13", "a10", "a12"] for p in u1)  # nothing tagged before 2010-02
+    assert built.heldout == gathered.heldout
+    with pytest.raises(ValueError, match="page_stride"):
+        build(data, parse_month("2010-08"), page_months=6, page_stride=7)
+
+
 def test_intents_the_users_later_theme_and_how_a_page_answers_it(tmp_path):
     from homegen.evaluation.lastfm import intent_theme, judge_intent
 
