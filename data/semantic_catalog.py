@@ -22,9 +22,20 @@ import numpy as np
 import scipy.sparse as sp
 
 from homegen.data.formats import DataFormatError, iter_catalog
-from homegen.data.semantic_ids import (NewItemEncoder, SemanticItems, binary_rows, cooccurrence_features,
-                                       idf_weights, item_attributes, nearest_codes, packed_keys, ranks_in_groups,
-                                       residual_quantize, truncated_svd_embeddings, with_collision_code)
+from homegen.data.semantic_ids import (
+    NewItemEncoder,
+    SemanticItems,
+    binary_rows,
+    cooccurrence_features,
+    idf_weights,
+    item_attributes,
+    nearest_codes,
+    packed_keys,
+    ranks_in_groups,
+    residual_quantize,
+    truncated_svd_embeddings,
+    with_collision_code,
+)
 
 
 @dataclasses.dataclass
@@ -128,7 +139,7 @@ def _columns(path: str, rows: Iterator[tuple[int, str, Sequence[Hashable]]], chu
     flush()
     item_ids = np.concatenate(ids) if ids else np.zeros(0, "S1")
     line_numbers = np.concatenate(lines) if lines else np.zeros(0, np.int64)
-    del ids
+    ids.clear()  # frees the chunks before the sort
     sorted_rows = np.argsort(item_ids, kind="stable")
     same = np.flatnonzero(item_ids[sorted_rows[1:]] == item_ids[sorted_rows[:-1]])
     if len(same):

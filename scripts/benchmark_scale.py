@@ -217,10 +217,11 @@ def measure_training(items: int, item_tokens: str, batch: int, steps: int, seed:
           f"pages/s; checkpoint {checkpoint / 2**20:,.1f} MiB; peak RSS so far {peak:,.2f} GiB", flush=True)
 
 
-def request_bytes_formula(pairs: int, excluded: int, shelves: int) -> int:
+def request_bytes_formula(pairs: int, excluded: int, familiar: int, shelves: int) -> int:
     """What a request's rules take: int32 item and shelf per history-dependent pair, int32 per exclusion,
-    a byte per shelf type (allowed or not) and three int32 limits."""
-    return 8 * pairs + 4 * excluded + shelves + 12
+    int32 per item its `familiarity` raises (none at 0), a byte per shelf type (allowed or not), three int32
+    limits and the float32 familiarity."""
+    return 8 * pairs + 4 * excluded + 4 * familiar + shelves + 16
 
 
 def measure_request_bytes(checkpoint: str, requests_path: str) -> None:
@@ -230,17 +231,19 @@ def measure_request_bytes(checkpoint: str, requests_path: str) -> None:
     from homegen.serving.requests import parse_request
 
     engine = PageEngine(checkpoint)
-    sizes, pairs, excluded = [], [], []
+    sizes, pairs, excluded, familiar = [], [], [], []
     with open(requests_path) as f:
         for line in f:
             rules = engine.request_rules(parse_request(json.loads(line)).with_session())
             sizes.append(sum(np.asarray(v).nbytes for v in rules.values()))
             pairs.append(len(rules["extra_items"]))
             excluded.append(len(rules["excluded"]))
+            familiar.append(len(rules["boosted"]))
     shelves = len(engine.shelf_types)
-    assert all(size == request_bytes_formula(p, e, shelves) for size, p, e in zip(sizes, pairs, excluded))
+    assert all(size == request_bytes_formula(p, e, f, shelves)
+               for size, p, e, f in zip(sizes, pairs, excluded, familiar))
     print(f"{len(sizes)} requests of {requests_path} on {checkpoint} ({shelves} shelf types): bytes of rules = "
-          f"8 x pairs + 4 x exclusions + {shelves} + 12, whatever the catalog's size")
+          f"8 x pairs + 4 x exclusions + 4 x familiar items + {shelves} + 16, whatever the catalog's size")
     for name, values in (("history-dependent pairs", pairs), ("exclusions", excluded), ("bytes", sizes)):
         print(f"  {name:<24} mean {np.mean(values):,.1f}, p50 {np.percentile(values, 50):,.0f}, "
               f"p99 {np.percentile(values, 99):,.0f}, max {max(values):,}")

@@ -11,11 +11,24 @@ import scipy.sparse as sp
 from conftest import ROOT
 
 from homegen.data.formats import DataFormatError, iter_page_logs, read_catalog
-from homegen.data.semantic_catalog import (build_catalog_codes, build_semantic_items, read_catalog_columns,
-                                          spread_full_prefixes)
-from homegen.data.semantic_ids import (SemanticItems, binary_rows, catalog_attributes, cooccurrence_features,
-                                       idf_weights, item_attributes, nearest_codes, residual_quantize,
-                                       truncated_svd_embeddings, with_collision_code)
+from homegen.data.semantic_catalog import (
+    build_catalog_codes,
+    build_semantic_items,
+    read_catalog_columns,
+    spread_full_prefixes,
+)
+from homegen.data.semantic_ids import (
+    SemanticItems,
+    binary_rows,
+    catalog_attributes,
+    cooccurrence_features,
+    idf_weights,
+    item_attributes,
+    nearest_codes,
+    residual_quantize,
+    truncated_svd_embeddings,
+    with_collision_code,
+)
 
 
 def _sequences(world_dir: str) -> list[list[str]]:

@@ -281,7 +281,7 @@ def test_semantic_pages_keep_every_rule_under_random_requests(semantic_engine):
     validator = PageValidator(semantic_engine.vocab, semantic_engine.eligibility_spec)
 
     @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(request_strategy(semantic_engine))
+    @given(request_strategy(semantic_engine, familiarities=(0.0,)))
     def check(requests):
         for request, response in zip(requests, semantic_engine.generate(requests)):
             if "error" in response:  # only when the constraints leave no shelf that can be filled

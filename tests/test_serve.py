@@ -81,7 +81,8 @@ def test_history_dependent_shelves_are_served(engine, validator):
                 assert set(response["page"][0]["items"]) <= set(history)
 
 
-def request_strategy(engine):
+def request_strategy(engine, familiarities: tuple[float, ...] = (0.0, 3.0, -3.0)):
+    """Random valid requests for `engine`'s vocabulary (a semantic-ID checkpoint takes no familiarity)."""
     items = engine.vocab.items.item_ids
     shelves = engine.vocab.shelves
 
@@ -95,7 +96,7 @@ def request_strategy(engine):
                "max_items_per_shelf": draw(st.sampled_from([3, 5])),
                "exclude_items": draw(st.lists(st.sampled_from(items), max_size=30)),
                "beam_size": draw(st.sampled_from([1, 3])), "seed": draw(st.integers(0, 1000)),
-               "familiarity": draw(st.sampled_from([0.0, 3.0, -3.0]))}
+               "familiarity": draw(st.sampled_from(familiarities))}
         if draw(st.booleans()):
             obj["allowed_shelves"] = draw(st.lists(st.sampled_from(shelves), min_size=1, max_size=8, unique=True))
         if draw(st.booleans()):
@@ -577,7 +578,8 @@ def test_batch_file_survives_hostile_lines(tiny_checkpoint, tmp_path):
 
 def test_request_bytes_follow_the_formula_on_real_requests(tiny_checkpoint, tmp_path):
     """scripts/benchmark_scale.py --checkpoint --requests: what each real request sends is 8 x pairs +
-    4 x exclusions + shelf types + 12 bytes (checked request by request inside the script)."""
+    4 x exclusions + 4 x familiar items + shelf types + 16 bytes (checked request by request inside the
+    script)."""
     import json
     import subprocess
     import sys
@@ -586,7 +588,8 @@ def test_request_bytes_follow_the_formula_on_real_requests(tiny_checkpoint, tmp_
 
     requests = tmp_path / "requests.jsonl"
     requests.write_text("".join(json.dumps({"user_id": f"u{k}", "history": [f"t{k + j}" for j in range(k)],
-                                            "exclude_items": [f"t{900 + j}" for j in range(k)]}) + "\n"
+                                            "exclude_items": [f"t{900 + j}" for j in range(k)],
+                                            "familiarity": float(k % 2)}) + "\n"
                                 for k in range(1, 6)))
     result = subprocess.run([sys.executable, "scripts/benchmark_scale.py", "--checkpoint", tiny_checkpoint,
                              "--requests", str(requests)], cwd=ROOT, capture_output=True, text=True, timeout=300)
