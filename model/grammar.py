@@ -39,10 +39,11 @@ __all__ = ["ItemTables", "PageGrammar", "PageRules", "PageState"]
 class PageRules:
     """Per-request constraints (one row per request, or per beam once gathered), and the request's
     familiarity bonus (`boosted` items' logits raised by `boost`; a preference, not a rule: decoding applies
-    it, the grammar ignores it). Index lists are padded with -1. Extra pairs are distinct and never repeat a pair the checkpoint's eligibility already admits;
-    exclusions are distinct. The last four fields are derived from the others (the listed items' trie paths,
-    which pairs survive the exclusions, which shelves admitted each excluded item); `PageGrammar.prepare`
-    fills them once per batch (decoding does it before its loop)."""
+    it, the grammar ignores it). Index lists are padded with -1. Extra pairs are distinct and never repeat a
+    pair the checkpoint's eligibility already admits; exclusions are distinct. `extra_paths` to `excluded_on`
+    are derived from the others (the listed items' trie paths, which pairs survive the exclusions, which
+    shelves admitted each excluded item); `PageGrammar.prepare` fills them once per batch (decoding does it
+    before its loop)."""
 
     extra_items: jax.Array  # (R, E) int32: items eligible for this request beyond the checkpoint's ...
     extra_shelves: jax.Array  # (R, E) int32: ... and the shelf each of them may stand on

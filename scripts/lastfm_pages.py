@@ -55,8 +55,8 @@ def _write_lines(path: str, records: list[dict]) -> None:
 def convert(args: argparse.Namespace) -> int:
     data = read_lastfm(args.data)
     built = build(data, parse_month(args.cutoff), themes=args.themes, num_shelves=args.shelves,
-                  items_per_shelf=args.items, seed=args.seed, page_months=args.page_months, page_stride=args.page_stride,
-                  intent_share=args.intent_share)
+                  items_per_shelf=args.items, seed=args.seed, page_months=args.page_months,
+                  page_stride=args.page_stride, intent_share=args.intent_share)
     os.makedirs(args.out, exist_ok=True)
     _write_lines(os.path.join(args.out, "catalog.jsonl"), built.catalog)
     _write_lines(os.path.join(args.out, "pages.jsonl"), built.pages)
